@@ -1,0 +1,40 @@
+r"""trigflow-distill: distill a many-step Cosmos video diffusion teacher into a 4-step student (DMD2, TrigFlow).
+
+  python main.py --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # CPU demo, ~10 min
+  python main.py --config=configs/predict25_4step.py --workdir=DIR \
+      --config.teacher.path=TEACHER.pt --config.data.path=LATENTS_DIR             # real 2B recipe
+
+Re-running with the same --workdir resumes from its latest checkpoint. Override any config field with
+--config.<field>=<value> (e.g. --config.total_steps=100); unknown fields are rejected.
+Multi-host: TPU VMs are detected automatically; elsewhere pass --coordinator_address, --num_processes and
+--process_id (or run under SLURM) — see launch/.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval; resumed if it exists.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (not needed on TPU VMs).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from trigflow_distill import distributed, train  # after flag parsing: keeps --help fast and jax uninitialised
+    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    try:
+        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,168 @@
+"""Device mesh, parameter / optimizer-state / batch shardings, and host->global array helpers.
+
+Mesh axes come from a config dict such as {"data": 1, "fsdp": -1, "seq": 1} (one -1 fills the remaining
+devices). Parameters and optimizer states are sharded over `fsdp` (large tensors) or replicated (small ones);
+a batch is sharded along its leading axis over ("data", "fsdp") and replicated over every other axis (e.g. `seq`).
+Everything here works in single- and multi-process runs: arrays that span processes are only built with
+`jax.make_array_from_callback` / `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+FSDP = "fsdp"
+BATCH_AXES = ("data", "fsdp")
+# Tensors with fewer elements stay replicated: sharding them saves little memory and costs a collective each.
+DEFAULT_MIN_SIZE = 1 << 14
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Mesh over `devices` (default: all, across processes) with the axes and sizes of `mesh_config`, in order.
+
+    One size may be -1: it takes whatever devices the others leave. All axes are `AxisType.Auto` (jit decides
+    the intermediate shardings).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    config = dict(mesh_config)
+    if not config:
+        raise ValueError("mesh config is empty; give axis sizes, e.g. {'data': 1, 'fsdp': -1, 'seq': 1}.")
+    names = tuple(config)
+    sizes = [int(v) for v in config.values()]
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1 (fill), got {config}.")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 (fill the remaining devices), got {config}.")
+    n = len(devices)
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(
+                f"mesh {config}: the fixed axes need a multiple of {known} devices, but there are {n} devices.")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh {config} has {math.prod(sizes)} devices (product {' x '.join(map(str, sizes))}), but there are "
+            f"{n} devices; make the product equal {n} or set one axis to -1.")
+    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def _axis_size(mesh: Mesh, name: str) -> int:
+    return mesh.shape[name] if name in mesh.shape else 1
+
+
+def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
+    """PartitionSpec of one parameter: `fsdp` on its largest dim divisible by `fsdp_size`, or replicated.
+
+    Tensors with >= 3 dims are stacked block tensors (N, in, out): their leading (layer) dim is used only when
+    no other dim divides, so that scanning over blocks gathers one layer at a time, not the whole stack.
+    """
+    shape = tuple(shape)
+    if fsdp_size <= 1 or math.prod(shape) < min_size:
+        return P()
+    dims = [d for d in range(len(shape)) if shape[d] % fsdp_size == 0]
+    if len(shape) >= 3 and any(d > 0 for d in dims):
+        dims = [d for d in dims if d > 0]
+    if not dims:
+        return P()
+    best = max(dims, key=lambda d: (shape[d], -d))  # largest; ties -> the earlier dim
+    spec = [None] * len(shape)
+    spec[best] = FSDP
+    return P(*spec)
+
+
+def param_sharding(params: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
+    """Tree of NamedSharding matching `params` (arrays or ShapeDtypeStructs); see `param_spec` for the rule."""
+    fsdp = _axis_size(mesh, FSDP)
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, min_size)), params)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of a value every device holds entirely (scalars, PRNG keys, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch: those of ("data", "fsdp") present in the mesh."""
+    return tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of any array whose leading axis is the batch: split over ("data", "fsdp"), replicated elsewhere."""
+    return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """Raise ValueError unless `batch_size` splits evenly over the batch axes of `mesh`."""
+    n = math.prod(_axis_size(mesh, a) for a in batch_axes(mesh))
+    if batch_size <= 0 or batch_size % n:
+        sizes = {a: _axis_size(mesh, a) for a in batch_axes(mesh)}
+        raise ValueError(
+            f"batch size {batch_size} does not divide over the batch mesh axes {sizes} (= {n} shards); "
+            f"use a positive multiple of {n}.")
+
+
+def opt_state_sharding(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any,
+                       mesh: Mesh) -> Any:
+    """Shardings of `optimizer.init(params)`: each per-parameter leaf (mu, nu, ...) like its parameter,
+    everything else (counts, scalars) replicated. `params` may be abstract (ShapeDtypeStructs)."""
+    abstract_state = jax.eval_shape(optimizer.init, params)
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_state, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any,
+                   mesh: Mesh) -> tuple[Any, Any]:
+    """(opt_state, its shardings), created directly in the sharded layout (a plain `optimizer.init` or
+    `jax.jit(optimizer.init)` would put parts of it on one device)."""
+    shardings = opt_state_sharding(optimizer, params, param_shardings, mesh)
+    return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host values (numpy / fully addressable, identical on every process) -> global arrays with `shardings`.
+
+    Each process only materialises the shards its own devices hold.
+    """
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def local_batch_slice(batch_size: int, mesh: Mesh) -> slice:
+    """Rows of the global batch that this process's devices hold under `batch_sharding(mesh)`.
+
+    The data pipeline of each process loads exactly these rows (see `data.make_dataset(process_slice=...)`).
+    """
+    check_batch(batch_size, mesh)
+    sharding = batch_sharding(mesh)
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(batch_size))})
+    lo, hi = rows[0], rows[-1] + 1
+    if rows != list(range(lo, hi)):
+        raise ValueError(f"this process's devices hold non-contiguous batch rows {rows}; build the mesh so that "
+                         "each process's devices are adjacent along the batch axes.")
+    return slice(lo, hi)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-process host batch (rows `local_batch_slice(batch_size, mesh)`) -> dict of global arrays with leading
+    dim `batch_size`, sharded by `batch_sharding(mesh)`."""
+    rows = local_batch_slice(batch_size, mesh)
+    sharding = batch_sharding(mesh)
+    out = {}
+    for name, x in local_batch.items():
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] != rows.stop - rows.start:
+            raise ValueError(f"batch entry {name!r} has shape {x.shape}; this process expects "
+                             f"{rows.stop - rows.start} rows (global batch {batch_size}).")
+        out[name] = jax.make_array_from_process_local_data(sharding, x, (batch_size,) + x.shape[1:])
+    return out

@@ -1,0 +1,327 @@
+"""Torch-free reader and writer of PyTorch's zip checkpoint format (``torch.save`` since 1.6).
+
+``load`` unpickles ``*/data.pkl`` with an unpickler that only resolves the globals a state dict needs (tensor
+rebuild functions, storage types, OrderedDict) and refuses everything else, so a malicious file cannot run code.
+Storages become read-only numpy memory maps of the (uncompressed) ``*/data/<key>`` zip members: nothing is read
+until a tensor is used, so peak memory stays near one copy of the weights. ``save`` writes a zip that
+``torch.load(path, weights_only=True)`` accepts, with a pickle emitted opcode by opcode (no torch needed).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, BinaryIO, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+class TorchFileError(ValueError):
+    """The file is not a readable PyTorch checkpoint (corrupt, truncated, unsupported content)."""
+
+
+class UnsafePickleError(TorchFileError):
+    """The checkpoint's pickle references a global outside the tensor-rebuild allowlist."""
+
+
+# torch legacy storage class name <-> numpy dtype (the names torch.save writes into the pickle).
+_STORAGE_DTYPES: dict[str, np.dtype] = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+    "UntypedStorage": np.dtype(np.uint8),
+}
+_DTYPE_STORAGES = {dt: name for name, dt in _STORAGE_DTYPES.items() if name != "UntypedStorage"}
+
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled 0x1950a86a20f9469cfc6c
+_ALIGN = 64  # torch.save aligns every storage to 64 bytes inside the zip
+
+
+class _StorageType:
+    """Stands in for ``torch.<X>Storage``: only carries the element dtype."""
+
+    def __init__(self, name: str):
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+    """ndarray view of a 1-D storage with torch's (offset, size, stride) in elements."""
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if len(size) != len(stride) or storage_offset < 0 or any(s < 0 for s in size + stride):
+        raise TorchFileError(f"invalid tensor geometry size={size} stride={stride} offset={storage_offset}")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= storage.size:
+        raise TorchFileError(
+            f"tensor size={size} stride={stride} offset={storage_offset} reads past its storage of "
+            f"{storage.size} elements (corrupt file)")
+    view = np.lib.stride_tricks.as_strided(
+        storage[storage_offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride))
+    view.flags.writeable = False
+    return view
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if new_type is not _TENSOR_TYPE:
+        raise UnsafePickleError(f"tensor subclass {new_type!r} is not supported")
+    return func(*args)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # Protocol-2 pickles store bytes as _codecs.encode(str, "latin1"); nothing else is allowed.
+    if encoding != "latin1" or not isinstance(text, str):
+        raise UnsafePickleError("_codecs.encode is only allowed as encode(str, 'latin1')")
+    return text.encode("latin1")
+
+
+_TENSOR_TYPE = object()
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TENSOR_TYPE,
+    ("torch.nn.parameter", "Parameter"): _TENSOR_TYPE,
+    ("torch", "Size"): tuple,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+    ("io", "BytesIO"): io.BytesIO,  # TransformerEngine `_extra_state` entries (skipped by load)
+    ("_io", "BytesIO"): io.BytesIO,
+    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves only allowlisted globals; storages come from ``storage_fn(key, dtype, numel)``."""
+
+    def __init__(self, data: bytes, storage_fn, path: str):
+        super().__init__(io.BytesIO(data))
+        self._storage_fn, self._path, self._storages = storage_fn, path, {}
+
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self._path}: refusing to load global '{module}.{name}': only tensor-rebuild globals are "
+                "allowed in a weights checkpoint (the file may be malicious or not a plain state dict)") from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise TorchFileError(f"{self._path}: unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            self._storages[key] = self._storage_fn(str(key), storage_type.dtype, int(numel))
+        return self._storages[key]
+
+
+def _member_data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
+    """Byte offset of a stored member's data: after its local header (whose extra field may differ from the
+    central directory's)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise TorchFileError(f"bad local zip header for member {info.filename!r}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path} is a directory, not a torch.save file; for a torch.distributed.checkpoint folder run "
+            "torch.distributed.checkpoint.format_utils.dcp_to_torch_save first; for a diffusers folder use "
+            "convert.load_diffusers_folder")
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if head.startswith(_LEGACY_MAGIC):
+        raise TorchFileError(
+            f"{path}: legacy (pre-1.6) torch.save format is not supported; re-save it with torch>=1.6: "
+            "torch.save(torch.load(path), new_path)")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        if head.startswith(b"PK\x03\x04"):
+            raise TorchFileError(f"{path}: truncated or corrupt zip checkpoint ({e}); re-download or re-save it") \
+                from None
+        raise TorchFileError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a legacy pickle)") \
+            from None
+
+
+def _flatten(obj, prefix: str, out: dict) -> None:
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(v, key + ".", out)
+        elif isinstance(v, np.ndarray):
+            out[key] = v
+
+
+def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]:
+    """Tensors of a ``torch.save`` zip checkpoint without torch, as ``{name: array}``.
+
+    Nested dicts are flattened with ``.``; non-tensor entries (ints, strings, TransformerEngine extra state
+    as BytesIO) are dropped. With ``mmap=True`` arrays are read-only views of memory maps (nothing read yet);
+    with ``mmap=False`` they are in-memory copies. bfloat16 comes back as ``ml_dtypes.bfloat16``.
+    """
+    path = os.fspath(path)
+    _check_path(path)
+    file_size = os.path.getsize(path)
+    with _open_zip(path) as zf, open(path, "rb") as f:
+        infos = {i.filename: i for i in zf.infolist()}
+        pkl = [n for n in infos if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            raise TorchFileError(f"{path}: zip file is not a PyTorch checkpoint (expected one '<name>/data.pkl', "
+                                 f"found {pkl or 'none'})")
+        root = pkl[0][: -len("data.pkl")]
+
+        def storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+            name = f"{root}data/{key}"
+            info = infos.get(name)
+            if info is None:
+                raise TorchFileError(f"{path}: storage member {name!r} is missing (truncated or corrupt file)")
+            nbytes = numel * dtype.itemsize
+            if info.file_size < nbytes:
+                raise TorchFileError(f"{path}: storage {name!r} has {info.file_size} bytes, needs {nbytes}")
+            if nbytes == 0:
+                return np.empty(0, dtype)
+            if info.compress_type != zipfile.ZIP_STORED or not mmap:
+                raw = zf.read(name)[:nbytes]
+                return np.frombuffer(bytearray(raw), dtype)  # bytearray: writable, owns its memory
+            offset = _member_data_offset(f, info)
+            if offset + nbytes > file_size:
+                raise TorchFileError(f"{path}: storage {name!r} ends at byte {offset + nbytes} beyond the file "
+                                     f"size {file_size} (truncated file)")
+            return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(numel,))
+
+        try:
+            obj = _Unpickler(zf.read(pkl[0]), storage, path).load()
+        except (UnsafePickleError, TorchFileError):
+            raise
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
+                IndexError, KeyError) as e:
+            raise TorchFileError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise TorchFileError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
+    out: dict[str, np.ndarray] = {}
+    _flatten(obj, "", out)
+    if not mmap:
+        out = {k: np.array(v) for k, v in out.items()}
+    return out
+
+
+class _PickleWriter:
+    """Emits a protocol-2 pickle of ``{name: tensor}`` exactly as torch.save lays it out."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.buf.write(b"\x80\x02")  # PROTO 2
+
+    def str(self, s: str) -> None:
+        b = s.encode("utf-8")
+        self.buf.write(b"X" + struct.pack("<I", len(b)) + b)  # BINUNICODE
+
+    def int(self, n: int) -> None:
+        if 0 <= n < 2**31:
+            self.buf.write(b"J" + struct.pack("<i", n))  # BININT
+        else:
+            b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+            self.buf.write(b"\x8a" + bytes([len(b)]) + b)  # LONG1
+
+    def ints(self, values) -> None:
+        self.buf.write(b"(")  # MARK
+        for v in values:
+            self.int(int(v))
+        self.buf.write(b"t")  # TUPLE
+
+    def glob(self, module: str, name: str) -> None:
+        self.buf.write(b"c" + f"{module}\n{name}\n".encode())  # GLOBAL
+
+    def tensor(self, key: str, storage_name: str, shape, numel: int) -> None:
+        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+        self.glob("torch._utils", "_rebuild_tensor_v2")
+        self.buf.write(b"((")  # MARK args, MARK persistent id
+        self.str("storage")
+        self.glob("torch", storage_name)
+        self.str(key)
+        self.str("cpu")
+        self.int(numel)
+        self.buf.write(b"tQ")  # TUPLE, BINPERSID
+        self.int(0)  # storage offset
+        self.ints(shape)
+        self.ints(strides)
+        self.buf.write(b"\x89")  # NEWFALSE: requires_grad
+        self.glob("collections", "OrderedDict")
+        self.buf.write(b")Rt" b"R")  # EMPTY_TUPLE REDUCE (hooks), TUPLE (args), REDUCE (rebuild)
+
+
+def _aligned_info(name: str, position: int, nbytes: int) -> zipfile.ZipInfo:
+    """ZipInfo whose extra field pads the local header so the member's data starts on a 64-byte boundary."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = nbytes
+    zip64_extra = 20 if nbytes * 1.05 > zipfile.ZIP64_LIMIT else 0  # what zipfile adds to the local header
+    pad = -(position + 30 + len(name.encode()) + zip64_extra) % _ALIGN
+    if pad:
+        pad += _ALIGN if pad < 4 else 0  # an extra field needs a 4-byte header
+        info.extra = b"FB" + struct.pack("<H", pad - 4) + b"Z" * (pad - 4)
+    return info
+
+
+def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], archive_name: str = "archive") -> None:
+    """Writes ``{name: array}`` as a ``torch.save`` zip (contiguous tensors, 64-byte aligned storages) that
+    ``torch.load(path, weights_only=True)`` reads. Written to ``path + '.tmp'`` first, then renamed."""
+    path = os.fspath(path)
+    arrays = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"checkpoint keys must be str, got {key!r}")
+        arr = np.asarray(value)
+        if arr.dtype not in _DTYPE_STORAGES:
+            raise TypeError(f"{key}: dtype {arr.dtype} has no torch storage type; cast to one of "
+                            f"{sorted(str(d) for d in _DTYPE_STORAGES)}")
+        arrays[key] = arr
+    pw = _PickleWriter()
+    pw.buf.write(b"}(")  # EMPTY_DICT, MARK
+    for i, (key, arr) in enumerate(arrays.items()):
+        pw.str(key)
+        pw.tensor(str(i), _DTYPE_STORAGES[arr.dtype], arr.shape, arr.size)
+    pw.buf.write(b"u.")  # SETITEMS, STOP
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def write(name: str, payload) -> None:
+            view = memoryview(payload).cast("B")
+            with zf.open(_aligned_info(f"{archive_name}/{name}", f.tell(), view.nbytes), "w") as w:
+                w.write(view)
+
+        write("data.pkl", pw.buf.getvalue())
+        write(".format_version", b"1")
+        write(".storage_alignment", str(_ALIGN).encode())
+        write("byteorder", b"little")
+        for i, arr in enumerate(arrays.values()):
+            write(f"data/{i}", np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        write("version", b"3\n")
+    os.replace(tmp, path)
