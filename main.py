@@ -26,11 +26,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from trigflow_distill import distributed, train  # after flag parsing: keeps --help fast and jax uninitialised
-    distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
+    from trigflow_distill import distributed, evaluate, train
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
-        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        train.train(config, workdir)
+        if config.eval.at_end:
+            evaluate.evaluate_run(workdir, num_samples=int(config.eval.num_samples))
+    except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -12,9 +12,12 @@ Tiny CPU demo (the shipped toy teacher, synthetic toy-world data, ends with an e
 
 Any field can be overridden with --config.<field>=<value>; unknown fields are rejected.
 """
+import os
+
 import ml_collections
 
-TINY_TEACHER = "assets/toy_teacher.pt"
+# The shipped toy teacher (`python -m trigflow_distill.pretrain --out=assets/toy_teacher.pt` reproduces it).
+TINY_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_teacher.pt")
 
 
 def get_config(arg: str = ""):
@@ -65,6 +68,8 @@ def get_config(arg: str = ""):
     c.data.path = ""
     c.data.batch_size = 8               # global batch
     c.data.seed = 0
+    c.data.latent_shape = (16, 4, 8, 8)  # only for kind="synthetic"
+    c.data.text_shape = (8, 96)          # only for kind="synthetic"
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1))
 

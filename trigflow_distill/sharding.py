@@ -18,6 +18,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 FSDP = "fsdp"
+MESH_AXES = ("data", "fsdp", "seq")
 BATCH_AXES = ("data", "fsdp")
 # Tensors with fewer elements stay replicated: sharding them saves little memory and costs a collective each.
 DEFAULT_MIN_SIZE = 1 << 14
@@ -26,15 +27,16 @@ DEFAULT_MIN_SIZE = 1 << 14
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """Mesh over `devices` (default: all, across processes) with the axes and sizes of `mesh_config`, in order.
 
-    One size may be -1: it takes whatever devices the others leave. All axes are `AxisType.Auto` (jit decides
-    the intermediate shardings).
+    One size may be -1: it takes whatever devices the others leave. Axes are laid out in the order
+    data, fsdp, seq, then any others as given (so ConfigDict's key sorting does not matter; `seq`, the most
+    communication-heavy, is innermost). All axes are `AxisType.Auto` (jit decides intermediate shardings).
     """
     devices = list(jax.devices() if devices is None else devices)
     config = dict(mesh_config)
     if not config:
         raise ValueError("mesh config is empty; give axis sizes, e.g. {'data': 1, 'fsdp': -1, 'seq': 1}.")
-    names = tuple(config)
-    sizes = [int(v) for v in config.values()]
+    names = tuple(a for a in MESH_AXES if a in config) + tuple(a for a in config if a not in MESH_AXES)
+    sizes = [int(config[a]) for a in names]
     if any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh axis sizes must be positive or -1 (fill), got {config}.")
     if sizes.count(-1) > 1:

@@ -2,8 +2,9 @@
 
 ``load`` unpickles ``*/data.pkl`` with an unpickler that only resolves the globals a state dict needs (tensor
 rebuild functions, storage types, OrderedDict) and refuses everything else, so a malicious file cannot run code.
-Storages become read-only numpy memory maps of the (uncompressed) ``*/data/<key>`` zip members: nothing is read
-until a tensor is used, so peak memory stays near one copy of the weights. ``save`` writes a zip that
+Tensors are located in the (uncompressed, 64-byte aligned) ``*/data/<key>`` zip members and either memory-mapped
+(``load``) or read one at a time on access (``LazyStateDict``), so converting never needs more than one copy of
+the weights in memory. ``save`` writes a zip that
 ``torch.load(path, weights_only=True)`` accepts, with a pickle emitted opcode by opcode (no torch needed).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO, Mapping
+from collections.abc import Mapping
+from typing import Any, BinaryIO, Callable
 
 import ml_dtypes
 import numpy as np
@@ -55,22 +57,64 @@ class _StorageType:
         self.dtype = _STORAGE_DTYPES[name]
 
 
+class _Storage:
+    """A storage's place in the file: uncompressed bytes at ``file_offset``, or the bytes themselves."""
+
+    def __init__(self, name: str, dtype: np.dtype, numel: int, file_offset: int, data: bytes | None = None):
+        self.name, self.dtype, self.numel, self.file_offset, self.data = name, dtype, numel, file_offset, data
+
+
+class TensorRef:
+    """A tensor not yet read: its storage, element offset, shape and strides (in elements)."""
+
+    def __init__(self, storage: _Storage, offset: int, shape: tuple, strides: tuple):
+        self.storage, self.offset, self.shape, self.strides = storage, offset, shape, strides
+        self.dtype = storage.dtype
+        self.nbytes = int(np.prod(shape, dtype=np.int64)) * storage.dtype.itemsize
+        # elements [offset, end) of the storage hold the tensor
+        self._end = offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if self.nbytes else offset
+
+    def _view(self, flat: np.ndarray) -> np.ndarray:
+        """The tensor as a view of ``flat`` = storage elements [offset, end)."""
+        if not self.nbytes:
+            return np.zeros(self.shape, self.dtype)
+        return np.lib.stride_tricks.as_strided(
+            flat, shape=self.shape, strides=tuple(s * self.dtype.itemsize for s in self.strides))
+
+    def read(self, f: BinaryIO) -> np.ndarray:
+        """Reads just this tensor's bytes from the open checkpoint ``f`` into a new contiguous array."""
+        flat = np.empty(self._end - self.offset, self.dtype)
+        if self.storage.data is not None:
+            flat[...] = np.frombuffer(self.storage.data, self.dtype, flat.size, self.offset * self.dtype.itemsize)
+        elif flat.size:
+            f.seek(self.storage.file_offset + self.offset * self.dtype.itemsize)
+            if f.readinto(flat.view(np.uint8)) != flat.nbytes:
+                raise TorchFileError(f"{f.name}: short read in storage {self.storage.name!r} (truncated file)")
+        view = self._view(flat)
+        return view if view.flags.c_contiguous else view.copy()
+
+    def mmap(self, f: BinaryIO) -> np.ndarray:
+        """Read-only view of a memory map of this tensor's bytes (nothing is read until used)."""
+        st = self.storage
+        if st.data is not None or not self.nbytes:
+            return self.read(f)
+        flat = np.memmap(f, dtype=self.dtype, mode="r", offset=st.file_offset + self.offset * self.dtype.itemsize,
+                         shape=(self._end - self.offset,))
+        view = self._view(flat)
+        view.flags.writeable = False
+        return view
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
-    """ndarray view of a 1-D storage with torch's (offset, size, stride) in elements."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or storage_offset < 0 or any(s < 0 for s in size + stride):
         raise TorchFileError(f"invalid tensor geometry size={size} stride={stride} offset={storage_offset}")
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
+    ref = TensorRef(storage, int(storage_offset), size, stride)
+    if ref._end > storage.numel:
         raise TorchFileError(
-            f"tensor size={size} stride={stride} offset={storage_offset} reads past its storage of "
-            f"{storage.size} elements (corrupt file)")
-    view = np.lib.stride_tricks.as_strided(
-        storage[storage_offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride))
-    view.flags.writeable = False
-    return view
+            f"tensor size={size} stride={stride} offset={storage_offset} reads past its storage "
+            f"{storage.name!r} of {storage.numel} elements (corrupt file)")
+    return ref
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -176,18 +220,12 @@ def _flatten(obj, prefix: str, out: dict) -> None:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             _flatten(v, key + ".", out)
-        elif isinstance(v, np.ndarray):
+        elif isinstance(v, TensorRef):
             out[key] = v
 
 
-def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]:
-    """Tensors of a ``torch.save`` zip checkpoint without torch, as ``{name: array}``.
-
-    Nested dicts are flattened with ``.``; non-tensor entries (ints, strings, TransformerEngine extra state
-    as BytesIO) are dropped. With ``mmap=True`` arrays are read-only views of memory maps (nothing read yet);
-    with ``mmap=False`` they are in-memory copies. bfloat16 comes back as ``ml_dtypes.bfloat16``.
-    """
-    path = os.fspath(path)
+def _read_refs(path: str) -> dict[str, TensorRef]:
+    """Unpickles the checkpoint's structure: ``{name: TensorRef}`` (no tensor data read)."""
     _check_path(path)
     file_size = os.path.getsize(path)
     with _open_zip(path) as zf, open(path, "rb") as f:
@@ -198,7 +236,7 @@ def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]
                                  f"found {pkl or 'none'})")
         root = pkl[0][: -len("data.pkl")]
 
-        def storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        def storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
             name = f"{root}data/{key}"
             info = infos.get(name)
             if info is None:
@@ -206,16 +244,13 @@ def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]
             nbytes = numel * dtype.itemsize
             if info.file_size < nbytes:
                 raise TorchFileError(f"{path}: storage {name!r} has {info.file_size} bytes, needs {nbytes}")
-            if nbytes == 0:
-                return np.empty(0, dtype)
-            if info.compress_type != zipfile.ZIP_STORED or not mmap:
-                raw = zf.read(name)[:nbytes]
-                return np.frombuffer(bytearray(raw), dtype)  # bytearray: writable, owns its memory
+            if info.compress_type != zipfile.ZIP_STORED:  # not written by torch.save; read it whole
+                return _Storage(name, dtype, numel, -1, zf.read(name))
             offset = _member_data_offset(f, info)
             if offset + nbytes > file_size:
                 raise TorchFileError(f"{path}: storage {name!r} ends at byte {offset + nbytes} beyond the file "
                                      f"size {file_size} (truncated file)")
-            return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=(numel,))
+            return _Storage(name, dtype, numel, offset)
 
         try:
             obj = _Unpickler(zf.read(pkl[0]), storage, path).load()
@@ -226,11 +261,65 @@ def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]
             raise TorchFileError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise TorchFileError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, TensorRef] = {}
     _flatten(obj, "", out)
-    if not mmap:
-        out = {k: np.array(v) for k, v in out.items()}
     return out
+
+
+class LazyStateDict(Mapping):
+    """``{name: array}`` view of a checkpoint that touches a tensor's bytes only when it is accessed.
+
+    ``mmap=True`` (default): each access returns a fresh read-only memory-map view; it is unmapped (and leaves
+    the process's memory) when the caller drops it, so a consumer that keeps only transformed copies holds one
+    copy of the weights plus the tensor in flight, and ``sd[k].shape`` costs no I/O. ``mmap=False``: each access
+    reads the tensor into a new array. ``refs[name]`` / ``shapes`` give shapes without touching data;
+    ``on_read(name, nbytes)`` is called on every access.
+    """
+
+    def __init__(self, path: str | os.PathLike, on_read: Callable[[str, int], None] | None = None,
+                 mmap: bool = True):
+        self.path = os.fspath(path)
+        self.refs = _read_refs(self.path)
+        self.on_read, self.mmap = on_read, mmap
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: ref.shape for k, ref in self.refs.items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        ref = self.refs[key]
+        with open(self.path, "rb") as f:
+            arr = ref.mmap(f) if self.mmap else ref.read(f)
+        if self.on_read is not None:
+            self.on_read(key, ref.nbytes)
+        return arr
+
+    def __iter__(self):
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def subset(self, keys: Mapping[str, str]) -> "LazyStateDict":
+        """A lazy dict with entries renamed ``{new_name: old_name}`` (e.g. to strip a prefix)."""
+        sub = object.__new__(LazyStateDict)
+        sub.path, sub.on_read, sub.mmap = self.path, self.on_read, self.mmap
+        sub.refs = {new: self.refs[old] for new, old in keys.items()}
+        return sub
+
+
+def load(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]:
+    """Tensors of a ``torch.save`` zip checkpoint without torch, as ``{name: array}``.
+
+    Nested dicts are flattened with ``.``; non-tensor entries (ints, strings, TransformerEngine extra state
+    as BytesIO) are dropped. With ``mmap=True`` arrays are read-only views of memory maps (nothing read yet);
+    with ``mmap=False`` they are in-memory copies. bfloat16 comes back as ``ml_dtypes.bfloat16``.
+    See ``LazyStateDict`` for reading tensor by tensor.
+    """
+    path = os.fspath(path)
+    refs = _read_refs(path)
+    with open(path, "rb") as f:
+        return {k: (ref.mmap(f) if mmap else ref.read(f)) for k, ref in refs.items()}
 
 
 class _PickleWriter:

@@ -8,14 +8,21 @@ fold_in(state.key, state.step), so a run is a pure function of (config, data, st
 """
 import dataclasses
 import functools
+import json
+import os
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+from clu import parameter_overview
+from jax.experimental import multihost_utils
 
-from trigflow_distill import denoiser, losses, optim, sampling, trigflow
+from trigflow_distill import (checkpoint, convert, data, denoiser, distributed, losses, metrics, optim, sampling,
+                              sharding, toy, trigflow)
 
 
 @flax.struct.dataclass
@@ -210,3 +217,192 @@ def make_update_fns(algo: Algo, student_tx, critic_tx, ema_gamma: float, shardin
 def is_student_step(step: int, student_update_freq: int, tangent_warmup: int) -> bool:
     """SPEC §6: iteration i updates the student iff i % freq == 0 (and always during the warm-up)."""
     return step % student_update_freq == 0 or step < tangent_warmup
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: set-up, the loop, resume.
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite updates in a row)."""
+
+
+def validate_config(config):
+    """Clear errors for the mistakes a user can make before anything heavy starts."""
+    if not config.teacher.path:
+        raise ValueError(
+            "config.teacher.path is empty. The real recipe distills the Cosmos Predict2.5 2B teacher: download "
+            "base/pre-trained/<uuid>_ema_bf16.pt from https://huggingface.co/nvidia/Cosmos-Predict2.5-2B and pass "
+            "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo).")
+    if not os.path.exists(config.teacher.path):
+        raise FileNotFoundError(f"config.teacher.path={config.teacher.path!r} does not exist.")
+    if config.data.kind not in ("dir", "toy", "synthetic"):
+        raise ValueError(f"config.data.kind={config.data.kind!r}: use 'dir', 'toy' or 'synthetic'.")
+    if config.data.kind == "dir" and not config.data.path:
+        raise ValueError("config.data.path is empty: point it at a dataset written by "
+                         "`python -m trigflow_distill.data.write` (see trigflow_distill/data/__init__.py).")
+    d = config.distill
+    if d.student_update_freq < 1 or d.num_student_steps < 1:
+        raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
+    if len(d.cond_frame_probs) < 1 or min(d.cond_frame_probs) < 0 or abs(sum(d.cond_frame_probs) - 1) > 1e-6:
+        raise ValueError(f"distill.cond_frame_probs={tuple(d.cond_frame_probs)} must be probabilities summing to 1.")
+    if config.teacher.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"teacher.dtype={config.teacher.dtype!r}: use 'float32' or 'bfloat16'.")
+
+
+def make_source(config, world=None):
+    """The record source named by config.data (records: latents, text, [num_cond_frames], [prompt])."""
+    if config.data.kind == "toy":
+        return toy.RecordSource(world if world is not None else toy.make_world(), seed=config.data.seed)
+    if config.data.kind == "synthetic":
+        return data.make_synthetic_source(4096, tuple(config.data.latent_shape), tuple(config.data.text_shape),
+                                          seed=config.data.seed)
+    return data.NpyDirSource(config.data.path)
+
+
+def load_teacher(config, workdir):
+    """(net_config, teacher) with teacher = {"net", "text_proj"}, converted once and cached (SPEC §9)."""
+    cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
+    net_config, params = convert.load_teacher(config.teacher.path, cache_dir, dtype=config.net.dtype,
+                                              remat=bool(config.net.remat), attention=config.net.attention)
+    store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
+    params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
+    if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
+        params["crossattn_proj"] = jax.tree.map(lambda x: x.astype(np.float32), params["crossattn_proj"])
+    return net_config, split_teacher(params)
+
+
+def state_shardings(abstract_state: TrainState, student_tx, critic_tx, mesh):
+    """TrainState of NamedShardings: params, EMA and Adam moments FSDP-sharded alike; scalars replicated."""
+    p_sh = sharding.param_sharding(abstract_state.student, mesh)
+    repl = sharding.replicated(mesh)
+    return TrainState(step=repl, key=repl, student=p_sh, student_ema=p_sh, critic=p_sh,
+                      student_opt=sharding.opt_state_sharding(student_tx, abstract_state.student, p_sh, mesh),
+                      critic_opt=sharding.opt_state_sharding(critic_tx, abstract_state.critic, p_sh, mesh),
+                      student_updates=repl, consecutive_skips=repl, total_skips=repl)
+
+
+def setup(config, workdir, mesh):
+    """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn)."""
+    net_config, teacher = load_teacher(config, workdir)
+    algo = algo_from_config(config, net_config)
+    student_tx, critic_tx = make_optimizers(config)
+    teacher_sh = sharding.param_sharding(teacher, mesh)
+    teacher = sharding.put_global(teacher, teacher_sh)
+    init = functools.partial(init_state, student_tx=student_tx, critic_tx=critic_tx, seed=int(config.seed))
+    abstract = jax.eval_shape(init, teacher)
+    state_sh = state_shardings(abstract, student_tx, critic_tx, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    init = jax.jit(init, in_shardings=(teacher_sh,), out_shardings=state_sh)
+    return algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init
+
+
+def train(config, workdir: str) -> TrainState:
+    """Runs (or resumes) the distillation in `workdir` up to config.total_steps; returns the final state."""
+    validate_config(config)
+    main_process = distributed.is_main_process()
+    os.makedirs(workdir, exist_ok=True)
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(dict(config.mesh))
+    batch_size = int(config.data.batch_size)
+    sharding.check_batch(batch_size, mesh)
+
+    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = setup(config, workdir, mesh)
+    repl = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    critic_step, student_step = make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
+                                                (state_sh, teacher_sh, batch_sh, repl))
+
+    world = toy.make_world() if config.data.kind == "toy" else None
+    source = make_source(config, world)
+    data_iter = data.make_iterator(source, batch_size, int(config.data.seed),
+                                   process_slice=sharding.local_batch_slice(batch_size, mesh))
+    manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
+    state, start = checkpoint.restore_latest(manager, abstract, data_iter)
+    if state is None:
+        state = init(teacher)
+        if main_process:
+            print(parameter_overview.get_parameter_overview(jax.device_get(state.student), include_stats=False,
+                                                            max_lines=40), flush=True)
+    elif main_process:
+        print(f"Resumed from {workdir} at step {start}.", flush=True)
+
+    total = int(config.total_steps)
+    first = source[0]["latents"]  # (16,T,H,W): tokens per sample for the speed line
+    c = algo.net_config
+    tokens = batch_size * (first.shape[1] // c.patch_temporal) * (first.shape[2] // c.patch_spatial) * (
+        first.shape[3] // c.patch_spatial)
+    writer = metrics.Writer(workdir, total, tokens, enabled=main_process)
+    agg = metrics.Aggregator()
+    pending = []
+    d = config.distill
+    try:
+        for step in range(start, total):
+            batch = sharding.global_batch(next(data_iter), batch_size, mesh)
+            fn = student_step if is_student_step(step, d.student_update_freq, d.tangent_warmup) else critic_step
+            state, step_metrics = fn(state, teacher, batch)
+            pending.append(step_metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == total:
+                for m in jax.device_get(pending):
+                    agg.add(m)
+                pending = []
+                scalars = agg.compute_and_reset()
+                skips = int(state.consecutive_skips)
+                writer.write(done, {**scalars, "total_skips": float(state.total_skips)})
+                if skips >= config.max_consecutive_skips:
+                    raise TrainingStopped(
+                        f"{skips} consecutive updates had a non-finite loss or gradient (step {done}); stopping. "
+                        f"The last good checkpoint is in {manager.directory}. Lower the learning rates or check the "
+                        "data for non-finite values.")
+            if checkpoint.save(manager, done, state, data_iter, force=done == total) and main_process:
+                print(f"checkpoint saved at step {done}", flush=True)
+            if config.sample_every and done % config.sample_every == 0 and main_process and world is not None:
+                save_samples(algo, state, teacher, batch, world, os.path.join(workdir, "samples", f"{done:07d}.png"))
+    finally:
+        checkpoint.wait_until_finished(manager)
+        writer.close()
+    return state
+
+
+def student_samples(algo: Algo, params, teacher, batch, key):
+    """4-step student samples (B,16,T,H,W) for the conditioning of `batch` (same conditional-frame draw as training)."""
+    k_cond, k_eps = jax.random.split(key)
+    gt, mask = _conditioning(algo, k_cond, batch)
+    context, _ = _contexts(teacher, batch["text"])
+    x0_fn = functools.partial(_x0_fn(algo, gt, mask, context), params)
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift)
+    return sampling.sample_student(x0_fn, jax.random.normal(k_eps, gt.shape, jnp.float32), taus, algo.sigma_data)
+
+
+def save_samples(algo: Algo, state: TrainState, teacher, batch, world, path: str):
+    """Pictures of the EMA student's samples on the current batch (every process computes, process 0 writes)."""
+    fn = jax.jit(functools.partial(student_samples, algo))
+    x = multihost_utils.process_allgather(fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)), tiled=True)
+    prompts = multihost_utils.process_allgather(batch["prompt"], tiled=True)
+    if distributed.is_main_process():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        toy.save_grid_png(world, np.asarray(x), np.asarray(prompts), path, per_prompt=2)
+
+
+def load_run(workdir: str):
+    """(config, net_config, teacher_params, student_params, ema_params) of the latest checkpoint in `workdir`.
+
+    teacher_params is the full teacher tree (with its text projection); student/EMA params lack it.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run main.py first).")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    mesh = sharding.make_mesh({"data": -1})
+    algo, _, teacher, _, abstract, _ = setup(config, workdir, mesh)
+    manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
+    state, step = checkpoint.restore_latest(manager, abstract)
+    if state is None:
+        raise FileNotFoundError(f"no complete checkpoint in {manager.directory}.")
+    teacher_params = dict(teacher["net"])
+    if teacher["text_proj"] is not None:
+        teacher_params["crossattn_proj"] = teacher["text_proj"]
+    return config, algo.net_config, teacher_params, state.student, state.student_ema

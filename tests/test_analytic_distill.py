@@ -1,0 +1,227 @@
+"""End-to-end DMD2 distillation of an analytic teacher (issue 2): the test of the whole TrigFlow / DMD2 math.
+
+Data: a class-conditional Gaussian mixture in 2-D (2 classes x 2 isotropic components). Its exact denoiser
+E[x0 | x_tau, class] is closed-form and is the teacher; the unconditional teacher is the mixture over classes, and
+the teacher is guided with standard CFG (guidance s). Student and critic are small MLPs on top of the unguided
+conditional teacher (last layer zero-initialised, so both start as the teacher, as in DMD2) trained with this
+project's backward_simulation, dmd_loss, critic_loss, make_optimizer and EMA, 1 student : 4 critic updates.
+The 4-step student (its EMA) must reproduce the guided teacher's 35-step samples per class and beat the teacher's
+own 1- and 4-step samplers.
+"""
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trigflow_distill import losses, optim, sampling
+from trigflow_distill.trigflow import add_noise, expand_tau, sample_tau
+
+# ---- the analytic teacher -------------------------------------------------------------------------------------
+MEANS = np.array([[-1.0, 0.8], [-1.0, -0.8], [1.0, 0.8], [1.0, -0.8]])  # (K, D) components
+COMPONENT_CLASS = np.array([0, 0, 1, 1])
+WEIGHTS = np.array([0.7, 0.3, 0.4, 0.6])  # within-class component weights
+CLASS_PRIOR = np.array([0.5, 0.5])
+STD = 0.2  # isotropic component standard deviation
+NUM_CLASSES, SIGMA_DATA = 2, 1.0
+
+
+def _log_weights():
+    """(NUM_CLASSES + 1, K) log component weights: one row per class, last row the unconditional mixture."""
+    with np.errstate(divide="ignore"):
+        cond = np.where(COMPONENT_CLASS[None, :] == np.arange(NUM_CLASSES)[:, None], np.log(WEIGHTS), -np.inf)
+    uncond = np.log(WEIGHTS * CLASS_PRIOR[COMPONENT_CLASS])
+    return jnp.asarray(np.vstack([cond, uncond[None]]), jnp.float32)
+
+
+LOG_W = _log_weights()
+UNCOND = NUM_CLASSES  # label row of the unconditional teacher
+
+
+def gmm_x0(x_bd, tau_b, label_b):
+    """Exact E[x0 | x_tau] for the mixture selected by label (a class, or UNCOND); x_tau = cos x0/sd + sin eps."""
+    a = jnp.cos(tau_b)[:, None] / SIGMA_DATA
+    var = a**2 * STD**2 + jnp.sin(tau_b)[:, None] ** 2  # (B,1): Var of x_tau given the component
+    means = jnp.asarray(MEANS, jnp.float32)
+    diff = x_bd[:, None, :] - a[:, :, None] * means[None]  # (B,K,D)
+    logits = LOG_W[label_b] - jnp.sum(diff**2, axis=-1) / (2 * var)
+    resp = jax.nn.softmax(logits, axis=-1)  # posterior over components
+    post = means[None] + (a * STD**2 / var)[:, :, None] * diff  # E[x0 | x_tau, component]
+    return jnp.einsum("bk,bkd->bd", resp, post)
+
+
+def teacher_guided_x0(x_bd, tau_b, class_b, guidance):
+    return losses.cfg_x0(gmm_x0(x_bd, tau_b, class_b), gmm_x0(x_bd, tau_b, jnp.full_like(class_b, UNCOND)), guidance)
+
+
+# ---- student and critic: teacher + zero-initialised MLP residual ----------------------------------------------
+HIDDEN, LAYERS = 128, 3
+
+
+def mlp_init(key):
+    sizes = [2 + 3 + NUM_CLASSES] + [HIDDEN] * LAYERS + [2]
+    keys = jax.random.split(key, len(sizes) - 1)
+    params = [
+        {"w": jax.random.normal(k, (i, o)) / np.sqrt(i), "b": jnp.zeros(o)}
+        for k, i, o in zip(keys, sizes[:-1], sizes[1:])
+    ]
+    params[-1] = jax.tree.map(jnp.zeros_like, params[-1])  # starts as the (unguided) conditional teacher
+    return params
+
+
+def denoiser(params, x_bd, tau_b, class_b):
+    feats = jnp.concatenate(
+        [x_bd, jnp.stack([jnp.cos(tau_b), jnp.sin(tau_b), tau_b], -1), jax.nn.one_hot(class_b, NUM_CLASSES)], -1
+    )
+    h = feats
+    for layer in params[:-1]:
+        h = jax.nn.silu(h @ layer["w"] + layer["b"])
+    return gmm_x0(x_bd, tau_b, class_b) + h @ params[-1]["w"] + params[-1]["b"]
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+GUIDANCE = 4.0
+BATCH = 256
+ROUNDS = 600  # 600 student + 2400 critic updates
+STUDENT_LR, CRITIC_LR = 3e-4, 1e-3  # Adam on a 2-D toy; the warm-up multiplier of SPEC §6 is kept (100 updates)
+TAU_SHIFT = 1.0  # time shift for tau_D; SPEC's 5 targets high-res video latents, this data has unit scale
+TAUS = sampling.student_schedule(4)
+
+
+def _fake_and_noisy(g_x0, key):
+    k_tau, k_eps = jax.random.split(key)
+    tau_b = sample_tau(k_tau, (g_x0.shape[0],), shift=TAU_SHIFT)
+    x_d = add_noise(g_x0, jax.random.normal(k_eps, g_x0.shape), expand_tau(tau_b, 2), SIGMA_DATA)
+    return x_d, tau_b
+
+
+def _generate(params, key, class_b, with_grad):
+    k_n, k_eps = jax.random.split(key)
+    eps = jax.random.normal(k_eps, (class_b.shape[0], 2))
+    fn = lambda p, x, t: denoiser(p, x, t, class_b)  # noqa: E731
+    return sampling.backward_simulation(fn, params, eps, sampling.draw_num_steps(k_n), TAUS, with_grad=with_grad)
+
+
+def student_update(state, key, opt_s):
+    k_c, k_g, k_d = jax.random.split(key, 3)
+    class_b = jax.random.randint(k_c, (BATCH,), 0, NUM_CLASSES)
+
+    def loss_fn(params):
+        g_x0 = _generate(params, k_g, class_b, with_grad=True)
+        x_d, tau_b = _fake_and_noisy(jax.lax.stop_gradient(g_x0), k_d)
+        x0_fake = denoiser(state["critic"], x_d, tau_b, class_b)
+        x0_teacher = teacher_guided_x0(x_d, tau_b, class_b, GUIDANCE)
+        return losses.dmd_loss(g_x0, x0_fake, x0_teacher)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
+    updates, opt_state = opt_s.update(grads, state["opt_s"], state["student"])
+    student = jax.tree.map(jnp.add, state["student"], updates)
+    n = state["student_updates"] + 1
+    ema = optim.ema_update(state["ema"], student, n)
+    return {**state, "student": student, "opt_s": opt_state, "ema": ema, "student_updates": n}, loss
+
+
+def critic_update(state, key, opt_c):
+    k_c, k_g, k_d = jax.random.split(key, 3)
+    class_b = jax.random.randint(k_c, (BATCH,), 0, NUM_CLASSES)
+    g_x0 = _generate(state["student"], k_g, class_b, with_grad=False)
+    x_d, tau_b = _fake_and_noisy(g_x0, k_d)
+    loss_fn = lambda p: losses.critic_loss(g_x0, denoiser(p, x_d, tau_b, class_b), tau_b)[0]  # noqa: E731
+    loss, grads = jax.value_and_grad(loss_fn)(state["critic"])
+    updates, opt_state = opt_c.update(grads, state["opt_c"], state["critic"])
+    return {**state, "critic": jax.tree.map(jnp.add, state["critic"], updates), "opt_c": opt_state}, loss
+
+
+def train(key):
+    opt_s, opt_c = optim.make_optimizer(STUDENT_LR), optim.make_optimizer(CRITIC_LR)
+    k_s, k_c, key = jax.random.split(key, 3)
+    student, critic = mlp_init(k_s), mlp_init(k_c)
+    state = {
+        "student": student,
+        "ema": student,
+        "critic": critic,
+        "opt_s": opt_s.init(student),
+        "opt_c": opt_c.init(critic),
+        "student_updates": jnp.int32(0),
+    }
+
+    @jax.jit
+    def run(state, keys_r5):
+        def one_round(state, keys_5):  # iteration i is a student step iff i % 5 == 0 (SPEC §6)
+            state, s_loss = student_update(state, keys_5[0], opt_s)
+            state, c_losses = jax.lax.scan(lambda s, k: critic_update(s, k, opt_c), state, keys_5[1:])
+            return state, (s_loss, c_losses.mean())
+
+        return jax.lax.scan(one_round, state, keys_r5)
+
+    return run(state, jax.random.split(key, (ROUNDS, 5)))
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+def energy_distance(x, y):
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic), float64."""
+    d = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).mean()  # noqa: E731
+    return 2 * d(x, y) - d(x, x) - d(y, y)
+
+
+def component_stats(x, cls):
+    """Weights and means of the samples assigned to each of the class's components (nearest mean)."""
+    comps = np.flatnonzero(COMPONENT_CLASS == cls)
+    nearest = comps[np.argmin(((x[:, None] - MEANS[comps][None]) ** 2).sum(-1), axis=1)]
+    weights = np.array([(nearest == k).mean() for k in comps])
+    means = np.stack([x[nearest == k].mean(0) for k in comps])
+    return weights, means
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def teacher_samples(eps, cls, num_steps):
+    class_b = jnp.full((eps.shape[0],), cls)
+    return sampling.sample_teacher_cfg(
+        lambda x, t: gmm_x0(x, t, class_b), lambda x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
+        eps, GUIDANCE, num_steps=num_steps,
+    )
+
+
+@jax.jit
+def student_samples(params, eps, cls):
+    class_b = jnp.full((eps.shape[0],), cls)
+    return sampling.sample_student(lambda x, t: denoiser(params, x, t, class_b), eps, TAUS)
+
+
+def test_dmd2_student_matches_guided_teacher():
+    start = time.perf_counter()
+    state, (s_loss, c_loss) = train(jax.random.key(0))
+    jax.block_until_ready(state)
+    train_s = time.perf_counter() - start
+    assert np.all(np.isfinite(np.asarray(s_loss))) and np.all(np.isfinite(np.asarray(c_loss)))
+
+    n_eval = 2000
+    keys = jax.random.split(jax.random.key(1), 3)
+    report = {"train_s": round(train_s, 1)}
+    for cls in range(NUM_CLASSES):
+        eps_ref, eps_other, eps_test = (jax.random.normal(jax.random.fold_in(k, cls), (n_eval, 2)) for k in keys)
+        ref = np.asarray(teacher_samples(eps_ref, cls, 35), np.float64)
+        candidates = {
+            "teacher35_fresh_noise": teacher_samples(eps_other, cls, 35),
+            "teacher1": teacher_samples(eps_test, cls, 1),
+            "teacher4": teacher_samples(eps_test, cls, 4),
+            "student4_init": student_samples(mlp_init(jax.random.key(9)), eps_test, cls),
+            "student4": student_samples(state["student"], eps_test, cls),
+            "student4_ema": student_samples(state["ema"], eps_test, cls),
+        }
+        w_ref, m_ref = component_stats(ref, cls)
+        for name, x in candidates.items():
+            x = np.asarray(x, np.float64)
+            w, m = component_stats(x, cls)
+            report[f"c{cls}/{name}"] = {
+                "energy": round(energy_distance(x, ref), 4),
+                "dw": round(float(np.abs(w - w_ref).max()), 3),
+                "dmean": round(float(np.abs(m - m_ref).max()), 3),
+            }
+        report[f"c{cls}/teacher35"] = {"weights": w_ref.round(3).tolist(), "means": m_ref.round(3).tolist()}
+    report["student_loss_first_last"] = [float(s_loss[:20].mean()), float(s_loss[-20:].mean())]
+    report["critic_loss_first_last"] = [float(c_loss[:20].mean()), float(c_loss[-20:].mean())]
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    for k, v in report.items():
+        print(k, v)

@@ -1,0 +1,162 @@
+"""Data: deterministic order, exact resume, per-process rows, the on-disk format + writer, bad-record errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trigflow_distill import data
+from trigflow_distill.data.write import main as write_main
+
+LAT, TXT = (16, 3, 4, 4), (5, 8)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_synthetic_records_deterministic():
+    src = data.make_synthetic_source(10, LAT, TXT, seed=1)
+    again = data.make_synthetic_source(10, LAT, TXT, seed=1)
+    other = data.make_synthetic_source(10, LAT, TXT, seed=2)
+    np.testing.assert_array_equal(src[3]["latents"], again[3]["latents"])
+    assert not np.array_equal(src[3]["latents"], other[3]["latents"])
+    assert not np.array_equal(src[3]["latents"], src[4]["latents"])
+    assert src[3]["latents"].dtype == np.float32 and src[3]["text"].shape == TXT
+    n_cond = np.array([data.make_synthetic_source(400, LAT, TXT, seed=0)[i]["num_cond_frames"] for i in range(400)])
+    assert set(n_cond) <= {0, 1, 2} and 0.5 < np.mean(n_cond == 0) < 0.7  # SPEC §7: P(0) = 0.6
+
+
+def test_order_deterministic_per_seed_and_epochs_are_permutations():
+    src = data.make_synthetic_source(12, LAT, TXT, seed=0)
+    a = _take(data.make_iterator(src, 4, seed=7), 6)
+    b = _take(data.make_iterator(src, 4, seed=7), 6)
+    c = _take(data.make_iterator(src, 4, seed=8), 6)
+    _assert_batches_equal(a, b)
+    prompts = np.concatenate([x["prompt"] for x in a])
+    assert not np.array_equal(prompts, np.concatenate([x["prompt"] for x in c]))
+    epoch1, epoch2 = prompts[:12], prompts[12:]
+    assert sorted(epoch1) == list(range(12)) and sorted(epoch2) == list(range(12))
+    assert not np.array_equal(epoch1, epoch2)  # reshuffled each epoch
+    for x in a:  # batches carry the records themselves
+        for row, p in enumerate(x["prompt"]):
+            np.testing.assert_array_equal(x["latents"][row], src[int(p)]["latents"])
+    finite = list(data.make_iterator(src, 5, seed=0, num_epochs=2))
+    assert len(finite) == 4  # 12 // 5 per epoch, remainder dropped
+
+
+def test_exact_resume_from_state():
+    src = data.make_synthetic_source(10, LAT, TXT, seed=0)
+    it = data.make_iterator(src, 3, seed=5)
+    _take(it, 4)
+    state = it.get_state()
+    json.dumps(state)  # the checkpoint stores it as JSON
+    expected = _take(it, 5)
+    resumed = data.make_iterator(src, 3, seed=5)
+    resumed.set_state(json.loads(json.dumps(state)))
+    _assert_batches_equal(_take(resumed, 5), expected)
+
+
+def test_process_slices_make_the_global_batch():
+    src = data.make_synthetic_source(16, LAT, TXT, seed=0)
+    full = _take(data.make_iterator(src, 8, seed=3), 3)
+    lo = _take(data.make_iterator(src, 8, seed=3, process_slice=slice(0, 4)), 3)
+    hi = _take(data.make_iterator(src, 8, seed=3, process_slice=slice(4, 8)), 3)
+    for f, a, b in zip(full, lo, hi):
+        for k in f:
+            np.testing.assert_array_equal(f[k], np.concatenate([a[k], b[k]]))
+    with pytest.raises(ValueError, match="process_slice"):
+        data.make_dataset(src, 8, 0, process_slice=slice(4, 12))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.make_dataset(src, 32, 0)
+
+
+def _arrays(n, rng, c=8):
+    return (rng.normal(size=(n,) + LAT).astype(np.float32), rng.normal(size=(n, 5, c)).astype(np.float32),
+            np.array([0, 1, 2, 0, 1, 2, 0][:n], np.int64))
+
+
+def test_writer_cli_roundtrip_and_normalize(tmp_path):
+    rng = np.random.default_rng(0)
+    lat, txt, nc = _arrays(7, rng)
+    for name, arr in (("lat", lat), ("txt", txt), ("nc", nc)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    out = str(tmp_path / "ds")
+    assert write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"), "--num-cond",
+                       str(tmp_path / "nc.npy"), "--shard-size", "3", "--out", out]) == 0
+    src = data.NpyDirSource(out)
+    assert len(src) == 7 and src.text_kind == "raw" and src.spec.fields == ("num_cond_frames",)
+    assert sorted(f for f in os.listdir(out) if f.endswith("latents.npy")) == [
+        "shard-00000.latents.npy", "shard-00001.latents.npy", "shard-00002.latents.npy"]
+    for i in range(7):
+        np.testing.assert_array_equal(src[i]["latents"], lat[i])
+        np.testing.assert_array_equal(src[i]["text"], txt[i])
+        assert src[i]["num_cond_frames"] == nc[i]
+    batch = next(data.make_iterator(src, 7, seed=0))
+    np.testing.assert_array_equal(np.sort(batch["num_cond_frames"]), np.sort(nc))
+
+    # --normalize applies SPEC §9: z = (mu - mean_c) / std_c; 1024 channels is detected as projected text
+    _, proj, _ = _arrays(7, rng, c=1024)
+    np.save(tmp_path / "proj.npy", proj)
+    out2 = str(tmp_path / "ds2")
+    cmd = [sys.executable, "-m", "trigflow_distill.data.write", "--latents", str(tmp_path / "lat.npy"), "--text",
+           str(tmp_path / "proj.npy"), "--normalize", "--out", out2]
+    subprocess.run(cmd, check=True, capture_output=True)
+    src2 = data.NpyDirSource(out2)
+    mean = np.array(data.LATENT_MEAN, np.float64)[:, None, None, None]
+    std = np.array(data.LATENT_STD, np.float64)[:, None, None, None]
+    np.testing.assert_allclose(src2[4]["latents"], (lat[4] - mean) / std, rtol=1e-6, atol=1e-6)
+    assert src2.text_kind == "projected" and src2.spec.fields == ()
+    assert write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"),
+                       "--out", out2]) == 1  # refuses to overwrite
+
+
+def test_writer_rejects_bad_input(tmp_path):
+    rng = np.random.default_rng(1)
+    lat, txt, nc = _arrays(7, rng)
+    lat[5, 2, 1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"input record 5: latents has 1 non-finite"):
+        data.write_dataset(str(tmp_path / "a"), lat, txt)
+    with pytest.raises(ValueError, match="text has 6 records but latents has 7"):
+        data.write_dataset(str(tmp_path / "b"), lat, txt[:6])
+    nc[2] = 3
+    with pytest.raises(ValueError, match=r"input record 2: num_cond_frames=3 is outside \[0, 3\)"):
+        data.write_dataset(str(tmp_path / "c"), lat[:5], txt[:5], nc[:5])
+    with pytest.raises(FileNotFoundError, match="meta.json not found"):
+        data.NpyDirSource(str(tmp_path))
+
+
+def test_bad_records_on_read_name_the_record(tmp_path):
+    rng = np.random.default_rng(2)
+    lat, txt, _ = _arrays(6, rng)
+    out = str(tmp_path / "ds")
+    data.write_dataset(out, lat, txt, shard_size=4)
+    text_file = os.path.join(out, "shard-00001.text.npy")
+    corrupted = np.load(text_file)
+    corrupted[1, 0, 0] = np.inf  # record 5 = shard 1, row 1
+    np.save(text_file, corrupted)
+    with pytest.raises(ValueError, match=r"record 5 \(.*shard-00001.latents.npy etc., row 1\): text has 1 non-finite"):
+        list(data.make_iterator(data.NpyDirSource(out), 2, seed=0, num_epochs=1))
+
+    class WrongShape:
+        spec = data.RecordSpec(LAT, TXT, ())
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"latents": np.zeros(LAT if i != 2 else (16, 3, 4, 5), np.float32),
+                    "text": np.zeros(TXT, np.float32)}
+
+    with pytest.raises(ValueError, match=r"record 2: latents has shape \(16, 3, 4, 5\), expected \(16, 3, 4, 4\)"):
+        list(data.make_iterator(WrongShape(), 4, seed=0, num_epochs=1))

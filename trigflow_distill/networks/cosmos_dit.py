@@ -1,0 +1,361 @@
+"""Cosmos Predict2.5 DiT (MinimalV1LVGDiT, SPEC §8) as pure JAX functions over a nested-dict parameter tree.
+
+Layout of the tree: see `param_shapes`. Linear kernels are (in, out); the blocks are stacked on a leading
+num_blocks axis and the forward scans over them. Compute dtype float32 or bfloat16: in bf16 the matmul inputs are
+bf16 (fp32 accumulation), while norms, softmax, RoPE, the time embedding and the residual stream stay float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split, timestep_features
+
+_EPS = 1e-6  # LayerNorm, RMSNorm (q/k and time embedding) epsilon of Cosmos
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ATTENTION_IMPLS = ("xla", "blockwise")
+_MODULATED = ("self_attn", "cross_attn", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture (names as in the PyTorch constructor) plus compute options (dtype, remat, attention)."""
+
+    model_channels: int
+    num_blocks: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_spatial: int = 2
+    patch_temporal: int = 1
+    adaln_lora_dim: int = 256
+    crossattn_emb_channels: int = 1024
+    crossattn_proj_in_channels: int | None = None  # None: no text projection inside the net
+    rope_h_extrapolation_ratio: float = 3.0
+    rope_w_extrapolation_ratio: float = 3.0
+    rope_t_extrapolation_ratio: float = 1.0
+    concat_padding_mask: bool = True
+    dtype: str = "float32"
+    remat: bool = False
+    attention: str = "xla"
+
+    def __post_init__(self):
+        d = self.model_channels
+        if d % 2 or self.num_heads <= 0 or d % self.num_heads:
+            raise ValueError(f"model_channels {d} must be even and divisible by num_heads {self.num_heads}")
+        rope_split(self.head_dim)
+        if abs(d * self.mlp_ratio - self.mlp_hidden) > 1e-6:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} x model_channels {d} is not an integer MLP width")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
+        if self.attention not in _ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r} not supported; use one of {_ATTENTION_IMPLS}")
+        if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim) < 1:
+            raise ValueError(f"num_blocks, patch sizes and adaln_lora_dim must be >= 1: {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_channels // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP width F."""
+        return int(round(self.model_channels * self.mlp_ratio))
+
+    @property
+    def patch_in(self) -> int:
+        """Patch-embedding input width: (latent + condition mask [+ padding mask]) channels x patch volume."""
+        channels = self.in_channels + 1 + int(self.concat_padding_mask)
+        return channels * self.patch_temporal * self.patch_spatial**2
+
+    @property
+    def patch_out(self) -> int:
+        return self.out_channels * self.patch_temporal * self.patch_spatial**2
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+
+PRESETS = {
+    "predict25_2b": DiTConfig(
+        model_channels=2048, num_blocks=28, num_heads=16, crossattn_proj_in_channels=100352
+    ),
+    "predict25_14b": DiTConfig(
+        model_channels=5120, num_blocks=36, num_heads=40, crossattn_proj_in_channels=100352
+    ),
+    # CPU tests / demo: head_dim 32 (RoPE 12:10:10), MLP ratio 3, small LoRA and context widths.
+    "tiny": DiTConfig(
+        model_channels=128,
+        num_blocks=2,
+        num_heads=4,
+        mlp_ratio=3.0,
+        adaln_lora_dim=32,
+        crossattn_emb_channels=64,
+        crossattn_proj_in_channels=96,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> DiTConfig:
+    """A preset config with fields replaced by `overrides` (e.g. dtype="bfloat16", remat=True)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def param_shapes(config: DiTConfig) -> dict:
+    """Nested dict of parameter shapes: the exact tree `init_params` builds and `velocity` reads."""
+    d, n, r, hd = config.model_channels, config.num_blocks, config.adaln_lora_dim, config.head_dim
+    ctx, f = config.crossattn_emb_channels, config.mlp_hidden
+
+    def attn(kv_in):
+        return {
+            "q_proj": {"kernel": (n, d, d)},
+            "k_proj": {"kernel": (n, kv_in, d)},
+            "v_proj": {"kernel": (n, kv_in, d)},
+            "output_proj": {"kernel": (n, d, d)},
+            "q_norm": {"scale": (n, hd)},
+            "k_norm": {"scale": (n, hd)},
+        }
+
+    blocks = {
+        "self_attn": attn(d),
+        "cross_attn": attn(ctx),
+        "mlp": {"layer1": {"kernel": (n, d, f)}, "layer2": {"kernel": (n, f, d)}},
+    }
+    for m in _MODULATED:
+        blocks[f"adaln_modulation_{m}"] = {"linear_1": {"kernel": (n, d, r)}, "linear_2": {"kernel": (n, r, 3 * d)}}
+    shapes = {
+        "x_embedder": {"kernel": (config.patch_in, d)},
+        "t_embedder": {"linear_1": {"kernel": (d, d)}, "linear_2": {"kernel": (d, 3 * d)}},
+        "t_embedding_norm": {"scale": (d,)},
+        "blocks": blocks,
+        "final_layer": {
+            "adaln_modulation": {"linear_1": {"kernel": (d, r)}, "linear_2": {"kernel": (r, 2 * d)}},
+            "linear": {"kernel": (d, config.patch_out)},
+        },
+    }
+    if config.crossattn_proj_in_channels is not None:
+        shapes["crossattn_proj"] = {"kernel": (config.crossattn_proj_in_channels, ctx), "bias": (ctx,)}
+    return shapes
+
+
+def init_params(config: DiTConfig, key: jax.Array) -> dict:
+    """Random float32 init: kernels N(0, 1/fan_in), norm scales 1, projection bias 0.
+
+    Like Cosmos, the last AdaLN-modulation layers (blocks and final layer) start at zero; the AdaLN-LoRA term
+    from the time embedding still makes every shift/scale/gate non-zero.
+    """
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "scale" in path:
+            out.append(jnp.ones(shape, jnp.float32))
+        elif "bias" in path or ("adaln_modulation" in path and "linear_2" in path):
+            out.append(jnp.zeros(shape, jnp.float32))
+        else:
+            out.append(jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[-2]))
+    return jax.tree.unflatten(treedef, out)
+
+
+def attention(q, k, v, impl="xla"):  # TEMPORARY fallback until networks/attention.py exists
+    del impl
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def _dense(x, kernel, dtype):
+    """x @ kernel with inputs in `dtype`, float32 accumulation and result (full precision in float32 mode)."""
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jnp.einsum(
+        "...i,io->...o", x.astype(dtype), kernel.astype(dtype), precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _layer_norm(x):
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + _EPS)
+
+
+def _rms_norm(x, scale):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _EPS) * scale.astype(jnp.float32)
+
+
+def _modulation(p, emb_btd, lora_btk, dtype):
+    """Linear_{r->kD}(Linear_{D->r}(SiLU(emb))) + adaln_lora, split into k (B,T,1,D) chunks (shift, scale, ...)."""
+    h = _dense(_dense(jax.nn.silu(emb_btd), p["linear_1"]["kernel"], dtype), p["linear_2"]["kernel"], dtype)
+    chunks = jnp.split(h + lora_btk, lora_btk.shape[-1] // emb_btd.shape[-1], axis=-1)
+    return [c[:, :, None, :] for c in chunks]
+
+
+def project_text(config: DiTConfig, params: dict, text_bld: jnp.ndarray) -> jnp.ndarray:
+    """Context (B, L, crossattn_emb_channels) = GELU_erf(text @ W + b) from raw text embeddings (B, L, Cin)."""
+    if "crossattn_proj" not in params:
+        raise ValueError("params have no 'crossattn_proj': this network takes already projected context")
+    kernel, bias = params["crossattn_proj"]["kernel"], params["crossattn_proj"]["bias"]
+    if text_bld.ndim != 3 or text_bld.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"text embedding must be (B, L, {kernel.shape[0]}), got {text_bld.shape}")
+    return jax.nn.gelu(_dense(text_bld, kernel, config.compute_dtype) + bias.astype(jnp.float32), approximate=False)
+
+
+def _attention_heads(config, p, h_bld, kv_bsd, cos_sin):
+    """Multi-head attention with per-head q/k RMSNorm (and RoPE on self-attention); (B, L, D) -> (B, L, D)."""
+    dt, nh = config.compute_dtype, config.num_heads
+    q = einops.rearrange(_dense(h_bld, p["q_proj"]["kernel"], dt), "b l (n h) -> b l n h", n=nh)
+    k = einops.rearrange(_dense(kv_bsd, p["k_proj"]["kernel"], dt), "b s (n h) -> b s n h", n=nh)
+    v = einops.rearrange(_dense(kv_bsd, p["v_proj"]["kernel"], dt), "b s (n h) -> b s n h", n=nh)
+    q, k = _rms_norm(q, p["q_norm"]["scale"]), _rms_norm(k, p["k_norm"]["scale"])
+    if cos_sin is not None:
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+    out = attention(q.astype(dt), k.astype(dt), v.astype(dt), impl=config.attention)
+    return _dense(einops.rearrange(out, "b l n h -> b l (n h)"), p["output_proj"]["kernel"], dt)
+
+
+def _block(config, x_btsd, p, emb_btd, lora_bt3d, context_bsd, cos_sin):
+    """One DiT block on the float32 residual stream (B, T, H'W', D); modulation per (B, T)."""
+    dt = config.compute_dtype
+    b, t, s, d = x_btsd.shape
+    mods = {m: _modulation(p[f"adaln_modulation_{m}"], emb_btd, lora_bt3d, dt) for m in _MODULATED}
+
+    def modulated(m):
+        shift, scale, gate = mods[m]
+        return _layer_norm(x_btsd) * (1 + scale) + shift, gate
+
+    h, gate = modulated("self_attn")
+    h = h.reshape(b, t * s, d)
+    x_btsd = x_btsd + gate * _attention_heads(config, p["self_attn"], h, h, cos_sin).reshape(b, t, s, d)
+    h, gate = modulated("cross_attn")
+    out = _attention_heads(config, p["cross_attn"], h.reshape(b, t * s, d), context_bsd, None)
+    x_btsd = x_btsd + gate * out.reshape(b, t, s, d)
+    h, gate = modulated("mlp")
+    h = jax.nn.gelu(_dense(h, p["mlp"]["layer1"]["kernel"], dt), approximate=False)
+    return x_btsd + gate * _dense(h, p["mlp"]["layer2"]["kernel"], dt)
+
+
+def _run_blocks(config, blocks, x_btsd, cond, block_ids):
+    """Scan the stacked blocks; split the scan after each block in `block_ids` to return its output."""
+    step = functools.partial(_block, config)
+    if config.remat:
+        step = jax.checkpoint(step, prevent_cse=False)
+
+    def body(x, p):
+        return step(x, p, *cond), None
+
+    feats, start = {}, 0
+    for stop in [i + 1 for i in block_ids] + [config.num_blocks]:
+        if stop > start:
+            segment = jax.tree.map(lambda a, lo=start, hi=stop: a[lo:hi], blocks)
+            x_btsd, _ = jax.lax.scan(body, x_btsd, segment)
+        if stop - 1 in block_ids:
+            feats[stop - 1] = einops.rearrange(x_btsd, "b t s d -> b (t s) d")
+        start = stop
+    return x_btsd, feats
+
+
+def _resize_nearest(mask_b1hw, h, w):
+    """Nearest-neighbour resize (torch `interpolate(mode="nearest")` indices: floor(i * in / out))."""
+    hin, win = mask_b1hw.shape[-2:]
+    rows = np.minimum(np.floor(np.arange(h) * (hin / h)).astype(np.int32), hin - 1)
+    cols = np.minimum(np.floor(np.arange(w) * (win / w)).astype(np.int32), win - 1)
+    return mask_b1hw[:, :, rows][:, :, :, cols]
+
+
+def _input_channels(config, x_bcthw, cond_mask_b1thw, padding_mask_b1hw):
+    """Latent ⊕ condition mask ⊕ (padding mask resized to latent size, repeated over frames)."""
+    b, _, t, h, w = x_bcthw.shape
+    if cond_mask_b1thw is None:
+        cond_mask_b1thw = jnp.zeros((b, 1, t, h, w), x_bcthw.dtype)
+    if cond_mask_b1thw.ndim != 5 or cond_mask_b1thw.shape[0] not in (b, 1) or cond_mask_b1thw.shape[1:] != (1, t, h, w):
+        raise ValueError(f"cond_mask_b1thw must be (B or 1, 1, {t}, {h}, {w}), got {cond_mask_b1thw.shape}")
+    chans = [x_bcthw.astype(jnp.float32), jnp.broadcast_to(cond_mask_b1thw, (b, 1, t, h, w)).astype(jnp.float32)]
+    if config.concat_padding_mask:
+        if padding_mask_b1hw is None:
+            padding_mask_b1hw = jnp.zeros((b, 1, h, w), jnp.float32)
+        if padding_mask_b1hw.ndim != 4 or padding_mask_b1hw.shape[:2] not in ((b, 1), (1, 1)):
+            raise ValueError(f"padding_mask_b1hw must be (B or 1, 1, H_px, W_px), got {padding_mask_b1hw.shape}")
+        pad = _resize_nearest(padding_mask_b1hw.astype(jnp.float32), h, w)
+        chans.append(jnp.broadcast_to(pad[:, :, None], (b, 1, t, h, w)))
+    return jnp.concatenate(chans, axis=1)
+
+
+def _time_embedding(config, params, timesteps, b, t):
+    """Block conditioning emb = RMSNorm(sinusoid) and AdaLN-LoRA term (B, T', 3D), per latent frame (fp32)."""
+    timesteps = jnp.asarray(timesteps, jnp.float32)
+    if timesteps.ndim == 1:
+        timesteps = timesteps[:, None]
+    if timesteps.ndim != 2 or timesteps.shape[0] != b or timesteps.shape[1] not in (1, t):
+        raise ValueError(f"timesteps_bt must be (B,), (B, 1) or (B, T'={t}) with B={b}, got {timesteps.shape}")
+    e = timestep_features(jnp.broadcast_to(timesteps, (b, t)), config.model_channels)
+    te = params["t_embedder"]
+    lora = _dense(jax.nn.silu(_dense(e, te["linear_1"]["kernel"], jnp.float32)), te["linear_2"]["kernel"],
+                  jnp.float32)
+    return _rms_norm(e, params["t_embedding_norm"]["scale"]), lora
+
+
+def velocity(
+    net_config: DiTConfig,
+    params: dict,
+    x_bcthw: jnp.ndarray,
+    timesteps_bt: jnp.ndarray,
+    text_bld: jnp.ndarray,
+    cond_mask_b1thw: jnp.ndarray | None = None,
+    padding_mask_b1hw: jnp.ndarray | None = None,
+    return_block_outputs: tuple[int, ...] = (),
+):
+    """Network output (RF velocity) (B, C_out, T, H, W), float32.
+
+    timesteps_bt: RF time in [0, 1], (B, T') per latent frame (T' = T / patch_temporal), or (B,) / (B, 1).
+    text_bld: raw text embedding when `params` has "crossattn_proj", else the projected context.
+    cond_mask_b1thw: 1 on conditional frames (zeros if None). padding_mask_b1hw: pixel-space (B or 1, 1, Hp, Wp)
+    padding mask, nearest-resized to the latent size (zeros if None).
+    return_block_outputs: block ids; if given, returns (velocity, {i: (B, T'H'W', D) residual stream after block i}).
+    """
+    cfg = net_config
+    b, c, t, h, w = x_bcthw.shape
+    pt, ps = cfg.patch_temporal, cfg.patch_spatial
+    if c != cfg.in_channels or t % pt or h % ps or w % ps:
+        raise ValueError(
+            f"x_bcthw {x_bcthw.shape} must have {cfg.in_channels} channels and T, H, W divisible by "
+            f"({pt}, {ps}, {ps})"
+        )
+    block_ids = tuple(sorted(set(int(i) for i in return_block_outputs)))
+    if any(not 0 <= i < cfg.num_blocks for i in block_ids):
+        raise ValueError(f"return_block_outputs {return_block_outputs} outside [0, {cfg.num_blocks})")
+    context = project_text(cfg, params, text_bld) if "crossattn_proj" in params else text_bld
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.crossattn_emb_channels:
+        raise ValueError(
+            f"context must be (B={b}, L, {cfg.crossattn_emb_channels}), got {context.shape}; pass the projected "
+            "context (project_text) when params have no 'crossattn_proj'"
+        )
+    tp, hp, wp = t // pt, h // ps, w // ps
+    x = _input_channels(cfg, x_bcthw, cond_mask_b1thw, padding_mask_b1hw)
+    x = einops.rearrange(x, "b c (t r) (h m) (w n) -> b t (h w) (c r m n)", r=pt, m=ps, n=ps)
+    x_btsd = _dense(x, params["x_embedder"]["kernel"], cfg.compute_dtype)
+    emb, lora = _time_embedding(cfg, params, timesteps_bt, b, tp)
+    ratios = (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio)
+    cos_sin = rope_cos_sin(cfg.head_dim, tp, hp, wp, ratios)
+    cond = (emb, lora, context.astype(cfg.compute_dtype), cos_sin)
+    x_btsd, feats = _run_blocks(cfg, params["blocks"], x_btsd, cond, block_ids)
+
+    fl = params["final_layer"]
+    shift, scale = _modulation(fl["adaln_modulation"], emb, lora[..., : 2 * cfg.model_channels], cfg.compute_dtype)
+    out = _dense(_layer_norm(x_btsd) * (1 + scale) + shift, fl["linear"]["kernel"], cfg.compute_dtype)
+    # Unpatchify order (p_h, p_w, p_t, c) with channel fastest: not the inverse of the patchify order.
+    out = einops.rearrange(
+        out, "b t (h w) (m n r c) -> b c (t r) (h m) (w n)", h=hp, m=ps, n=ps, r=pt, c=cfg.out_channels
+    )
+    return (out, feats) if block_ids else out

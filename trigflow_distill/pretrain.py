@@ -1,0 +1,161 @@
+"""Pretrains the tiny Cosmos DiT as a rectified-flow Video2World teacher on the toy world and exports it.
+
+    python -m trigflow_distill.pretrain --out=assets/toy_teacher.pt     # ships as the `:tiny` teacher
+
+Objective (the Predict2.5 teacher's): x_t = (1-t) x0 + t eps, the net predicts the velocity eps - x0 at RF time t.
+- t: the SPEC §2 shift-5 distribution (u ~ U(0,1), t = 5u / (1 + 4u)), floored at 1e-3. It puts most weight near
+  t = 1, as the shift-5 grid of the 35-step teacher sampler, the 4-step student schedule and the DMD2 critic /
+  teacher time draws all do, so the teacher is trained where it is queried.
+- Text dropout: with probability `text_dropout` (default 0.15) the raw text is replaced by zeros, the
+  unconditional text of SPEC §7, so the same net serves both sides of classifier-free guidance.
+- Video2World: each record's first `num_cond_frames` latent frames are ground truth; the net is called through
+  `denoiser.denoise` (mask channel, GT input and output replacement, t_cond = tan(atan 1e-4)/(1 + tan(atan 1e-4)))
+  and the loss covers the non-conditional frames only.
+AdamW with warm-up and cosine decay, global-norm clipping; the exported weights are an EMA of the trained ones,
+written as a native Cosmos `.pt` (`net.` prefix, bf16) by `convert.export_torch`.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trigflow_distill import convert, denoiser, networks, toy, trigflow
+
+T_MIN = 1e-3          # RF-time floor: the velocity (x_t - x0_hat) / t stays well conditioned in float32
+TIME_SHIFT = 5.0
+RECORD_SEED = 12_345  # RecordSource seed of the pretraining data (its own stream: disjoint from eval clips)
+
+
+def tiny_config(world: toy.World, **overrides) -> networks.DiTConfig:
+    """The tiny preset with its text projection sized to the world's raw text width."""
+    return networks.get_preset("tiny", crossattn_proj_in_channels=world.config.text_width, **overrides)
+
+
+def rf_loss(net_config, params, batch, key, text_dropout: float = 0.15):
+    """Rectified-flow velocity loss on the non-conditional frames of one batch; returns (loss, t_b).
+
+    batch: latents (B,C,T,H,W), text (B,L,Ctext) raw, num_cond_frames (B,) int.
+    """
+    x0 = batch["latents"].astype(jnp.float32)
+    b = x0.shape[0]
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    tau_b = trigflow.sample_tau(k_t, (b,), shift=TIME_SHIFT)
+    tau_b = jnp.maximum(tau_b, trigflow.rf_t_to_tau(T_MIN))
+    t = trigflow.expand_tau(trigflow.tau_to_rf_t(tau_b), x0.ndim)
+    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    x_tau = trigflow.add_noise(x0, eps, trigflow.expand_tau(tau_b, x0.ndim))
+    drop = jax.random.uniform(k_drop, (b,)) < text_dropout
+    text = jnp.where(drop[:, None, None], 0.0, batch["text"].astype(jnp.float32))
+    mask = denoiser.cond_mask(batch["num_cond_frames"], x0.shape)
+    x0_hat = denoiser.denoise(net_config, params, x_tau, tau_b, text, x0, mask, scaling="rectified_flow")
+    # RF state x_t = x_tau / (cos + sin); its velocity estimate is (x_t - x0_hat) / t.
+    x_rf = (1.0 - t) * x0 + t * eps
+    v_hat = (x_rf - x0_hat) / t
+    weight = (1.0 - mask) * jnp.ones_like(x0)
+    loss = jnp.sum(weight * jnp.square(v_hat - (eps - x0))) / jnp.maximum(jnp.sum(weight), 1.0)
+    return loss, t[:, 0, 0, 0, 0]
+
+
+def make_optimizer(lr: float, steps: int, warmup: int = 200, weight_decay: float = 0.01, clip_norm: float = 1.0):
+    """Clip to global norm, AdamW with linear warm-up then cosine decay to lr/20."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2),
+                                                  end_value=lr / 20)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def make_train_step(net_config, tx, text_dropout: float = 0.15, ema_decay: float = 0.999):
+    """Jitted step (params, ema, opt_state, batch, key, step) -> (params, ema, opt_state, loss); buffers donated."""
+
+    def step_fn(params, ema, opt_state, batch, key, step):
+        (loss, _), grads = jax.value_and_grad(
+            lambda p: rf_loss(net_config, p, batch, key, text_dropout), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        # EMA warm-up: early weights are forgotten quickly.
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+        return params, ema, opt_state, loss
+
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+
+
+def _batch(source: toy.RecordSource, step: int, batch_size: int) -> dict:
+    records = [source[(step * batch_size + i) % len(source)] for i in range(batch_size)]
+    return {k: np.stack([r[k] for r in records]) for k in ("latents", "text", "num_cond_frames")}
+
+
+def pretrain(world: toy.World, net_config, steps: int = 3500, batch_size: int = 32, lr: float = 1e-3,
+             seed: int = 0, text_dropout: float = 0.15, ema_decay: float = 0.999, log_every: int = 100,
+             log=print) -> tuple[dict, dict, list[float]]:
+    """Trains a teacher from scratch; returns (params, ema_params, losses per step). Deterministic in `seed`."""
+    if steps < 1 or batch_size < 1 or lr <= 0 or not 0 <= text_dropout < 1:
+        raise ValueError(f"pretrain needs steps >= 1, batch_size >= 1, lr > 0 and 0 <= text_dropout < 1; got "
+                         f"steps={steps}, batch_size={batch_size}, lr={lr}, text_dropout={text_dropout}.")
+    if net_config.crossattn_proj_in_channels != world.config.text_width:
+        raise ValueError(f"net crossattn_proj_in_channels={net_config.crossattn_proj_in_channels} must equal the "
+                         f"world's text_width={world.config.text_width}; build it with tiny_config(world).")
+    key = jax.random.PRNGKey(seed)
+    k_init, k_train = jax.random.split(key)
+    params = networks.init_params(net_config, k_init)
+    ema = jax.tree.map(jnp.copy, params)
+    tx = make_optimizer(lr, steps)
+    opt_state = tx.init(params)
+    train_step = make_train_step(net_config, tx, text_dropout, ema_decay)
+    source = toy.RecordSource(world, seed=RECORD_SEED + seed)
+    losses, start, window = [], time.time(), []
+    # Records are drawn on a worker thread while the previous step computes.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_batch, source, 0, batch_size)
+        for i in range(steps):
+            batch = pending.result()
+            if i + 1 < steps:
+                pending = pool.submit(_batch, source, i + 1, batch_size)
+            params, ema, opt_state, loss = train_step(params, ema, opt_state, batch, jax.random.fold_in(k_train, i),
+                                                      jnp.float32(i))
+            window.append(loss)
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                vals = [float(v) for v in window]
+                losses.extend(vals)
+                window = []
+                elapsed = time.time() - start
+                if not all(math.isfinite(v) for v in vals):
+                    raise RuntimeError(f"non-finite pretraining loss at step {i + 1}; lower --lr.")
+                log(f"step {i + 1:5d}/{steps}  loss {np.mean(vals):.4f}  {elapsed:6.1f}s  "
+                    f"eta {elapsed / (i + 1) * (steps - i - 1):5.0f}s")
+    losses.extend(float(v) for v in window)
+    return params, ema, losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output .pt (native Cosmos layout, net. prefix, bf16)")
+    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text_dropout", type=float, default=0.15)
+    args = parser.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--out directory {out_dir} does not exist; create it first.")
+    world = toy.make_world()
+    net_config = tiny_config(world)
+    print(f"pretraining {net_config} for {args.steps} steps, batch {args.batch_size}, lr {args.lr}", flush=True)
+    _, ema, _ = pretrain(world, net_config, args.steps, args.batch_size, args.lr, args.seed, args.text_dropout,
+                         log=lambda s: print(s, flush=True))
+    convert.export_torch(jax.tree.map(np.asarray, ema), net_config, args.out)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
