@@ -27,12 +27,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
-    from trigflow_distill import distributed, evaluate, train
+    from trigflow_distill import distributed, train
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         train.train(config, workdir)
         if config.eval.at_end:
+            from trigflow_distill import evaluate
             evaluate.evaluate_run(workdir, num_samples=int(config.eval.num_samples))
     except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
         logging.error("%s", e)

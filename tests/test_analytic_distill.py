@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trigflow_distill import losses, optim, sampling
-from trigflow_distill.trigflow import add_noise, expand_tau, sample_tau
+from trigflow_distill.trigflow import TAU_MAX, TAU_MIN, add_noise, expand_tau, sample_tau
 
 # ---- the analytic teacher -------------------------------------------------------------------------------------
 MEANS = np.array([[-1.0, 0.8], [-1.0, -0.8], [1.0, 0.8], [1.0, -0.8]])  # (K, D) components
@@ -55,29 +55,35 @@ def teacher_guided_x0(x_bd, tau_b, class_b, guidance):
     return losses.cfg_x0(gmm_x0(x_bd, tau_b, class_b), gmm_x0(x_bd, tau_b, jnp.full_like(class_b, UNCOND)), guidance)
 
 
-# ---- student and critic: teacher + zero-initialised MLP residual ----------------------------------------------
+# ---- student and critic: teacher + zero-initialised MLP residual, one MLP per class ----------------------------
 HIDDEN, LAYERS = 128, 3
 
 
 def mlp_init(key):
-    sizes = [2 + 3 + NUM_CLASSES] + [HIDDEN] * LAYERS + [2]
+    """Per-class MLP weights stacked on a leading class axis; zero last layer = the (unguided) conditional teacher."""
+    sizes = [2 + 3] + [HIDDEN] * LAYERS + [2]
     keys = jax.random.split(key, len(sizes) - 1)
     params = [
-        {"w": jax.random.normal(k, (i, o)) / np.sqrt(i), "b": jnp.zeros(o)}
+        {"w": jax.random.normal(k, (NUM_CLASSES, i, o)) / np.sqrt(i), "b": jnp.zeros((NUM_CLASSES, o))}
         for k, i, o in zip(keys, sizes[:-1], sizes[1:])
     ]
-    params[-1] = jax.tree.map(jnp.zeros_like, params[-1])  # starts as the (unguided) conditional teacher
+    params[-1] = jax.tree.map(jnp.zeros_like, params[-1])
     return params
 
 
-def denoiser(params, x_bd, tau_b, class_b):
-    feats = jnp.concatenate(
-        [x_bd, jnp.stack([jnp.cos(tau_b), jnp.sin(tau_b), tau_b], -1), jax.nn.one_hot(class_b, NUM_CLASSES)], -1
-    )
-    h = feats
+def _mlp(params, h):
     for layer in params[:-1]:
         h = jax.nn.silu(h @ layer["w"] + layer["b"])
-    return gmm_x0(x_bd, tau_b, class_b) + h @ params[-1]["w"] + params[-1]["b"]
+    return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def denoiser(params, x_bd, tau_b, class_b):
+    log_sigma = jnp.log(jnp.tan(jnp.clip(tau_b, TAU_MIN, TAU_MAX)))  # resolves the low-noise end
+    feats = jnp.concatenate([x_bd, jnp.stack([jnp.cos(tau_b), jnp.sin(tau_b), 0.25 * log_sigma], -1)], -1)
+    out_cbd = jax.vmap(_mlp, in_axes=(0, None))(params, feats)
+    out_bd = out_cbd[class_b, jnp.arange(x_bd.shape[0])]
+    # c_out = sin(tau) (EDM preconditioning) keeps the residual O(tau) near tau = 0, where the critic weight is 1/tau^2.
+    return gmm_x0(x_bd, tau_b, class_b) + jnp.sin(tau_b)[:, None] * out_bd
 
 
 # ---- training -------------------------------------------------------------------------------------------------

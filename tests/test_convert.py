@@ -275,3 +275,12 @@ def test_cli_help_and_summary(release, tmp_path):
     n = sum(int(np.prod(s)) for s in jax.tree.leaves(networks.param_shapes(CONFIG),
                                                      is_leaf=lambda s: isinstance(s, tuple)))
     assert f"{n:,} params" in run.stderr and "dtype bfloat16" in run.stderr
+
+
+def test_progress_bar(release, monkeypatch, capsys):
+    path, _ = release
+    monkeypatch.setattr(convert, "_PROGRESS_MIN_BYTES", 0)
+    convert.load_torch_checkpoint(path, progress=True)
+    err = capsys.readouterr().err
+    assert "tiny_ema_bf16.pt [#########################] 100%" in err
+    assert err.endswith("\n")

@@ -1,6 +1,8 @@
 """torchfile: the torch-free checkpoint reader/writer against torch.save / torch.load."""
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import ml_dtypes
@@ -57,9 +59,11 @@ def test_reader_module_state_dict_and_nested(tmp_path):
     """A module's state_dict (OrderedDict with _metadata) and a nested {"model": ...} dict."""
     lin = torch.nn.Linear(3, 2)
     path = tmp_path / "nested.pt"
-    torch.save({"model": lin.state_dict(), "step": 7, "name": "x"}, path)
+    param = torch.nn.Parameter(torch.arange(3.0))
+    torch.save({"model": lin.state_dict(), "step": 7, "name": "x", "param": param}, path)
     got = torchfile.load(path)
-    assert set(got) == {"model.weight", "model.bias"}  # non-tensor entries dropped
+    assert set(got) == {"model.weight", "model.bias", "param"}  # non-tensor entries dropped
+    np.testing.assert_array_equal(got["param"], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(got["model.weight"], lin.weight.detach().numpy())
 
 
@@ -224,3 +228,13 @@ def test_lazy_state_dict_reads_on_access(tmp_path, mmap):
     np.testing.assert_array_equal(renamed["x"], to_numpy(sd["bf16_transposed"]))
     for k in sd:
         np.testing.assert_array_equal(lazy[k], to_numpy(sd[k]), err_msg=k)
+
+
+def test_reading_needs_no_torch(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"w": torch.arange(6.0).reshape(2, 3).t()}, path)
+    code = ("import sys; from trigflow_distill import convert, torchfile; "
+            f"w = torchfile.load({str(path)!r})['w']; "
+            "assert w.tolist() == [[0, 3], [1, 4], [2, 5]], w; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from typing import Callable
 
 import jax
 import ml_dtypes
@@ -41,14 +40,17 @@ def _select_prefix(path: str, keys, prefix: str) -> str:
 
 
 class _Progress:
-    """Byte progress bar on stderr (for sources of at least 64 MiB), counting each tensor once."""
+    """Byte progress bar on stderr (for sources of at least 64 MiB). A key seen again starts a new pass (a
+    consumer may touch every tensor once to check shapes before reading them), so the bar restarts."""
 
     def __init__(self, total: int, label: str):
         self.total, self.label, self.done, self.seen, self.shown = max(total, 1), label, 0, set(), -1
 
     def __call__(self, key: str, nbytes: int) -> None:
-        if self.total < _PROGRESS_MIN_BYTES or key in self.seen:
+        if self.total < _PROGRESS_MIN_BYTES:
             return
+        if key in self.seen:
+            self.seen, self.done, self.shown = set(), 0, -1
         self.seen.add(key)
         self.done += nbytes
         pct = min(100, 100 * self.done // self.total)

@@ -160,7 +160,7 @@ def critic_update(algo: Algo, critic_tx, state: TrainState, teacher, batch):
     ok = jnp.isfinite(loss) & _all_finite(grads)
     critic, critic_opt = _apply_or_skip(critic_tx, state.critic, state.critic_opt, grads, ok)
     new_state = state.replace(step=state.step + 1, critic=critic, critic_opt=critic_opt, **_skip_counters(state, ok))
-    metrics = {"critic/loss": loss, "critic/grad_norm": optax.global_norm(grads), "critic/skipped": 1.0 - ok,
+    metrics = {"critic/loss": loss, "critic/grad_norm": optax.tree.norm(grads), "critic/skipped": 1.0 - ok,
                "critic/sim_steps": n, "critic/tau": jnp.mean(tau_d)}
     return new_state, metrics
 
@@ -194,7 +194,7 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
     ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
     new_state = state.replace(step=state.step + 1, student=student, student_opt=student_opt, student_ema=ema,
                               student_updates=updates, **_skip_counters(state, ok))
-    metrics = {"student/loss": loss, "student/grad_norm": optax.global_norm(grads), "student/skipped": 1.0 - ok,
+    metrics = {"student/loss": loss, "student/grad_norm": optax.tree.norm(grads), "student/skipped": 1.0 - ok,
                "student/sim_steps": n, "student/tau": jnp.mean(tau_d),
                "student/lambda": jnp.mean(aux["lambda_b"]), "student/nan_samples": jnp.sum(aux["nan_b"])}
     return new_state, metrics

@@ -2,7 +2,8 @@
 
 Layout of the tree: see `param_shapes`. Linear kernels are (in, out); the blocks are stacked on a leading
 num_blocks axis and the forward scans over them. Compute dtype float32 or bfloat16: in bf16 the matmul inputs are
-bf16 (fp32 accumulation), while norms, softmax, RoPE, the time embedding and the residual stream stay float32.
+bf16 (fp32 accumulation), while norms, softmax, RoPE, the time embedding, the AdaLN modulation and the residual
+stream stay float32.
 """
 from __future__ import annotations
 
@@ -153,16 +154,13 @@ def init_params(config: DiTConfig, key: jax.Array) -> dict:
     Like Cosmos, the last AdaLN-modulation layers (blocks and final layer) start at zero; the AdaLN-LoRA term
     from the time embedding still makes every shift/scale/gate non-zero.
     """
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=lambda s: isinstance(s, tuple))
     out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "scale" in path:
+    for k, (path, shape) in zip(jax.random.split(key, len(paths)), paths):
+        names = [p.key for p in path]
+        if names[-1] == "scale":
             out.append(jnp.ones(shape, jnp.float32))
-        elif "bias" in path or ("adaln_modulation" in path and "linear_2" in path):
+        elif names[-1] == "bias" or (names[-2] == "linear_2" and names[-3].startswith("adaln_modulation")):
             out.append(jnp.zeros(shape, jnp.float32))
         else:
             out.append(jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[-2]))
@@ -195,9 +193,13 @@ def _rms_norm(x, scale):
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + _EPS) * scale.astype(jnp.float32)
 
 
-def _modulation(p, emb_btd, lora_btk, dtype):
-    """Linear_{r->kD}(Linear_{D->r}(SiLU(emb))) + adaln_lora, split into k (B,T,1,D) chunks (shift, scale, ...)."""
-    h = _dense(_dense(jax.nn.silu(emb_btd), p["linear_1"]["kernel"], dtype), p["linear_2"]["kernel"], dtype)
+def _modulation(p, emb_btd, lora_btk):
+    """Linear_{r->kD}(Linear_{D->r}(SiLU(emb))) + adaln_lora, split into k (B,T,1,D) chunks (shift, scale, ...).
+
+    Float32 in every compute dtype: only B*T rows, and shift/scale/gate multiply the whole stream.
+    """
+    f32 = jnp.float32
+    h = _dense(_dense(jax.nn.silu(emb_btd), p["linear_1"]["kernel"], f32), p["linear_2"]["kernel"], f32)
     chunks = jnp.split(h + lora_btk, lora_btk.shape[-1] // emb_btd.shape[-1], axis=-1)
     return [c[:, :, None, :] for c in chunks]
 
@@ -229,19 +231,19 @@ def _block(config, x_btsd, p, emb_btd, lora_bt3d, context_bsd, cos_sin):
     """One DiT block on the float32 residual stream (B, T, H'W', D); modulation per (B, T)."""
     dt = config.compute_dtype
     b, t, s, d = x_btsd.shape
-    mods = {m: _modulation(p[f"adaln_modulation_{m}"], emb_btd, lora_bt3d, dt) for m in _MODULATED}
+    mods = {m: _modulation(p[f"adaln_modulation_{m}"], emb_btd, lora_bt3d) for m in _MODULATED}
 
-    def modulated(m):
+    def modulated(m, x):
         shift, scale, gate = mods[m]
-        return _layer_norm(x_btsd) * (1 + scale) + shift, gate
+        return _layer_norm(x) * (1 + scale) + shift, gate
 
-    h, gate = modulated("self_attn")
+    h, gate = modulated("self_attn", x_btsd)
     h = h.reshape(b, t * s, d)
     x_btsd = x_btsd + gate * _attention_heads(config, p["self_attn"], h, h, cos_sin).reshape(b, t, s, d)
-    h, gate = modulated("cross_attn")
+    h, gate = modulated("cross_attn", x_btsd)
     out = _attention_heads(config, p["cross_attn"], h.reshape(b, t * s, d), context_bsd, None)
     x_btsd = x_btsd + gate * out.reshape(b, t, s, d)
-    h, gate = modulated("mlp")
+    h, gate = modulated("mlp", x_btsd)
     h = jax.nn.gelu(_dense(h, p["mlp"]["layer1"]["kernel"], dt), approximate=False)
     return x_btsd + gate * _dense(h, p["mlp"]["layer2"]["kernel"], dt)
 
@@ -352,7 +354,7 @@ def velocity(
     x_btsd, feats = _run_blocks(cfg, params["blocks"], x_btsd, cond, block_ids)
 
     fl = params["final_layer"]
-    shift, scale = _modulation(fl["adaln_modulation"], emb, lora[..., : 2 * cfg.model_channels], cfg.compute_dtype)
+    shift, scale = _modulation(fl["adaln_modulation"], emb, lora[..., : 2 * cfg.model_channels])
     out = _dense(_layer_norm(x_btsd) * (1 + scale) + shift, fl["linear"]["kernel"], cfg.compute_dtype)
     # Unpatchify order (p_h, p_w, p_t, c) with channel fastest: not the inverse of the patchify order.
     out = einops.rearrange(

@@ -114,7 +114,8 @@ def _set(tree, path, value):
 
 
 def params_from_state_dict(sd: Mapping[str, np.ndarray], config: DiTConfig) -> dict:
-    """Param tree (numpy, source dtype kept) from native tensors; `sd` may be any lazy mapping of arrays.
+    """Param tree (numpy, source dtype kept) from native tensors; `sd` may be a lazy mapping of arrays
+    (each tensor is read once; peak memory ~ the output tree plus one stacked parameter in flight).
 
     Ignored keys (see `is_ignored`) are skipped; missing/unexpected keys and shape mismatches raise ValueError.
     """
@@ -127,12 +128,11 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], config: DiTConfig) -> d
             f"state dict does not match the config: missing keys [{_fmt(missing)}]; unexpected keys "
             f"[{_fmt(unexpected)}] (config: {config})"
         )
-    bad = [f"{k}: {tuple(sd[k].shape)} != expected {expected[k]}" for k in names if tuple(sd[k].shape) != expected[k]]
-    if bad:
-        raise ValueError(f"shape mismatch for {len(bad)} tensors: " + "; ".join(bad[:8]))
 
-    def leaf(name, path):
+    def leaf(name, path):  # each tensor is accessed exactly once (lazy sources count reads)
         a = np.asarray(sd[name])
+        if a.shape != expected[name]:
+            raise ValueError(f"shape mismatch: {name}: {a.shape} != expected {expected[name]} (config: {config})")
         return np.ascontiguousarray(a.T) if path[-1] == "kernel" else a
 
     params: dict = {}

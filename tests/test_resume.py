@@ -1,0 +1,83 @@
+"""main.py end to end: a run killed with SIGKILL and resumed equals an uninterrupted run, bit for bit."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from trigflow_distill import convert, networks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory):
+    net = networks.get_preset("tiny", num_blocks=1)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
+    return path
+
+
+def _cmd(workdir, teacher):
+    return [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+            f"--workdir={workdir}", f"--config.teacher.path={teacher}", f"--config.total_steps={STEPS}",
+            f"--config.checkpoint_every={EVERY}", "--config.data.batch_size=4", "--config.log_every=4",
+            "--config.sample_every=0", "--config.eval.at_end=False", "--config.mesh.data=1"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, like a laptop
+    return env
+
+
+def _final_state(workdir):
+    path = os.path.join(workdir, "checkpoints", str(STEPS), "state")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_kill_and_resume_equals_uninterrupted(teacher_pt, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cmd(ref_dir, teacher_pt), env=_env(), check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_cmd(run_dir, teacher_pt), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    first_ckpt = run_dir / "checkpoints" / str(EVERY)
+    for line in proc.stdout:  # kill -9 as soon as the first checkpoint is complete on disk
+        if line.startswith(f"checkpoint saved at step {EVERY}"):
+            deadline = time.time() + 60
+            while not (first_ckpt / "state").is_dir() and time.time() < deadline:
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "checkpoints" / str(STEPS)).exists()
+
+    resumed = subprocess.run(_cmd(run_dir, teacher_pt), env=_env(), check=True, capture_output=True, text=True,
+                             timeout=600)
+    assert "Resumed from" in resumed.stdout, resumed.stdout
+    ref, got = _final_state(ref_dir), _final_state(run_dir)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(got["step"]) == STEPS
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs/predict25_4step.py"),
+           f"--workdir={tmp_path}"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "config.teacher.path is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    cmd = _cmd(tmp_path, "x.pt") + ["--config.no_such_field=1"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no_such_field" in out.stderr

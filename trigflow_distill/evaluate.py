@@ -1,0 +1,221 @@
+"""Evaluation harness on the toy world (issue 5): teacher and student samplers side by side, with pictures.
+
+    python -m trigflow_distill.evaluate --workdir=DIR [--num_samples=1024]    # a finished training run
+
+Every sampler gets the same Video2World conditioning, taken from a fixed set of held-out real clips (balanced
+prompts, their text, their N conditional frames and those ground-truth frames) and the same initial noise, so the
+rows differ only in the sampler. Metrics are `toy_metrics.metrics` against `toy.reference_set` (a disjoint
+held-out stream); the "data" row scores the conditioning clips themselves and "floor" is `toy_metrics.real_floor`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trigflow_distill import denoiser, networks, sampling, toy, toy_metrics
+
+COND_SEED = 2_000_003   # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
+TIME_SHIFT = 5.0        # shift of the teacher grid and of the student schedule (SPEC §3)
+TEACHER_ROWS = ((35, "guided"), (35, None), (4, "guided"))
+STUDENT_STEPS = (1, 2, 4)
+STUDENT_NAMES = ("student_ema", "student")
+METRIC_KEYS = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
+               "cond_consistency")
+
+
+def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
+    """n held-out real clips with balanced prompts (k = i mod K): sample_videos' dict, stream COND_SEED + seed."""
+    prompts = np.arange(n, dtype=np.int64) % world.config.num_prompts
+    return toy.sample_videos(world, COND_SEED + seed, n, prompts=prompts)
+
+
+def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float):
+    """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
+    the student's few-step sampler, every network call through `denoiser.denoise`."""
+    def fn(params, eps, context, uncond_context, gt, mask):
+        def x0_fn(ctx):
+            return lambda x_tau, tau_b: denoiser.denoise(net_config, params, x_tau, tau_b, ctx, gt, mask,
+                                                         scaling=scaling, sigma_data=sigma_data)
+        if teacher:
+            return sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond_context), eps, guidance, steps,
+                                               shift=TIME_SHIFT, sigma_data=sigma_data)
+        taus = sampling.student_schedule(steps, TIME_SHIFT)
+        return sampling.sample_student(x0_fn(context), eps, taus, sigma_data)
+    return fn
+
+
+def _generate(fn, params, inputs: dict, batch_size: int) -> tuple[np.ndarray, float]:
+    """Runs `fn` over the (padded) inputs in batches; returns (samples (n,...), seconds per generated sample).
+
+    The function is compiled ahead of time (lower + compile) so the timing excludes compilation.
+    """
+    n = len(inputs["eps"])
+    bs = min(batch_size, n)
+    num_batches = -(-n // bs)
+    pad = num_batches * bs - n
+    arrays = [np.concatenate([a, a[:pad]]) if pad else a
+              for a in (inputs["eps"], inputs["context"], inputs["uncond_context"], inputs["gt"], inputs["mask"])]
+    compiled = jax.jit(fn).lower(params, *(a[:bs] for a in arrays)).compile()
+    out = []
+    start = time.perf_counter()
+    for i in range(num_batches):
+        out.append(compiled(params, *(a[i * bs:(i + 1) * bs] for a in arrays)))
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / (num_batches * bs)
+    return np.concatenate([np.asarray(x) for x in out])[:n], seconds
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _clean(tree):
+    """JSON-ready copy: NaN / inf floats -> None (null), numpy scalars -> Python."""
+    if isinstance(tree, dict):
+        return {k: _clean(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_clean(v) for v in tree]
+    if isinstance(tree, np.generic):
+        tree = tree.item()
+    return _finite_or_none(tree)
+
+
+def _label(name: str, steps: int, guidance) -> str:
+    if name == "data":
+        return "data"
+    return f"{name}{steps}" + ("" if guidance is None else f"_cfg{guidance:g}")
+
+
+def format_table(result: dict) -> str:
+    """The eval.json content as a fixed-width text table (one row per sampler, then the real-data floor)."""
+    head = (f"{'sampler':<16}{'steps':>6}{'cfg':>5}{'nfe':>5}{'ms/sample':>11}{'prompt':>8}{'motion':>8}"
+            f"{'amp':>7}{'div':>7}{'fd_hand':>9}{'fd_proj':>9}{'cond':>7}")
+
+    def num(v, width, fmt):
+        return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+    def metric_cols(m):
+        return (num(m["prompt_accuracy"], 8, ".3f") + num(m["motion_accuracy"], 8, ".3f")
+                + num(m["amplitude_ratio"], 7, ".3f") + num(m["diversity"], 7, ".3f") + num(m["fd_hand"], 9, ".3f")
+                + num(m["fd_proj"], 9, ".3f") + num(m["cond_consistency"], 7, ".3f"))
+
+    lines = [head, "-" * len(head)]
+    for r in result["samplers"]:
+        ms = None if r["seconds_per_sample"] is None else 1e3 * r["seconds_per_sample"]
+        lines.append(f"{r['name']:<16}{r['steps']:>6}" + num(r["guidance"], 5, "g") + f"{r['nfe']:>5}"
+                     + num(ms, 11, ".3f") + metric_cols(r["metrics"]))
+    lines.append(f"{'floor (real)':<16}{'':>6}{'':>5}{'':>5}{'':>11}" + metric_cols(result["floor"]))
+    return "\n".join(lines)
+
+
+def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict, out_dir: str,
+             num_samples: int = 1024, seed: int = 0, batch_size: int = 256, guidance: float = 4.0,
+             scaling: str = "rectified_flow", sigma_data: float = 1.0, log=print) -> dict:
+    """Samples and scores the teacher (35 steps guided, 35 unguided, 4 guided), the given students (1, 2, 4 steps)
+    and the held-out data; writes out_dir/eval.json, samples_student4.npz and a PNG grid + GIF per sampler.
+
+    teacher_params: the full teacher tree, with `crossattn_proj` (it takes raw text). samplers_params: a subset of
+    {"student_ema": params, "student": params}; params without `crossattn_proj` get the text projected by the
+    teacher's. samples_student4.npz (latents, prompt) holds the 4-step samples of "student_ema" if given, else of
+    "student" (not written without a student). Returns the eval.json content (NaN as None).
+    """
+    unknown = set(samplers_params) - set(STUDENT_NAMES)
+    if unknown:
+        raise ValueError(f"samplers_params has unknown keys {sorted(unknown)}; use a subset of {STUDENT_NAMES}.")
+    if "crossattn_proj" not in teacher_params:
+        raise ValueError("teacher_params lack 'crossattn_proj': pass the full teacher tree (with its text "
+                         "projection), not the trainer's split-off net.")
+    if num_samples < 2 or batch_size < 1:
+        raise ValueError(f"evaluate needs num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}.")
+    os.makedirs(out_dir, exist_ok=True)
+
+    reference = toy.reference_set(world, num_samples)
+    cond = conditioning_set(world, num_samples, seed)
+    prompts, num_cond, gt = cond["prompt"], cond["num_cond_frames"], cond["latents"]
+    mask = np.asarray(denoiser.cond_mask(jnp.asarray(num_cond), gt.shape))
+    eps = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), gt.shape, jnp.float32))
+    raw_text = cond["text"]
+    project = jax.jit(lambda text: networks.project_text(net_config, teacher_params, text))
+    projected = (np.asarray(project(raw_text)), np.asarray(project(np.zeros_like(raw_text))))
+    raw = (raw_text, np.zeros_like(raw_text))
+
+    def inputs_for(params):
+        context, uncond_context = raw if "crossattn_proj" in params else projected
+        return dict(eps=eps, context=context, uncond_context=uncond_context, gt=gt, mask=mask)
+
+    rows, samples_student4, student4_from = [], None, None
+
+    def add_row(name, steps, g, nfe, seconds, latents):
+        m = toy_metrics.metrics(world, latents, prompts, reference=reference, cond_latents=gt,
+                                num_cond_frames=num_cond)
+        row = {"name": name, "steps": steps, "guidance": g, "nfe": nfe, "seconds_per_sample": seconds,
+               "metrics": {k: m[k] for k in METRIC_KEYS}}
+        rows.append(row)
+        label = _label(name, steps, g)
+        toy.save_grid_png(world, latents, prompts, os.path.join(out_dir, f"{label}.png"))
+        toy.save_gif(world, latents, prompts, os.path.join(out_dir, f"{label}.gif"))
+        ms = "" if seconds is None else f"  {1e3 * seconds:.3f} ms/sample"
+        log(f"eval {label:<18} prompt {m['prompt_accuracy']:.3f}  motion {m['motion_accuracy']:.3f}  "
+            f"fd_hand {m['fd_hand']:.3f}  fd_proj {m['fd_proj']:.3f}{ms}")
+
+    for steps, kind in TEACHER_ROWS:
+        g = float(guidance) if kind == "guided" else None
+        use_cfg = g is not None and g != 1.0
+        fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data)
+        latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
+        add_row("teacher", steps, g, steps * (2 if use_cfg else 1), seconds, latents)
+    for name in STUDENT_NAMES:
+        if name not in samplers_params:
+            continue
+        params = samplers_params[name]
+        for steps in STUDENT_STEPS:
+            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data)
+            latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
+            add_row(name, steps, None, steps, seconds, latents)
+            if steps == 4 and samples_student4 is None:
+                samples_student4, student4_from = latents, name
+    add_row("data", 0, None, 0, None, gt)
+
+    floor = toy_metrics.real_floor(world, num_samples, reference=reference)
+    result = _clean({"samplers": rows, "floor": {k: floor[k] for k in METRIC_KEYS}})
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    if samples_student4 is not None:
+        np.savez(os.path.join(out_dir, "samples_student4.npz"), latents=samples_student4.astype(np.float32),
+                 prompt=prompts.astype(np.int32))
+        log(f"samples_student4.npz: 4-step samples of {student4_from!r}")
+    log(format_table(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a finished training run's directory (output goes there)")
+    parser.add_argument("--num_samples", type=int, default=None, help="default: the run's config.eval.num_samples")
+    parser.add_argument("--batch_size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.workdir):
+        raise FileNotFoundError(f"--workdir {args.workdir} does not exist; pass the directory of a training run.")
+    from trigflow_distill import train  # the system layer sits above this module: import only for the CLI
+
+    config, net_config, teacher_params, student_params, ema_params = train.load_run(args.workdir)
+    students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
+    num_samples = args.num_samples if args.num_samples is not None else int(config.eval.num_samples)
+    evaluate(toy.make_world(), net_config, teacher_params, students, args.workdir, num_samples=num_samples,
+             seed=int(config.seed), batch_size=args.batch_size, guidance=float(config.distill.guidance),
+             scaling=config.teacher.scaling, sigma_data=float(config.teacher.sigma_data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
