@@ -86,7 +86,7 @@ def get_config(arg: str = ""):
         c.teacher.dtype = "float32"
         c.net.dtype = "float32"
         c.net.remat = False
-        c.net.attention = "xla"
+        c.net.attention = "auto"
         # Tiny nets learn far faster than 2B ones: both lrs 1e-4 (feasibility estimate in issue 5), Adam b1 0.
         c.student_optim.update(lr=1e-4, b1=0.0, warmup=10)
         c.critic_optim.update(lr=1e-4, b1=0.0, warmup=10)

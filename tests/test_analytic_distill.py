@@ -20,33 +20,23 @@ from trigflow_distill.trigflow import TAU_MAX, TAU_MIN, add_noise, expand_tau, s
 
 # ---- the analytic teacher -------------------------------------------------------------------------------------
 MEANS = np.array([[-1.0, 0.8], [-1.0, -0.8], [1.0, 0.8], [1.0, -0.8]])  # (K, D) components
-COMPONENT_CLASS = np.array([0, 0, 1, 1])
-WEIGHTS = np.array([0.7, 0.3, 0.4, 0.6])  # within-class component weights
+WEIGHTS = np.array([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.4, 0.6]])  # (classes, K) component weights per class
 CLASS_PRIOR = np.array([0.5, 0.5])
 STD = 0.2  # isotropic component standard deviation
 NUM_CLASSES, SIGMA_DATA = 2, 1.0
-
-
-def _log_weights():
-    """(NUM_CLASSES + 1, K) log component weights: one row per class, last row the unconditional mixture."""
-    with np.errstate(divide="ignore"):
-        cond = np.where(COMPONENT_CLASS[None, :] == np.arange(NUM_CLASSES)[:, None], np.log(WEIGHTS), -np.inf)
-    uncond = np.log(WEIGHTS * CLASS_PRIOR[COMPONENT_CLASS])
-    return jnp.asarray(np.vstack([cond, uncond[None]]), jnp.float32)
-
-
-LOG_W = _log_weights()
-UNCOND = NUM_CLASSES  # label row of the unconditional teacher
+UNCOND = NUM_CLASSES  # label of the unconditional teacher
 
 
 def gmm_x0(x_bd, tau_b, label_b):
     """Exact E[x0 | x_tau] for the mixture selected by label (a class, or UNCOND); x_tau = cos x0/sd + sin eps."""
+    weights = np.vstack([WEIGHTS, CLASS_PRIOR @ WEIGHTS])  # last row: the unconditional mixture
+    with np.errstate(divide="ignore"):
+        log_w = jnp.asarray(np.log(weights), jnp.float32)
     a = jnp.cos(tau_b)[:, None] / SIGMA_DATA
     var = a**2 * STD**2 + jnp.sin(tau_b)[:, None] ** 2  # (B,1): Var of x_tau given the component
     means = jnp.asarray(MEANS, jnp.float32)
     diff = x_bd[:, None, :] - a[:, :, None] * means[None]  # (B,K,D)
-    logits = LOG_W[label_b] - jnp.sum(diff**2, axis=-1) / (2 * var)
-    resp = jax.nn.softmax(logits, axis=-1)  # posterior over components
+    resp = jax.nn.softmax(log_w[label_b] - jnp.sum(diff**2, axis=-1) / (2 * var), axis=-1)  # p(component | x_tau)
     post = means[None] + (a * STD**2 / var)[:, :, None] * diff  # E[x0 | x_tau, component]
     return jnp.einsum("bk,bkd->bd", resp, post)
 
@@ -93,6 +83,7 @@ ROUNDS = 600  # 600 student + 2400 critic updates
 STUDENT_LR, CRITIC_LR = 3e-4, 1e-3  # Adam on a 2-D toy; the warm-up multiplier of SPEC §6 is kept (100 updates)
 TAU_SHIFT = 1.0  # time shift for tau_D; SPEC's 5 targets high-res video latents, this data has unit scale
 TAUS = sampling.student_schedule(4)
+RANDOM_N = False
 
 
 def _fake_and_noisy(g_x0, key):
@@ -106,7 +97,8 @@ def _generate(params, key, class_b, with_grad):
     k_n, k_eps = jax.random.split(key)
     eps = jax.random.normal(k_eps, (class_b.shape[0], 2))
     fn = lambda p, x, t: denoiser(p, x, t, class_b)  # noqa: E731
-    return sampling.backward_simulation(fn, params, eps, sampling.draw_num_steps(k_n), TAUS, with_grad=with_grad)
+    n = sampling.draw_num_steps(k_n) if RANDOM_N else jnp.int32(len(TAUS))
+    return sampling.backward_simulation(fn, params, eps, n, TAUS, with_grad=with_grad)
 
 
 def student_update(state, key, opt_s):
@@ -173,7 +165,7 @@ def energy_distance(x, y):
 
 def component_stats(x, cls):
     """Weights and means of the samples assigned to each of the class's components (nearest mean)."""
-    comps = np.flatnonzero(COMPONENT_CLASS == cls)
+    comps = np.flatnonzero(WEIGHTS[cls] > 0)
     nearest = comps[np.argmin(((x[:, None] - MEANS[comps][None]) ** 2).sum(-1), axis=1)]
     weights = np.array([(nearest == k).mean() for k in comps])
     means = np.stack([x[nearest == k].mean(0) for k in comps])

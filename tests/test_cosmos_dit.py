@@ -85,22 +85,23 @@ def run_diffusers(model, x, ts, text, mask, pad, block_ids=()):
     return out.numpy(), feats
 
 
-@pytest.mark.parametrize("b,t,h,w,n_cond,per_frame", [
-    (1, 1, 4, 4, 0, False),
-    (2, 3, 6, 4, 1, True),
-    (2, 4, 8, 8, 2, True),
+@pytest.mark.parametrize("b,t,h,w,n_cond,per_frame,attn", [
+    (1, 1, 4, 4, 0, False, "auto"),
+    (2, 3, 6, 4, 1, True, "blockwise"),  # 18 tokens in key blocks of 8 (padded), 5 context keys
+    (2, 4, 8, 8, 2, True, "xla"),
 ])
-def test_parity_with_diffusers(setup, b, t, h, w, n_cond, per_frame):
+def test_parity_with_diffusers(setup, b, t, h, w, n_cond, per_frame, attn):
     params, model = setup
     x, ts, text, mask, pad = make_inputs(b * 100 + t, b, t, h, w, n_cond, per_frame)
     ids = (0, 1) if b == 2 and t == 4 else ()
     ref, ref_feats = run_diffusers(model, x, ts, text, mask, pad, ids)
-    got = networks.velocity(CFG, params, x, ts, text, cond_mask_b1thw=mask, padding_mask_b1hw=pad,
+    config = networks.get_preset("tiny", attention=attn, attention_block_size=8)
+    got = networks.velocity(config, params, x, ts, text, cond_mask_b1thw=mask, padding_mask_b1hw=pad,
                             return_block_outputs=ids)
     got, feats = got if ids else (got, {})
     scale = float(np.std(ref))
     err = float(np.max(np.abs(np.asarray(got) - ref)))
-    print(f"parity b={b} t={t} {h}x{w} cond={n_cond} per_frame={per_frame}: max|err|/std = {err / scale:.2e}")
+    print(f"parity b={b} t={t} {h}x{w} cond={n_cond} per_frame={per_frame} {attn}: max|err|/std = {err / scale:.2e}")
     assert got.shape == ref.shape and err <= 1e-4 * scale
     for i in ids:
         f_err = np.max(np.abs(np.asarray(feats[i]) - ref_feats[i])) / np.std(ref_feats[i])

@@ -42,9 +42,16 @@ def _final_state(workdir):
     return ocp.StandardCheckpointer().restore(path)
 
 
-def test_kill_and_resume_equals_uninterrupted(teacher_pt, tmp_path):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+@pytest.fixture(scope="module")
+def ref_dir(teacher_pt, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
+    ref_dir = tmp_path_factory.mktemp("ref")
     subprocess.run(_cmd(ref_dir, teacher_pt), env=_env(), check=True, capture_output=True, timeout=600)
+    return ref_dir
+
+
+def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_dir, tmp_path):
+    run_dir = tmp_path / "run"
 
     proc = subprocess.Popen(_cmd(run_dir, teacher_pt), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -81,3 +88,16 @@ def test_unknown_config_key_is_rejected(tmp_path):
     cmd = _cmd(tmp_path, "x.pt") + ["--config.no_such_field=1"]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "no_such_field" in out.stderr
+
+
+def test_export_student_loads_in_torch(ref_dir, tmp_path):
+    """The exported EMA student is a complete native Cosmos .pt (with the teacher's text projection)."""
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "student.pt"
+    subprocess.run([sys.executable, "-m", "trigflow_distill.export", f"--workdir={ref_dir}", f"--out={out}"],
+                   env=_env(), check=True, capture_output=True, timeout=300, cwd=ROOT)
+    sd = torch.load(out, weights_only=True)
+    assert "net.crossattn_proj.0.weight" in sd and all(k.startswith("net.") for k in sd)
+    ema = _final_state(ref_dir)["student_ema"]
+    w = sd["net.blocks.0.mlp.layer1.weight"].float().numpy()
+    np.testing.assert_allclose(w, np.asarray(ema["blocks"]["mlp"]["layer1"]["kernel"][0]).T, rtol=1e-2, atol=1e-3)

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trigflow_distill.networks.attention import attention, resolve_impl
 from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split, timestep_features
 
 _EPS = 1e-6  # LayerNorm, RMSNorm (q/k and time embedding) epsilon of Cosmos
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ATTENTION_IMPLS = ("xla", "blockwise")
 _MODULATED = ("self_attn", "cross_attn", "mlp")
 
 
@@ -44,7 +44,8 @@ class DiTConfig:
     concat_padding_mask: bool = True
     dtype: str = "float32"
     remat: bool = False
-    attention: str = "xla"
+    attention: str = "auto"  # networks.attention impl: auto (einsum on CPU, xla elsewhere), xla, einsum, blockwise
+    attention_block_size: int = 512  # keys per step of the "blockwise" attention
 
     def __post_init__(self):
         d = self.model_channels
@@ -55,10 +56,10 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} x model_channels {d} is not an integer MLP width")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
-        if self.attention not in _ATTENTION_IMPLS:
-            raise ValueError(f"attention {self.attention!r} not supported; use one of {_ATTENTION_IMPLS}")
-        if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim) < 1:
-            raise ValueError(f"num_blocks, patch sizes and adaln_lora_dim must be >= 1: {self}")
+        resolve_impl(self.attention)
+        if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim,
+               self.attention_block_size) < 1:
+            raise ValueError(f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1: {self}")
 
     @property
     def head_dim(self) -> int:
@@ -167,11 +168,6 @@ def init_params(config: DiTConfig, key: jax.Array) -> dict:
     return jax.tree.unflatten(treedef, out)
 
 
-def attention(q, k, v, impl="xla"):  # TEMPORARY fallback until networks/attention.py exists
-    del impl
-    return jax.nn.dot_product_attention(q, k, v)
-
-
 def _dense(x, kernel, dtype):
     """x @ kernel with inputs in `dtype`, float32 accumulation and result (full precision in float32 mode)."""
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
@@ -223,7 +219,8 @@ def _attention_heads(config, p, h_bld, kv_bsd, cos_sin):
     q, k = _rms_norm(q, p["q_norm"]["scale"]), _rms_norm(k, p["k_norm"]["scale"])
     if cos_sin is not None:
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-    out = attention(q.astype(dt), k.astype(dt), v.astype(dt), impl=config.attention)
+    out = attention(q.astype(dt), k.astype(dt), v.astype(dt), impl=config.attention,
+                    block_size=config.attention_block_size)
     return _dense(einops.rearrange(out, "b l n h -> b l (n h)"), p["output_proj"]["kernel"], dt)
 
 

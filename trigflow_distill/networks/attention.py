@@ -1,0 +1,216 @@
+"""Multi-head attention kernels (no mask, scale 1/sqrt(D)) and a sequence-parallel wrapper.
+
+Shapes: q_blhd (B, L, H, D), k_bshd / v_bshd (B, S, H, D) -> o_blhd (B, L, H, D); L != S (cross attention) is fine.
+
+impl:
+  "auto"      "einsum" on the CPU backend, "xla" elsewhere (the default).
+  "xla"       jax.nn.dot_product_attention(implementation=None): cuDNN flash attention on GPU when its dtype/shape
+              rules allow, otherwise XLA's dense softmax.
+  "einsum"    dense softmax written so XLA:CPU fuses it well: heads moved in front (BHLD), q pre-scaled, fp32 logits
+              and softmax. When the score tensor of one call is larger than ~8 MB, queries are processed in chunks
+              (lax.map + checkpoint, each chunk sees all keys, so the softmax stays exact) to keep it in cache.
+              This is the fastest formulation measured on the project's CPUs (benchmarks/attention_cpu.py).
+  "blockwise" memory-efficient pure JAX: lax.scan over K/V blocks of `block_size` keys with an online (running
+              max / running sum) softmax in fp32, keys padded to a multiple of the block and masked; queries
+              optionally chunked by `q_block_size`. The scan body is checkpointed, so neither the forward nor the
+              reverse pass holds an L x S matrix: memory is O(L * block_size) per batch*head.
+  "splash"    TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention); TPU only, raises elsewhere.
+              Untested on hardware here (the kernel itself is exercised in Pallas interpret mode by the tests).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+IMPLS = ("auto", "xla", "einsum", "blockwise", "splash")
+# Score bytes (B*H*rows*S*4) per query chunk above which "einsum" chunks the queries (fits L2/L3 on the CPUs here).
+_EINSUM_CHUNK_BYTES = 8 * 2**20
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps "auto" to the fastest implementation for the default backend; validates the name."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        return "einsum" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def attention(q_blhd, k_bshd, v_bshd, impl: str = "auto", block_size: int = 512, q_block_size: int | None = None):
+    """Softmax attention softmax(q k^T / sqrt(D)) v over all S keys for every query; returns (B, L, H, D) in q's dtype.
+
+    block_size: keys per scan step ("blockwise"). q_block_size: queries per chunk ("einsum", "blockwise");
+    None = automatic for "einsum" (see module doc), no query chunking for "blockwise".
+    """
+    return _attention(q_blhd, k_bshd, v_bshd, impl, block_size, q_block_size, kv_valid=None)
+
+
+def _attention(q, k, v, impl, block_size, q_block_size, kv_valid):
+    """attention() where only the first `kv_valid` keys are attended to (None = all); used for padded K/V."""
+    _check_shapes(q, k, v)
+    impl = resolve_impl(impl)
+    if block_size < 1 or (q_block_size is not None and q_block_size < 1):
+        raise ValueError(f"block_size={block_size} and q_block_size={q_block_size} must be positive")
+    if impl == "xla":
+        lengths = None if kv_valid is None else jnp.full((q.shape[0],), kv_valid, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=None)
+    if impl == "splash":
+        if jax.default_backend() != "tpu":
+            raise ValueError(f"impl='splash' needs a TPU backend (this is {jax.default_backend()!r}); "
+                             "use impl='xla', 'einsum' or 'blockwise'")
+        return _splash(q, k, v, kv_valid)
+    if impl == "einsum":
+        if q_block_size is None:
+            b, l, h, _ = q.shape
+            rows = _EINSUM_CHUNK_BYTES // (b * h * k.shape[1] * 4)
+            q_block_size = max(16, 2 ** int(math.log2(max(rows, 1))))
+        body = functools.partial(_dense_chunk, k=k, v=v, kv_valid=kv_valid)
+    else:
+        body = functools.partial(_blockwise_chunk, k=k, v=v, kv_valid=kv_valid, block_size=block_size)
+    return _map_query_chunks(body, q, q_block_size)
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention wants q (B,L,H,D), k/v (B,S,H,D); got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention shapes disagree: q {q.shape} (B,L,H,D), k {k.shape}, v {v.shape} (B,S,H,D); "
+                         "batch, heads and head dim must match and k, v must have the same shape")
+
+
+def _map_query_chunks(fn, q_blhd, q_block_size):
+    """fn over query chunks of q_block_size (padded with zero queries, sliced off), checkpointed per chunk."""
+    length = q_blhd.shape[1]
+    if q_block_size is None or length <= q_block_size:
+        return fn(q_blhd)
+    n = -(-length // q_block_size)
+    q_pad = jnp.pad(q_blhd, ((0, 0), (0, n * q_block_size - length), (0, 0), (0, 0)))
+    chunks = rearrange(q_pad, "b (n c) h d -> n b c h d", n=n)
+    out = lax.map(jax.checkpoint(fn), chunks)
+    return rearrange(out, "n b c h d -> b (n c) h d")[:, :length]
+
+
+def _key_mask(start, size, kv_valid):
+    """(size,) bool: which keys start..start+size-1 are real (index < kv_valid)."""
+    return lax.iota(jnp.int32, size) + start < kv_valid
+
+
+def _dense_chunk(q_blhd, k, v, kv_valid):
+    """Exact softmax over all keys; heads-first layout and pre-scaled q let XLA:CPU fuse dot-softmax-dot."""
+    scale = q_blhd.shape[-1] ** -0.5
+    q_bhld = rearrange(q_blhd * jnp.asarray(scale, q_blhd.dtype), "b l h d -> b h l d")
+    k_bhsd, v_bhsd = (rearrange(x, "b s h d -> b h s d") for x in (k, v))
+    s = jnp.einsum("bhld,bhsd->bhls", q_bhld, k_bhsd, preferred_element_type=jnp.float32)
+    if kv_valid is not None:
+        s = jnp.where(_key_mask(0, s.shape[-1], kv_valid), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bhls,bhsd->bhld", p, v_bhsd, preferred_element_type=jnp.float32)
+    return rearrange(o, "b h l d -> b l h d").astype(q_blhd.dtype)
+
+
+def _blockwise_chunk(q_blhd, k, v, kv_valid, block_size):
+    """Online softmax over K/V blocks; padded keys masked; never forms more than (L, block_size) scores per head."""
+    b, length, h, d = q_blhd.shape
+    num_keys = k.shape[1]
+    kv_valid = num_keys if kv_valid is None else kv_valid
+    block = min(block_size, num_keys)
+    n = -(-num_keys // block)
+    pad = ((0, 0), (0, n * block - num_keys), (0, 0), (0, 0))
+    k_blocks, v_blocks = (rearrange(jnp.pad(x, pad), "b (n c) h d -> n b h c d", n=n) for x in (k, v))
+    q_bhld = rearrange(q_blhd * jnp.asarray(d ** -0.5, q_blhd.dtype), "b l h d -> b h l d")
+
+    def scores(k_b, start):
+        s = jnp.einsum("bhld,bhsd->bhls", q_bhld, k_b, preferred_element_type=jnp.float32)
+        return jnp.where(_key_mask(start, block, kv_valid), s, -jnp.inf)
+
+    def pv(p, v_b):
+        return jnp.einsum("bhls,bhsd->bhld", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32)
+
+    # The output does not depend on the running max m, so it is a constant for autodiff. Block 0 always holds
+    # key 0, so m is finite and exp(-inf - m) = 0 for masked keys. Starting from block 0 (instead of an -inf
+    # carry) keeps the carry's sharding type equal to q's inside shard_map.
+    @jax.checkpoint
+    def first(k_b, v_b):
+        s = scores(k_b, 0)
+        m = lax.stop_gradient(s.max(-1))
+        p = jnp.exp(s - m[..., None])
+        return m, p.sum(-1), pv(p, v_b)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        m, l, acc = carry
+        k_b, v_b, start = xs
+        s = scores(k_b, start)
+        m_new = lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        return (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv(p, v_b)), None
+
+    starts = jnp.arange(1, n, dtype=jnp.int32) * block
+    (_, l, acc), _ = lax.scan(step, first(k_blocks[0], v_blocks[0]), (k_blocks[1:], v_blocks[1:], starts))
+    return rearrange(acc / l[..., None], "b h l d -> b l h d").astype(q_blhd.dtype)
+
+
+def _splash(q, k, v, kv_valid, interpret=False):
+    """TPU splash attention (per-example kernel vmapped over batch); L, S padded to the 128 block, padded keys masked
+    through segment ids. interpret=True runs the Pallas kernel in interpret mode (any backend, slow; for tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, length, h, d = q.shape
+    num_keys = k.shape[1]
+    kv_valid = num_keys if kv_valid is None else kv_valid
+    block = 128
+    lp, sp = -(-length // block) * block, -(-num_keys // block) * block
+    q_bhld = rearrange(jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, lp - length), (0, 0), (0, 0))),
+                       "b l h d -> b h l d")
+    k_bhsd, v_bhsd = (rearrange(jnp.pad(x, ((0, 0), (0, sp - num_keys), (0, 0), (0, 0))), "b s h d -> b h s d")
+                      for x in (k, v))
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((lp, sp))] * h), head_shards=1, q_seq_shards=1,
+                                block_sizes=sk.BlockSizes.get_default(), interpret=interpret)
+    segments = sk.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
+                             kv=jnp.where(jnp.arange(sp) < kv_valid, 0, 1).astype(jnp.int32))
+    o = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(q_bhld, k_bhsd, v_bhsd)
+    return rearrange(o, "b h l d -> b l h d")[:, :length].astype(q.dtype)
+
+
+def seq_sharded_attention(q_blhd, k_bshd, v_bshd, mesh: Mesh, axis: str = "seq", impl: str = "auto",
+                          batch_axis=None, block_size: int = 512, q_block_size: int | None = None):
+    """attention() with the token axes sharded over mesh axis `axis` (sequence / context parallelism).
+
+    Contract: q (B, L, H, D), k/v (B, S, H, D) global arrays. Each device of the `axis` group holds a contiguous
+    L/n query shard and an S/n K/V shard (n = mesh.shape[axis]); K/V are all-gathered over `axis` inside shard_map,
+    so every device attends its queries over all S keys (memory O(S) per device for K/V, O(L/n * S) or
+    O(L/n * block) for scores, depending on impl). The batch axis is sharded over `batch_axis` (a mesh axis name,
+    a tuple of names, or None = replicated); heads and head dim are replicated. Inputs already laid out as
+    P(batch_axis, axis) avoid a reshard. L and S need not divide n: they are zero-padded to a multiple of n (the
+    padded keys are masked, the padded queries sliced off), which costs a reshard; callers that care pad upstream.
+    The result is (B, L, H, D) sharded P(batch_axis, axis). Differentiable (the all-gather transposes to a
+    reduce-scatter of the K/V gradients).
+    """
+    _check_shapes(q_blhd, k_bshd, v_bshd)
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r} (axes: {tuple(mesh.shape)}); pass axis= one of them")
+    n = mesh.shape[axis]
+    length, num_keys = q_blhd.shape[1], k_bshd.shape[1]
+    lp, sp = -(-length // n) * n, -(-num_keys // n) * n
+    pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
+    spec = P(batch_axis, axis)
+
+    def local(q, k, v):
+        k_all, v_all = (lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
+        kv_valid = None if sp == num_keys else num_keys
+        return _attention(q, k_all, v_all, impl, block_size, q_block_size, kv_valid)
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(
+        pad(q_blhd, lp), pad(k_bshd, sp), pad(v_bshd, sp))
+    return out[:, :length]
+
+
+__all__ = ["IMPLS", "attention", "resolve_impl", "seq_sharded_attention"]
