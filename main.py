@@ -27,18 +27,26 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
-    from trigflow_distill import distributed, train
+    from trigflow_distill import distributed
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+    except ValueError as e:
+        _fail(e)
+    from trigflow_distill import train  # only now: importing the networks may already touch the JAX backend
+    try:
         train.train(config, workdir)
         if config.eval.at_end:
             from trigflow_distill import evaluate
             evaluate.evaluate_run(workdir, num_samples=int(config.eval.num_samples))
     except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(e)
+
+
+def _fail(e: Exception):
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

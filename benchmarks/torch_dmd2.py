@@ -294,7 +294,7 @@ class DMD2:
         eps_g, tau_d, eps_d = self._draws(cond.gt.shape)
         loss, _ = self.critic_loss(cond, n, eps_g, tau_d, eps_d)
         ok, norm = self._step("critic", loss)
-        return {"critic/loss": float(loss), "critic/grad_norm": norm, "critic/skipped": float(not ok)}
+        return {"critic/loss": loss.item(), "critic/grad_norm": norm, "critic/skipped": float(not ok)}
 
     def student_update(self, cond: Cond, n: int):
         """One student step with `n` simulation steps, then the EMA update; returns metrics."""
@@ -306,5 +306,5 @@ class DMD2:
             with torch.no_grad():
                 for e, s in zip(self.ema.parameters(), self.student.parameters()):
                     e.lerp_(s, 1.0 - beta)
-        return {"student/loss": float(loss), "student/grad_norm": norm, "student/skipped": float(not ok),
+        return {"student/loss": loss.item(), "student/grad_norm": norm, "student/skipped": float(not ok),
                 "student/lambda": float(aux["lambda_b"].mean())}

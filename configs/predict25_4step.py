@@ -44,7 +44,7 @@ def get_config(arg: str = ""):
     # Network options (architecture is inferred from the teacher checkpoint).
     c.net = ml_collections.ConfigDict()
     c.net.dtype = "bfloat16"            # compute dtype; master weights and optimizer states stay fp32
-    c.net.remat = True
+    c.net.remat = "full"                # per-block jax.checkpoint: none | full | dots_saveable | save_attention_out
     c.net.attention = "blockwise"
 
     # DMD2 (SPEC §3-7).
@@ -85,7 +85,7 @@ def get_config(arg: str = ""):
         c.teacher.path = TINY_TEACHER
         c.teacher.dtype = "float32"
         c.net.dtype = "float32"
-        c.net.remat = False
+        c.net.remat = "none"
         c.net.attention = "auto"
         # Tiny nets learn far faster than 2B ones: both lrs 1e-4 (feasibility estimate in issue 5), Adam b1 0.
         c.student_optim.update(lr=1e-4, b1=0.0, warmup=10)

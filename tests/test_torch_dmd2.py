@@ -67,12 +67,17 @@ def nets():
     """A 1-block tiny Cosmos DiT: teacher params (all leaves non-trivial) and a different critic."""
     config = networks.get_preset("tiny", num_blocks=1)
 
-    def params(seed):
-        p = networks.init_params(config, jax.random.PRNGKey(seed))
-        rng = np.random.default_rng(seed)  # the zero-initialised adaLN output layers get small random values
-        return jax.tree_util.tree_map_with_path(
-            lambda path, a: a + 0.02 * rng.standard_normal(a.shape).astype(np.float32)
-            if "linear_2" in str(path) else a, p)
+    def params(seed):  # numpy draws (fast), every leaf random: kernels N(0, 1/(4 fan_in)), norm scales near 1
+        rng = np.random.default_rng(seed)
+
+        def leaf(path, shape):
+            if path[-1].key == "scale":
+                return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            fan_in = shape[-2] if len(shape) > 1 else 100
+            return (0.5 * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+        return jax.tree_util.tree_map_with_path(leaf, networks.param_shapes(config),
+                                                is_leaf=lambda s: isinstance(s, tuple))
 
     teacher = params(0)
     critic = {k: v for k, v in params(1).items() if k != "crossattn_proj"}

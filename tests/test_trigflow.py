@@ -75,7 +75,8 @@ def test_states_of_the_three_parameterisations_agree(sigma_data):
     x0, eps = jax.random.normal(k0, (5, 3)), jax.random.normal(k1, (5, 3))
     tau = jnp.asarray(INTERIOR[::8], jnp.float32)[:, None]
     x_tau = tf.add_noise(x0[None], eps[None], tau[..., None], sigma_data)
-    np.testing.assert_allclose(x_tau, np.cos(tau)[..., None] * x0 / sigma_data + np.sin(tau)[..., None] * eps, atol=1e-6)
+    expected = np.cos(tau)[..., None] * x0 / sigma_data + np.sin(tau)[..., None] * eps
+    np.testing.assert_allclose(x_tau, expected, atol=1e-6)
     sigma = tf.tau_to_sigma(tau, sigma_data)[..., None]
     np.testing.assert_allclose(sigma_data / jnp.cos(tau)[..., None] * x_tau, x0 + sigma * eps, rtol=1e-4, atol=1e-4)
     t = tf.tau_to_rf_t(tau, sigma_data)[..., None]
@@ -118,7 +119,8 @@ def test_sample_tau_shifted_uniform():
     key = jax.random.key(2)
     tau = tf.sample_tau(key, (20000, 3), shift=5.0)
     assert tau.shape == (20000, 3) and tau.dtype == jnp.float32
-    np.testing.assert_array_equal(tau, np.broadcast_to(tau[:, :1], tau.shape))  # one tau per sample, shared by all frames
+    # One tau per sample, shared by all frames.
+    np.testing.assert_array_equal(tau, np.broadcast_to(tau[:, :1], tau.shape))
     assert float(tau.min()) > 0.0 and float(tau.max()) < math.pi / 2
     np.testing.assert_array_equal(tf.sample_tau(key, (20000, 3)), tau)  # same key, same draw
     # Undo the shift: u = t / (s - (s-1) t) must be U(0,1).

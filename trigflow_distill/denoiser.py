@@ -32,11 +32,12 @@ def cond_mask(num_cond_b, x_bcthw_shape):
 
 
 def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_b1thw, *,
-            scaling="rectified_flow", sigma_data=1.0, replace_gt_timesteps=True):
+            scaling="rectified_flow", sigma_data=1.0, replace_gt_timesteps=True, mesh=None):
     """x0 prediction of a velocity/denoiser network at TrigFlow time tau_b (B,), with GT conditional frames.
 
     `context_bld` is what `networks.velocity` takes: the projected context when `params` has no
-    `crossattn_proj` (the trainer projects once per batch), the raw embedding otherwise.
+    `crossattn_proj` (the trainer projects once per batch), the raw embedding otherwise. `mesh`: passed to
+    `networks.velocity` (sequence-sharded activations when it has a `seq` axis of size > 1).
     """
     tau = tau_b.astype(jnp.float32)[:, None, None, None, None]
     c_skip, c_out, c_in, c_noise = trigflow.coefficients(tau, scaling, sigma_data)
@@ -51,6 +52,7 @@ def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_
         frame_is_cond_bt = mask_b1thw[:, 0, :, 0, 0] > 0.5
         c_noise_bt = jnp.where(frame_is_cond_bt, cond_noise, c_noise_bt)
 
-    out = networks.velocity(net_config, params, net_in, c_noise_bt, context_bld, cond_mask_b1thw=mask_b1thw)
+    out = networks.velocity(net_config, params, net_in, c_noise_bt, context_bld, cond_mask_b1thw=mask_b1thw,
+                            mesh=mesh)
     x0 = c_skip * x_tau + c_out * out.astype(jnp.float32)
     return mask_b1thw * gt + (1.0 - mask_b1thw) * x0

@@ -1,7 +1,8 @@
 """Device mesh, parameter / optimizer-state / batch shardings, and host->global array helpers.
 
 Mesh axes come from a config dict such as {"data": 1, "fsdp": -1, "seq": 1} (one -1 fills the remaining
-devices). Parameters and optimizer states are sharded over `fsdp` (large tensors) or replicated (small ones);
+devices). Parameters and optimizer states are sharded over `fsdp` and `seq` together (large tensors; the `seq`
+devices of one sample would otherwise each hold a full copy) or replicated (small ones);
 a batch is sharded along its leading axis over ("data", "fsdp") and replicated over every other axis (e.g. `seq`).
 Everything here works in single- and multi-process runs: arrays that span processes are only built with
 `jax.make_array_from_callback` / `jax.make_array_from_process_local_data`.
@@ -18,6 +19,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 FSDP = "fsdp"
+PARAM_AXES = ("fsdp", "seq")  # mesh axes that shard parameters and optimizer states (ZeRO-3 style)
 MESH_AXES = ("data", "fsdp", "seq")
 BATCH_AXES = ("data", "fsdp")
 # Tensors with fewer elements stay replicated: sharding them saves little memory and costs a collective each.
@@ -59,8 +61,9 @@ def _axis_size(mesh: Mesh, name: str) -> int:
     return mesh.shape[name] if name in mesh.shape else 1
 
 
-def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE) -> P:
-    """PartitionSpec of one parameter: `fsdp` on its largest dim divisible by `fsdp_size`, or replicated.
+def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN_SIZE, axis: Any = FSDP) -> P:
+    """PartitionSpec of one parameter: `axis` (a mesh axis name or a tuple of names, `fsdp_size` devices in all)
+    on its largest dim divisible by `fsdp_size`, or replicated.
 
     Tensors with >= 3 dims are stacked block tensors (N, in, out): their leading (layer) dim is used only when
     no other dim divides, so that scanning over blocks gathers one layer at a time, not the whole stack.
@@ -75,14 +78,18 @@ def param_spec(shape: Sequence[int], fsdp_size: int, min_size: int = DEFAULT_MIN
         return P()
     best = max(dims, key=lambda d: (shape[d], -d))  # largest; ties -> the earlier dim
     spec = [None] * len(shape)
-    spec[best] = FSDP
+    spec[best] = axis
     return P(*spec)
 
 
 def param_sharding(params: Any, mesh: Mesh, min_size: int = DEFAULT_MIN_SIZE) -> Any:
-    """Tree of NamedSharding matching `params` (arrays or ShapeDtypeStructs); see `param_spec` for the rule."""
-    fsdp = _axis_size(mesh, FSDP)
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, min_size)), params)
+    """Tree of NamedSharding matching `params` (arrays or ShapeDtypeStructs); see `param_spec` for the rule.
+
+    Parameters are split over the PARAM_AXES of size > 1 in `mesh` (fsdp, seq: "fsdp" alone when seq is 1)."""
+    axes = tuple(a for a in PARAM_AXES if _axis_size(mesh, a) > 1) or (FSDP,)
+    size = math.prod(_axis_size(mesh, a) for a in axes)
+    axis = axes[0] if len(axes) == 1 else axes
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), size, min_size, axis)), params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

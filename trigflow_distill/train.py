@@ -50,11 +50,12 @@ class Algo:
     timestep_shift: float = 5.0
     cond_frame_probs: tuple = (0.6, 0.2, 0.2)
     replace_gt_timesteps: bool = True
+    mesh: Any = None  # jax Mesh the update runs on; a `seq` axis > 1 sequence-shards the networks' activations
 
 
-def algo_from_config(config, net_config) -> Algo:
+def algo_from_config(config, net_config, mesh=None) -> Algo:
     d, t = config.distill, config.teacher
-    return Algo(net_config=net_config, scaling=t.scaling, sigma_data=float(t.sigma_data),
+    return Algo(net_config=net_config, mesh=mesh, scaling=t.scaling, sigma_data=float(t.sigma_data),
                 guidance=float(d.guidance), num_student_steps=int(d.num_student_steps),
                 timestep_shift=float(d.timestep_shift), cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
                 replace_gt_timesteps=bool(d.replace_gt_timesteps))
@@ -109,7 +110,8 @@ def _conditioning(algo: Algo, key, batch):
 def _x0_fn(algo: Algo, gt, mask, context):
     def fn(params, x_tau, tau_b):
         return denoiser.denoise(algo.net_config, params, x_tau, tau_b, context, gt, mask, scaling=algo.scaling,
-                                sigma_data=algo.sigma_data, replace_gt_timesteps=algo.replace_gt_timesteps)
+                                sigma_data=algo.sigma_data, replace_gt_timesteps=algo.replace_gt_timesteps,
+                                mesh=algo.mesh)
     return fn
 
 
@@ -263,7 +265,7 @@ def load_teacher(config, workdir):
     """(net_config, teacher) with teacher = {"net", "text_proj"}, converted once and cached (SPEC §9)."""
     cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
     net_config, params = convert.load_teacher(config.teacher.path, cache_dir, dtype=config.net.dtype,
-                                              remat=bool(config.net.remat), attention=config.net.attention)
+                                              remat=config.net.remat, attention=config.net.attention)
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
     params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
     if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
@@ -284,7 +286,7 @@ def state_shardings(abstract_state: TrainState, student_tx, critic_tx, mesh):
 def setup(config, workdir, mesh):
     """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn)."""
     net_config, teacher = load_teacher(config, workdir)
-    algo = algo_from_config(config, net_config)
+    algo = algo_from_config(config, net_config, mesh)
     student_tx, critic_tx = make_optimizers(config)
     teacher_sh = sharding.param_sharding(teacher, mesh)
     teacher = sharding.put_global(teacher, teacher_sh)

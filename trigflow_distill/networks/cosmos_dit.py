@@ -4,16 +4,25 @@ Layout of the tree: see `param_shapes`. Linear kernels are (in, out); the blocks
 num_blocks axis and the forward scans over them. Compute dtype float32 or bfloat16: in bf16 the matmul inputs are
 bf16 (fp32 accumulation), while norms, softmax, RoPE, the time embedding, the AdaLN modulation and the residual
 stream stay float32.
+
+Sequence parallelism: `velocity(..., mesh=mesh)` with a mesh whose `config.seq_axis` axis has n > 1 devices shards
+the token axis of every activation over that axis. The residual stream is laid out (B, T', S_pad, D) with the
+spatial tokens of each frame (S = H'W', zero-padded to a multiple of n) split over the n devices; self-attention
+all-gathers K/V over the axis (padded positions dropped, so they are never attended), cross-attention is local.
+Everything else (FSDP parameter gathers, projections, MLP) is left to XLA's SPMD partitioner.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trigflow_distill.networks.attention import attention, resolve_impl
 from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split, timestep_features
@@ -21,11 +30,19 @@ from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split,
 _EPS = 1e-6  # LayerNorm, RMSNorm (q/k and time embedding) epsilon of Cosmos
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MODULATED = ("self_attn", "cross_attn", "mlp")
+# Per-block rematerialisation (jax.checkpoint) policies: what the backward pass keeps from the forward pass.
+REMAT_POLICIES = {
+    "none": None,  # no checkpoint: keep every intermediate
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block input; recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    # keep the self-attention output (before its output projection): the backward skips recomputing attention
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("self_attn_out"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
-    """Architecture (names as in the PyTorch constructor) plus compute options (dtype, remat, attention)."""
+    """Architecture (names as in the PyTorch constructor) plus compute options (dtype, remat, attention, layout)."""
 
     model_channels: int
     num_blocks: int
@@ -43,9 +60,12 @@ class DiTConfig:
     rope_t_extrapolation_ratio: float = 1.0
     concat_padding_mask: bool = True
     dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False  # a REMAT_POLICIES name; True = "full", False = "none"
     attention: str = "auto"  # networks.attention impl: auto (einsum on CPU, xla elsewhere), xla, einsum, blockwise
     attention_block_size: int = 512  # keys per step of the "blockwise" attention
+    scan_blocks: bool = True  # lax.scan over the stacked blocks; False unrolls them (exact XLA cost analysis)
+    seq_axis: str = "seq"  # mesh axis that shards the tokens when velocity() gets a mesh
+    batch_axes: tuple[str, ...] = ("data", "fsdp")  # mesh axes that shard the batch (those present in the mesh)
 
     def __post_init__(self):
         d = self.model_channels
@@ -57,6 +77,8 @@ class DiTConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
         resolve_impl(self.attention)
+        if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} not supported; use True/False or one of {sorted(REMAT_POLICIES)}")
         if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim,
                self.attention_block_size) < 1:
             raise ValueError(f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1: {self}")
@@ -83,6 +105,13 @@ class DiTConfig:
     @property
     def compute_dtype(self):
         return _DTYPES[self.dtype]
+
+    @property
+    def remat_policy(self) -> str:
+        """The REMAT_POLICIES name of `remat` (booleans mapped to "full" / "none")."""
+        if isinstance(self.remat, bool):
+            return "full" if self.remat else "none"
+        return self.remat
 
 
 PRESETS = {
@@ -210,24 +239,86 @@ def project_text(config: DiTConfig, params: dict, text_bld: jnp.ndarray) -> jnp.
     return jax.nn.gelu(_dense(text_bld, kernel, config.compute_dtype) + bias.astype(jnp.float32), approximate=False)
 
 
-def _attention_heads(config, p, h_bld, kv_bsd, cos_sin):
-    """Multi-head attention with per-head q/k RMSNorm (and RoPE on self-attention); (B, L, D) -> (B, L, D)."""
-    dt, nh = config.compute_dtype, config.num_heads
-    q = einops.rearrange(_dense(h_bld, p["q_proj"]["kernel"], dt), "b l (n h) -> b l n h", n=nh)
-    k = einops.rearrange(_dense(kv_bsd, p["k_proj"]["kernel"], dt), "b s (n h) -> b s n h", n=nh)
-    v = einops.rearrange(_dense(kv_bsd, p["v_proj"]["kernel"], dt), "b s (n h) -> b s n h", n=nh)
-    q, k = _rms_norm(q, p["q_norm"]["scale"]), _rms_norm(k, p["k_norm"]["scale"])
-    if cos_sin is not None:
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-    out = attention(q.astype(dt), k.astype(dt), v.astype(dt), impl=config.attention,
-                    block_size=config.attention_block_size)
-    return _dense(einops.rearrange(out, "b l n h -> b l (n h)"), p["output_proj"]["kernel"], dt)
+class _Layout(NamedTuple):
+    """Sequence-parallel layout: tokens of each frame split over mesh axis `seq`, batch over `batch` axes."""
+    mesh: Mesh
+    batch: tuple[str, ...] | None
+    seq: str
+    num_valid: int  # spatial tokens per frame before padding (S)
+
+    def spec(self, *dims):
+        return P(self.batch, *dims)
+
+    def constrain(self, x_btsd):
+        return jax.lax.with_sharding_constraint(x_btsd, NamedSharding(self.mesh, self.spec(None, self.seq, None)))
 
 
-def _block(config, x_btsd, p, emb_btd, lora_bt3d, context_bsd, cos_sin):
-    """One DiT block on the float32 residual stream (B, T, H'W', D); modulation per (B, T)."""
+def _layout(config, mesh, batch, spatial):
+    """The _Layout for `mesh`, or None when the mesh has no `seq_axis` of size > 1 (plain single-program code)."""
+    if mesh is None or mesh.shape.get(config.seq_axis, 1) == 1:
+        return None
+    axes = tuple(a for a in config.batch_axes if a in mesh.shape)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if batch % shards:
+        raise ValueError(f"batch {batch} does not split over the mesh batch axes {axes} ({shards} shards); use a "
+                         f"multiple of {shards} or set DiTConfig.batch_axes")
+    return _Layout(mesh, axes or None, config.seq_axis, spatial)
+
+
+def _self_attention_core(config, layout, q, k, v, q_scale, k_scale, cos_tsh, sin_tsh):
+    """Per-device self-attention on (b, t, s, n, h) heads: q/k RMSNorm, RoPE, all-gathered K/V (seq layout).
+
+    Padded spatial positions (index >= S in each frame) are dropped from the gathered K/V: never attended.
+    """
     dt = config.compute_dtype
-    b, t, s, d = x_btsd.shape
+    flat = lambda x: einops.rearrange(x, "b t s n h -> b (t s) n h")
+    cos, sin = (einops.rearrange(c, "t s h -> (t s) h") for c in (cos_tsh, sin_tsh))
+    q = apply_rope(flat(_rms_norm(q, q_scale)), cos, sin).astype(dt).reshape(q.shape)
+    k = apply_rope(flat(_rms_norm(k, k_scale)), cos, sin).astype(dt).reshape(k.shape)
+    v = v.astype(dt)
+    if layout is not None:
+        k, v = (jax.lax.all_gather(x, layout.seq, axis=2, tiled=True)[:, :, :layout.num_valid] for x in (k, v))
+    out = attention(flat(q), flat(k), flat(v), impl=config.attention, block_size=config.attention_block_size)
+    return out.reshape(q.shape)
+
+
+def _cross_attention_core(config, q, k, v, q_scale, k_scale):
+    """Per-device cross-attention: queries (b, t, s, n, h) over all context tokens (b, L, n, h); no RoPE."""
+    dt = config.compute_dtype
+    q_flat = einops.rearrange(_rms_norm(q, q_scale).astype(dt), "b t s n h -> b (t s) n h")
+    out = attention(q_flat, _rms_norm(k, k_scale).astype(dt), v.astype(dt), impl=config.attention,
+                    block_size=config.attention_block_size)
+    return out.reshape(q.shape)
+
+
+def _attention_heads(config, layout, p, h_btsd, kv, rope):
+    """Multi-head attention (B, T', S, D) -> (B, T', S, D): self-attention with RoPE (kv None, rope = (cos, sin)
+    of shape (T', S, head_dim)) or cross-attention to kv (B, L, C); per-head q/k RMSNorm in both."""
+    dt, nh = config.compute_dtype, config.num_heads
+    heads = lambda x, name: einops.rearrange(_dense(x, p[name]["kernel"], dt), "... (n h) -> ... n h", n=nh)
+    src = h_btsd if kv is None else kv
+    q, k, v = heads(h_btsd, "q_proj"), heads(src, "k_proj"), heads(src, "v_proj")
+    scales = (p["q_norm"]["scale"], p["k_norm"]["scale"])
+    if kv is None:
+        core, args = functools.partial(_self_attention_core, config, layout), (q, k, v, *scales, *rope)
+    else:
+        core, args = functools.partial(_cross_attention_core, config), (q, k, v, *scales)
+    if layout is not None:
+        tok, whole = layout.spec(None, layout.seq), layout.spec()
+        specs = (tok, tok, tok, P(), P(), P(None, layout.seq), P(None, layout.seq)) if kv is None else (
+            tok, whole, whole, P(), P())
+        core = jax.shard_map(core, mesh=layout.mesh, in_specs=specs, out_specs=tok)
+    out = core(*args)
+    if kv is None:
+        out = checkpoint_name(out, "self_attn_out")
+    return _dense(einops.rearrange(out, "... n h -> ... (n h)"), p["output_proj"]["kernel"], dt)
+
+
+def _block(config, layout, x_btsd, p, emb_btd, lora_bt3d, context_bsd, rope):
+    """One DiT block on the float32 residual stream (B, T, S, D); modulation per (B, T)."""
+    dt = config.compute_dtype
+    if layout is not None:
+        x_btsd = layout.constrain(x_btsd)
     mods = {m: _modulation(p[f"adaln_modulation_{m}"], emb_btd, lora_bt3d) for m in _MODULATED}
 
     def modulated(m, x):
@@ -235,21 +326,20 @@ def _block(config, x_btsd, p, emb_btd, lora_bt3d, context_bsd, cos_sin):
         return _layer_norm(x) * (1 + scale) + shift, gate
 
     h, gate = modulated("self_attn", x_btsd)
-    h = h.reshape(b, t * s, d)
-    x_btsd = x_btsd + gate * _attention_heads(config, p["self_attn"], h, h, cos_sin).reshape(b, t, s, d)
+    x_btsd = x_btsd + gate * _attention_heads(config, layout, p["self_attn"], h, None, rope)
     h, gate = modulated("cross_attn", x_btsd)
-    out = _attention_heads(config, p["cross_attn"], h.reshape(b, t * s, d), context_bsd, None)
-    x_btsd = x_btsd + gate * out.reshape(b, t, s, d)
+    x_btsd = x_btsd + gate * _attention_heads(config, layout, p["cross_attn"], h, context_bsd, None)
     h, gate = modulated("mlp", x_btsd)
     h = jax.nn.gelu(_dense(h, p["mlp"]["layer1"]["kernel"], dt), approximate=False)
     return x_btsd + gate * _dense(h, p["mlp"]["layer2"]["kernel"], dt)
 
 
-def _run_blocks(config, blocks, x_btsd, cond, block_ids):
-    """Scan the stacked blocks; split the scan after each block in `block_ids` to return its output."""
-    step = functools.partial(_block, config)
-    if config.remat:
-        step = jax.checkpoint(step, prevent_cse=False)
+def _run_blocks(config, layout, blocks, x_btsd, cond, block_ids):
+    """Scan (or unroll) the stacked blocks; split after each block in `block_ids` to return its output."""
+    step = functools.partial(_block, config, layout)
+    if config.remat_policy != "none":
+        # prevent_cse=False is only safe under scan; unrolled, XLA could merge the recomputation into the forward
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_blocks)
 
     def body(x, p):
         return step(x, p, *cond), None
@@ -258,9 +348,13 @@ def _run_blocks(config, blocks, x_btsd, cond, block_ids):
     for stop in [i + 1 for i in block_ids] + [config.num_blocks]:
         if stop > start:
             segment = jax.tree.map(lambda a, lo=start, hi=stop: a[lo:hi], blocks)
-            x_btsd, _ = jax.lax.scan(body, x_btsd, segment)
+            if config.scan_blocks:
+                x_btsd, _ = jax.lax.scan(body, x_btsd, segment)
+            else:
+                for i in range(stop - start):
+                    x_btsd, _ = body(x_btsd, jax.tree.map(lambda a, i=i: a[i], segment))
         if stop - 1 in block_ids:
-            feats[stop - 1] = einops.rearrange(x_btsd, "b t s d -> b (t s) d")
+            feats[stop - 1] = x_btsd
         start = stop
     return x_btsd, feats
 
@@ -314,6 +408,7 @@ def velocity(
     cond_mask_b1thw: jnp.ndarray | None = None,
     padding_mask_b1hw: jnp.ndarray | None = None,
     return_block_outputs: tuple[int, ...] = (),
+    mesh: Mesh | None = None,
 ):
     """Network output (RF velocity) (B, C_out, T, H, W), float32.
 
@@ -322,6 +417,8 @@ def velocity(
     cond_mask_b1thw: 1 on conditional frames (zeros if None). padding_mask_b1hw: pixel-space (B or 1, 1, Hp, Wp)
     padding mask, nearest-resized to the latent size (zeros if None).
     return_block_outputs: block ids; if given, returns (velocity, {i: (B, T'H'W', D) residual stream after block i}).
+    mesh: the device mesh when called under jit with sharded inputs; if it has a `net_config.seq_axis` axis of
+    size > 1, activations are sequence-sharded over it (see the module doc). Results do not depend on the mesh.
     """
     cfg = net_config
     b, c, t, h, w = x_bcthw.shape
@@ -346,15 +443,23 @@ def velocity(
     x_btsd = _dense(x, params["x_embedder"]["kernel"], cfg.compute_dtype)
     emb, lora = _time_embedding(cfg, params, timesteps_bt, b, tp)
     ratios = (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio)
-    cos_sin = rope_cos_sin(cfg.head_dim, tp, hp, wp, ratios)
-    cond = (emb, lora, context.astype(cfg.compute_dtype), cos_sin)
-    x_btsd, feats = _run_blocks(cfg, params["blocks"], x_btsd, cond, block_ids)
+    rope = [c.reshape(tp, hp * wp, cfg.head_dim) for c in rope_cos_sin(cfg.head_dim, tp, hp, wp, ratios)]
+    layout = _layout(cfg, mesh, b, hp * wp)
+    if layout is not None:  # pad each frame's tokens to a multiple of the seq axis size
+        n = layout.mesh.shape[layout.seq]
+        pad = -(hp * wp) % n
+        x_btsd = layout.constrain(jnp.pad(x_btsd, ((0, 0), (0, 0), (0, pad), (0, 0))))
+        rope = [jnp.pad(c, ((0, 0), (0, pad), (0, 0))) for c in rope]
+    cond = (emb, lora, context.astype(cfg.compute_dtype), rope)
+    x_btsd, feats = _run_blocks(cfg, layout, params["blocks"], x_btsd, cond, block_ids)
+    feats = {i: einops.rearrange(f[:, :, : hp * wp], "b t s d -> b (t s) d") for i, f in feats.items()}
 
     fl = params["final_layer"]
     shift, scale = _modulation(fl["adaln_modulation"], emb, lora[..., : 2 * cfg.model_channels])
     out = _dense(_layer_norm(x_btsd) * (1 + scale) + shift, fl["linear"]["kernel"], cfg.compute_dtype)
     # Unpatchify order (p_h, p_w, p_t, c) with channel fastest: not the inverse of the patchify order.
     out = einops.rearrange(
-        out, "b t (h w) (m n r c) -> b c (t r) (h m) (w n)", h=hp, m=ps, n=ps, r=pt, c=cfg.out_channels
+        out[:, :, : hp * wp], "b t (h w) (m n r c) -> b c (t r) (h m) (w n)", h=hp, m=ps, n=ps, r=pt,
+        c=cfg.out_channels
     )
     return (out, feats) if block_ids else out
