@@ -38,7 +38,7 @@ def main(argv):
         train.train(config, workdir)
         if config.eval.at_end:
             from trigflow_distill import evaluate
-            evaluate.evaluate_run(workdir, num_samples=int(config.eval.num_samples))
+            evaluate.main([f"--workdir={workdir}"])
     except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
         _fail(e)
 

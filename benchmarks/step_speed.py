@@ -157,12 +157,10 @@ class TorchRunner:
 
 
 def mean_over_n(ts: dict[int, float], max_steps: int) -> float:
-    """Expected time under n ~ U{1..max_steps}: exact if every n was timed, else from a line fitted over n."""
+    """Expected time under n ~ U{1..max_steps}: exact if every n was timed, else from a line fitted over n (>= 2)."""
     ns = sorted(ts)
     if ns == list(range(1, max_steps + 1)):
         return float(np.mean([ts[n] for n in ns]))
-    if len(ns) == 1:
-        return float("nan")
     slope, icept = np.polyfit(ns, [ts[n] for n in ns], 1)
     return float(icept + slope * (max_steps + 1) / 2)
 
@@ -248,13 +246,16 @@ def summarize(rows, impls, failed, flops, net_config, peak) -> list[dict]:
     for update in ("critic", "student"):
         mine = [r for r in rows if r["update"] == update]
         out += [dict(label=f"{update} n={r['n']}", flops=r["flops"], s=r["median_s"]) for r in mine]
+        if len(mine) < 2:
+            continue
         s = {k: mean_over_n({r["n"]: r["median_s"][k] for r in mine}, max_steps) for k in impls if k not in failed}
         f = mean_over_n({r["n"]: r["flops"] for r in mine}, max_steps)
         means[update] = dict(label=f"{update} mean n~U{{1..{max_steps}}}", flops=f, s=s)
         out.append(means[update])
-    crit, stud = means["critic"], means["student"]
-    out.append(dict(label="iteration (4 critic : 1 student)", flops=(4 * crit["flops"] + stud["flops"]) / 5,
-                    s={k: (4 * crit["s"][k] + stud["s"][k]) / 5 for k in crit["s"]}))
+    if means:
+        crit, stud = means["critic"], means["student"]
+        out.append(dict(label="iteration (4 critic : 1 student)", flops=(4 * crit["flops"] + stud["flops"]) / 5,
+                        s={k: (4 * crit["s"][k] + stud["s"][k]) / 5 for k in crit["s"]}))
     for row in out:
         row["matmul_fraction"] = {k: row["flops"] / v / peak for k, v in row["s"].items()}
         row["jax_speed_over"] = {k: v / row["s"]["jax"] for k, v in row["s"].items() if k != "jax"}

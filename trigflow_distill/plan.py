@@ -144,15 +144,14 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/predict25_4step.py")
     try:
         mesh_config = parse_mesh(f.mesh)
+        # Before the backend starts (get_preset already asks for it): N simulated CPU devices, even beside GPUs.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", math.prod(mesh_config.values()))
         latent = latent_shape(f.frames, f.height, f.width)
         net_config = networks.get_preset(f.net)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    n = math.prod(mesh_config.values())
-    # Before the backend starts: N simulated CPU devices, even on a machine with accelerators.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", n)
     result = plan(f.config, net_config, mesh_config, latent, f.batch_per_rank)
     if f.json:
         print(json.dumps(result))

@@ -24,7 +24,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from trigflow_distill.networks.attention import attention, resolve_impl
+from trigflow_distill.networks.attention import IMPLS, attention
 from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split, timestep_features
 
 _EPS = 1e-6  # LayerNorm, RMSNorm (q/k and time embedding) epsilon of Cosmos
@@ -76,7 +76,8 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio {self.mlp_ratio} x model_channels {d} is not an integer MLP width")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
-        resolve_impl(self.attention)
+        if self.attention not in IMPLS:  # (not resolve_impl: "auto" would start the JAX backend at import)
+            raise ValueError(f"unknown attention impl {self.attention!r}; choose one of {IMPLS}")
         if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not supported; use True/False or one of {sorted(REMAT_POLICIES)}")
         if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim,
