@@ -36,9 +36,11 @@ def main(argv):
     from trigflow_distill import train  # only now: importing the networks may already touch the JAX backend
     try:
         train.train(config, workdir)
-        if config.eval.at_end:
+        if config.eval.at_end and distributed.is_single_process():
             from trigflow_distill import evaluate
             evaluate.main([f"--workdir={workdir}"])
+        elif config.eval.at_end and distributed.is_main_process():
+            print(f"Multi-host run: evaluate on one host with `python -m trigflow_distill.evaluate --workdir={workdir}`.")
     except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
         _fail(e)
 

@@ -77,3 +77,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, ti
 def is_main_process() -> bool:
     """Logging, metrics and pictures come from process 0 only."""
     return jax.process_index() == 0
+
+
+def is_single_process() -> bool:
+    return jax.process_count() == 1
