@@ -19,6 +19,7 @@ machine's large-matmul rate divides that by a jitted 2048^3 float32 matmul measu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -177,11 +178,11 @@ def run(args) -> dict:
     latent = tuple(int(v) for v in args.latent.split("x")) if args.latent else default_latent
     batch_size = args.batch or default_batch
     sim_steps = [int(v) for v in args.sim_steps.split(",")]
-    result = {"preset": args.preset, "net_config": {k: getattr(net_config, k) for k in net_config.__dataclass_fields__},
-              "latent": latent, "batch": batch_size, "text_len": TEXT_LEN, "sim_steps": sim_steps,
-              "steps": args.steps, "warmup": args.warmup, "versions": {"jax": jax.__version__, "torch": torch.__version__,
-              "python": platform.python_version()}, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    versions = {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    result = {"preset": args.preset, "net_config": dataclasses.asdict(net_config), "latent": latent,
+              "batch": batch_size, "text_len": TEXT_LEN, "sim_steps": sim_steps, "steps": args.steps,
+              "warmup": args.warmup, "versions": versions, "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "load_average_start": load_average()}
     print(f"# step speed: preset {args.preset} (D={net_config.model_channels}, {net_config.num_blocks} blocks, "
           f"{net_config.num_heads} heads, attention={net_config.attention}), batch {batch_size}, latent "

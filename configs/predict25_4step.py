@@ -46,6 +46,7 @@ def get_config(arg: str = ""):
     c.net.dtype = "bfloat16"            # compute dtype; master weights and optimizer states stay fp32
     c.net.remat = "full"                # per-block jax.checkpoint: none | full | dots_saveable | save_attention_out
     c.net.attention = "blockwise"
+    c.net.attention_block_size = 512    # keys per step of the blockwise attention
 
     # DMD2 (SPEC §3-7).
     c.distill = ml_collections.ConfigDict()

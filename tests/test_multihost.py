@@ -20,8 +20,8 @@ import pytest
 from trigflow_distill import convert, networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY, LOG_EVERY = 6, 3, 3
-HEARTBEAT_S = 10   # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here
+STEPS, EVERY, LOG_EVERY = 4, 2, 2  # student steps at 0 only (freq 5); few steps: gloo on loopback is slow
+HEARTBEAT_S = 15   # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here
 LOST_BOUND_S = 60  # a survivor must be gone this long after its peer was killed
 RUN_TIMEOUT_S = 600
 
@@ -70,19 +70,19 @@ def _read(path) -> str:
         return f.read()
 
 
-def _start_one(workdir, shared):
-    log = f"{workdir}.log"
+def _start_one(workdir, shared, tag=""):
+    log = f"{workdir}{tag}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(_args(workdir, shared), env=_env(shared, 8), stdout=out, stderr=subprocess.STDOUT)
     return [(proc, log)]
 
 
-def _start_two(workdir, shared):
-    """Processes 0 and 1 of one run, each with 4 CPU devices; logs in <workdir>.p{0,1}.log."""
+def _start_two(workdir, shared, tag=""):
+    """Processes 0 and 1 of one run, each with 4 CPU devices; logs in <workdir><tag>.p{0,1}.log."""
     address = f"127.0.0.1:{_free_port()}"
     procs = []
     for i in range(2):
-        log = f"{workdir}.p{i}.log"
+        log = f"{workdir}{tag}.p{i}.log"
         cmd = _args(workdir, shared) + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
         with open(log, "w") as out:
             procs.append((subprocess.Popen(cmd, env=_env(shared, 4), stdout=out, stderr=subprocess.STDOUT), log))
@@ -188,6 +188,6 @@ def test_killed_process_stops_the_other_and_restart_resumes(shared, reference):
     # JAX's coordination service names the silent task (process 1) and says that it died.
     assert "another task died" in log and "stopped sending heartbeats):\n1\n" in log, log[-3000:]
 
-    log = _finish(_start_two(workdir, shared))
+    log = _finish(_start_two(workdir, shared, tag=".restart"))
     assert f"Resumed from {workdir} at step {EVERY}" in log, log[-3000:]
     _assert_states_close(_state(reference), _state(workdir))

@@ -40,37 +40,38 @@ def tiny_config(world: toy.World, **overrides) -> networks.DiTConfig:
     return networks.get_preset("tiny", crossattn_proj_in_channels=world.config.text_width, **overrides)
 
 
-def velocity_loss(net_config, params, x0_bcthw, text_bld, num_cond_b, t_b, eps_bcthw):
+def velocity_loss(net_config, params, x0_bcthw, text_bld, num_cond_b, tau_b, eps_bcthw):
     """Mean squared error of the velocity estimate against eps - x0 over the non-conditional frames.
 
-    The net is called through `denoiser.denoise` at tau = atan(t / (1 - t)); its x0 estimate gives the velocity
-    (x_t - x0_hat) / t with x_t = (1 - t) x0 + t eps. t_b (B,) in (0, 1]; text_bld raw (zeros = unconditional).
+    The net is called through `denoiser.denoise` at TrigFlow time tau_b (B,) in (0, pi/2]; its x0 estimate gives
+    the velocity (x_t - x0_hat) / t with t = tau_to_rf_t(tau) and x_t = (1 - t) x0 + t eps. text_bld is the raw
+    text (zeros = unconditional).
     """
     x0 = x0_bcthw.astype(jnp.float32)
-    t = trigflow.expand_tau(t_b.astype(jnp.float32), x0.ndim)
-    tau_b = trigflow.rf_t_to_tau(t_b.astype(jnp.float32))
-    x_tau = trigflow.add_noise(x0, eps_bcthw, trigflow.expand_tau(tau_b, x0.ndim))
+    tau = trigflow.expand_tau(tau_b, x0.ndim)
+    t = trigflow.tau_to_rf_t(tau)
+    x_tau = trigflow.add_noise(x0, eps_bcthw, tau)
     mask = denoiser.cond_mask(num_cond_b, x0.shape)
     x0_hat = denoiser.denoise(net_config, params, x_tau, tau_b, text_bld, x0, mask, scaling="rectified_flow")
     x_t = (1.0 - t) * x0 + t * eps_bcthw
     v_hat = (x_t - x0_hat) / t
-    weight = jnp.broadcast_to(1.0 - mask, x0.shape)
+    weight = (1.0 - mask) * jnp.ones_like(x0)
     return jnp.sum(weight * jnp.square(v_hat - (eps_bcthw - x0))) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def rf_loss(net_config, params, batch, key, text_dropout: float = 0.15):
-    """`velocity_loss` of one batch with random t (shift 5, floored at T_MIN), noise and text dropout.
+    """`velocity_loss` of one batch with random time (shift 5, t floored at T_MIN), noise and text dropout.
 
     batch: latents (B,C,T,H,W), text (B,L,Ctext) raw, num_cond_frames (B,) int.
     """
     x0 = batch["latents"].astype(jnp.float32)
     b = x0.shape[0]
     k_t, k_eps, k_drop = jax.random.split(key, 3)
-    t_b = jnp.maximum(trigflow.tau_to_rf_t(trigflow.sample_tau(k_t, (b,), shift=TIME_SHIFT)), T_MIN)
+    tau_b = jnp.maximum(trigflow.sample_tau(k_t, (b,), shift=TIME_SHIFT), trigflow.rf_t_to_tau(T_MIN))
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
     drop = jax.random.uniform(k_drop, (b,)) < text_dropout
     text = jnp.where(drop[:, None, None], 0.0, batch["text"].astype(jnp.float32))
-    return velocity_loss(net_config, params, x0, text, batch["num_cond_frames"], t_b, eps)
+    return velocity_loss(net_config, params, x0, text, batch["num_cond_frames"], tau_b, eps)
 
 
 def make_optimizer(lr: float, steps: int, warmup: int = 200, weight_decay: float = 0.01, clip_norm: float = 1.0):

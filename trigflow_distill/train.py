@@ -265,7 +265,8 @@ def load_teacher(config, workdir):
     """(net_config, teacher) with teacher = {"net", "text_proj"}, converted once and cached (SPEC §9)."""
     cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
     net_config, params = convert.load_teacher(config.teacher.path, cache_dir, dtype=config.net.dtype,
-                                              remat=config.net.remat, attention=config.net.attention)
+                                              remat=config.net.remat, attention=config.net.attention,
+                                              attention_block_size=config.net.attention_block_size)
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
     params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
     if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
