@@ -22,7 +22,7 @@ from trigflow_distill import convert, networks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, LOG_EVERY = 4, 2, 2  # student steps at 0 only (freq 5); few steps: gloo on loopback is slow
 HEARTBEAT_S = 15   # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here
-LOST_BOUND_S = 60  # a survivor must be gone this long after its peer was killed
+LOST_BOUND_S = 60  # a survivor must have stopped within this many seconds of its peer being killed
 RUN_TIMEOUT_S = 600
 
 

@@ -10,12 +10,12 @@ and prints, per device, the argument, output, temporary and total bytes of `comp
 the FLOPs of one iteration. These are the XLA:CPU compiler's numbers: estimates of what the TPU/GPU compilers
 will do (fusion, layouts and collective buffers differ).
 
-FLOPs: XLA's cost analysis counts a loop body once, so they come from two extra lowerings (not compiled) with
-1 and 2 unrolled blocks and dense ("xla") attention: flops = F(1) + (num_blocks - 1) (F(2) - F(1)), where F is
-`Lowered.cost_analysis()` of the whole (not yet partitioned) program, i.e. the FLOPs of the iteration summed over
-all devices, including rematerialisation. The backward simulation's loop (n - 1 no-grad student calls,
-n ~ U{1..4}) is counted once, i.e. as n = 2; blockwise attention recomputes scores in its backward pass, which
-dense attention does not (a few % more on hardware).
+FLOPs: `compiled.cost_analysis()` (per device, rematerialisation included) counts a loop body once, so they come
+from two extra compiles with 1 and 2 unrolled blocks and dense ("xla") attention:
+flops = F(1) + (num_blocks - 1) (F(2) - F(1)). (`Lowered.cost_analysis()` of the unpartitioned program would be
+cheaper, but it gave ~4x fewer FLOPs here, consistent with missing the attention that runs inside shard_map.)
+The backward simulation's loop (n - 1 no-grad student calls, n ~ U{1..4}) is counted once, i.e. as n = 2;
+blockwise attention recomputes scores in its backward pass, which dense attention does not.
 Batch: `--batch_per_rank` samples per data-parallel rank (data x fsdp); latents (B, 16, 1 + (frames-1)//4,
 height/8, width/8); text already projected, (B, 512, 1024).
 """
@@ -61,8 +61,8 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def lower_updates(config, net_config, mesh, latent_chw, batch_size: int) -> dict:
-    """{"student": lowered, "critic": lowered} (jax.stages.Lowered) for abstract inputs of these shapes on `mesh`."""
+def compile_updates(config, net_config, mesh, latent_chw, batch_size: int) -> dict:
+    """{"student": compiled, "critic": compiled} for abstract inputs of the given shapes on `mesh`."""
     sharding.check_batch(batch_size, mesh)
     net = jax.eval_shape(functools.partial(networks.init_params, net_config), jax.random.PRNGKey(0))
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
@@ -81,11 +81,11 @@ def lower_updates(config, net_config, mesh, latent_chw, batch_size: int) -> dict
     fns = train.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
                                 (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)))
     args = (_abstract(abstract_state, state_sh), _abstract(teacher, teacher_sh), batch)
-    return {"critic": fns[0].lower(*args), "student": fns[1].lower(*args)}
+    return {"critic": fns[0].lower(*args).compile(), "student": fns[1].lower(*args).compile()}
 
 
-def _flops(lowered) -> float:
-    cost = lowered.cost_analysis()
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
 
@@ -101,14 +101,14 @@ def plan(config, net_config, mesh_config: dict[str, int], latent_chw, batch_per_
     batch_size = batch_per_rank * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
     net_config = dataclasses.replace(net_config, dtype=config.net.dtype, remat=config.net.remat,
                                      attention="blockwise", attention_block_size=config.net.attention_block_size)
-    lowered = lower_updates(config, net_config, mesh, latent_chw, batch_size)
+    compiled = compile_updates(config, net_config, mesh, latent_chw, batch_size)
     # FLOPs: 1- and 2-block unrolled variants with dense attention (no loop in the attention either).
-    counted = [lower_updates(config, dataclasses.replace(net_config, num_blocks=k, scan_blocks=False,
-                                                         attention="xla"), mesh, latent_chw, batch_size)
+    counted = [compile_updates(config, dataclasses.replace(net_config, num_blocks=k, scan_blocks=False,
+                                                           attention="xla"), mesh, latent_chw, batch_size)
                for k in (1, 2)]
     updates = {}
     for name in UPDATES:
-        mem = lowered[name].compile().memory_analysis()
+        mem = compiled[name].memory_analysis()
         f1, f2 = (_flops(c[name]) for c in counted)
         args, out, alias, temp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes))
@@ -122,13 +122,13 @@ def format_table(result: dict, batch_size: int, latent_chw) -> str:
     """Human-readable per-device table of a plan dict."""
     n = result["devices"]
     lines = [f"{n} devices, mesh {result['mesh']}, batch {batch_size}, latents {tuple(latent_chw)} "
-             "(XLA:CPU estimates; bytes per device, TFLOP per iteration: all devices / per device)",
+             "(XLA:CPU estimates; bytes and TFLOP per device, TFLOP x devices)",
              f"{'update':8} {'argument GiB':>12} {'output GiB':>11} {'temp GiB':>9} {'total GiB':>10} "
-             f"{'TFLOP':>9} {'TFLOP/dev':>10}"]
+             f"{'TFLOP/dev':>10} {'TFLOP':>9}"]
     for name, u in result["updates"].items():
         lines.append(f"{name:8} {u['argument_bytes'] / GIB:12.2f} {u['output_bytes'] / GIB:11.2f} "
-                     f"{u['temp_bytes'] / GIB:9.2f} {u['total_bytes'] / GIB:10.2f} {u['flops'] / 1e12:9.1f} "
-                     f"{u['flops'] / n / 1e12:10.1f}")
+                     f"{u['temp_bytes'] / GIB:9.2f} {u['total_bytes'] / GIB:10.2f} {u['flops'] / 1e12:10.1f} "
+                     f"{u['flops'] * n / 1e12:9.1f}")
     return "\n".join(lines)
 
 

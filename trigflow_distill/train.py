@@ -266,7 +266,7 @@ def load_teacher(config, workdir):
     cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
     net_config, params = convert.load_teacher(config.teacher.path, cache_dir, dtype=config.net.dtype,
                                               remat=config.net.remat, attention=config.net.attention,
-                                              attention_block_size=config.net.attention_block_size)
+                                              attention_block_size=config.net.get("attention_block_size", 512))
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
     params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
     if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
