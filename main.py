@@ -26,6 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; our progress lines go to stdout
+        logging.set_verbosity(logging.WARNING)
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
     from trigflow_distill import distributed
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
