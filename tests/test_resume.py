@@ -1,4 +1,5 @@
 """main.py end to end: a run killed with SIGKILL and resumed equals an uninterrupted run, bit for bit."""
+import json
 import os
 import signal
 import subprocess
@@ -43,15 +44,29 @@ def _final_state(workdir):
 
 
 @pytest.fixture(scope="module")
-def ref_dir(teacher_pt, tmp_path_factory):
-    """An uninterrupted run of STEPS steps."""
+def ref_run(teacher_pt, tmp_path_factory):
+    """An uninterrupted run of STEPS steps, ending with a small evaluation: (workdir, stdout)."""
     ref_dir = tmp_path_factory.mktemp("ref")
-    subprocess.run(_cmd(ref_dir, teacher_pt), env=_env(), check=True, capture_output=True, timeout=600)
-    return ref_dir
+    cmd = _cmd(ref_dir, teacher_pt) + ["--config.eval.at_end=True", "--config.eval.num_samples=16"]
+    out = subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True, timeout=900)
+    return ref_dir, out.stdout
 
 
-def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_dir, tmp_path):
-    run_dir = tmp_path / "run"
+def test_run_ends_with_the_evaluation(ref_run):
+    """The main job's smoke run: distillation, then the evaluation table, eval.json, samples and pictures."""
+    ref_dir, stdout = ref_run
+    assert "sampler" in stdout and "student_ema" in stdout and "floor" in stdout, stdout[-2000:]
+    result = json.loads((ref_dir / "eval.json").read_text())
+    names = {(r["name"], r["steps"]) for r in result["samplers"]}
+    assert {("teacher", 35), ("teacher", 4), ("student", 4), ("student_ema", 1), ("data", 0)} <= names
+    samples = np.load(ref_dir / "samples_student4.npz")
+    assert samples["latents"].shape == (16, 16, 4, 8, 8) and samples["prompt"].shape == (16,)
+    assert (ref_dir / "student_ema4.png").exists() and (ref_dir / "student_ema4.gif").exists()
+    assert (ref_dir / "metrics.jsonl").read_text().count("\n") == STEPS // 4
+
+
+def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_run, tmp_path):
+    ref_dir, run_dir = ref_run[0], tmp_path / "run"
 
     proc = subprocess.Popen(_cmd(run_dir, teacher_pt), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -90,8 +105,9 @@ def test_unknown_config_key_is_rejected(tmp_path):
     assert out.returncode != 0 and "no_such_field" in out.stderr
 
 
-def test_export_student_loads_in_torch(ref_dir, tmp_path):
+def test_export_student_loads_in_torch(ref_run, tmp_path):
     """The exported EMA student is a complete native Cosmos .pt (with the teacher's text projection)."""
+    ref_dir = ref_run[0]
     torch = pytest.importorskip("torch")
     out = tmp_path / "student.pt"
     subprocess.run([sys.executable, "-m", "trigflow_distill.export", f"--workdir={ref_dir}", f"--out={out}"],
