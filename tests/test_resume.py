@@ -117,3 +117,12 @@ def test_export_student_loads_in_torch(ref_run, tmp_path):
     ema = _final_state(ref_dir)["student_ema"]
     w = sd["net.blocks.0.mlp.layer1.weight"].float().numpy()
     np.testing.assert_allclose(w, np.asarray(ema["blocks"]["mlp"]["layer1"]["kernel"][0]).T, rtol=1e-2, atol=1e-3)
+
+
+def test_diverging_run_stops_with_a_clear_message(teacher_pt, tmp_path):
+    """Absurd learning rates blow the nets up: non-finite updates are skipped, then the run stops, exit code 1."""
+    cmd = _cmd(tmp_path, teacher_pt) + ["--config.student_optim.lr=1e30", "--config.critic_optim.lr=1e30",
+                                        "--config.max_consecutive_skips=3", "--config.log_every=1"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "consecutive updates had a non-finite loss or gradient" in out.stderr and "Traceback" not in out.stderr

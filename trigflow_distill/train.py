@@ -189,7 +189,8 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
         return loss, (aux, tau_d)
 
     (loss, (aux, tau_d)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
-    ok = jnp.isfinite(loss) & _all_finite(grads)
+    # dmd_loss zeroes non-finite samples; a batch with no finite sample at all is a diverged student: skip it.
+    ok = jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(aux["nan_b"])
     student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
     updates = state.student_updates + ok.astype(jnp.int32)
     new_ema = optim.ema_update(state.student_ema, student, updates, ema_gamma)
@@ -340,6 +341,7 @@ def train(config, workdir: str) -> TrainState:
     agg = metrics.Aggregator()
     pending = []
     d = config.distill
+    sample_fn = jax.jit(functools.partial(student_samples, algo))
     try:
         for step in range(start, total):
             batch = sharding.global_batch(next(data_iter), batch_size, mesh)
@@ -361,8 +363,8 @@ def train(config, workdir: str) -> TrainState:
                         "data for non-finite values.")
             if checkpoint.save(manager, done, state, data_iter, force=done == total) and main_process:
                 print(f"checkpoint saved at step {done}", flush=True)
-            if config.sample_every and done % config.sample_every == 0 and main_process and world is not None:
-                save_samples(algo, state, teacher, batch, world, os.path.join(workdir, "samples", f"{done:07d}.png"))
+            if config.sample_every and done % config.sample_every == 0 and world is not None:
+                save_samples(sample_fn, state, teacher, batch, world, os.path.join(workdir, "samples", f"{done:07d}.png"))
     finally:
         checkpoint.wait_until_finished(manager)
         writer.close()
@@ -379,10 +381,11 @@ def student_samples(algo: Algo, params, teacher, batch, key):
     return sampling.sample_student(x0_fn, jax.random.normal(k_eps, gt.shape, jnp.float32), taus, algo.sigma_data)
 
 
-def save_samples(algo: Algo, state: TrainState, teacher, batch, world, path: str):
-    """Pictures of the EMA student's samples on the current batch (every process computes, process 0 writes)."""
-    fn = jax.jit(functools.partial(student_samples, algo))
-    x = multihost_utils.process_allgather(fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)), tiled=True)
+def save_samples(sample_fn, state: TrainState, teacher, batch, world, path: str):
+    """Pictures of the EMA student's samples on the current batch (every process computes, process 0 writes).
+
+    `sample_fn` is jit(partial(student_samples, algo)), built once per run."""
+    x = multihost_utils.process_allgather(sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)), tiled=True)
     prompts = multihost_utils.process_allgather(batch["prompt"], tiled=True)
     if distributed.is_main_process():
         os.makedirs(os.path.dirname(path), exist_ok=True)
