@@ -88,9 +88,11 @@ def get_config(arg: str = ""):
         c.net.dtype = "float32"
         c.net.remat = "none"
         c.net.attention = "auto"
-        # Tiny nets learn far faster than 2B ones: both lrs 1e-4 (feasibility estimate in issue 5), Adam b1 0.
+        # Tiny nets learn far faster than 2B ones. Measured on the toy world (1500 iterations, 1024 samples):
+        # student 1e-4 / critic 2e-4 with Adam b1 0 gives the raw 4-step student fd_hand 8.2 (critic 1e-4: 10.1;
+        # b1 0.9: 28.9; student 5e-5: 11.7). The critic must keep up with the student.
         c.student_optim.update(lr=1e-4, b1=0.0, warmup=10)
-        c.critic_optim.update(lr=1e-4, b1=0.0, warmup=10)
+        c.critic_optim.update(lr=2e-4, b1=0.0, warmup=10)
         c.data.kind = "toy"
         c.data.batch_size = 32
         c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
