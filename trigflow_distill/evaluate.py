@@ -199,7 +199,8 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a finished training run's directory (output goes there)")
     parser.add_argument("--num_samples", type=int, default=None, help="default: the run's config.eval.num_samples")
     parser.add_argument("--batch_size", type=int, default=256)

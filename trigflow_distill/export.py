@@ -30,7 +30,8 @@ def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = T
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint is exported)")
     parser.add_argument("--out", required=True, help="output .pt file (torch) or folder (diffusers)")
     parser.add_argument("--format", default="torch", choices=("torch", "diffusers"))
