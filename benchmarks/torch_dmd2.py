@@ -23,7 +23,7 @@ LAMBDA_FLOOR = 1e-5            # DMD normaliser floor
 TAU_COND = math.atan(1e-4)     # conditional frames are shown to the net at sigma = 1e-4
 
 
-class _NearestResize:
+class NearestResize:
     """Stand-in for torchvision.transforms (diffusers resizes the padding mask with it; torchvision is not
     installable beside the local torch wheel). Same indices as torchvision's NEAREST."""
 
@@ -40,10 +40,8 @@ def build_model(net_config, params):
     """diffusers CosmosTransformer3DModel (fp32) holding the JAX `params` of the *net* (no text projection:
     the context is projected once per batch, as in train.py). q/k RMSNorm eps set to Cosmos' 1e-6."""
     from diffusers import CosmosTransformer3DModel
-    from diffusers.models.transformers import transformer_cosmos
 
-    if getattr(transformer_cosmos, "transforms", None) is None:
-        transformer_cosmos.transforms = _NearestResize
+    install_nearest_resize()
     if "crossattn_proj" in params:
         raise ValueError("pass the net params without 'crossattn_proj' (train.split_teacher(params)['net'])")
     config = dataclasses.replace(net_config, crossattn_proj_in_channels=None)
@@ -52,10 +50,24 @@ def build_model(net_config, params):
     native = sdmap.state_dict_from_params(jax_to_numpy(params), config)
     sd = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in sdmap.diffusers_from_native(native).items()}
     model.load_state_dict(sd, strict=True)
+    set_cosmos_qk_eps(model)
+    return model.float()
+
+
+def install_nearest_resize():
+    """Give diffusers' Cosmos module the torchvision stand-in (when torchvision is absent); returns that module."""
+    from diffusers.models.transformers import transformer_cosmos
+
+    if getattr(transformer_cosmos, "transforms", None) is None:
+        transformer_cosmos.transforms = NearestResize
+    return transformer_cosmos
+
+
+def set_cosmos_qk_eps(model, eps=1e-6):
+    """diffusers hard-codes eps 1e-5 in the q/k RMSNorm; Cosmos (SPEC §8) uses 1e-6."""
     for name, module in model.named_modules():
         if name.endswith(("norm_q", "norm_k")):
-            module.eps = 1e-6
-    return model.float()
+            module.eps = eps
 
 
 def jax_to_numpy(tree):

@@ -13,6 +13,9 @@ import torch
 from trigflow_distill import convert, networks, torchfile
 from trigflow_distill.networks import state_dict as sdmap
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import torch_dmd2  # noqa: E402  (the PyTorch reference side: diffusers stand-ins shared with the benchmarks)
+
 CONFIG = networks.get_preset("tiny")
 
 
@@ -166,21 +169,8 @@ def test_wrong_model_family(tmp_path):
         convert.load_diffusers_folder(folder)
 
 
-class _NearestResize:
-    """Stand-in for torchvision.transforms (not installable beside the local torch wheel, SPEC §8)."""
-
-    class InterpolationMode:
-        NEAREST = "nearest"
-
-    class functional:  # noqa: N801 - mirrors torchvision's module name
-        @staticmethod
-        def resize(img, size, interpolation):
-            return torch.nn.functional.interpolate(img, size=size, mode="nearest")
-
-
-def test_export_diffusers_loads_and_matches(tmp_path, monkeypatch):
+def test_export_diffusers_loads_and_matches(tmp_path):
     from diffusers import CosmosTransformer3DModel
-    from diffusers.models.transformers import transformer_cosmos
 
     params = random_params(3)
     for leaf in ("q_norm", "k_norm"):  # near-1 norm scales keep the random net well conditioned
@@ -190,11 +180,8 @@ def test_export_diffusers_loads_and_matches(tmp_path, monkeypatch):
     out = tmp_path / "diffusers"
     convert.export_diffusers(params, CONFIG, out, dtype=np.float32)
     model = CosmosTransformer3DModel.from_pretrained(out).eval()
-    # diffusers hard-codes eps 1e-5 for the q/k RMSNorm; Cosmos (and SPEC) use 1e-6.
-    for name, module in model.named_modules():
-        if name.endswith(("norm_q", "norm_k")):
-            module.eps = 1e-6
-    monkeypatch.setattr(transformer_cosmos, "transforms", _NearestResize, raising=False)
+    torch_dmd2.set_cosmos_qk_eps(model)  # diffusers hard-codes 1e-5; Cosmos (and SPEC) use 1e-6
+    torch_dmd2.install_nearest_resize()
 
     rng = np.random.default_rng(0)
     b, t, h, w = 2, 2, 8, 8

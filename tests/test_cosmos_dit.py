@@ -1,6 +1,7 @@
 """Cosmos DiT: parity with diffusers' CosmosTransformer3DModel (an independent PyTorch implementation), bf16,
 block outputs, remat, and the native/diffusers name mapping with its errors."""
-import types
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ from trigflow_distill.networks import state_dict as sdm
 
 torch = pytest.importorskip("torch")
 tc = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import torch_dmd2  # noqa: E402  (the PyTorch reference side: diffusers stand-ins shared with the benchmarks)
 
 CFG = networks.get_preset("tiny")
 CFG_REMAT = networks.get_preset("tiny", remat=True)
@@ -31,30 +34,15 @@ def random_params(config, key):
     return jax.tree.unflatten(treedef, out)
 
 
-class _Transforms:
-    """Stand-in for torchvision.transforms (not installable beside torch 2.13 CPU): nearest resize only."""
-
-    class InterpolationMode:
-        NEAREST = "nearest"
-
-    class functional:  # noqa: N801 - mirrors torchvision's module name
-        @staticmethod
-        def resize(img, size, interpolation):
-            assert interpolation == "nearest"
-            return torch.nn.functional.interpolate(img, size=tuple(size), mode="nearest")
-
-
 @pytest.fixture(scope="module")
 def setup():
     params = random_params(CFG, jax.random.key(0))
     native = sdm.state_dict_from_params(jax.tree.map(np.array, params), CFG)
-    tc.transforms = _Transforms
+    torch_dmd2.install_nearest_resize()
     model = tc.CosmosTransformer3DModel(**{k: v for k, v in sdm.diffusers_config(CFG).items() if k[0] != "_"})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in sdm.diffusers_from_native(native).items()}, strict=True)
     # SPEC: Cosmos uses eps 1e-6 in the q/k RMSNorm; diffusers hard-codes 1e-5. Patch diffusers to SPEC.
-    for blk in model.transformer_blocks:
-        for attn in (blk.attn1, blk.attn2):
-            attn.norm_q.eps = attn.norm_k.eps = 1e-6
+    torch_dmd2.set_cosmos_qk_eps(model)
     return params, model.eval()
 
 
