@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
@@ -67,7 +66,3 @@ class Writer:
             self._tb.close()
             self._jsonl.close()
 
-
-def host_scalars(metrics_tree) -> dict:
-    """Device metrics -> python floats (one transfer)."""
-    return {k: float(v) for k, v in jax.device_get(metrics_tree).items()}
