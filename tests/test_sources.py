@@ -1,0 +1,91 @@
+"""sources.resolve: local paths, hf:// files/folders/revisions from a Hub cache built here (offline), remote URLs."""
+
+import hashlib
+import os
+
+import pytest
+
+from trigflow_distill import sources
+
+MAIN = "a" * 40
+V1 = "b" * 40
+
+
+def _put(cache, repo, commit, rel, data: bytes):
+    """Adds a file to the Hub cache layout huggingface_hub reads: blobs/<sha256>, snapshots/<commit>/<rel> -> blob."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = root / "snapshots" / commit / rel
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    repo = "owner/model"
+    _put(cache, repo, MAIN, "weights/model.pt", b"main weights")
+    _put(cache, repo, MAIN, "vae/config.json", b"{}")
+    _put(cache, repo, MAIN, "vae/diffusion_pytorch_model.safetensors", b"vae")
+    _put(cache, repo, V1, "weights/model.pt", b"v1 weights")
+    refs = cache / "models--owner--model" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(MAIN)
+    (refs / "v1").write_text(V1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(cache))
+    return cache
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_hf_file_folder_revision_offline(hub):
+    assert _read(sources.resolve("hf://owner/model/weights/model.pt")) == b"main weights"
+    assert _read(sources.resolve("hf://owner/model/weights/model.pt@v1")) == b"v1 weights"
+    assert _read(sources.resolve("hf://owner/model/weights/model.pt", revision="v1")) == b"v1 weights"
+    assert _read(sources.resolve(f"hf://owner/model/weights/model.pt@{V1}")) == b"v1 weights"
+    vae = sources.resolve("hf://owner/model/vae")
+    assert sorted(os.listdir(vae)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert vae == str(hub / "models--owner--model" / "snapshots" / MAIN / "vae")
+    repo = sources.resolve("hf://owner/model")
+    assert sorted(os.listdir(repo)) == ["vae", "weights"]
+    # the argument wins over TRIGFLOW_HF_CACHE
+    with pytest.raises(FileNotFoundError):
+        sources.resolve("hf://owner/model/weights/model.pt", cache_dir=str(hub.parent / "elsewhere"))
+
+
+@pytest.mark.parametrize(
+    "src, what",
+    [
+        ("hf://owner/model/weights/missing.pt", "path 'weights/missing.pt', revision main"),
+        ("hf://owner/model/vae/config.json@v1", "path 'vae/config.json', revision v1"),
+        ("hf://owner/other/model.pt", "repository owner/other"),
+        ("hf://owner/model/weights/model.pt@v2", "revision v2"),
+    ],
+)
+def test_offline_missing_names_repo_file_revision(hub, src, what):
+    with pytest.raises(FileNotFoundError) as e:
+        sources.resolve(src)
+    msg = str(e.value)
+    assert "\n" not in msg and what in msg and "HF_HUB_OFFLINE=1" in msg and str(hub) in msg
+
+
+def test_local_and_remote(tmp_path):
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"x")
+    assert sources.resolve(str(f)) == str(f)
+    assert sources.resolve(f"file://{f}") == str(f)
+    with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
+        sources.resolve(str(tmp_path / "nope.pt"))
+    assert sources.resolve("gs://bucket/teacher.pt") == "gs://bucket/teacher.pt"
+
+
+@pytest.mark.parametrize("bad", ["hf://owner", "hf://owner/model@", "hf://"])
+def test_bad_hf_urls(bad):
+    with pytest.raises(ValueError, match="hf://OWNER/NAME"):
+        sources.parse_hf(bad)
