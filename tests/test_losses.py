@@ -75,8 +75,8 @@ def test_guidance_4_is_the_reference_offset_form_with_w_3():
     standard = losses.cfg_x0(x0_cond, x0_uncond, 4.0)
     offset = x0_cond + 3.0 * (x0_cond - x0_uncond)
     np.testing.assert_allclose(standard, offset, rtol=1e-5, atol=1e-5)
-    (l_std, a_std), g_std = jax.value_and_grad(losses.dmd_loss, has_aux=True)(g_x0, x0_fake, standard)
-    (l_off, a_off), g_off = jax.value_and_grad(losses.dmd_loss, has_aux=True)(g_x0, x0_fake, offset)
+    (l_std, _), g_std = jax.value_and_grad(losses.dmd_loss, has_aux=True)(g_x0, x0_fake, standard)
+    (l_off, _), g_off = jax.value_and_grad(losses.dmd_loss, has_aux=True)(g_x0, x0_fake, offset)
     np.testing.assert_allclose(l_std, l_off, rtol=1e-5)
     np.testing.assert_allclose(g_std, g_off, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(losses.cfg_x0(x0_cond, x0_uncond, 1.0), x0_cond, atol=1e-6)
@@ -114,3 +114,31 @@ def test_gan_losses_are_binary_cross_entropy():
     np.testing.assert_allclose(losses.gan_generator_loss(fake), bce(fake, jnp.ones_like(fake)).mean(), rtol=1e-6)
     expected = bce(real, jnp.ones_like(real)).mean() + bce(fake, jnp.zeros_like(fake)).mean()
     np.testing.assert_allclose(losses.gan_discriminator_loss(real, fake), expected, rtol=1e-6)
+
+
+def test_dmd_lambda_per_frame_chunk_against_numpy():
+    """lambda_frame_chunks=K: one lambda per (sample, T/K consecutive frames), the reference's per-shard lambda."""
+    shape = (3, 2, 8, 2, 3)  # (B, C, T, H, W), 4 chunks of 2 frames
+    k = jax.random.split(jax.random.key(7), 3)
+    g_x0, x0_fake, x0_teacher = (jax.random.normal(ki, shape) * (1 + ki_i) for ki_i, ki in enumerate(k))
+    # Make chunks differ in scale so a per-sample lambda would be visibly wrong.
+    g_x0 = g_x0 * jnp.arange(1, 9, dtype=jnp.float32)[None, None, :, None, None]
+    G, F, T = (np.asarray(a, np.float64) for a in (g_x0, x0_fake, x0_teacher))
+    lam = np.empty((3, 4))
+    g = np.empty(shape)
+    for b in range(3):
+        for c in range(4):
+            frames = slice(2 * c, 2 * c + 2)
+            lam[b, c] = max(np.abs(G[b, :, frames] - T[b, :, frames]).mean(), 1e-5)
+            g[b, :, frames] = (F[b, :, frames] - T[b, :, frames]) / lam[b, c]
+    (loss, aux), grad = jax.value_and_grad(losses.dmd_loss, has_aux=True)(g_x0, x0_fake, x0_teacher, 4)
+    np.testing.assert_allclose(aux["lambda_bk"], lam, rtol=1e-5)
+    np.testing.assert_allclose(aux["loss_b"], (g**2).mean(axis=(1, 2, 3, 4)), rtol=1e-4)
+    np.testing.assert_allclose(loss, (g**2).mean(), rtol=1e-4)
+    np.testing.assert_allclose(grad, 2 * g / g[0].size / shape[0], rtol=1e-4, atol=1e-7)
+    # K = 1 is the per-sample lambda (the default), and a K that does not divide T is refused.
+    (l1, a1), l0 = losses.dmd_loss(g_x0, x0_fake, x0_teacher, 1), losses.dmd_loss(g_x0, x0_fake, x0_teacher)[0]
+    np.testing.assert_allclose(a1["lambda_b"], np.maximum(np.abs(G - T).mean(axis=(1, 2, 3, 4)), 1e-5), rtol=1e-5)
+    assert float(l1) == float(l0) and float(l1) != pytest.approx(float(loss), rel=1e-2)
+    with pytest.raises(ValueError, match="lambda_frame_chunks"):
+        losses.dmd_loss(g_x0, x0_fake, x0_teacher, 3)

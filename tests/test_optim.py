@@ -55,8 +55,8 @@ def _numpy_adamw(params, grads_seq, lr, mult, b1=0.9, b2=0.999, eps=1e-8, wd=0.0
         norm = np.sqrt(sum((x**2).sum() for x in g.values()))
         g = {k: x * min(1.0, clip / norm) for k, x in g.items()}
         lr_n = lr * mult(n)
-        for k in p:
-            p[k] = p[k] * (1 - lr_n * wd)
+        for k, p_k in p.items():
+            p[k] = p_k * (1 - lr_n * wd)
             m[k] = b1 * m[k] + (1 - b1) * g[k]
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
             m_hat, v_hat = m[k] / (1 - b1 ** (n + 1)), v[k] / (1 - b2 ** (n + 1))
@@ -103,3 +103,18 @@ def test_zero_nonfinite():
     grads = {"a": jnp.array([1.0, jnp.nan, -jnp.inf, 2.0])}
     out, _ = tx.update(grads, tx.init(grads))
     np.testing.assert_array_equal(out["a"], [1.0, 0.0, 0.0, 2.0])
+
+
+def test_ema_counts_the_updates_before_the_current_one():
+    """Running the EMA over updates 1..k with n = k - 1 equals the closed-form power-EMA weights."""
+    thetas = [np.float32(v) for v in (3.0, -1.0, 2.0, 5.0)]
+    ema = {"w": jnp.float32(100.0)}  # arbitrary start: the first update (n = 0) must forget it entirely
+    for n, theta in enumerate(thetas):
+        ema = optim.ema_update(ema, {"w": jnp.float32(theta)}, n)
+        if n == 0:
+            assert float(ema["w"]) == thetas[0]
+    expected = thetas[0]
+    for n, theta in enumerate(thetas[1:], start=1):
+        beta = (1 - 1 / (n + 1)) ** (optim.EMA_GAMMA + 1)
+        expected = beta * expected + (1 - beta) * theta
+    assert float(ema["w"]) == pytest.approx(expected, rel=1e-6)

@@ -102,7 +102,7 @@ def test_backward_simulation_without_gradient_and_with_differentiated_closure():
 
     # A conditioning value that x0_fn closes over and that is itself differentiated must not break the loop.
     def through_context(ctx):
-        fn = lambda p, x, t: x0_fn(p, x, t) + ctx  # noqa: E731
+        fn = lambda p, x, t: x0_fn(p, x, t) + ctx
         return jnp.sum(sampling.backward_simulation(fn, params, eps, n, taus))
 
     assert float(jax.jit(jax.grad(through_context))(jnp.float32(0.5))) == pytest.approx(eps.size)
@@ -140,7 +140,8 @@ def test_teacher_sampler_follows_the_exact_flow_of_gaussian_data(sigma_data):
     errors = []
     for num_steps in (35, 350):  # Euler is first order: 10x the steps, ~10x smaller error
         out = jax.jit(
-            lambda e: sampling.sample_teacher_cfg(x0_fn, None, e, None, num_steps, shift=1.0, sigma_data=sigma_data)
+            lambda e, k=num_steps: sampling.sample_teacher_cfg(x0_fn, None, e, None, k, shift=1.0,
+                                                               sigma_data=sigma_data)
         )(eps)
         errors.append(float(jnp.max(jnp.abs(out - exact))))
     assert errors[1] < 0.01 and errors[1] < errors[0] / 6, errors
@@ -181,3 +182,17 @@ def test_teacher_sampler_without_guidance_never_calls_uncond():
     for guidance in (None, 1.0, 1):
         out = sampling.sample_teacher_cfg(lambda x, t: jnp.broadcast_to(target, x.shape), uncond, eps, guidance, 5)
         np.testing.assert_allclose(out, jnp.broadcast_to(target, eps.shape), atol=1e-5)  # point mass: Euler exact
+
+
+def test_fewer_student_steps_use_the_prefix_of_the_training_schedule():
+    """k < 4 steps sample on the first k training times (docs/algorithm.md §13), not on a re-spaced k-step grid."""
+    np.testing.assert_allclose(sampling.student_schedule(2), [math.pi / 2, math.atan(15.0)], rtol=1e-12)
+    np.testing.assert_allclose(sampling.student_schedule(3), SCHEDULE_4[:3], rtol=1e-12)
+    np.testing.assert_allclose(sampling.student_schedule(1), [math.pi / 2], rtol=1e-12)
+    # A student trained with 8 steps samples on the 8-step grid and its prefixes.
+    eight = sampling.student_schedule(8, train_steps=8)
+    t = np.linspace(1, 0, 9)[:8]
+    np.testing.assert_allclose(tau_to_rf_t(eight.astype(np.float32)), 5 * t / (1 + 4 * t), rtol=1e-6)
+    np.testing.assert_allclose(sampling.student_schedule(2, train_steps=8), eight[:2], rtol=1e-12)
+    with pytest.raises(ValueError, match="train_steps"):
+        sampling.student_schedule(5)

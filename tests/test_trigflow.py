@@ -146,3 +146,19 @@ def test_sample_tau_lognormal():
     log_sigma = np.log(np.tan(np.asarray(tau[:, 0], np.float64)))
     assert abs(log_sigma.mean() + 0.8) < 0.05 and abs(log_sigma.std() - 1.6) < 0.05
     assert float(tau.min()) > 0.0 and float(tau.max()) < math.pi / 2
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_edm_c_noise_at_float32_half_pi_is_the_float64_reference(sigma_data):
+    """float32(pi/2) > pi/2: float32 tan is negative there; the reference (float64) has tan = 1.633e16."""
+    tau = jnp.float32(math.pi / 2)
+    assert float(jnp.tan(tau)) < 0  # why the guard exists
+    expected = 0.25 * math.log(sigma_data * math.tan(math.pi / 2))  # 9.333 for sigma_d = 1
+    c_noise = jax.jit(lambda t: tf.coefficients(t, "edm", sigma_data)[3])(jnp.full((3,), tau))
+    np.testing.assert_allclose(np.asarray(c_noise), expected, rtol=1e-6)
+    # Just below pi/2 the ordinary formula is kept, and the tau-gradient is finite up to and at pi/2.
+    below = np.nextafter(np.float32(math.pi / 2), np.float32(0))
+    np.testing.assert_allclose(float(tf.coefficients(below, "edm", sigma_data)[3]),
+                               0.25 * math.log(sigma_data * math.tan(float(below))), rtol=1e-5)
+    grad = jax.grad(lambda t: jnp.sum(tf.coefficients(t, "edm", sigma_data)[3]))(jnp.asarray(TAU_GRID[1:], jnp.float32))
+    assert np.all(np.isfinite(np.asarray(grad)))

@@ -1,11 +1,11 @@
-"""A teacher/student/critic network seen as a Video2World TrigFlow denoiser x0 = D(x_tau, tau) (SPEC §1, §7).
+"""A teacher/student/critic network seen as a Video2World TrigFlow denoiser x0 = D(x_tau, tau) (docs/algorithm.md §1, §7).
 
 Every network call of the algorithm (student, teacher, critic) goes through `denoise`: the TrigFlow
 coefficients turn the velocity network into an x0 predictor, and the first N latent frames of each sample
 are replaced by the ground truth (input side and output side) with their own small timestep.
 """
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ from einops import rearrange
 
 from trigflow_distill import networks, trigflow
 
-# Conditional frames are presented to the net at sigma = 1e-4 (SPEC §7, `replace_gt_timesteps`).
+# Conditional frames are presented to the net at sigma = 1e-4 (docs/algorithm.md §7, `replace_gt_timesteps`).
 TAU_COND = math.atan(1e-4)
 
 
@@ -32,9 +32,12 @@ def cond_mask(num_cond_b, x_bcthw_shape):
 
 
 def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_b1thw, *,
-            scaling="rectified_flow", sigma_data=1.0, replace_gt_timesteps=True, mesh=None):
+            scaling="rectified_flow", sigma_data=1.0, replace_gt_timesteps=True, padding_mask_b1hw=None, mesh=None):
     """x0 prediction of a velocity/denoiser network at TrigFlow time tau_b (B,), with GT conditional frames.
 
+    `padding_mask_b1hw`: 1 on padded pixels, (B or 1, 1, H_px, W_px) at pixel or (B or 1, 1, H, W) at latent
+    resolution; the network resizes it (nearest) to the latent grid and takes it as an input channel
+    (docs/algorithm.md §7). None means zeros (no padding).
     `context_bld` is what `networks.velocity` takes: the projected context when `params` has no
     `crossattn_proj` (the trainer projects once per batch), the raw embedding otherwise. `mesh`: passed to
     `networks.velocity` (sequence-sharded activations when it has a `seq` axis of size > 1).
@@ -53,6 +56,6 @@ def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_
         c_noise_bt = jnp.where(frame_is_cond_bt, cond_noise, c_noise_bt)
 
     out = networks.velocity(net_config, params, net_in, c_noise_bt, context_bld, cond_mask_b1thw=mask_b1thw,
-                            mesh=mesh)
+                            padding_mask_b1hw=padding_mask_b1hw, mesh=mesh)
     x0 = c_skip * x_tau + c_out * out.astype(jnp.float32)
     return mask_b1thw * gt + (1.0 - mask_b1thw) * x0

@@ -1,6 +1,7 @@
-"""DMD2 losses in TrigFlow (SPEC §4-5): generator (distribution matching), critic (fake score), optional GAN terms."""
+"""DMD2 losses in TrigFlow (docs/algorithm.md §4-5): generator (distribution matching), critic, optional GAN terms."""
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from trigflow_distill.trigflow import TAU_MIN, expand_tau
 
@@ -16,37 +17,56 @@ def cfg_x0(x0_cond, x0_uncond, guidance):
     return x0_uncond + guidance * (x0_cond - x0_uncond)
 
 
-def dmd_loss(g_x0, x0_fake, x0_teacher):
-    """DMD2 generator loss; all arrays (B, ...). Gradient flows only into g_x0 (the student's sample).
+def _chunk_lambda(err, num_chunks):
+    """lambda per (sample, chunk of frames) from err = |g_x0 - x0_teacher| (B, C, T, ...): max(mean, 1e-5) over
+    each chunk's (C, T/K, ...) elements, shape (B, K), and its broadcast against err. K = 1: any (B, ...) shape."""
+    if num_chunks == 1:
+        lambda_bk = jnp.maximum(jnp.mean(err, axis=_sample_axes(err)), LAMBDA_FLOOR)[:, None]
+        return lambda_bk, expand_tau(lambda_bk[:, 0], err.ndim)
+    if num_chunks < 1 or err.ndim < 3 or err.shape[2] % num_chunks:
+        raise ValueError(f"lambda_frame_chunks={num_chunks} must be >= 1 and divide the latent frames (axis 2) of "
+                         f"inputs shaped {err.shape}")
+    lambda_bk = jnp.maximum(jnp.mean(rearrange(err, "b c (k t) ... -> b k (c t ...)", k=num_chunks), axis=-1),
+                            LAMBDA_FLOOR)
+    lambda_bt = jnp.repeat(lambda_bk, err.shape[2] // num_chunks, axis=1)
+    return lambda_bk, lambda_bt.reshape(lambda_bt.shape[:1] + (1,) + lambda_bt.shape[1:] + (1,) * (err.ndim - 3))
 
-    lambda_b = max(mean |g_x0 - x0_teacher|, 1e-5) per sample; g = (x0_fake - x0_teacher) / lambda; per element
-    (g_x0 - sg(g_x0 - g))^2, whose value is g^2 and whose gradient w.r.t. g_x0 is 2g. A sample whose loss is not
-    finite gets loss 0 and zero gradient. Returns (mean over samples of the per-sample element mean, aux) with
-    aux = {lambda_b, grad_norm_b (mean |g|), loss_b, nan_b}.
+
+def dmd_loss(g_x0, x0_fake, x0_teacher, lambda_frame_chunks=1):
+    """DMD2 generator loss (docs/algorithm.md §4); all arrays (B, C, T, ...). Gradient flows only into g_x0.
+
+    lambda = max(mean |g_x0 - x0_teacher|, 1e-5) per sample, or with lambda_frame_chunks = K > 1 per (sample,
+    chunk of T/K consecutive frames): the reference computes lambda on each context-parallel shard, and the
+    released 2B student used K = 4 (§13). g = (x0_fake - x0_teacher) / lambda; per element (g_x0 - sg(g_x0 - g))^2,
+    whose value is g^2 and whose gradient w.r.t. g_x0 is 2g. A sample whose loss is not finite gets loss 0 and
+    zero gradient. Returns (mean over samples of the per-sample element mean, aux) with aux = {lambda_b (mean over
+    chunks), lambda_bk (B, K), grad_norm_b (mean |g|), loss_b, nan_b}.
     """
     sg = jax.lax.stop_gradient
     x0_fake, x0_teacher = sg(x0_fake), sg(x0_teacher)
     axes = _sample_axes(g_x0)
 
     def per_sample(g_x0):
-        lambda_b = jnp.maximum(jnp.mean(jnp.abs(sg(g_x0) - x0_teacher), axis=axes), LAMBDA_FLOOR)
-        g = sg((x0_fake - x0_teacher) / expand_tau(lambda_b, g_x0.ndim))
-        return jnp.mean((g_x0 - sg(g_x0 - g)) ** 2, axis=axes), lambda_b, g
+        lambda_bk, lam = _chunk_lambda(jnp.abs(sg(g_x0) - x0_teacher), lambda_frame_chunks)
+        g = sg((x0_fake - x0_teacher) / lam)
+        return jnp.mean((g_x0 - sg(g_x0 - g)) ** 2, axis=axes), lambda_bk, g
 
     # Find the bad samples on values first, then recompute on sanitised inputs: masking only the output would
     # still send 0 * NaN = NaN back into g_x0.
     nan_b = ~jnp.isfinite(per_sample(sg(g_x0))[0])
     bad = expand_tau(nan_b, g_x0.ndim)
-    safe = lambda x: jnp.where(bad, jnp.zeros_like(x), x)  # noqa: E731
+    safe = lambda x: jnp.where(bad, jnp.zeros_like(x), x)
     x0_fake, x0_teacher = safe(x0_fake), safe(x0_teacher)
-    loss_b, lambda_b, g = per_sample(safe(g_x0))
+    loss_b, lambda_bk, g = per_sample(safe(g_x0))
     loss_b = jnp.where(nan_b, 0.0, loss_b)
-    aux = {"lambda_b": lambda_b, "grad_norm_b": jnp.mean(jnp.abs(g), axis=axes), "loss_b": loss_b, "nan_b": nan_b}
+    aux = {"lambda_b": jnp.mean(lambda_bk, axis=1), "lambda_bk": lambda_bk,
+           "grad_norm_b": jnp.mean(jnp.abs(g), axis=axes), "loss_b": loss_b, "nan_b": nan_b}
     return jnp.mean(loss_b), aux
 
 
 def critic_loss(g_x0, x0_fake, tau_b):
-    """Fake-score (critic) denoising loss: mean over elements of (sg(g_x0) - x0_fake)^2 / sin^2(tau), mean over B.
+    """Fake-score (critic) loss (docs/algorithm.md §5): mean over elements of (sg(g_x0) - x0_fake)^2 / sin^2(tau),
+    then mean over B.
 
     tau_b (B,) is the critic's noise level per sample, clamped to >= 1e-6 so the weight stays finite.
     Returns (loss, aux) with aux = {loss_b, weight_b}.

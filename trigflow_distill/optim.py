@@ -1,4 +1,4 @@
-"""Optimizer and EMA (SPEC §6): non-finite -> 0, global-norm clip, AdamW with warm-up/decay; power EMA."""
+"""Optimizer and EMA (docs/algorithm.md §6): non-finite -> 0, global-norm clip, AdamW with warm-up/decay; power EMA."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +31,7 @@ def make_optimizer(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=
     Weight decay is decoupled and applies to every parameter, scaled by the scheduled lr (as torch.optim.AdamW).
     """
     lr_multiplier(0, warmup, max_steps)  # validates the schedule arguments now rather than inside jit
-    schedule = lambda count: lr * lr_multiplier(count, warmup, max_steps)  # noqa: E731
+    schedule = lambda count: lr * lr_multiplier(count, warmup, max_steps)
     return optax.chain(
         zero_nonfinite(),
         optax.clip_by_global_norm(clip_norm),
@@ -52,12 +52,20 @@ EMA_GAMMA = ema_gamma(0.1)
 
 
 def ema_beta(n, gamma=EMA_GAMMA):
-    """EMA decay after the n-th student update: 0 if n < 1 else (1 - 1/(n+1))^(gamma+1)."""
+    """EMA decay of the student update that follows n earlier ones: 0 if n < 1 else (1 - 1/(n+1))^(gamma+1).
+
+    n counts the student updates *before* the current one (docs/algorithm.md §6, §13): the first update has
+    n = 0 and beta = 0, so the EMA then equals the updated parameters.
+    """
     n = jnp.asarray(n, dtype=jnp.float32)
     return jnp.where(n < 1, 0.0, (1.0 - 1.0 / (jnp.maximum(n, 1.0) + 1.0)) ** (gamma + 1.0))
 
 
 def ema_update(ema_params, params, n, gamma=EMA_GAMMA):
-    """ema <- beta(n) ema + (1 - beta(n)) params, leaf by leaf, keeping the EMA's dtypes."""
+    """ema <- beta(n) ema + (1 - beta(n)) params, leaf by leaf, keeping the EMA's dtypes.
+
+    `params` are the student's parameters after its current update; n is the number of student updates done
+    *before* that one (0 at the first update), see `ema_beta`.
+    """
     beta = ema_beta(n, gamma)
     return jax.tree.map(lambda e, p: (beta * e + (1.0 - beta) * p).astype(e.dtype), ema_params, params)

@@ -1,4 +1,4 @@
-"""Samplers (SPEC §3): the few-step TrigFlow student, backward simulation for training, the CFG teacher."""
+"""Samplers (docs/algorithm.md §3): the few-step TrigFlow student, backward simulation, the CFG teacher."""
 import math
 
 import jax
@@ -15,11 +15,17 @@ def shifted_rf_times(num_steps, shift=5.0):
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def student_schedule(num_steps=4, shift=5.0):
-    """TrigFlow taus of the k-step student, float64 numpy, (num_steps,); 4 steps = [pi/2, atan 15, atan 5, atan 5/3]."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    t = shifted_rf_times(num_steps, shift)[:-1]
+def student_schedule(num_steps=4, shift=5.0, train_steps=4):
+    """TrigFlow taus of the k-step student, float64 numpy (num_steps,): the first k of the train_steps schedule.
+
+    The train_steps-step schedule is the shifted RF grid (4 steps: [pi/2, atan 15, atan 5, atan 5/3]). Sampling
+    with k < train_steps uses its first k times, the states backward simulation trains on (docs/algorithm.md §3,
+    §13): k = 2 gives [pi/2, atan 15], not a re-spaced 2-step grid.
+    """
+    if not 1 <= num_steps <= train_steps:
+        raise ValueError(f"num_steps must be in [1, train_steps={train_steps}] (the student is trained on the first "
+                         f"train_steps times of its schedule), got {num_steps}")
+    t = shifted_rf_times(train_steps, shift)[:num_steps]
     # Same mapping as trigflow.rf_t_to_tau (sigma_d = 1), kept in float64 so the schedule is exact.
     return np.arctan2(t, 1.0 - t)
 
@@ -70,7 +76,7 @@ def backward_simulation(x0_fn, params, eps, n, taus, sigma_data=1.0, with_grad=T
 
 
 def sample_teacher_cfg(x0_cond_fn, x0_uncond_fn, eps, guidance, num_steps=35, shift=5.0, sigma_data=1.0):
-    """Teacher sampling with classifier-free guidance: Euler in RF time on the shifted grid (SPEC §3).
+    """Teacher sampling with classifier-free guidance: Euler in RF time on the shifted grid (docs/algorithm.md §3).
 
     x0_*_fn(x_tau, tau_b) -> x0 are TrigFlow denoisers; guided x0 = x0_u + s (x0_c - x0_u). guidance None or 1
     uses the conditional denoiser only (one call per step). Returns x0 (B, ...).

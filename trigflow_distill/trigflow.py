@@ -1,4 +1,4 @@
-"""TrigFlow time, noising and network preconditioning (SPEC §1-2).
+"""TrigFlow time, noising and network preconditioning (docs/algorithm.md §1-2).
 
 TrigFlow state: x_tau = cos(tau) * x0 / sigma_d + sin(tau) * eps, tau in [0, pi/2] (0 clean, pi/2 pure noise).
 EDM sigma = sigma_d * tan(tau); rectified-flow (RF) time t = sigma_d sin / (cos + sigma_d sin).
@@ -12,6 +12,9 @@ SCALINGS = ("edm", "rectified_flow")
 # Guard band that keeps sampled tau inside the open interval (0, pi/2): 1/sin^2(tau) and log(tan tau) stay finite.
 TAU_MIN = 1e-6
 TAU_MAX = math.pi / 2 - 1e-6
+# tan(pi/2) in float64 (the reference's precision). float32(pi/2) lies just above pi/2, where float32 tan is
+# about -2.3e7 and ln(tan) is NaN; the EDM c_noise uses this value there instead (docs/algorithm.md §13).
+TAN_HALF_PI_F64 = math.tan(math.pi / 2)  # 1.633e16
 
 
 def tau_to_sigma(tau, sigma_data=1.0):
@@ -38,7 +41,8 @@ def rf_t_to_tau(t, sigma_data=1.0):
 def coefficients(tau, scaling, sigma_data=1.0):
     """Preconditioning on TrigFlow time: net input c_in*x_tau, net time c_noise, x0 = c_skip*x_tau + c_out*net_out.
 
-    scaling="edm": the net is an EDM denoiser (c_noise = ln(sigma)/4, infinite at the two ends of [0, pi/2]).
+    docs/algorithm.md §1. scaling="edm": the net is an EDM denoiser, c_noise = ln(sigma)/4 (-inf at tau = 0; at
+    tau >= float32(pi/2) it is ln(sigma_d * 1.633e16)/4, the float64 reference value, not NaN, §13).
     scaling="rectified_flow": the net predicts the RF velocity eps - x0 at RF time c_noise = t in [0, 1].
     """
     cos, sin = jnp.cos(tau), jnp.sin(tau)
@@ -46,7 +50,10 @@ def coefficients(tau, scaling, sigma_data=1.0):
         c_skip = sigma_data * cos
         c_out = sigma_data * sin
         c_in = jnp.ones_like(cos)
-        c_noise = 0.25 * jnp.log(sigma_data * jnp.tan(tau))
+        at_noise_end = jnp.asarray(tau) >= jnp.float32(math.pi / 2)
+        # Clamp tau before tan so the unused branch has no NaN either (keeps gradients w.r.t. tau clean).
+        tan = jnp.where(at_noise_end, TAN_HALF_PI_F64, jnp.tan(jnp.where(at_noise_end, 1.0, tau)))
+        c_noise = 0.25 * jnp.log(sigma_data * tan)
     elif scaling == "rectified_flow":
         denom = cos + sigma_data * sin
         c_skip = sigma_data / denom
@@ -90,7 +97,7 @@ def _check_shape(shape):
 
 
 def sample_tau(key, shape, shift=5.0):
-    """Shifted-uniform TrigFlow time (SPEC §2), one tau per sample broadcast over `shape[1:]` (frames).
+    """Shifted-uniform TrigFlow time (docs/algorithm.md §2), one tau per sample broadcast over `shape[1:]` (frames).
 
     u ~ U(0,1); t = shift*u / (1 + (shift-1) u); tau = arctan(t / (1-t)), clamped into [TAU_MIN, TAU_MAX].
     """
