@@ -1,6 +1,8 @@
 """convert: native .pt / diffusers folders <-> Flax params, exports, the teacher cache and the CLI."""
+
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,8 +15,7 @@ import torch
 from trigflow_distill import convert, networks, torchfile
 from trigflow_distill.networks import state_dict as sdmap
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import torch_dmd2  # noqa: E402  (the PyTorch reference side: diffusers stand-ins shared with the benchmarks)
+import torch_dmd2  # (benchmarks/ is on the pytest pythonpath: diffusers stand-ins shared with the benchmarks)
 
 CONFIG = networks.get_preset("tiny")
 
@@ -23,8 +24,7 @@ def random_params(seed=0, dtype=np.float32):
     """Tiny-preset params with every leaf random (also the zero-initialised adaLN layers and the bias)."""
     rng = np.random.default_rng(seed)
     shapes = networks.param_shapes(CONFIG)
-    return jax.tree.map(lambda s: rng.standard_normal(s).astype(dtype), shapes,
-                        is_leaf=lambda s: isinstance(s, tuple))
+    return jax.tree.map(lambda s: rng.standard_normal(s).astype(dtype), shapes, is_leaf=lambda s: isinstance(s, tuple))
 
 
 def to_torch(a: np.ndarray) -> torch.Tensor:
@@ -98,8 +98,11 @@ def test_export_torch_float32_is_exact(tmp_path):
 def test_prefix_selection(tmp_path):
     net = sdmap.state_dict_from_params(random_params(1), CONFIG)
     ema = sdmap.state_dict_from_params(random_params(2), CONFIG)
-    sd = {**{f"net.{k}": to_torch(v) for k, v in net.items()}, **{f"net_ema.{k}": to_torch(v) for k, v in ema.items()},
-          "optimizer.step": torch.tensor(3)}
+    sd = {
+        **{f"net.{k}": to_torch(v) for k, v in net.items()},
+        **{f"net_ema.{k}": to_torch(v) for k, v in ema.items()},
+        "optimizer.step": torch.tensor(3),
+    }
     path = tmp_path / "train.pt"
     torch.save(sd, path)
     _, auto = convert.load_torch_checkpoint(path)
@@ -139,8 +142,11 @@ def test_shape_mismatch(tmp_path):
         sd["blocks.1.cross_attn.q_proj.weight"] = np.zeros((128, 64), np.float32)
 
     path = _edited(tmp_path, "shape.pt", edit)
-    with pytest.raises(ValueError, match=r"shape\.pt.*blocks\.1\.cross_attn\.q_proj\.weight: \(128, 64\) != expected "
-                                         r"\(128, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape\.pt.*blocks\.1\.cross_attn\.q_proj\.weight: \(128, 64\) != expected "
+        r"\(128, 128\)",
+    ):
         convert.load_torch_checkpoint(path)
 
 
@@ -193,9 +199,14 @@ def test_export_diffusers_loads_and_matches(tmp_path):
     pad = (rng.uniform(size=(1, 1, 4 * h, 4 * w)) > 0.7).astype(np.float32)
     want = networks.velocity(CONFIG, params, x, tau, text, cond, pad)
     with torch.no_grad():
-        got = model(torch.from_numpy(x), torch.from_numpy(tau).reshape(b, 1, t, 1, 1), torch.from_numpy(text),
-                    condition_mask=torch.from_numpy(cond), padding_mask=torch.from_numpy(pad),
-                    return_dict=False)[0].numpy()
+        got = model(
+            torch.from_numpy(x),
+            torch.from_numpy(tau).reshape(b, 1, t, 1, 1),
+            torch.from_numpy(text),
+            condition_mask=torch.from_numpy(cond),
+            padding_mask=torch.from_numpy(pad),
+            return_dict=False,
+        )[0].numpy()
     scale = np.abs(np.asarray(want)).max()
     assert np.abs(got - np.asarray(want)).max() <= 1e-4 * scale
 
@@ -234,15 +245,18 @@ def test_load_teacher_caches(release, tmp_path, monkeypatch):
     assert len(calls) == 1 and len(os.listdir(cache)) == 2
 
 
-def test_cli_round_trip(release, tmp_path):
+def test_cli_round_trip(release, tmp_path, capsys):
     path, native = release
-    dst = tmp_path / "orbax"
+    dst = tmp_path / "converted"
     assert convert.main([str(path), str(dst)]) == 0
     config, params = convert.load_converted(dst)
     assert config == CONFIG
     assert_trees_equal(params, convert.load_torch_checkpoint(path)[1])
-    with pytest.raises(FileExistsError, match="orbax"):
-        convert.main([str(path), str(dst)])
+    capsys.readouterr()
+    assert convert.main([str(path), str(dst)]) == 1
+    assert f"error: {dst} already exists; pass --overwrite" in capsys.readouterr().err
+    assert convert.main([str(path), str(dst), "--overwrite"]) == 0
+    assert_trees_equal(convert.load_converted(dst)[1], params)
     out = tmp_path / "back.pt"
     assert convert.main(["--export-torch", str(dst), str(out)]) == 0
     reloaded = torch.load(out, weights_only=True)
@@ -250,17 +264,128 @@ def test_cli_round_trip(release, tmp_path):
         np.testing.assert_array_equal(to_numpy(reloaded[f"net.{k}"]), v, err_msg=k)
 
 
+def test_exports_refuse_to_overwrite(release, tmp_path, capsys):
+    path, _ = release
+    config, params = convert.load_torch_checkpoint(path)
+    teacher_copy = tmp_path / "teacher_copy.pt"
+    teacher_copy.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match=r"teacher_copy\.pt already exists; pass --overwrite"):
+        convert.export_torch(params, config, teacher_copy)
+    assert teacher_copy.read_bytes() == b"precious"
+    convert.export_torch(params, config, teacher_copy, overwrite=True)
+    assert_trees_equal(convert.load_torch_checkpoint(teacher_copy)[1], params)
+
+    folder = tmp_path / "diffusers"
+    convert.export_diffusers(params, config, folder)
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"diffusion_pytorch_model\.safetensors already exists.*--overwrite"):
+        convert.export_diffusers(params, config, folder)
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    convert.export_diffusers(params, config, folder, overwrite=True)
+
+    dst = tmp_path / "converted"
+    convert.convert(path, dst)
+    assert convert.main(["--export-torch", str(dst), str(teacher_copy)]) == 1
+    assert f"error: {teacher_copy} already exists; pass --overwrite" in capsys.readouterr().err
+    assert convert.main(["--export-diffusers", str(dst), str(folder)]) == 1
+    assert convert.main(["--export-diffusers", str(dst), str(folder), "--overwrite"]) == 0
+
+
+def test_convert_streams_and_matches_direct_load(release, tmp_path):
+    path, _ = release
+    dst = tmp_path / "c"
+    config = convert.convert(path, dst, prefix="net.")
+    assert config == CONFIG
+    assert sorted(os.listdir(dst)) == ["COMPLETE", "params", "source.json"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # the temporary folder was renamed
+    assert_trees_equal(convert.load_converted(dst)[1], convert.load_torch_checkpoint(path)[1])
+    with pytest.raises(ValueError, match=r"no keys with prefix 'net_ema\.'"):
+        convert.convert(path, tmp_path / "d", prefix="net_ema.")
+    assert not (tmp_path / "d").exists()
+
+
+def _truncate_leaf(entry):
+    leaf = entry / "params" / "blocks.mlp.layer1.kernel"
+    leaf.write_bytes(leaf.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (_truncate_leaf, r"params/blocks\.mlp\.layer1\.kernel has 100 bytes"),
+        (lambda e: (e / "COMPLETE").unlink(), "no COMPLETE marker"),
+        (lambda e: (e / "source.json").write_text("{not json"), "unreadable source.json"),
+    ],
+)
+def test_corrupted_cache_is_converted_again(release, tmp_path, capsys, damage, why):
+    path, _ = release
+    cache = tmp_path / "cache"
+    _, params = convert.load_teacher(path, cache)
+    assert "converting teacher" in capsys.readouterr().err
+    (entry,) = cache.iterdir()
+    damage(entry)
+    with pytest.raises(ValueError, match=f"incomplete or corrupted converted checkpoint: .*{why}"):
+        convert.load_converted(entry)
+    _, again = convert.load_teacher(path, cache)
+    assert re.search(
+        f"teacher cache {entry} is incomplete or corrupted \\(.*{why}.*\\); converting again", capsys.readouterr().err
+    )
+    assert_trees_equal(again, params)
+    _, cached = convert.load_teacher(path, cache)
+    assert capsys.readouterr().err == ""  # repaired: a plain cache hit
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
+def test_waiting_process_times_out_with_clear_message(release, tmp_path):
+    path, _ = release
+    with pytest.raises(
+        TimeoutError,
+        match=r"process 1: waited 0 s for process 0 to convert the teacher into .*"
+        r"COMPLETE.*shared by all hosts",
+    ):
+        convert.load_teacher(
+            path, tmp_path / "cache", process_index=1, num_processes=2, wait_timeout_s=0.2, poll_s=0.05
+        )
+
+
+def test_teacher_from_hub_cache_offline(release, tmp_path, monkeypatch):
+    path, _ = release
+    snapshot = tmp_path / "hub" / "models--owner--cosmos" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "teacher.pt").symlink_to(path)
+    refs = tmp_path / "hub" / "models--owner--cosmos" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(tmp_path / "hub"))
+    config, params = convert.load_teacher("hf://owner/cosmos/teacher.pt", tmp_path / "cache")
+    assert config == CONFIG
+    assert_trees_equal(params, convert.load_torch_checkpoint(path)[1])
+    with pytest.raises(FileNotFoundError, match=r"repository owner/cosmos, path 'student\.pt', revision main"):
+        convert.load_teacher("hf://owner/cosmos/student.pt", tmp_path / "cache")
+
+
 def test_cli_help_and_summary(release, tmp_path):
     path, _ = release
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    helped = subprocess.run([sys.executable, "-m", "trigflow_distill.convert", "--help"], capture_output=True,
-                            text=True, env=env, check=True)
+    helped = subprocess.run(
+        [sys.executable, "-m", "trigflow_distill.convert", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     assert "--export-torch" in helped.stdout and "--export-diffusers" in helped.stdout
-    run = subprocess.run([sys.executable, "-m", "trigflow_distill.convert", str(path), str(tmp_path / "o")],
-                         capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [sys.executable, "-m", "trigflow_distill.convert", str(path), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
-    n = sum(int(np.prod(s)) for s in jax.tree.leaves(networks.param_shapes(CONFIG),
-                                                     is_leaf=lambda s: isinstance(s, tuple)))
+    n = sum(
+        int(np.prod(s)) for s in jax.tree.leaves(networks.param_shapes(CONFIG), is_leaf=lambda s: isinstance(s, tuple))
+    )
     assert f"{n:,} params" in run.stderr and "dtype bfloat16" in run.stderr
 
 
@@ -269,5 +394,5 @@ def test_progress_bar(release, monkeypatch, capsys):
     monkeypatch.setattr(convert, "_PROGRESS_MIN_BYTES", 0)
     convert.load_torch_checkpoint(path, progress=True)
     err = capsys.readouterr().err
-    assert "tiny_ema_bf16.pt [#########################] 100%" in err
+    assert "tiny_ema_bf16.pt: 100%" in err
     assert err.endswith("\n")

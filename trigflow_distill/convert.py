@@ -1,9 +1,19 @@
-"""Cosmos Predict2.5 DiT weights: PyTorch `.pt` / diffusers folder <-> Flax params (numpy trees) <-> Orbax.
+"""Cosmos Predict2.5 DiT weights: PyTorch `.pt` / diffusers folder <-> Flax params (numpy trees) <-> converted folder.
 
-A converted checkpoint (the CLI's output and `load_teacher`'s cache entries) is a folder with `params/` (Orbax
-StandardCheckpointer) and `source.json` (native tensor shapes and config fields stated by the source), so the
-architecture is re-inferred exactly as on the direct path and compute options can be overridden at load time.
+A converted checkpoint (the CLI's output and `load_teacher`'s cache entries) is a folder:
+
+    source.json      format, native tensor shapes and config fields stated by the source, and per param leaf its
+                     shape and dtype (the architecture is re-inferred exactly as on the direct path, and compute
+                     options can be overridden at load time)
+    params/<a.b.c>   one raw C-order array per param leaf (`a/b/c` in the tree)
+    COMPLETE         written last; a folder without it is incomplete
+
+`convert` streams: one source tensor is read (memory-mapped), transposed into a per-leaf buffer and written before
+the next, so a conversion never holds the weights in memory. Local folders are written under a temporary name and
+renamed; on object stores (`gs://`, through etils.epath) the COMPLETE marker written last is the commit.
+Sources may be local paths or `hf://OWNER/NAME/PATH[@REV]` (see `sources.resolve`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,22 +22,37 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
+import tqdm
+from etils import epath
 
-from trigflow_distill import torchfile
-from trigflow_distill.networks import DiTConfig
+from trigflow_distill import sources, torchfile
+from trigflow_distill.networks import DiTConfig, param_shapes
 from trigflow_distill.networks import state_dict as sdmap
 
 _PREFIXES = ("net_ema.", "net.")  # auto: the EMA weights (the distillation teacher) when both are present
 _DIFFUSERS_CLASS = "CosmosTransformer3DModel"
+_FORMAT = "trigflow-converted-2"
 _SOURCE_JSON = "source.json"
+_PARAMS = "params"
+_COMPLETE = "COMPLETE"
 _HASH_BYTES = 1 << 20
 _PROGRESS_MIN_BYTES = 64 << 20  # smaller sources convert in a blink: no bar
+_TRANSPOSE_ROWS = 64  # a blocked transpose is ~3x faster than numpy's strided copy of a whole bf16 matrix
+_READ_CHUNK = 64 << 20
+_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
+WAIT_TIMEOUT_S = 1800.0  # how long processes > 0 wait for process 0's conversion (TRIGFLOW_TEACHER_WAIT_S)
+
+
+def _is_local(path: epath.Path | str) -> bool:
+    return "://" not in os.fspath(path)
 
 
 def _select_prefix(path: str, keys, prefix: str) -> str:
@@ -39,40 +64,34 @@ def _select_prefix(path: str, keys, prefix: str) -> str:
     return prefix
 
 
-class _Progress:
-    """Byte progress bar on stderr (for sources of at least 64 MiB). A key seen again starts a new pass (a
-    consumer may touch every tensor once to check shapes before reading them), so the bar restarts."""
+class _SafetensorsDict(Mapping):
+    """`{native name: array}` over diffusers safetensors files, reading a tensor only when it is accessed."""
 
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done, self.seen, self.shown = max(total, 1), label, 0, set(), -1
+    def __init__(self, where: dict[str, tuple[str, str]], shapes: dict[str, tuple[int, ...]], nbytes: int):
+        self.where, self.shapes, self.nbytes = where, shapes, nbytes  # where: native name -> (file, diffusers key)
 
-    def __call__(self, key: str, nbytes: int) -> None:
-        if self.total < _PROGRESS_MIN_BYTES:
-            return
-        if key in self.seen:
-            self.seen, self.done, self.shown = set(), 0, -1
-        self.seen.add(key)
-        self.done += nbytes
-        pct = min(100, 100 * self.done // self.total)
-        if pct != self.shown:
-            self.shown = pct
-            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-            end = "\n" if pct == 100 else ""
-            print(f"\r{self.label} [{bar}] {pct:3d}% {self.done / 2**30:.2f}/{self.total / 2**30:.2f} GiB",
-                  end=end, file=sys.stderr, flush=True)
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        file, name = self.where[key]
+        with safe_open(file, framework="np") as st:
+            return st.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
-def _torch_source(path: str, prefix: str, progress: bool) -> tuple[Mapping, dict]:
+def _torch_source(path: str, prefix: str) -> tuple[Mapping, dict]:
     """Lazy native state dict (prefix stripped, ignored keys dropped) of a `.pt` file, and no config fields."""
     lazy = torchfile.LazyStateDict(path)
     chosen = _select_prefix(path, lazy.refs, prefix)
-    names = {k[len(chosen):]: k for k in lazy.refs if k.startswith(chosen) and not sdmap.is_ignored(k[len(chosen):])}
+    names = {k[len(chosen) :]: k for k in lazy.refs if k.startswith(chosen) and not sdmap.is_ignored(k[len(chosen) :])}
     if not names:
         raise ValueError(f"{path}: no tensors under prefix {chosen!r}")
-    sub = lazy.subset(names)
-    if progress:
-        sub.on_read = _Progress(sum(r.nbytes for r in sub.refs.values()), os.path.basename(path))
-    return sub, {}
+    return lazy.subset(names), {}
 
 
 def _diffusers_dir(path: str) -> str:
@@ -83,163 +102,364 @@ def _diffusers_dir(path: str) -> str:
     raise FileNotFoundError(f"{path}: no config.json (expected a diffusers {_DIFFUSERS_CLASS} folder)")
 
 
-def _diffusers_source(path: str, progress: bool) -> tuple[Mapping, dict]:
-    """Native state dict and config fields of a diffusers CosmosTransformer3DModel folder."""
+def _diffusers_source(path: str) -> tuple[Mapping, dict]:
+    """Lazy native state dict and config fields of a diffusers CosmosTransformer3DModel folder."""
     from safetensors import safe_open
 
     folder = _diffusers_dir(path)
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     if cfg.get("_class_name") != _DIFFUSERS_CLASS:
-        raise ValueError(f"{folder}: wrong model family: config.json _class_name is {cfg.get('_class_name')!r}, "
-                         f"expected {_DIFFUSERS_CLASS!r}")
+        raise ValueError(
+            f"{folder}: wrong model family: config.json _class_name is {cfg.get('_class_name')!r}, "
+            f"expected {_DIFFUSERS_CLASS!r}"
+        )
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors weights (bin weights are not supported)")
-    sd = {}
-    total = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
-    bar = _Progress(total, os.path.basename(os.path.normpath(path))) if progress else None
+    where, shapes = {}, {}
+    nbytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
     for name in files:
-        with safe_open(os.path.join(folder, name), framework="np") as st:
+        file = os.path.join(folder, name)
+        with safe_open(file, framework="np") as st:
             for k in st.keys():
-                sd[k] = st.get_tensor(k)
-                if bar:
-                    bar(k, sd[k].nbytes)
+                where[k], shapes[k] = (file, k), tuple(st.get_slice(k).get_shape())
     pt, ps, ps_w = cfg.get("patch_size", (1, 2, 2))
     rope = cfg.get("rope_scale", (1.0, 3.0, 3.0))
     if ps != ps_w:
         raise ValueError(f"{folder}: non-square patch_size {cfg['patch_size']} is not supported")
     if cfg.get("extra_pos_embed_type") not in (None, "none"):
-        raise ValueError(f"{folder}: extra_pos_embed_type={cfg['extra_pos_embed_type']!r} (Cosmos 1.0 style) is not "
-                         "a Predict2.5 DiT")
-    fields = dict(patch_temporal=pt, patch_spatial=ps, rope_t_extrapolation_ratio=rope[0],
-                  rope_h_extrapolation_ratio=rope[1], rope_w_extrapolation_ratio=rope[2],
-                  concat_padding_mask=cfg.get("concat_padding_mask", True))
-    try:
-        return sdmap.native_from_diffusers(sd), fields
+        raise ValueError(
+            f"{folder}: extra_pos_embed_type={cfg['extra_pos_embed_type']!r} (Cosmos 1.0 style) is not a Predict2.5 DiT"
+        )
+    fields = dict(
+        patch_temporal=pt,
+        patch_spatial=ps,
+        rope_t_extrapolation_ratio=rope[0],
+        rope_h_extrapolation_ratio=rope[1],
+        rope_w_extrapolation_ratio=rope[2],
+        concat_padding_mask=cfg.get("concat_padding_mask", True),
+    )
+    try:  # the renaming only touches keys: map names, keep the lazy readers
+        native = sdmap.native_from_diffusers(where)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from None
+    return _SafetensorsDict(native, {n: shapes[w[1]] for n, w in native.items()}, nbytes), fields
 
 
-def _source(path: str | os.PathLike, prefix: str = "auto", progress: bool = False) -> tuple[Mapping, dict]:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+def _local_source(src: str | os.PathLike) -> str:
+    """Local path of a `.pt` file or diffusers folder given as a path or `hf://` source."""
+    path = sources.resolve(os.fspath(src))
+    if not _is_local(path):
+        raise ValueError(
+            f"{path}: weights are read from a local file or the Hugging Face cache; copy the file locally or "
+            "use hf://OWNER/NAME/PATH"
+        )
+    return path
+
+
+def _source(path: str, prefix: str = "auto") -> tuple[Mapping, dict]:
     if os.path.isdir(path):
-        return _diffusers_source(path, progress)
-    return _torch_source(path, prefix, progress)
+        return _diffusers_source(path)
+    return _torch_source(path, prefix)
 
 
-def _shapes(sd: Mapping) -> dict[str, tuple[int, ...]]:
-    if isinstance(sd, torchfile.LazyStateDict):
-        return sd.shapes
-    return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def _build(path: str, sd: Mapping, fields: dict, overrides: dict) -> tuple[DiTConfig, dict]:
+def _config(path: str, sd: Mapping, fields: dict, overrides: dict) -> DiTConfig:
     try:
-        config = sdmap.infer_config(_shapes(sd), **{**fields, **overrides})
-        return config, sdmap.params_from_state_dict(sd, config)
+        config = sdmap.infer_config(sd.shapes, **{**fields, **overrides})
+        sdmap.leaf_sources(config, sd.keys())  # family, missing and unexpected keys
+        return config
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_torch_checkpoint(path: str | os.PathLike, prefix: str = "auto", progress: bool = False,
-                          **config_overrides) -> tuple[DiTConfig, dict]:
+def _leaves(path: str, sd: Mapping, config: DiTConfig) -> Iterator[tuple[tuple[str, ...], tuple, np.dtype, list]]:
+    """(param path, leaf shape, dtype, fills) per leaf; each fill(dst) reads one source tensor into `dst` (the leaf
+    itself, or one block of a stacked leaf) and returns it, so the caller decides where the bytes go. The source
+    dtype is kept."""
+    expected = sdmap.native_shapes(config)
+    shapes = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=lambda s: isinstance(s, tuple))[0]
+    leaf_shape = {tuple(k.key for k in p): tuple(s) for p, s in shapes}
+    refs = getattr(sd, "refs", None)
+
+    def fill(name: str, transpose: bool):
+        def run(dst: np.ndarray) -> np.ndarray:
+            a = sd[name]
+            if tuple(a.shape) != expected[name]:
+                raise ValueError(
+                    f"{path}: shape mismatch: {name}: {tuple(a.shape)} != expected {expected[name]} (config: {config})"
+                )
+            if transpose and a.ndim == 2:
+                for i in range(0, a.shape[0], _TRANSPOSE_ROWS):
+                    dst[:, i : i + _TRANSPOSE_ROWS] = a[i : i + _TRANSPOSE_ROWS].T
+            else:
+                dst[...] = a.T if transpose else a
+            return dst
+
+        return run
+
+    for leaf, (names, transpose) in sdmap.leaf_sources(config).items():
+        dtype = refs[names[0]].dtype if refs is not None else sd[names[0]].dtype
+        yield leaf, leaf_shape[leaf], dtype, [fill(n, transpose) for n in names]
+
+
+def _build_tree(path: str, sd: Mapping, config: DiTConfig, progress: bool) -> dict:
+    """The param tree in memory; each stacked leaf is allocated once and filled block by block (no stack copy)."""
+    params: dict = {}
+    bar = _bar(sd, progress, os.path.basename(os.path.normpath(path)))
+    for leaf, shape, dtype, fills in _leaves(path, sd, config):
+        out = np.empty(shape, dtype)
+        for i, f in enumerate(fills):
+            f(out[i] if len(fills) > 1 else out)
+        bar.update(out.nbytes)
+        node = params
+        for k in leaf[:-1]:
+            node = node.setdefault(k, {})
+        node[leaf[-1]] = out
+    bar.close()
+    return params
+
+
+def _bar(sd: Mapping, progress: bool, label: str) -> tqdm.tqdm:
+    refs = getattr(sd, "refs", None)
+    total = sum(r.nbytes for r in refs.values()) if refs is not None else sd.nbytes
+    return tqdm.tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        disable=not progress or total < _PROGRESS_MIN_BYTES,
+        file=sys.stderr,
+    )
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike, prefix: str = "auto", progress: bool = False, **config_overrides
+) -> tuple[DiTConfig, dict]:
     """(net_config, params) from a native Cosmos `.pt` (no torch needed); params are numpy in the file's dtype.
 
     `prefix`: "auto" takes `net_ema.` when present (the teacher in training checkpoints), else `net.`, else
     unprefixed keys; or name one ("net.", "net_ema.", ""). `config_overrides`: DiTConfig fields that cannot be
     inferred (patch sizes, RoPE ratios) or compute options (dtype, remat, attention).
     """
-    path = os.fspath(path)
+    path = _local_source(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; use load_diffusers_folder for diffusers weights")
-    sd, fields = _torch_source(path, prefix, progress)
-    return _build(path, sd, fields, config_overrides)
+    sd, fields = _torch_source(path, prefix)
+    config = _config(path, sd, fields, config_overrides)
+    return config, _build_tree(path, sd, config, progress)
 
 
-def load_diffusers_folder(path: str | os.PathLike, progress: bool = False, **config_overrides
-                          ) -> tuple[DiTConfig, dict]:
+def load_diffusers_folder(
+    path: str | os.PathLike, progress: bool = False, **config_overrides
+) -> tuple[DiTConfig, dict]:
     """(net_config, params) from a diffusers CosmosTransformer3DModel folder (config.json + safetensors)."""
-    path = os.fspath(path)
+    path = _local_source(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a folder (expected a diffusers {_DIFFUSERS_CLASS} folder)")
-    sd, fields = _diffusers_source(path, progress)
-    return _build(path, sd, fields, config_overrides)
+    sd, fields = _diffusers_source(path)
+    config = _config(path, sd, fields, config_overrides)
+    return config, _build_tree(path, sd, config, progress)
+
+
+def _refuse_overwrite(path: epath.Path, what: str) -> None:
+    raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace the {what}")
 
 
 def _cast_tree(params, dtype) -> dict:
     return jax.tree.map(lambda a: np.asarray(a).astype(dtype, copy=False), params)
 
 
-def export_torch(params, config: DiTConfig, path: str | os.PathLike, dtype=ml_dtypes.bfloat16) -> None:
+def _write_via_local(dst: epath.Path, write) -> None:
+    """Runs write(local_path) on `dst` itself when local, else on a local temporary copied to `dst` afterwards."""
+    if _is_local(dst):
+        write(os.fspath(dst))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, dst.name)
+        write(local)
+        if os.path.isdir(local):
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(local):
+                epath.Path(local, name).copy(dst / name, overwrite=True)
+        else:
+            epath.Path(local).copy(dst, overwrite=True)
+
+
+def export_torch(
+    params, config: DiTConfig, path: str | os.PathLike, dtype=ml_dtypes.bfloat16, *, overwrite: bool = False
+) -> None:
     """Writes a native Cosmos `.pt` (`net.`-prefixed, bf16 by default, text projection included) that
-    `torch.load(path, weights_only=True)` reads and the Cosmos network loads with `load_state_dict`."""
+    `torch.load(path, weights_only=True)` reads and the Cosmos network loads with `load_state_dict`.
+    An existing file is replaced only with `overwrite=True`."""
+    path = epath.Path(path)
+    if path.exists() and not overwrite:
+        _refuse_overwrite(path, "file")
     sd = sdmap.state_dict_from_params(_cast_tree(params, dtype), config)
-    torchfile.save(path, {f"net.{k}": v for k, v in sd.items()})
+    _write_via_local(path, lambda p: torchfile.save(p, {f"net.{k}": v for k, v in sd.items()}))
 
 
-def export_diffusers(params, config: DiTConfig, out_dir: str | os.PathLike, dtype=ml_dtypes.bfloat16) -> None:
+def export_diffusers(
+    params, config: DiTConfig, out_dir: str | os.PathLike, dtype=ml_dtypes.bfloat16, *, overwrite: bool = False
+) -> None:
     """Writes `config.json` + `diffusion_pytorch_model.safetensors` for
     `diffusers.CosmosTransformer3DModel.from_pretrained(out_dir)` (see `state_dict.diffusers_config` about the
-    q/k RMSNorm epsilon diffusers hard-codes)."""
+    q/k RMSNorm epsilon diffusers hard-codes). Existing files are replaced only with `overwrite=True`."""
     from safetensors.numpy import save_file
 
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = epath.Path(out_dir)
+    weights, config_json = "diffusion_pytorch_model.safetensors", "config.json"
+    for name in (weights, config_json):
+        if (out_dir / name).exists() and not overwrite:
+            _refuse_overwrite(out_dir / name, "diffusers model")
     sd = sdmap.diffusers_from_native(sdmap.state_dict_from_params(_cast_tree(params, dtype), config))
-    save_file(sd, os.path.join(out_dir, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     cfg = {**sdmap.diffusers_config(config), "_diffusers_version": "0.42.1"}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+
+    def write(local: str) -> None:
+        os.makedirs(local, exist_ok=True)
+        save_file(sd, os.path.join(local, weights), metadata={"format": "pt"})
+        with open(os.path.join(local, config_json), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+    _write_via_local(out_dir, write)
 
 
-def save_converted(out_dir: str | os.PathLike, params, shapes: Mapping, fields: Mapping) -> None:
-    """Writes a converted checkpoint folder (`params/` Orbax + `source.json`) atomically (tmp folder, rename)."""
-    import orbax.checkpoint as ocp
+def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, fields: Mapping, progress: bool):
+    """Streams the converted checkpoint into `folder` (created here), COMPLETE last."""
+    (folder / _PARAMS).mkdir(parents=True)
+    leaves = {}
+    bar = _bar(sd, progress, os.path.basename(os.path.normpath(path)))
+    for leaf, shape, dtype, fills in _leaves(path, sd, config):
+        key = ".".join(leaf)
+        buf = np.empty(shape[1:] if len(fills) > 1 else shape, dtype)  # one source tensor in flight
+        with (folder / _PARAMS / key).open("wb") as f:
+            for fill in fills:
+                f.write(memoryview(fill(buf).reshape(-1).view(np.uint8)))
+                bar.update(buf.nbytes)
+        leaves[key] = {"shape": list(shape), "dtype": str(np.dtype(dtype))}
+    bar.close()
+    meta = {"format": _FORMAT, "shapes": {k: list(v) for k, v in sd.shapes.items()}, "fields": dict(fields)}
+    (folder / _SOURCE_JSON).write_text(json.dumps({**meta, "params": leaves}))
+    (folder / _COMPLETE).write_text(uuid.uuid4().hex)
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; remove it or choose another destination")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(tmp, "params"), params)
-    with open(os.path.join(tmp, _SOURCE_JSON), "w") as f:
-        json.dump({"shapes": {k: list(v) for k, v in shapes.items()}, "fields": dict(fields)}, f)
+
+def _remove(folder: epath.Path) -> None:
+    if folder.exists():
+        (folder / _COMPLETE).unlink(missing_ok=True)  # first: no reader trusts it from now on
+        folder.rmtree()
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    prefix: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> DiTConfig:
+    """Converts a `.pt` file or diffusers folder (local or `hf://`) into the converted folder `dst` (local or
+    `gs://`), one tensor at a time; returns the inferred net config. `prefix` as in `load_torch_checkpoint`;
+    an existing `dst` is replaced only with `overwrite=True`."""
+    path = _local_source(src)
+    dst = epath.Path(dst)
+    if dst.exists() and not overwrite:
+        _refuse_overwrite(dst, "converted checkpoint")
+    sd, fields = _source(path, prefix)
+    config = _config(path, sd, fields, {})
+    if not _is_local(dst):  # object stores have no atomic folder rename: COMPLETE written last is the commit
+        _remove(dst)
+        _write_entry(dst, path, sd, config, fields, progress)
+        return config
+    dst = epath.Path(os.path.abspath(dst))
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
-        if not os.path.isdir(out_dir):
-            raise
+        _write_entry(tmp, path, sd, config, fields, progress)
+        if overwrite:
+            _remove(dst)
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return config
+
+
+def _problem(folder: epath.Path) -> str | None:
+    """Why `folder` is not a complete converted checkpoint, or None when it is."""
+    if not (folder / _COMPLETE).exists():
+        return f"no {_COMPLETE} marker (an interrupted conversion, or written by an older version)"
+    try:
+        meta = json.loads((folder / _SOURCE_JSON).read_text())
+        leaves = meta["params"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {_SOURCE_JSON} ({type(e).__name__}: {e})"
+    if meta.get("format") != _FORMAT:
+        return f"format {meta.get('format')!r}, expected {_FORMAT!r}"
+    for key, leaf in leaves.items():
+        file = folder / _PARAMS / key
+        want = int(np.prod(leaf["shape"], dtype=np.int64)) * _dtype(leaf["dtype"]).itemsize
+        size = file.stat().length if file.exists() else None
+        if size != want:
+            return f"{_PARAMS}/{key} has {'no file' if size is None else f'{size} bytes'}, expected {want} bytes"
+    return None
+
+
+def _dtype(name: str) -> np.dtype:
+    return _DTYPES.get(name) or np.dtype(name)
+
+
+def _read_leaf(file: epath.Path, shape, dtype: np.dtype) -> np.ndarray:
+    out = np.empty(shape, dtype)
+    raw = out.reshape(-1).view(np.uint8)
+    with file.open("rb") as f:
+        done = 0
+        while done < raw.size:
+            n = f.readinto(raw[done : done + _READ_CHUNK]) if hasattr(f, "readinto") else None
+            if n is None:  # file objects without readinto (some remote file systems)
+                chunk = f.read(min(_READ_CHUNK, raw.size - done))
+                n = len(chunk)
+                raw[done : done + n] = np.frombuffer(chunk, np.uint8)
+            if not n:
+                raise ValueError(f"{file}: short read (truncated file)")
+            done += n
+    return out
 
 
 def load_converted(ckpt_dir: str | os.PathLike, **config_overrides) -> tuple[DiTConfig, dict]:
-    """(net_config, params) from a folder written by `save_converted` (the CLI's output)."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-    meta_path = os.path.join(ckpt_dir, _SOURCE_JSON)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{ckpt_dir}: no {_SOURCE_JSON}; not a converted checkpoint (run "
-                                "`python -m trigflow_distill.convert SRC DST` first)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config = sdmap.infer_config({k: tuple(v) for k, v in meta["shapes"].items()},
-                                **{**meta["fields"], **config_overrides})
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(ckpt_dir, "params"))
+    """(net_config, params) from a converted folder (`convert`'s output, `load_teacher`'s cache entries)."""
+    folder = epath.Path(ckpt_dir)
+    if not (folder / _SOURCE_JSON).exists() and not (folder / _COMPLETE).exists():
+        raise FileNotFoundError(
+            f"{folder}: no {_SOURCE_JSON}; not a converted checkpoint (run `python -m trigflow_distill.convert SRC "
+            "DST` first)"
+        )
+    problem = _problem(folder)
+    if problem:
+        raise ValueError(f"{folder}: incomplete or corrupted converted checkpoint: {problem}; convert again")
+    meta = json.loads((folder / _SOURCE_JSON).read_text())
+    config = sdmap.infer_config(
+        {k: tuple(v) for k, v in meta["shapes"].items()}, **{**meta["fields"], **config_overrides}
+    )
+    params: dict = {}
+    for key, leaf in meta["params"].items():
+        *parents, last = key.split(".")
+        node = params
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = _read_leaf(folder / _PARAMS / key, tuple(leaf["shape"]), _dtype(leaf["dtype"]))
     return config, params
 
 
 def source_key(path: str | os.PathLike) -> str:
     """Cache key of a `.pt` file or diffusers folder: sizes, mtimes and a hash of each file's first MiB."""
     path = os.path.abspath(os.fspath(path))
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".safetensors")))
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".safetensors"))
+        )
+    )
     h = hashlib.sha256()
     for name in files:
         st = os.stat(name)
@@ -249,57 +469,126 @@ def source_key(path: str | os.PathLike) -> str:
     return h.hexdigest()[:20]
 
 
-def load_teacher(path: str | os.PathLike, cache_dir: str | os.PathLike, prefix: str = "auto",
-                 progress: bool = False, **config_overrides) -> tuple[DiTConfig, dict]:
-    """(net_config, params) of a `.pt` or diffusers teacher, converted once into `cache_dir` and re-used by
-    later calls while the source's size, mtime and header hash are unchanged."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    name = os.path.basename(os.path.normpath(path))
-    entry = os.path.join(os.fspath(cache_dir), f"{name}-{prefix.strip('.') or 'noprefix'}-{source_key(path)}")
-    if not os.path.isdir(entry):
-        sd, fields = _source(path, prefix, progress)
-        config, params = _build(path, sd, fields, config_overrides)
-        os.makedirs(os.fspath(cache_dir), exist_ok=True)
-        save_converted(entry, params, _shapes(sd), fields)
-        return config, params
-    return load_converted(entry, **config_overrides)
+def _marker(folder: epath.Path) -> str | None:
+    try:
+        return (folder / _COMPLETE).read_text()
+    except (FileNotFoundError, OSError):
+        return None
 
 
-def _summary(what: str, params, seconds: float) -> str:
-    leaves = jax.tree.leaves(params)
-    count = sum(int(np.prod(np.shape(a))) for a in leaves)
-    dtypes = "/".join(sorted({str(np.asarray(a).dtype) for a in leaves}))
+def load_teacher(
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    prefix: str = "auto",
+    progress: bool = False,
+    *,
+    process_index: int | None = None,
+    num_processes: int | None = None,
+    wait_timeout_s: float | None = None,
+    poll_s: float = 0.5,
+    **config_overrides,
+) -> tuple[DiTConfig, dict]:
+    """(net_config, params) of a `.pt` or diffusers teacher (local or `hf://`), converted once into `cache_dir`
+    (local or `gs://`, shared by all hosts) and re-used while the source's size, mtime and header hash are unchanged.
+
+    One conversion per job: process 0 (`process_index`, default `jax.process_index()`) converts; the others wait
+    for the entry's COMPLETE marker (at most `wait_timeout_s`, default TRIGFLOW_TEACHER_WAIT_S or 1800 s). An
+    incomplete or corrupted entry is converted again by process 0, saying so.
+    """
+    local = _local_source(path)
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if num_processes is None else num_processes
+    name = os.path.basename(os.path.normpath(local))
+    entry = epath.Path(cache_dir) / f"{name}-{prefix.strip('.') or 'noprefix'}-{source_key(local)}"
+    if index == 0 or count == 1:
+        problem = _problem(entry)
+        if problem is None:
+            try:
+                return load_converted(entry, **config_overrides)
+            except (OSError, ValueError) as e:
+                problem = f"{type(e).__name__}: {e}"
+        if entry.exists():
+            print(f"teacher cache {entry} is incomplete or corrupted ({problem}); converting again", file=sys.stderr)
+        else:
+            print(f"converting teacher {path} into {entry}", file=sys.stderr)
+        convert(local, entry, prefix=prefix, overwrite=True, progress=progress)
+        return load_converted(entry, **config_overrides)
+
+    timeout = (
+        wait_timeout_s
+        if wait_timeout_s is not None
+        else float(os.environ.get("TRIGFLOW_TEACHER_WAIT_S", WAIT_TIMEOUT_S))
+    )
+    deadline, failed_marker, error = time.monotonic() + timeout, None, None
+    while True:
+        marker = _marker(entry)
+        if marker is not None and marker != failed_marker:
+            try:
+                return load_converted(entry, **config_overrides)
+            except (OSError, ValueError) as e:  # process 0 may be replacing a corrupted entry: wait for the new one
+                failed_marker, error = marker, e
+        if time.monotonic() > deadline:
+            why = f"the entry there is unreadable ({error})" if error else f"no {_COMPLETE} marker appeared"
+            raise TimeoutError(
+                f"process {index}: waited {timeout:.0f} s for process 0 to convert the teacher into {entry}, but "
+                f"{why}; check process 0's log and that teacher.cache_dir is shared by all hosts (e.g. under a gs:// "
+                "workdir); raise TRIGFLOW_TEACHER_WAIT_S for slow conversions"
+            )
+        time.sleep(poll_s)
+
+
+def _summary(what: str, params_or_folder, seconds: float) -> str:
+    if isinstance(params_or_folder, epath.Path):
+        leaves = json.loads((params_or_folder / _SOURCE_JSON).read_text())["params"].values()
+        count = sum(int(np.prod(v["shape"])) for v in leaves)
+        dtypes = "/".join(sorted({v["dtype"] for v in leaves}))
+    else:
+        leaves = jax.tree.leaves(params_or_folder)
+        count = sum(int(np.prod(np.shape(a))) for a in leaves)
+        dtypes = "/".join(sorted({str(np.asarray(a).dtype) for a in leaves}))
     return f"{what}: {count:,} params ({count / 1e9:.3f} B), dtype {dtypes}, {seconds:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trigflow_distill.convert",
-        description="Convert a Cosmos Predict2.5 DiT between PyTorch (.pt or diffusers folder) and an Orbax "
-                    "checkpoint folder of Flax params. Without flags: SRC (.pt / diffusers folder) -> DST Orbax.")
-    parser.add_argument("src", help="source: .pt file or diffusers folder; with --export-*: a converted folder")
-    parser.add_argument("dst", help="destination folder (Orbax), .pt file or diffusers folder")
+        description="Convert a Cosmos Predict2.5 DiT between PyTorch (.pt or diffusers folder) and a converted "
+        "folder of Flax params. Without flags: SRC (.pt / diffusers folder, local or hf://OWNER/NAME/PATH[@REV]) -> "
+        "DST converted folder (local or gs://).",
+    )
+    parser.add_argument(
+        "src", help="source: .pt file or diffusers folder (or hf://...); with --export-*: a converted folder"
+    )
+    parser.add_argument("dst", help="destination: converted folder, .pt file or diffusers folder")
     way = parser.add_mutually_exclusive_group()
     way.add_argument("--export-torch", action="store_true", help="SRC converted folder -> DST native .pt (bf16)")
     way.add_argument("--export-diffusers", action="store_true", help="SRC converted folder -> DST diffusers folder")
-    parser.add_argument("--prefix", default="auto", help="key prefix of a .pt: auto (net_ema. > net. > none), "
-                                                         "'net.', 'net_ema.' or ''")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="tensor dtype written by --export-* (default bfloat16)")
+    parser.add_argument(
+        "--prefix", default="auto", help="key prefix of a .pt: auto (net_ema. > net. > none), 'net.', 'net_ema.' or ''"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="tensor dtype written by --export-* (default bfloat16)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.export_torch or args.export_diffusers:
-        config, params = load_converted(args.src)
-        dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
-        (export_torch if args.export_torch else export_diffusers)(params, config, args.dst, dtype=dtype)
-        params = _cast_tree(params, dtype)
-    else:
-        sd, fields = _source(args.src, args.prefix, progress=True)
-        config, params = _build(args.src, sd, fields, {})
-        save_converted(args.dst, params, _shapes(sd), fields)
-    print(_summary(f"{args.src} -> {args.dst}", params, time.perf_counter() - start), file=sys.stderr)
+    try:
+        if args.export_torch or args.export_diffusers:
+            config, params = load_converted(args.src)
+            dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+            export = export_torch if args.export_torch else export_diffusers
+            export(params, config, args.dst, dtype=dtype, overwrite=args.overwrite)
+            done = _cast_tree(params, dtype)
+        else:
+            convert(args.src, args.dst, prefix=args.prefix, overwrite=args.overwrite, progress=True)
+            done = epath.Path(args.dst)
+    except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, TorchFileError included
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(_summary(f"{args.src} -> {args.dst}", done, time.perf_counter() - start), file=sys.stderr)
     return 0
 
 

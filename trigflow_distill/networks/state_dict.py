@@ -145,6 +145,27 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], config: DiTConfig) -> d
     return params
 
 
+def leaf_sources(config: DiTConfig, names=None) -> dict[tuple[str, ...], tuple[list[str], bool]]:
+    """Param path -> (native names, transpose): one name for a global leaf, `num_blocks` names stacked along a new
+    leading axis for a per-block leaf; transpose when a torch weight becomes a kernel. Lets a converter build or
+    write the tree one leaf at a time (same result as `params_from_state_dict`). With `names` (a source's
+    non-ignored native keys) first checks them as `params_from_state_dict` does (family, missing, unexpected)."""
+    expected = native_shapes(config)
+    if names is not None:
+        names = list(names)
+        _check_family(names)
+        missing, unexpected = set(expected) - set(names), set(names) - set(expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match the config: missing keys [{_fmt(missing)}]; unexpected keys "
+                f"[{_fmt(unexpected)}] (config: {config})"
+            )
+    out = {path: ([name], path[-1] == "kernel") for name, path in _GLOBAL.items() if name in expected}
+    for name, path in _PER_BLOCK.items():
+        out[("blocks",) + path] = ([f"blocks.{i}.{name}" for i in range(config.num_blocks)], path[-1] == "kernel")
+    return out
+
+
 def state_dict_from_params(params: Mapping, config: DiTConfig) -> dict[str, np.ndarray]:
     """Native name -> contiguous numpy tensor (torch layout, dtype of the params) for the whole tree."""
     shapes = param_shapes(config)
