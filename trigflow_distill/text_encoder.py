@@ -281,6 +281,7 @@ def embed(cfg: Qwen2Config, params: dict, ids_bl: jax.Array) -> jax.Array:
     """FULL_CONCAT text embedding (B, L, num_layers * hidden) float32 of token ids (B, L); jit-able.
 
     Layer outputs 1..N (the last after the final norm), each normalised per token, concatenated in layer order.
+    Sharded parameters (`load(..., mesh=mesh)`) and ids (e.g. `sharding.batch_sharding(mesh)`) work as they are.
     """
     hs_nbld = qwen2.hidden_states(cfg, params, ids_bl)
     return rearrange(normalize(hs_nbld), "n b l d -> b l (n d)")

@@ -145,6 +145,9 @@ def hidden_states(cfg: Qwen2Config, params: dict, ids_bl: jax.Array) -> jax.Arra
     """Outputs of layers 1..N, (N, B, L, D) in the parameter dtype; the last one after the final norm.
 
     This is transformers' `output_hidden_states[1:]` for a call without attention mask (causal attention only).
+    Sharding is left to XLA: with FSDP-sharded weights and a batch of a few thousand tokens it keeps the weights
+    where they are and moves the (much smaller) activations, which is what the memory benchmark measured best
+    (benchmarks/text_encoder_memory.py; pinning activations to the batch sharding gathered whole layers instead).
     """
     ids_bl = jnp.asarray(ids_bl, jnp.int32)
     cos_ld, sin_ld = rope_cos_sin(cfg, ids_bl.shape[1])
