@@ -15,6 +15,7 @@ statistics, RoPE angles and the softmax in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +90,14 @@ def param_shapes(cfg: Qwen2Config, dtype=jnp.float32) -> dict:
 
 def init_params(cfg: Qwen2Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> dict:
     """Random parameters (normal(0, scale) matrices and biases, norm weights around 1) for tests and tiny runs."""
-    shapes = param_shapes(cfg, dtype)
-    leaves, treedef = jax.tree.flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
+    leaves, treedef = jax.tree.flatten_with_path(param_shapes(cfg, dtype))
+    sizes = [math.prod(s.shape) for _, s in leaves]
+    # One draw split into the leaves: XLA:CPU compiles one threefry per random call, seconds for a dozen.
+    noise = scale * jax.random.normal(key, (sum(sizes),), jnp.float32)
     out = []
-    for (path, s), k in zip(leaves, keys):
-        noise = scale * jax.random.normal(k, s.shape, jnp.float32)
-        out.append((noise + 1.0 if path[-1].key.endswith("norm") else noise).astype(dtype))
+    for (path, s), start, size in zip(leaves, np.cumsum([0, *sizes[:-1]]), sizes):
+        x = noise[start:start + size].reshape(s.shape)
+        out.append((x + 1.0 if path[-1].key.endswith("norm") else x).astype(dtype))
     return jax.tree.unflatten(treedef, out)
 
 
