@@ -177,9 +177,11 @@ def test_tokenize_template_layout_padding_and_truncation(tmp_path):
     np.testing.assert_array_equal(long[0, :len(expected) - 5], expected[:-5])
     assert (long[0, len(expected) - 5:] == tid("red")).all()
 
-    # The pad token comes from tokenizer_config.json.
+    # The pad token comes from tokenizer_config.json, also through a loaded tokenizer.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": {"content": "<|im_end|>"}}))
     assert (text_encoder.tokenize(tmp_path, "a car")[0, len(expected):] == tid("<|im_end|>")).all()
+    loaded = text_encoder.load_tokenizer(tmp_path)
+    np.testing.assert_array_equal(text_encoder.tokenize(loaded, "a car"), text_encoder.tokenize(tmp_path, "a car"))
 
     # A tokenizer without the Qwen special tokens is refused.
     plain = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
@@ -224,3 +226,20 @@ def test_cli_writes_embedding_and_reports_errors(tmp_path, capsys):
     np.testing.assert_allclose(per_layer.std(-1, ddof=1), 1, atol=1e-4)
     assert text_encoder.main(["--text-encoder", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_config_of_released_and_nested_layouts():
+    released = {  # the fields of Cosmos-Reason1-7B's config.json (transformers 4.x layout: text settings at the top)
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_act": "silu",
+        "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 152064,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "use_sliding_window": False,
+        "sliding_window": 32768, "vision_config": {"depth": 32, "hidden_size": 1280},
+    }
+    assert text_encoder.config_from_json(released) == qwen2.REASON1_7B
+    nested = _nest_text_config({k: v for k, v in released.items() if k != "rope_scaling"})
+    assert text_encoder.config_from_json(nested) == qwen2.REASON1_7B
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        text_encoder.config_from_json({**released, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="no 'num_hidden_layers'"):
+        text_encoder.config_from_json({k: v for k, v in released.items() if k != "num_hidden_layers"})

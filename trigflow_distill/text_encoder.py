@@ -7,7 +7,7 @@ Public API:
 - `load(path, dtype, mesh)` -> (cfg, params): the language model of a transformers Qwen2.5-VL folder
   (config.json + safetensors), read lazily shard by shard; with a mesh the parameters are FSDP-sharded.
 - `tokenize(path_or_tokenizer, captions)` -> int32 ids (B, 512): the §11 chat template, right-padded with the pad
-  token or truncated.
+  token or truncated (`load_tokenizer(path)` once, then pass the tokenizer, for many batches).
 - `embed(cfg, params, ids)` -> (B, L, num_layers * hidden) float32: FULL_CONCAT, the outputs of layers 1..N (the
   last after the final norm), each normalised per token (h - mean) / (unbiased std + 1e-8), in layer order.
 - `save(path, cfg, params)` / `write_tiny(path)`: a folder in the same format (tiny random ones for tests).
@@ -236,14 +236,19 @@ def _pad_token(folder: str) -> str:
     return DEFAULT_PAD_TOKEN
 
 
-def _load_tokenizer(path_or_tokenizer) -> tuple[tokenizers.Tokenizer, str]:
-    if isinstance(path_or_tokenizer, tokenizers.Tokenizer):
-        return path_or_tokenizer, DEFAULT_PAD_TOKEN
-    folder = _local_dir(path_or_tokenizer)
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The folder's tokenizer.json, with the folder's pad token recorded in its padding settings (so that a
+    loaded tokenizer can be passed to `tokenize` many times without rereading the folder)."""
+    folder = _local_dir(path)
     file = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{folder}: no tokenizer.json (expected the text encoder's folder)")
-    return tokenizers.Tokenizer.from_file(file), _pad_token(folder)
+    tok = tokenizers.Tokenizer.from_file(file)
+    pad = _pad_token(folder)
+    if tok.token_to_id(pad) is None:
+        raise ValueError(f"{folder}: pad token {pad!r} is not in tokenizer.json's vocabulary")
+    tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
+    return tok
 
 
 def render(caption: str) -> str:
@@ -254,8 +259,13 @@ def render(caption: str) -> str:
 def tokenize(path_or_tokenizer, captions: str | Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
     """int32 ids (B, max_length) of the §11 chat template of each caption, right-padded with the pad token or
     truncated (as the reference does). `path_or_tokenizer`: the text encoder's folder (its tokenizer.json and
-    pad token) or a `tokenizers.Tokenizer` (pad token `<|endoftext|>`)."""
-    tok, pad_token = _load_tokenizer(path_or_tokenizer)
+    pad token) or a `tokenizers.Tokenizer` (e.g. from `load_tokenizer`; pad token from its padding settings, else
+    `<|endoftext|>`)."""
+    if isinstance(path_or_tokenizer, tokenizers.Tokenizer):
+        tok = path_or_tokenizer
+    else:
+        tok = load_tokenizer(path_or_tokenizer)
+    pad_token = (tok.padding or {}).get("pad_token", DEFAULT_PAD_TOKEN)
     for token in (*SPECIAL_TOKENS, pad_token):
         ids = tok.encode(token, add_special_tokens=False).ids
         if tok.token_to_id(token) is None or ids != [tok.token_to_id(token)]:
