@@ -8,9 +8,11 @@ A converted checkpoint (the CLI's output and `load_teacher`'s cache entries) is 
     params/<a.b.c>   one raw C-order array per param leaf (`a/b/c` in the tree)
     COMPLETE         written last; a folder without it is incomplete
 
-`convert` streams: one source tensor is read (memory-mapped), transposed into a per-leaf buffer and written before
-the next, so a conversion never holds the weights in memory. Local folders are written under a temporary name and
-renamed; on object stores (`gs://`, through etils.epath) the COMPLETE marker written last is the commit.
+`convert` streams: one source tensor at a time is read (memory-mapped) and transposed straight into the
+memory-mapped output leaf (on object stores: into a one-tensor buffer written out before the next), so a conversion
+never holds the weights in memory. Local folders are written under a temporary name and renamed; on object stores
+(`gs://`, through etils.epath) the COMPLETE marker written last is the commit. Local converted leaves are read back
+as read-only memory maps (`load_converted`): a cache hit copies nothing until the caller casts or places them.
 Sources may be local paths or `hf://OWNER/NAME/PATH[@REV]` (see `sources.resolve`).
 """
 
@@ -331,12 +333,22 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
     leaves = {}
     bar = _bar(sd, progress, os.path.basename(os.path.normpath(path)))
     for leaf, shape, dtype, fills in _leaves(path, sd, config):
-        key = ".".join(leaf)
-        buf = np.empty(shape[1:] if len(fills) > 1 else shape, dtype)  # one source tensor in flight
-        with (folder / _PARAMS / key).open("wb") as f:
-            for fill in fills:
-                f.write(memoryview(fill(buf).reshape(-1).view(np.uint8)))
-                bar.update(buf.nbytes)
+        key, file = ".".join(leaf), folder / _PARAMS / ".".join(leaf)
+        if _is_local(file):  # transpose straight into the file's pages, one source tensor mapped at a time
+            part = shape[1:] if len(fills) > 1 else shape
+            part_bytes = int(np.prod(part, dtype=np.int64)) * np.dtype(dtype).itemsize
+            with open(file, "wb") as f:
+                f.truncate(part_bytes * len(fills))
+            for i, fill in enumerate(fills):
+                out = np.memmap(file, dtype, "r+", offset=i * part_bytes, shape=part)
+                bar.update(fill(out).nbytes)
+                del out  # unmapped: its pages stay in the page cache, not in this process
+        else:
+            buf = np.empty(shape[1:] if len(fills) > 1 else shape, dtype)  # one source tensor in flight
+            with file.open("wb") as f:
+                for fill in fills:
+                    f.write(memoryview(fill(buf).reshape(-1).view(np.uint8)))
+                    bar.update(buf.nbytes)
         leaves[key] = {"shape": list(shape), "dtype": str(np.dtype(dtype))}
     bar.close()
     meta = {"format": _FORMAT, "shapes": {k: list(v) for k, v in sd.shapes.items()}, "fields": dict(fields)}
@@ -409,6 +421,10 @@ def _dtype(name: str) -> np.dtype:
 
 
 def _read_leaf(file: epath.Path, shape, dtype: np.dtype) -> np.ndarray:
+    """A local leaf is memory-mapped read-only (no copy; the page cache is shared by the processes of a host), a
+    remote one read into memory."""
+    if _is_local(file):
+        return np.memmap(file, dtype, "r", shape=tuple(shape))
     out = np.empty(shape, dtype)
     raw = out.reshape(-1).view(np.uint8)
     with file.open("rb") as f:
@@ -426,7 +442,8 @@ def _read_leaf(file: epath.Path, shape, dtype: np.dtype) -> np.ndarray:
 
 
 def load_converted(ckpt_dir: str | os.PathLike, **config_overrides) -> tuple[DiTConfig, dict]:
-    """(net_config, params) from a converted folder (`convert`'s output, `load_teacher`'s cache entries)."""
+    """(net_config, params) from a converted folder (`convert`'s output, `load_teacher`'s cache entries); local
+    leaves are read-only memory maps, remote ones are read into memory."""
     folder = epath.Path(ckpt_dir)
     if not (folder / _SOURCE_JSON).exists() and not (folder / _COMPLETE).exists():
         raise FileNotFoundError(
