@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from trigflow_distill import convert, networks, torchfile
 from trigflow_distill.networks import state_dict as sdmap
@@ -397,3 +398,50 @@ def test_progress_bar(release, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "tiny_ema_bf16.pt: 100%" in err
     assert err.endswith("\n")
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs:// served from a local folder: etils.epath reaches gs:// through fsspec's "gcs" protocol."""
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    class FakeGCS(LocalFileSystem):
+        protocol = ("gs", "gcs")
+        root_marker = ""
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path).removeprefix("gs://").removeprefix("gcs://").removeprefix(f"{root}/")
+            return os.path.join(root, path).rstrip("/")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    registry = sys.modules["fsspec.registry"]._registry
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(registry, name, FakeGCS)
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would land here
+    return root
+
+
+def test_remote_destinations(release, tmp_path, fake_gcs):
+    path, native = release
+    assert convert.convert(path, "gs://bucket/converted") == CONFIG
+    assert sorted(os.listdir(fake_gcs / "bucket" / "converted")) == ["COMPLETE", "params", "source.json"]
+    config, params = convert.load_converted("gs://bucket/converted")
+    assert config == CONFIG and not isinstance(jax.tree.leaves(params)[0], np.memmap)
+    assert_trees_equal(params, convert.load_torch_checkpoint(path)[1])
+    with pytest.raises(FileExistsError, match="gs://bucket/converted already exists; pass --overwrite"):
+        convert.convert(path, "gs://bucket/converted")
+
+    _, cached = convert.load_teacher(path, "gs://bucket/cache")
+    assert_trees_equal(cached, params)
+    assert len(os.listdir(fake_gcs / "bucket" / "cache")) == 1
+    convert.export_torch(params, config, "gs://bucket/student.pt")
+    reloaded = torch.load(fake_gcs / "bucket" / "student.pt", weights_only=True)
+    for k, v in native.items():
+        np.testing.assert_array_equal(to_numpy(reloaded[f"net.{k}"]), v, err_msg=k)
+    with pytest.raises(FileExistsError, match="gs://bucket/student.pt already exists"):
+        convert.export_torch(params, config, "gs://bucket/student.pt")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("gs")]  # nothing landed in a local "gs:" folder
