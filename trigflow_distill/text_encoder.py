@@ -30,6 +30,8 @@ from einops import rearrange
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
 from trigflow_distill import sources
@@ -165,7 +167,7 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
     keys = _language_model_keys(_weight_files(folder), cfg, folder)
     shapes = qwen2.param_shapes(cfg, _DTYPES[dtype])
     if mesh is None:
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), shapes)
     else:
         shardings = param_sharding(shapes, mesh)
     leaves, treedef = jax.tree.flatten_with_path(shapes)
@@ -202,8 +204,6 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
 
 def save(path: str | os.PathLike, cfg: Qwen2Config, params: dict) -> None:
     """Writes config.json (Qwen2.5-VL, text settings at the top) and model.safetensors with the released names."""
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     config = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
@@ -302,8 +302,6 @@ def write_tiny(path: str | os.PathLike, seed: int = 0, num_layers: int = 2, hidd
     """A tiny random text-encoder folder for tests and toy runs: config.json, model.safetensors and a word-level
     tokenizer.json (space-separated words, "\n" and "." on their own; vocabulary: the Qwen special tokens, the
     template's words, `words` and [UNK]). Returns its config."""
-    from tokenizers import models, pre_tokenizers
-
     vocab = [DEFAULT_PAD_TOKEN, *SPECIAL_TOKENS, "[UNK]", "\n", "system", "user", *SYSTEM_PROMPT[:-1].split(), ".",
              *words]
     vocab = list(dict.fromkeys(vocab))
