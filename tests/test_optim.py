@@ -118,3 +118,9 @@ def test_ema_counts_the_updates_before_the_current_one():
         beta = (1 - 1 / (n + 1)) ** (optim.EMA_GAMMA + 1)
         expected = beta * expected + (1 - beta) * theta
     assert float(ema["w"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_ema_start_delays_the_averaging():
+    assert float(optim.ema_beta(5, start=5)) == 0.0  # the EMA still equals the student
+    assert float(optim.ema_beta(7, start=5)) == pytest.approx(float(optim.ema_beta(2)), rel=1e-6)
+    assert float(optim.ema_beta(7, start=0)) == pytest.approx(float(optim.ema_beta(7)), rel=1e-6)

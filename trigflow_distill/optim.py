@@ -51,21 +51,23 @@ def ema_gamma(rate=0.1):
 EMA_GAMMA = ema_gamma(0.1)
 
 
-def ema_beta(n, gamma=EMA_GAMMA):
-    """EMA decay of the student update that follows n earlier ones: 0 if n < 1 else (1 - 1/(n+1))^(gamma+1).
+def ema_beta(n, gamma=EMA_GAMMA, start=0):
+    """EMA decay of the update that follows n earlier ones: 0 if m < 1 else (1 - 1/(m+1))^(gamma+1), m = n - start.
 
     n counts the student updates *before* the current one (docs/algorithm.md §6, §13): the first update has
-    n = 0 and beta = 0, so the EMA then equals the updated parameters.
+    n = 0 and beta = 0, so the EMA then equals the updated parameters. `start` > 0 delays the averaging: the EMA
+    follows the student exactly for its first `start` + 1 updates and counts n from there (0 in the reference).
     """
-    n = jnp.asarray(n, dtype=jnp.float32)
-    return jnp.where(n < 1, 0.0, (1.0 - 1.0 / (jnp.maximum(n, 1.0) + 1.0)) ** (gamma + 1.0))
+    m = jnp.asarray(n, dtype=jnp.float32) - start
+    return jnp.where(m < 1, 0.0, (1.0 - 1.0 / (jnp.maximum(m, 1.0) + 1.0)) ** (gamma + 1.0))
 
 
-def ema_update(ema_params, params, n, gamma=EMA_GAMMA):
-    """ema <- beta(n) ema + (1 - beta(n)) params, leaf by leaf, keeping the EMA's dtypes.
+def ema_update(ema_params, params, n, gamma=EMA_GAMMA, start=0):
+    """ema <- beta ema + (1 - beta) params with beta = ema_beta(n, gamma, start), leaf by leaf, keeping the EMA's
+    dtypes.
 
     `params` are the student's parameters after its current update; n is the number of student updates done
     *before* that one (0 at the first update), see `ema_beta`.
     """
-    beta = ema_beta(n, gamma)
+    beta = ema_beta(n, gamma, start)
     return jax.tree.map(lambda e, p: (beta * e + (1.0 - beta) * p).astype(e.dtype), ema_params, params)
