@@ -1,4 +1,5 @@
 """torchfile: the torch-free checkpoint reader/writer against torch.save / torch.load."""
+
 import os
 import pickle
 import subprocess
@@ -233,8 +234,10 @@ def test_lazy_state_dict_reads_on_access(tmp_path, mmap):
 def test_reading_needs_no_torch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"w": torch.arange(6.0).reshape(2, 3).t()}, path)
-    code = ("import sys; from trigflow_distill import convert, torchfile; "
-            f"w = torchfile.load({str(path)!r})['w']; "
-            "assert w.tolist() == [[0, 3], [1, 4], [2, 5]], w; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys; from trigflow_distill import convert, torchfile; "
+        f"w = torchfile.load({str(path)!r})['w']; "
+        "assert w.tolist() == [[0, 3], [1, 4], [2, 5]], w; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -7,6 +7,7 @@ Tensors are located in the (uncompressed, 64-byte aligned) ``*/data/<key>`` zip 
 the weights in memory. ``save`` writes a zip that
 ``torch.load(path, weights_only=True)`` accepts, with a pickle emitted opcode by opcode (no torch needed).
 """
+
 from __future__ import annotations
 
 import collections
@@ -79,7 +80,8 @@ class TensorRef:
         if not self.nbytes:
             return np.zeros(self.shape, self.dtype)
         return np.lib.stride_tricks.as_strided(
-            flat, shape=self.shape, strides=tuple(s * self.dtype.itemsize for s in self.strides))
+            flat, shape=self.shape, strides=tuple(s * self.dtype.itemsize for s in self.strides)
+        )
 
     def read(self, f: BinaryIO) -> np.ndarray:
         """Reads just this tensor's bytes from the open checkpoint ``f`` into a new contiguous array."""
@@ -98,8 +100,13 @@ class TensorRef:
         st = self.storage
         if st.data is not None or not self.nbytes:
             return self.read(f)
-        flat = np.memmap(f, dtype=self.dtype, mode="r", offset=st.file_offset + self.offset * self.dtype.itemsize,
-                         shape=(self._end - self.offset,))
+        flat = np.memmap(
+            f,
+            dtype=self.dtype,
+            mode="r",
+            offset=st.file_offset + self.offset * self.dtype.itemsize,
+            shape=(self._end - self.offset,),
+        )
         view = self._view(flat)
         view.flags.writeable = False
         return view
@@ -113,7 +120,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     if ref._end > storage.numel:
         raise TorchFileError(
             f"tensor size={size} stride={stride} offset={storage_offset} reads past its storage "
-            f"{storage.name!r} of {storage.numel} elements (corrupt file)")
+            f"{storage.name!r} of {storage.numel} elements (corrupt file)"
+        )
     return ref
 
 
@@ -165,11 +173,11 @@ class _Unpickler(pickle.Unpickler):
         except KeyError:
             raise UnsafePickleError(
                 f"{self._path}: refusing to load global '{module}.{name}': only tensor-rebuild globals are "
-                "allowed in a weights checkpoint (the file may be malicious or not a plain state dict)") from None
+                "allowed in a weights checkpoint (the file may be malicious or not a plain state dict)"
+            ) from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise TorchFileError(f"{self._path}: unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         if key not in self._storages:
@@ -195,7 +203,8 @@ def _check_path(path: str) -> None:
         raise IsADirectoryError(
             f"{path} is a directory, not a torch.save file; for a torch.distributed.checkpoint folder run "
             "torch.distributed.checkpoint.format_utils.dcp_to_torch_save first; for a diffusers folder use "
-            "convert.load_diffusers_folder")
+            "convert.load_diffusers_folder"
+        )
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
@@ -204,15 +213,18 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     if head.startswith(_LEGACY_MAGIC):
         raise TorchFileError(
             f"{path}: legacy (pre-1.6) torch.save format is not supported; re-save it with torch>=1.6: "
-            "torch.save(torch.load(path), new_path)")
+            "torch.save(torch.load(path), new_path)"
+        )
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         if head.startswith(b"PK\x03\x04"):
-            raise TorchFileError(f"{path}: truncated or corrupt zip checkpoint ({e}); re-download or re-save it") \
-                from None
-        raise TorchFileError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a legacy pickle)") \
-            from None
+            raise TorchFileError(
+                f"{path}: truncated or corrupt zip checkpoint ({e}); re-download or re-save it"
+            ) from None
+        raise TorchFileError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a legacy pickle)"
+        ) from None
 
 
 def _flatten(obj, prefix: str, out: dict) -> None:
@@ -232,8 +244,9 @@ def _read_refs(path: str) -> dict[str, TensorRef]:
         infos = {i.filename: i for i in zf.infolist()}
         pkl = [n for n in infos if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
-            raise TorchFileError(f"{path}: zip file is not a PyTorch checkpoint (expected one '<name>/data.pkl', "
-                                 f"found {pkl or 'none'})")
+            raise TorchFileError(
+                f"{path}: zip file is not a PyTorch checkpoint (expected one '<name>/data.pkl', found {pkl or 'none'})"
+            )
         root = pkl[0][: -len("data.pkl")]
 
         def storage(key: str, dtype: np.dtype, numel: int) -> _Storage:
@@ -248,16 +261,26 @@ def _read_refs(path: str) -> dict[str, TensorRef]:
                 return _Storage(name, dtype, numel, -1, zf.read(name))
             offset = _member_data_offset(f, info)
             if offset + nbytes > file_size:
-                raise TorchFileError(f"{path}: storage {name!r} ends at byte {offset + nbytes} beyond the file "
-                                     f"size {file_size} (truncated file)")
+                raise TorchFileError(
+                    f"{path}: storage {name!r} ends at byte {offset + nbytes} beyond the file "
+                    f"size {file_size} (truncated file)"
+                )
             return _Storage(name, dtype, numel, offset)
 
         try:
             obj = _Unpickler(zf.read(pkl[0]), storage, path).load()
         except (UnsafePickleError, TorchFileError):
             raise
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
-                IndexError, KeyError) as e:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            zipfile.BadZipFile,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as e:
             raise TorchFileError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise TorchFileError(f"{path}: checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
@@ -276,8 +299,7 @@ class LazyStateDict(Mapping):
     ``on_read(name, nbytes)`` is called on every access.
     """
 
-    def __init__(self, path: str | os.PathLike, on_read: Callable[[str, int], None] | None = None,
-                 mmap: bool = True):
+    def __init__(self, path: str | os.PathLike, on_read: Callable[[str, int], None] | None = None, mmap: bool = True):
         self.path = os.fspath(path)
         self.refs = _read_refs(self.path)
         self.on_read, self.mmap = on_read, mmap
@@ -350,7 +372,7 @@ class _PickleWriter:
         self.buf.write(b"c" + f"{module}\n{name}\n".encode())  # GLOBAL
 
     def tensor(self, key: str, storage_name: str, shape, numel: int) -> None:
-        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+        strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape))]
         self.glob("torch._utils", "_rebuild_tensor_v2")
         self.buf.write(b"((")  # MARK args, MARK persistent id
         self.str("storage")
@@ -364,7 +386,7 @@ class _PickleWriter:
         self.ints(strides)
         self.buf.write(b"\x89")  # NEWFALSE: requires_grad
         self.glob("collections", "OrderedDict")
-        self.buf.write(b")Rt" b"R")  # EMPTY_TUPLE REDUCE (hooks), TUPLE (args), REDUCE (rebuild)
+        self.buf.write(b")RtR")  # EMPTY_TUPLE REDUCE (hooks), TUPLE (args), REDUCE (rebuild)
 
 
 def _aligned_info(name: str, position: int, nbytes: int) -> zipfile.ZipInfo:
@@ -390,8 +412,10 @@ def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], archive_nam
             raise TypeError(f"checkpoint keys must be str, got {key!r}")
         arr = np.asarray(value)
         if arr.dtype not in _DTYPE_STORAGES:
-            raise TypeError(f"{key}: dtype {arr.dtype} has no torch storage type; cast to one of "
-                            f"{sorted(str(d) for d in _DTYPE_STORAGES)}")
+            raise TypeError(
+                f"{key}: dtype {arr.dtype} has no torch storage type; cast to one of "
+                f"{sorted(str(d) for d in _DTYPE_STORAGES)}"
+            )
         arrays[key] = arr
     pw = _PickleWriter()
     pw.buf.write(b"}(")  # EMPTY_DICT, MARK
@@ -401,6 +425,7 @@ def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], archive_nam
     pw.buf.write(b"u.")  # SETITEMS, STOP
     tmp = path + ".tmp"
     with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+
         def write(name: str, payload) -> None:
             view = memoryview(payload).cast("B")
             with zf.open(_aligned_info(f"{archive_name}/{name}", f.tell(), view.nbytes), "w") as w:
