@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -336,6 +337,20 @@ def test_corrupted_cache_is_converted_again(release, tmp_path, capsys, damage, w
     _, cached = convert.load_teacher(path, cache)
     assert capsys.readouterr().err == ""  # repaired: a plain cache hit
     assert [p.name for p in cache.iterdir()] == [entry.name]
+
+
+def test_stale_temporaries_of_killed_conversions_are_removed(release, tmp_path):
+    path, _ = release
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".c.tmp-{host}-{dead.pid}-0000"
+    live = tmp_path / f".c.tmp-{host}-{os.getpid()}-1111"  # a conversion still running in this process
+    other = tmp_path / ".c.tmp-otherhost-1-2222"  # another host's: its process cannot be checked from here
+    for folder in (stale, live, other):
+        folder.mkdir()
+    convert.convert(path, tmp_path / "c")
+    assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".c.")} == {other.name, live.name}
 
 
 def test_waiting_process_times_out_with_clear_message(release, tmp_path):

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -357,9 +358,30 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
 
 
 def _remove(folder: epath.Path) -> None:
-    if folder.exists():
+    if folder.is_dir():
         (folder / _COMPLETE).unlink(missing_ok=True)  # first: no reader trusts it from now on
         folder.rmtree()
+    elif folder.exists():
+        folder.unlink()
+
+
+def _remove_stale_temporaries(dst: epath.Path) -> None:
+    """Temporary folders of `dst` left by killed conversions on this host (their process is gone)."""
+    host = socket.gethostname()
+    for tmp in dst.parent.glob(f".{dst.name}.tmp-{host}-*"):
+        pid = tmp.name[len(f".{dst.name}.tmp-{host}-") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def convert(
@@ -384,8 +406,9 @@ def convert(
         _write_entry(dst, path, sd, config, fields, progress)
         return config
     dst = epath.Path(os.path.abspath(dst))
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _write_entry(tmp, path, sd, config, fields, progress)
         if overwrite:
@@ -497,7 +520,7 @@ def load_teacher(
     path: str | os.PathLike,
     cache_dir: str | os.PathLike,
     prefix: str = "auto",
-    progress: bool = False,
+    progress: bool = True,
     *,
     process_index: int | None = None,
     num_processes: int | None = None,
@@ -510,7 +533,8 @@ def load_teacher(
 
     One conversion per job: process 0 (`process_index`, default `jax.process_index()`) converts; the others wait
     for the entry's COMPLETE marker (at most `wait_timeout_s`, default TRIGFLOW_TEACHER_WAIT_S or 1800 s). An
-    incomplete or corrupted entry is converted again by process 0, saying so.
+    incomplete or corrupted entry is converted again by process 0, saying so. A conversion of a source of at least
+    64 MiB shows a progress bar unless `progress=False`.
     """
     local = _local_source(path)
     index = jax.process_index() if process_index is None else process_index
