@@ -35,14 +35,20 @@ def main(argv):
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
     except ValueError as e:
         _fail(e)
-    from trigflow_distill import train  # only now: importing the networks may already touch the JAX backend
+    # Only now: importing the networks may already touch the JAX backend.
+    from trigflow_distill import data_kinds, run, train
     try:
-        train.train(config, workdir)
-        if config.eval.at_end and distributed.is_single_process():
-            from trigflow_distill import evaluate
-            evaluate.main([f"--workdir={workdir}"])
+        kind = data_kinds.get(config)
+        run.validate_config(config)
+        source, write_samples = kind.open(config)
+        train.train(config, workdir, source, write_samples)
+        if config.eval.at_end and kind.evaluate is None:
+            print(f"config.eval.at_end: data.kind={config.data.kind!r} has no evaluation; skipped.")
+        elif config.eval.at_end and distributed.is_single_process():
+            kind.evaluate(workdir)
         elif config.eval.at_end and distributed.is_main_process():
-            print(f"Multi-host run: evaluate on one host with `python -m trigflow_distill.evaluate --workdir={workdir}`.")
+            print("Multi-host run: evaluate on one host with "
+                  f"`python -m trigflow_distill.toy.evaluate --workdir={workdir}`.")
     except (ValueError, FileNotFoundError, train.TrainingStopped) as e:
         _fail(e)
 

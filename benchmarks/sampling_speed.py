@@ -2,7 +2,7 @@
 
     python benchmarks/sampling_speed.py --json /tmp/sampling.json
 
-Student: train.student_samples (4 network calls, no CFG). Teacher: sampling.sample_teacher_cfg, 35 Euler steps
+Student: dmd2.student_samples (4 network calls, no CFG). Teacher: sampling.sample_teacher_cfg, 35 Euler steps
 with guidance 4, i.e. 70 network calls (the NFE limit of the speed-up is 70 / 4 = 17.5x), in two forms:
 "separate" (the cond and uncond denoisers called one after the other on B samples each) and "batched" (one call on
 2B samples whose halves are combined by CFG). Same random weights for both nets (speed does not depend on them),
@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_speed import PRESETS, load_average, make_batch, timed  # noqa: E402
+from trigflow_distill import denoiser, dmd2, losses, networks, sampling  # noqa: E402
 
-from trigflow_distill import denoiser, losses, networks, sampling, train  # noqa: E402
+from step_speed import PRESETS, load_average, make_batch, timed  # noqa: E402
 
 TEACHER_STEPS, GUIDANCE = 35, 4.0
 
@@ -62,15 +59,15 @@ def teacher_samples(algo, params, batch, key, batched: bool):
 def run(args) -> dict:
     overrides, latent, _ = PRESETS[args.preset]
     net_config = networks.get_preset("tiny", **overrides)
-    algo = train.Algo(net_config=net_config)
+    algo = dmd2.Algo(net_config=net_config)
     params = networks.init_params(net_config, jax.random.PRNGKey(0))
-    teacher = train.split_teacher(params)
+    teacher = dmd2.split_teacher(params)
     result = {"preset": args.preset, "latent": latent, "attention": net_config.attention,
               "teacher_steps": TEACHER_STEPS, "guidance": GUIDANCE, "student_steps": algo.num_student_steps,
               "repeats": args.repeats, "load_average_start": load_average(), "batches": []}
     print(f"# sampling speed: preset {args.preset}, latent {'x'.join(map(str, latent))}, attention "
           f"{net_config.attention}; load average {result['load_average_start']}", flush=True)
-    student = jax.jit(functools.partial(train.student_samples, algo))
+    student = jax.jit(functools.partial(dmd2.student_samples, algo))
     teachers = {name: jax.jit(functools.partial(teacher_samples, algo, batched=b))
                 for name, b in (("teacher_separate", False), ("teacher_batched", True))}
     key = jax.random.PRNGKey(1)

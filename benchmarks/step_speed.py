@@ -3,7 +3,7 @@
     python benchmarks/step_speed.py --preset tiny  --json /tmp/step_tiny.json
     python benchmarks/step_speed.py --preset small --json /tmp/step_small.json
 
-JAX: trigflow_distill.train.critic_update / student_update, jitted by train.make_update_fns (state donated).
+JAX: trigflow_distill.dmd2.critic_update / student_update, jitted by dmd2.make_update_fns (state donated).
 PyTorch: benchmarks/torch_dmd2.py (the same algorithm on diffusers' CosmosTransformer3DModel holding the same
 weights), eager and torch.compile (reported "n/a" if compiling fails). Same Cosmos DiT config, batch, latent shape
 and Video2World conditioning for all. The backward-simulation length n is fixed per timed row: JAX draws n from
@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 # Before torch loads OpenMP: with the default (spinning) wait policy, torch's two OpenMP threads slow down 10-50x
@@ -39,10 +38,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_dmd2  # noqa: E402
+from trigflow_distill import dmd2, networks, optim, sampling  # noqa: E402
 
-from trigflow_distill import networks, optim, sampling, train  # noqa: E402
+import torch_dmd2  # noqa: E402
 
 # name -> (overrides of the "tiny" DiT preset, default latent shape C x T x H x W, default batch)
 PRESETS = {
@@ -105,7 +103,7 @@ def network_flops(net_config, net_params, x, timesteps, context, mask) -> dict:
 
 
 def steps_drawing(key, max_steps: int) -> dict[int, int]:
-    """{n: the first step whose draw in train.py's update is n} (keys: split(fold_in(key, step), 4)[1])."""
+    """{n: the first step whose draw in dmd2.py's update is n} (keys: split(fold_in(key, step), 4)[1])."""
     found = {}
     for step in range(10_000):
         k_n = jax.random.split(jax.random.fold_in(key, step), 4)[1]
@@ -123,15 +121,15 @@ def make_batch(batch: int, latent, text_in: int, seed: int = 0) -> dict:
 
 
 class JaxRunner:
-    """Jitted train.py updates with n pinned through the step counter."""
+    """Jitted dmd2.py updates with n pinned through the step counter."""
 
     def __init__(self, net_config, params, batch):
-        self.algo = train.Algo(net_config=net_config)
+        self.algo = dmd2.Algo(net_config=net_config)
         tx = optim.make_optimizer(LR, b1=B1, warmup=WARMUP)
-        self.teacher = train.split_teacher(params)
-        init = functools.partial(train.init_state, student_tx=tx, critic_tx=tx, seed=0)
+        self.teacher = dmd2.split_teacher(params)
+        init = functools.partial(dmd2.init_state, student_tx=tx, critic_tx=tx, seed=0)
         self.state = jax.jit(init)(self.teacher)
-        self.fns = dict(zip(("critic", "student"), train.make_update_fns(self.algo, tx, tx, optim.ema_gamma(0.1))))
+        self.fns = dict(zip(("critic", "student"), dmd2.make_update_fns(self.algo, tx, tx, optim.ema_gamma(0.1))))
         self.batch = jax.tree.map(jnp.asarray, batch)
         self.step_for_n = steps_drawing(self.state.key, self.algo.num_student_steps)
 
@@ -141,7 +139,7 @@ class JaxRunner:
         jax.block_until_ready((self.state, metrics))
         got = int(metrics[f"{update}/sim_steps"])
         if got != n:
-            raise RuntimeError(f"train.{update}_update drew n={got}, expected {n}: its key layout changed; "
+            raise RuntimeError(f"dmd2.{update}_update drew n={got}, expected {n}: its key layout changed; "
                                "update steps_drawing()")
 
 
@@ -242,7 +240,7 @@ def run(args) -> dict:
 
 def summarize(rows, impls, failed, flops, net_config, peak) -> list[dict]:
     """Per update: every timed n, the mean over n ~ U{1..4}, and a training iteration (4 critic : 1 student)."""
-    max_steps = train.Algo(net_config=net_config).num_student_steps
+    max_steps = dmd2.Algo(net_config=net_config).num_student_steps
     out, means = [], {}
     for update in ("critic", "student"):
         mine = [r for r in rows if r["update"] == update]

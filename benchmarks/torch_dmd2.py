@@ -1,7 +1,7 @@
 """DMD2 student and critic updates in PyTorch: the speed baseline of step_speed.py and sampling_speed.py.
 
 Written independently of the JAX code (only the weight-name mapping `networks.state_dict` is shared), on
-diffusers' CosmosTransformer3DModel, with the algorithm of trigflow_distill.train (SPEC §3-7): TrigFlow
+diffusers' CosmosTransformer3DModel, with the algorithm of trigflow_distill.dmd2 (docs/algorithm.md §3-7): TrigFlow
 preconditioning of a rectified-flow net, Video2World GT frames at sigma 1e-4, backward simulation (first n-1
 steps without gradient), DMD loss against the guided teacher, critic (fake-score) loss, AdamW with global-norm
 clip and warm-up, skip on non-finite, power EMA of the student. tests/test_torch_dmd2.py checks that its losses,
@@ -38,12 +38,12 @@ class NearestResize:
 
 def build_model(net_config, params):
     """diffusers CosmosTransformer3DModel (fp32) holding the JAX `params` of the *net* (no text projection:
-    the context is projected once per batch, as in train.py). q/k RMSNorm eps set to Cosmos' 1e-6."""
+    the context is projected once per batch, as in dmd2.py). q/k RMSNorm eps set to Cosmos' 1e-6."""
     from diffusers import CosmosTransformer3DModel
 
     install_nearest_resize()
     if "crossattn_proj" in params:
-        raise ValueError("pass the net params without 'crossattn_proj' (train.split_teacher(params)['net'])")
+        raise ValueError("pass the net params without 'crossattn_proj' (dmd2.split_teacher(params)['net'])")
     config = dataclasses.replace(net_config, crossattn_proj_in_channels=None)
     kwargs = {k: v for k, v in sdmap.diffusers_config(config).items() if not k.startswith("_")}
     model = CosmosTransformer3DModel(**kwargs)
@@ -64,7 +64,7 @@ def install_nearest_resize():
 
 
 def set_cosmos_qk_eps(model, eps=1e-6):
-    """diffusers hard-codes eps 1e-5 in the q/k RMSNorm; Cosmos (SPEC §8) uses 1e-6."""
+    """diffusers hard-codes eps 1e-5 in the q/k RMSNorm; Cosmos (docs/algorithm.md §8) uses 1e-6."""
     for name, module in model.named_modules():
         if name.endswith(("norm_q", "norm_k")):
             module.eps = eps
@@ -78,7 +78,7 @@ def jax_to_numpy(tree):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TrigFlow (SPEC §1-3)
+# TrigFlow (docs/algorithm.md §1-3)
 
 def coefficients(tau, scaling="rectified_flow", sigma_data=1.0):
     """(c_skip, c_out, c_in, c_noise) of a tau tensor; x0 = c_skip x_tau + c_out net(c_in x_tau, c_noise)."""
@@ -167,7 +167,7 @@ def backward_simulation(x0_fn, eps, n, taus, sigma_data=1.0, with_grad=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses (SPEC §4-5)
+# Losses (docs/algorithm.md §4-5)
 
 def cfg_x0(x0_cond, x0_uncond, guidance):
     return x0_uncond + guidance * (x0_cond - x0_uncond)
@@ -203,7 +203,7 @@ def critic_loss(g_x0, x0_fake, tau_b):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimizer and EMA (SPEC §6)
+# Optimizer and EMA (docs/algorithm.md §6)
 
 def lr_multiplier(n, warmup=100, max_steps=400000):
     """1e-6 -> 0.99 linearly over `warmup` updates, then linearly down to 0.4 at `max_steps` (held after)."""

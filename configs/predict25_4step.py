@@ -1,6 +1,6 @@
 r"""DMD2 distillation of Cosmos Predict2.5 Video2World into a 4-step student (TrigFlow).
 
-Real scale (2B teacher, SPEC §6 recipe; needs the teacher checkpoint and precomputed latents):
+Real scale (2B teacher, docs/algorithm.md §6 recipe; needs the teacher checkpoint and precomputed latents):
 
     python main.py --config=configs/predict25_4step.py --workdir=/path/to/run \
             --config.teacher.path=/ckpts/Cosmos-Predict2.5-2B/base/pre-trained/<uuid>_ema_bf16.pt \
@@ -16,14 +16,17 @@ import os
 
 import ml_collections
 
-# The shipped toy teacher (`python -m trigflow_distill.pretrain --out=assets/toy_teacher.pt` reproduces it).
+from trigflow_distill.recipe import COND_FRAME_PROBS
+
+# The shipped toy teacher (`python -m trigflow_distill.toy.pretrain --out=assets/toy_teacher.pt` reproduces it).
 TINY_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_teacher.pt")
 
 
 def get_config(arg: str = ""):
     """Returns the config; `arg` is "" (real 2B recipe) or "tiny" (CPU demo)."""
     if arg not in ("", "tiny"):
-        raise ValueError(f"Unknown config variant {arg!r}: use configs/predict25_4step.py or configs/predict25_4step.py:tiny")
+        raise ValueError(f"Unknown config variant {arg!r}: use configs/predict25_4step.py or "
+                         "configs/predict25_4step.py:tiny")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 30_000
@@ -48,14 +51,14 @@ def get_config(arg: str = ""):
     c.net.attention = "blockwise"
     c.net.attention_block_size = 512    # keys per step of the blockwise attention
 
-    # DMD2 (SPEC §3-7).
+    # DMD2 (docs/algorithm.md §3-7).
     c.distill = ml_collections.ConfigDict()
     c.distill.guidance = 4.0            # standard CFG: x0_u + s (x0_c - x0_u); reference w=3 is s=4
     c.distill.student_update_freq = 5
     c.distill.tangent_warmup = 1
     c.distill.num_student_steps = 4
     c.distill.timestep_shift = 5.0
-    c.distill.cond_frame_probs = (0.6, 0.2, 0.2)   # P(N=0), P(N=1), P(N=2) conditional latent frames
+    c.distill.cond_frame_probs = COND_FRAME_PROBS  # P(N=0), P(N=1), P(N=2) conditional latent frames
     c.distill.replace_gt_timesteps = True
     c.distill.ema_rate = 0.1
 
@@ -77,6 +80,7 @@ def get_config(arg: str = ""):
     c.eval = ml_collections.ConfigDict()
     c.eval.at_end = False
     c.eval.num_samples = 1024
+    c.eval.student_steps = (1, 2, 4)    # student sampler step counts evaluated (toy world)
 
     if arg == "tiny":
         c.total_steps = 1500

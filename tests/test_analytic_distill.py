@@ -86,8 +86,8 @@ def denoiser(params, x_bd, tau_b, class_b):
 GUIDANCE = 2.0
 BATCH = 512
 ROUNDS = 1000  # 1000 student + 4000 critic updates
-STUDENT_LR, CRITIC_LR = 2e-4, 2e-3  # Adam on a 2-D toy (tuned here); SPEC §6 warm-up and clipping are kept
-TAU_SHIFT = 1.0  # time shift for tau_D; SPEC's 5 targets high-res video latents, this data has unit scale
+STUDENT_LR, CRITIC_LR = 2e-4, 2e-3  # Adam on a 2-D toy (tuned here); docs/algorithm.md §6 warm-up and clipping are kept
+TAU_SHIFT = 1.0  # time shift for tau_D; the recipe's 5 targets high-res video latents, this data has unit scale
 TAUS = sampling.student_schedule(4)
 
 
@@ -150,7 +150,7 @@ def train(key):
 
     @jax.jit
     def run(state, keys_r5):
-        def one_round(state, keys_5):  # iteration i is a student step iff i % 5 == 0 (SPEC §6)
+        def one_round(state, keys_5):  # iteration i is a student step iff i % 5 == 0 (docs/algorithm.md §6)
             state, s_loss = student_update(state, keys_5[0], opt_s)
             state, c_losses = jax.lax.scan(lambda s, k: critic_update(s, k, opt_c), state, keys_5[1:])
             return state, (s_loss, c_losses.mean())

@@ -215,6 +215,8 @@ def test_export_diffusers_loads_and_matches(tmp_path):
     config, back = convert.load_diffusers_folder(out)
     assert config == CONFIG
     assert_trees_equal(back, params)
+    assert convert.convert(out, tmp_path / "converted") == CONFIG  # the streaming path from safetensors
+    assert_trees_equal(convert.load_converted(tmp_path / "converted")[1], params)
 
 
 def test_load_teacher_caches(release, tmp_path, monkeypatch):

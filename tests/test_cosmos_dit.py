@@ -1,7 +1,5 @@
 """Cosmos DiT: parity with diffusers' CosmosTransformer3DModel (an independent PyTorch implementation), bf16,
 block outputs, remat, and the native/diffusers name mapping with its errors."""
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +12,8 @@ from trigflow_distill.networks import state_dict as sdm
 
 torch = pytest.importorskip("torch")
 tc = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import torch_dmd2  # noqa: E402  (the PyTorch reference side: diffusers stand-ins shared with the benchmarks)
+# The PyTorch reference side (diffusers stand-ins shared with the benchmarks; benchmarks/ is on the pytest pythonpath).
+import torch_dmd2  # noqa: E402  (after the importorskips: it imports torch)
 
 CFG = networks.get_preset("tiny")
 CFG_REMAT = networks.get_preset("tiny", remat=True)
@@ -41,7 +39,7 @@ def setup():
     torch_dmd2.install_nearest_resize()
     model = tc.CosmosTransformer3DModel(**{k: v for k, v in sdm.diffusers_config(CFG).items() if k[0] != "_"})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in sdm.diffusers_from_native(native).items()}, strict=True)
-    # SPEC: Cosmos uses eps 1e-6 in the q/k RMSNorm; diffusers hard-codes 1e-5. Patch diffusers to SPEC.
+    # Cosmos uses eps 1e-6 in the q/k RMSNorm (docs/algorithm.md §8); diffusers hard-codes 1e-5: patch diffusers.
     torch_dmd2.set_cosmos_qk_eps(model)
     return params, model.eval()
 
@@ -182,7 +180,7 @@ def test_infer_config_recovers_presets(name):
     shapes = sdm.native_shapes(config)
     assert sdm.infer_config(shapes) == config
     assert sdm.infer_config({**shapes, "pos_embedder.seq": (128,)}, dtype="bfloat16").dtype == "bfloat16"
-    if name == "predict25_2b":  # SPEC §8: 2B total ~ 2.059B parameters
+    if name == "predict25_2b":  # docs/algorithm.md §8: 2B total ~ 2.059B parameters
         assert abs(sum(int(np.prod(s)) for s in shapes.values()) / 2.059e9 - 1) < 2e-3
 
 

@@ -34,7 +34,7 @@ def test_synthetic_records_deterministic():
     assert not np.array_equal(src[3]["latents"], src[4]["latents"])
     assert src[3]["latents"].dtype == np.float32 and src[3]["text"].shape == TXT
     n_cond = np.array([data.make_synthetic_source(400, LAT, TXT, seed=0)[i]["num_cond_frames"] for i in range(400)])
-    assert set(n_cond) <= {0, 1, 2} and 0.5 < np.mean(n_cond == 0) < 0.7  # SPEC §7: P(0) = 0.6
+    assert set(n_cond) <= {0, 1, 2} and 0.5 < np.mean(n_cond == 0) < 0.7  # docs/algorithm.md §7: P(0) = 0.6
 
 
 def test_order_deterministic_per_seed_and_epochs_are_permutations():
@@ -105,7 +105,7 @@ def test_writer_cli_roundtrip_and_normalize(tmp_path):
     batch = next(data.make_iterator(src, 7, seed=0))
     np.testing.assert_array_equal(np.sort(batch["num_cond_frames"]), np.sort(nc))
 
-    # --normalize applies SPEC §9: z = (mu - mean_c) / std_c; 1024 channels is detected as projected text
+    # --normalize applies docs/algorithm.md §9: z = (mu - mean_c) / std_c; 1024 channels is detected as projected text
     _, proj, _ = _arrays(7, rng, c=1024)
     np.save(tmp_path / "proj.npy", proj)
     out2 = str(tmp_path / "ds2")

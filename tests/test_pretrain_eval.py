@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import denoiser, evaluate, networks, pretrain, toy
+from trigflow_distill import denoiser, networks, toy
+from trigflow_distill.toy import evaluate, pretrain
 
 METRICS = {"prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
            "cond_consistency"}

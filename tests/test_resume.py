@@ -26,7 +26,8 @@ def teacher_pt(tmp_path_factory):
 
 
 def _cmd(workdir, teacher):
-    return [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+    return [sys.executable, os.path.join(ROOT, "main.py"),
+            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
             f"--workdir={workdir}", f"--config.teacher.path={teacher}", f"--config.total_steps={STEPS}",
             f"--config.checkpoint_every={EVERY}", "--config.data.batch_size=4", "--config.log_every=4",
             "--config.sample_every=0", "--config.eval.at_end=False", "--config.mesh.data=1"]
@@ -92,7 +93,8 @@ def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_run, tmp_path):
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config=" + os.path.join(ROOT, "configs/predict25_4step.py"),
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+           "--config=" + os.path.join(ROOT, "configs/predict25_4step.py"),
            f"--workdir={tmp_path}"]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 1

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import networks, optim, sharding, train
+from trigflow_distill import dmd2, networks, optim, sharding
 
 NET = networks.get_preset("tiny", num_blocks=2)
 TEXT_LEN = 5
@@ -79,24 +79,24 @@ def test_bad_remat_policy_is_rejected():
 def _two_updates(mesh, thw, batch_size):
     """A student step then a critic step of the tiny DMD2 trainer on `mesh` (None: one device, no shardings)."""
     net = networks.get_preset("tiny", num_blocks=1)
-    teacher = train.split_teacher(networks.init_params(net, jax.random.PRNGKey(0)))
-    algo = train.Algo(net_config=net, mesh=mesh)
+    teacher = dmd2.split_teacher(networks.init_params(net, jax.random.PRNGKey(0)))
+    algo = dmd2.Algo(net_config=net, mesh=mesh)
     student_tx, critic_tx = optim.make_optimizer(1e-3, warmup=1), optim.make_optimizer(1e-3, warmup=1)
-    init = functools.partial(train.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
+    init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
     batch = {"latents": jax.random.normal(k1, (batch_size, 16) + thw, jnp.float32),
              "text": jax.random.normal(k2, (batch_size, TEXT_LEN, net.crossattn_proj_in_channels), jnp.float32)}
     shardings = None
     if mesh is not None:
         teacher_sh = sharding.param_sharding(teacher, mesh, min_size=256)
-        state_sh = train.state_shardings(jax.eval_shape(init, teacher), student_tx, critic_tx, mesh)
+        state_sh = dmd2.state_shardings(jax.eval_shape(init, teacher), student_tx, critic_tx, mesh)
         shardings = (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
         teacher = sharding.put_global(teacher, teacher_sh)
         batch = sharding.put_global(batch, {k: sharding.batch_sharding(mesh) for k in batch})
         state = jax.jit(init, out_shardings=state_sh)(teacher)
     else:
         state = jax.jit(init)(teacher)
-    critic_fn, student_fn = train.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(0.1), shardings)
+    critic_fn, student_fn = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(0.1), shardings)
     state, m_student = student_fn(state, teacher, batch)
     state, m_critic = critic_fn(state, teacher, batch)
     return jax.device_get((state, m_student, m_critic))

@@ -2,8 +2,6 @@
 benchmark compares like with like: same schedule, coefficients, losses, denoiser, backward simulation, DMD and
 critic losses and gradients on the same inputs and draws."""
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +11,7 @@ import torch
 
 from trigflow_distill import denoiser, losses, networks, optim, sampling, trigflow
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import torch_dmd2 as td  # noqa: E402
+import torch_dmd2 as td  # benchmarks/ is on the pytest pythonpath
 
 T = torch.from_numpy
 

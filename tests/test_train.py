@@ -1,17 +1,14 @@
 """The trainer: what each update may change, non-finite skips, loss decrease, sharded == unsharded, config errors."""
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import convert, networks, optim, sharding, toy, train
+from trigflow_distill import convert, data_kinds, dmd2, networks, optim, run, sharding, toy
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-import predict25_4step  # noqa: E402
+import predict25_4step  # configs/ is on the pytest pythonpath
 
 BATCH = 8
 
@@ -47,11 +44,11 @@ def teacher_pt(tmp_path_factory):
 def setup(teacher_pt, tmp_path_factory):
     config = tiny_config(teacher_pt)
     workdir = str(tmp_path_factory.mktemp("run"))
-    net_config, teacher = train.load_teacher(config, workdir)
-    algo = train.algo_from_config(config, net_config)
-    student_tx, critic_tx = train.make_optimizers(config)
-    state = jax.jit(functools.partial(train.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0))(teacher)
-    critic_fn, student_fn = train.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(0.1))
+    net_config, teacher = run.load_teacher(config, workdir)
+    algo = dmd2.algo_from_config(config, net_config)
+    student_tx, critic_tx = dmd2.make_optimizers(config)
+    state = jax.jit(functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0))(teacher)
+    critic_fn, student_fn = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(0.1))
     source = toy.RecordSource(toy.make_world())
     records = [source[i] for i in range(BATCH)]
     batch = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in records[0]}
@@ -128,8 +125,8 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
         config = tiny_config(teacher_pt)
         devices = jax.devices()[: int(np.prod(list(mesh_cfg.values())))]
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-        algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = train.setup(config, str(tmp_path), mesh)
-        fns = train.make_update_fns(algo, stx, ctx, optim.ema_gamma(0.1),
+        algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = run.setup(config, str(tmp_path), mesh)
+        fns = dmd2.make_update_fns(algo, stx, ctx, optim.ema_gamma(0.1),
                                     (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
         state = init(teacher)
         source = toy.RecordSource(toy.make_world())
@@ -145,16 +142,16 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
 def test_missing_teacher_path_is_a_clear_error():
     config = predict25_4step.get_config("")
     with pytest.raises(ValueError, match="huggingface.co/nvidia/Cosmos-Predict2.5-2B"):
-        train.validate_config(config)
+        run.validate_config(config)
     config.teacher.path = "/nonexistent/teacher.pt"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.validate_config(config)
+        run.validate_config(config)
 
 
 def test_bad_config_values_are_rejected(teacher_pt):
     with pytest.raises(ValueError, match="cond_frame_probs"):
-        train.validate_config(tiny_config(teacher_pt, **{"distill.cond_frame_probs": (0.5, 0.2)}))
+        run.validate_config(tiny_config(teacher_pt, **{"distill.cond_frame_probs": (0.5, 0.2)}))
     with pytest.raises(ValueError, match="data.kind"):
-        train.validate_config(tiny_config(teacher_pt, **{"data.kind": "imagenet"}))
+        data_kinds.get(tiny_config(teacher_pt, **{"data.kind": "imagenet"}))
     with pytest.raises(ValueError, match="data.path"):
-        train.validate_config(tiny_config(teacher_pt, **{"data.kind": "dir"}))
+        run.validate_config(tiny_config(teacher_pt, **{"data.kind": "dir"}))

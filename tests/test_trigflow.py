@@ -70,7 +70,7 @@ def test_conversions_round_trip(sigma_data):
 
 @pytest.mark.parametrize("sigma_data", [1.0, 0.5])
 def test_states_of_the_three_parameterisations_agree(sigma_data):
-    """x_tau relates to the EDM state x0 + sigma eps and the RF state (1-t) x0 + t eps as SPEC §1 says."""
+    """x_tau relates to the EDM state x0 + sigma eps and the RF state (1-t) x0 + t eps as docs/algorithm.md §1 says."""
     k0, k1 = jax.random.split(jax.random.key(0))
     x0, eps = jax.random.normal(k0, (5, 3)), jax.random.normal(k1, (5, 3))
     tau = jnp.asarray(INTERIOR[::8], jnp.float32)[:, None]

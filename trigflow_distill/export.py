@@ -13,11 +13,11 @@ import time
 import jax
 import numpy as np
 
-from trigflow_distill import convert, train
+from trigflow_distill import convert, run
 
 
 def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = True) -> None:
-    _, net_config, teacher_params, student, ema = train.load_run(workdir)
+    _, net_config, teacher_params, student, ema = run.load_run(workdir)
     params = jax.tree.map(np.asarray, jax.device_get(ema if use_ema else student))
     if "crossattn_proj" in teacher_params:
         params["crossattn_proj"] = jax.tree.map(np.asarray, jax.device_get(teacher_params["crossattn_proj"]))

@@ -3,7 +3,7 @@ r"""Memory and FLOP plan of one DMD2 iteration, from abstract shapes on N simula
   python -m trigflow_distill.plan --config=configs/predict25_4step.py --mesh=data:1,fsdp:8,seq:1 [--json] \
       [--frames 93 --height 704 --width 1280] [--net predict25_2b]
 
-Compiles the jitted `student_update` and `critic_update` of `train.make_update_fns` for the real network
+Compiles the jitted `student_update` and `critic_update` of `dmd2.make_update_fns` for the real network
 (`networks.get_preset(--net)` with config.net dtype/remat, blockwise attention so that no L x L score matrix
 appears) on abstract TrainState / teacher / batch (`jax.ShapeDtypeStruct`s with shardings: nothing is allocated)
 and prints, per device, the argument, output, temporary and total bytes of `compiled.memory_analysis()`, and
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from trigflow_distill import networks, optim, sharding, train
+from trigflow_distill import dmd2, networks, optim, sharding
 
 GIB = 2**30
 TEXT_LEN = 512
@@ -68,17 +68,17 @@ def compile_updates(config, net_config, mesh, latent_chw, batch_size: int) -> di
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
     net = {k: v for k, v in net.items() if k != "crossattn_proj"}  # text arrives projected
     teacher = {"net": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, store), net), "text_proj": None}
-    student_tx, critic_tx = train.make_optimizers(config)
-    init = functools.partial(train.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
+    student_tx, critic_tx = dmd2.make_optimizers(config)
+    init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
     abstract_state = jax.eval_shape(init, teacher)
-    state_sh = train.state_shardings(abstract_state, student_tx, critic_tx, mesh)
+    state_sh = dmd2.state_shardings(abstract_state, student_tx, critic_tx, mesh)
     teacher_sh = sharding.param_sharding(teacher, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     batch = {"latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
              "text": jax.ShapeDtypeStruct((batch_size, TEXT_LEN, net_config.crossattn_emb_channels), jnp.float32,
                                           sharding=batch_sh)}
-    algo = train.algo_from_config(config, net_config, mesh)
-    fns = train.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
+    algo = dmd2.algo_from_config(config, net_config, mesh)
+    fns = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
                                 (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)))
     args = (_abstract(abstract_state, state_sh), _abstract(teacher, teacher_sh), batch)
     return {"critic": fns[0].lower(*args).compile(), "student": fns[1].lower(*args).compile()}
@@ -99,8 +99,7 @@ def plan(config, net_config, mesh_config: dict[str, int], latent_chw, batch_per_
         raise ValueError(f"mesh {mesh_config} needs {n} devices, only {len(devices)} exist")
     mesh = sharding.make_mesh(mesh_config, devices=devices[:n])
     batch_size = batch_per_rank * math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh))
-    net_config = dataclasses.replace(net_config, dtype=config.net.dtype, remat=config.net.remat,
-                                     attention="blockwise", attention_block_size=config.net.attention_block_size)
+    net_config = dataclasses.replace(net_config, **dmd2.net_options(config.net, attention="blockwise"))
     compiled = compile_updates(config, net_config, mesh, latent_chw, batch_size)
     # FLOPs: 1- and 2-block unrolled variants with dense attention (no loop in the attention either).
     counted = [compile_updates(config, dataclasses.replace(net_config, num_blocks=k, scan_blocks=False,

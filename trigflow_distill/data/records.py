@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from trigflow_distill.recipe import COND_FRAME_PROBS
+
 FORMAT = "trigflow_distill.data/1"
 TEXT_KINDS = ("raw", "projected")
 PROJECTED_TEXT_CHANNELS = 1024
@@ -23,8 +25,8 @@ LATENT_MEAN = np.array([-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1
                         0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921], np.float32)
 LATENT_STD = np.array([2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
                        1.5579, 1.6382, 1.1253, 2.8251, 1.9160], np.float32)
-# SPEC §7: probabilities of 0, 1, 2 conditional latent frames.
-NUM_COND_PROBS = (0.6, 0.2, 0.2)
+# Probabilities of 0, 1, 2 conditional latent frames (the one definition is recipe.COND_FRAME_PROBS).
+NUM_COND_PROBS = COND_FRAME_PROBS
 
 
 def normalize_latents(mu_cthw: np.ndarray) -> np.ndarray:

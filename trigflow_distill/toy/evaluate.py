@@ -1,6 +1,9 @@
 """Evaluation harness on the toy world (issue 5): teacher and student samplers side by side, with pictures.
 
-    python -m trigflow_distill.evaluate --workdir=DIR [--num_samples=1024]    # a finished training run
+    python -m trigflow_distill.toy.evaluate --workdir=DIR [--num_samples=1024]    # a finished training run
+
+The time shift, guidance, TrigFlow scaling, student step counts (config.eval.student_steps) and the conditional-
+frame probabilities all come from the run's config.
 
 Every sampler gets the same Video2World conditioning, taken from a fixed set of held-out real clips (balanced
 prompts, their text, their N conditional frames and those ground-truth frames) and the same initial noise, so the
@@ -20,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import denoiser, networks, sampling, toy, toy_metrics
+from trigflow_distill import denoiser, networks, run, sampling, toy
+from trigflow_distill.toy import metrics as toy_metrics
 
 COND_SEED = 2_000_003   # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
-TIME_SHIFT = 5.0        # shift of the teacher grid and of the student schedule (SPEC §3)
 TEACHER_ROWS = ((35, "guided"), (35, None), (4, "guided"))
-STUDENT_STEPS = (1, 2, 4)
 STUDENT_NAMES = ("student_ema", "student")
 METRIC_KEYS = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
                "cond_consistency")
@@ -37,7 +39,7 @@ def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
     return toy.sample_videos(world, COND_SEED + seed, n, prompts=prompts)
 
 
-def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float):
+def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float):
     """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
     the student's few-step sampler, every network call through `denoiser.denoise`."""
     def fn(params, eps, context, uncond_context, gt, mask):
@@ -46,8 +48,8 @@ def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, si
                                                          scaling=scaling, sigma_data=sigma_data)
         if teacher:
             return sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond_context), eps, guidance, steps,
-                                               shift=TIME_SHIFT, sigma_data=sigma_data)
-        taus = sampling.student_schedule(steps, TIME_SHIFT)
+                                               shift=shift, sigma_data=sigma_data)
+        taus = sampling.student_schedule(steps, shift)
         return sampling.sample_student(x0_fn(context), eps, taus, sigma_data)
     return fn
 
@@ -120,9 +122,11 @@ def format_table(result: dict) -> str:
 
 def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict, out_dir: str,
              num_samples: int = 1024, seed: int = 0, batch_size: int = 256, guidance: float = 4.0,
-             scaling: str = "rectified_flow", sigma_data: float = 1.0, log=print) -> dict:
-    """Samples and scores the teacher (35 steps guided, 35 unguided, 4 guided), the given students (1, 2, 4 steps)
-    and the held-out data; writes out_dir/eval.json, samples_student4.npz and a PNG grid + GIF per sampler.
+             scaling: str = "rectified_flow", sigma_data: float = 1.0, time_shift: float = 5.0,
+             student_steps=(1, 2, 4), log=print) -> dict:
+    """Samples and scores the teacher (35 steps guided, 35 unguided, 4 guided), the given students (each of
+    `student_steps`) and the held-out data; `time_shift` shifts the teacher grid and the student schedules
+    (docs/algorithm.md §3); writes out_dir/eval.json, samples_student4.npz and a PNG grid + GIF per sampler.
 
     teacher_params: the full teacher tree, with `crossattn_proj` (it takes raw text). samplers_params: a subset of
     {"student_ema": params, "student": params}; params without `crossattn_proj` get the text projected by the
@@ -171,15 +175,15 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
     for steps, kind in TEACHER_ROWS:
         g = float(guidance) if kind == "guided" else None
         use_cfg = g is not None and g != 1.0
-        fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data)
+        fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data, time_shift)
         latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
         add_row("teacher", steps, g, steps * (2 if use_cfg else 1), seconds, latents)
     for name in STUDENT_NAMES:
         if name not in samplers_params:
             continue
         params = samplers_params[name]
-        for steps in STUDENT_STEPS:
-            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data)
+        for steps in student_steps:
+            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data, time_shift)
             latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
             add_row(name, steps, None, steps, seconds, latents)
             if steps == 4 and samples_student4 is None:
@@ -198,6 +202,26 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
     return result
 
 
+def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int = 256, log=print) -> dict:
+    """`evaluate` on the latest checkpoint of the training run in `workdir` (output goes there too), every setting
+    from the run's config; num_samples None: config.eval.num_samples."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir} does not exist; pass the directory of a training run.")
+    config, net_config, teacher_params, student_params, ema_params = run.load_run(workdir)
+    students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
+    num_samples = num_samples if num_samples is not None else int(config.eval.num_samples)
+    return evaluate(world_from_config(config), net_config, teacher_params, students, workdir,
+                    num_samples=num_samples, seed=int(config.seed), batch_size=batch_size,
+                    guidance=float(config.distill.guidance), scaling=config.teacher.scaling,
+                    sigma_data=float(config.teacher.sigma_data), time_shift=float(config.distill.timestep_shift),
+                    student_steps=tuple(int(n) for n in config.eval.student_steps), log=log)
+
+
+def world_from_config(config) -> toy.World:
+    """The toy world of a run: its conditional-frame probabilities are config.distill.cond_frame_probs."""
+    return toy.make_world(toy.WorldConfig(cond_frame_probs=tuple(float(p) for p in config.distill.cond_frame_probs)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,16 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_samples", type=int, default=None, help="default: the run's config.eval.num_samples")
     parser.add_argument("--batch_size", type=int, default=256)
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.workdir):
-        raise FileNotFoundError(f"--workdir {args.workdir} does not exist; pass the directory of a training run.")
-    from trigflow_distill import train  # the system layer sits above this module: import only for the CLI
-
-    config, net_config, teacher_params, student_params, ema_params = train.load_run(args.workdir)
-    students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
-    num_samples = args.num_samples if args.num_samples is not None else int(config.eval.num_samples)
-    evaluate(toy.make_world(), net_config, teacher_params, students, args.workdir, num_samples=num_samples,
-             seed=int(config.seed), batch_size=args.batch_size, guidance=float(config.distill.guidance),
-             scaling=config.teacher.scaling, sigma_data=float(config.teacher.sigma_data))
+    try:
+        evaluate_run(args.workdir, args.num_samples, args.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,13 +1,13 @@
 """Pretrains the tiny Cosmos DiT as a rectified-flow Video2World teacher on the toy world and exports it.
 
-    python -m trigflow_distill.pretrain --out=assets/toy_teacher.pt     # ships as the `:tiny` teacher
+    python -m trigflow_distill.toy.pretrain --out=assets/toy_teacher.pt     # ships as the `:tiny` teacher
 
 Objective (the Predict2.5 teacher's): x_t = (1-t) x0 + t eps, the net predicts the velocity eps - x0 at RF time t.
-- t: the SPEC §2 shift-5 distribution (u ~ U(0,1), t = 5u / (1 + 4u)), floored at 1e-3. It puts most weight near
-  t = 1, as the shift-5 grid of the 35-step teacher sampler, the 4-step student schedule and the DMD2 critic /
-  teacher time draws all do, so the teacher is trained where it is queried.
+- t: the docs/algorithm.md §2 shift-5 distribution (u ~ U(0,1), t = 5u / (1 + 4u)), floored at 1e-3. It puts most
+  weight near t = 1, as the shift-5 grid of the 35-step teacher sampler, the 4-step student schedule and the DMD2
+  critic / teacher time draws all do, so the teacher is trained where it is queried.
 - Text dropout: with probability `text_dropout` (default 0.15) the raw text is replaced by zeros, the
-  unconditional text of SPEC §7, so the same net serves both sides of classifier-free guidance.
+  unconditional text of docs/algorithm.md §7, so the same net serves both sides of classifier-free guidance.
 - Video2World: each record's first `num_cond_frames` latent frames are ground truth; the net is called through
   `denoiser.denoise` (mask channel, GT input and output replacement, t_cond = tan(atan 1e-4)/(1 + tan(atan 1e-4)))
   and the loss covers the non-conditional frames only.
@@ -144,7 +144,8 @@ def pretrain(world: toy.World, net_config, steps: int = 3500, batch_size: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output .pt (native Cosmos layout, net. prefix, bf16)")
     parser.add_argument("--steps", type=int, default=3500)
     parser.add_argument("--batch_size", type=int, default=32)

@@ -1,0 +1,43 @@
+"""config.data.kind -> what the trainer gets for it: the record source, an optional sample writer and an optional
+evaluation of the finished run. main.py picks from here, so the trainer never imports a particular data set.
+"""
+from typing import Callable, NamedTuple
+
+from trigflow_distill import data, toy
+from trigflow_distill.toy import evaluate as toy_evaluate
+
+
+class DataKind(NamedTuple):
+    # config -> (random-access record source, write_samples or None); write_samples(samples_bcthw, batch, path)
+    # is a train.SampleWriter
+    open: Callable
+    evaluate: Callable | None  # workdir -> evaluation of the finished run (writes into workdir)
+
+
+def _toy(config):
+    world = toy_evaluate.world_from_config(config)
+
+    def write_samples(x_bcthw, batch, path):
+        toy.save_grid_png(world, x_bcthw, batch["prompt"], path, per_prompt=2)
+    return toy.RecordSource(world, seed=config.data.seed), write_samples
+
+
+def _synthetic(config):
+    return data.make_synthetic_source(4096, tuple(config.data.latent_shape), tuple(config.data.text_shape),
+                                      seed=config.data.seed,
+                                      num_cond_probs=tuple(config.distill.cond_frame_probs)), None
+
+
+KINDS = {
+    "dir": DataKind(lambda config: (data.NpyDirSource(config.data.path), None), None),
+    "synthetic": DataKind(_synthetic, None),
+    "toy": DataKind(_toy, toy_evaluate.evaluate_run),
+}
+
+
+def get(config) -> DataKind:
+    """The DataKind of config.data.kind, or a ValueError naming the choices."""
+    kind = KINDS.get(config.data.kind)
+    if kind is None:
+        raise ValueError(f"config.data.kind={config.data.kind!r}: use one of {sorted(KINDS)}.")
+    return kind
