@@ -51,6 +51,12 @@ _PROGRESS_MIN_BYTES = 64 << 20  # smaller sources convert in a blink: no bar
 _TRANSPOSE_ROWS = 64  # a blocked transpose is ~3x faster than numpy's strided copy of a whole bf16 matrix
 _READ_CHUNK = 64 << 20
 _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_SAFETENSORS_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+}
 WAIT_TIMEOUT_S = 1800.0  # how long processes > 0 wait for process 0's conversion (TRIGFLOW_TEACHER_WAIT_S)
 
 
@@ -70,8 +76,8 @@ def _select_prefix(path: str, keys, prefix: str) -> str:
 class _SafetensorsDict(Mapping):
     """`{native name: array}` over diffusers safetensors files, reading a tensor only when it is accessed."""
 
-    def __init__(self, where: dict[str, tuple[str, str]], shapes: dict[str, tuple[int, ...]], nbytes: int):
-        self.where, self.shapes, self.nbytes = where, shapes, nbytes  # where: native name -> (file, diffusers key)
+    def __init__(self, where: dict[str, tuple[str, str]], shapes: dict, dtypes: dict, nbytes: int):
+        self.where, self.shapes, self.dtypes, self.nbytes = where, shapes, dtypes, nbytes  # where: name -> (file, key)
 
     def __getitem__(self, key: str) -> np.ndarray:
         from safetensors import safe_open
@@ -120,13 +126,14 @@ def _diffusers_source(path: str) -> tuple[Mapping, dict]:
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors weights (bin weights are not supported)")
-    where, shapes = {}, {}
+    where, shapes, dtypes = {}, {}, {}
     nbytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
     for name in files:
         file = os.path.join(folder, name)
         with safe_open(file, framework="np") as st:
             for k in st.keys():
-                where[k], shapes[k] = (file, k), tuple(st.get_slice(k).get_shape())
+                info = st.get_slice(k)
+                where[k], shapes[k], dtypes[k] = (file, k), tuple(info.get_shape()), info.get_dtype()
     pt, ps, ps_w = cfg.get("patch_size", (1, 2, 2))
     rope = cfg.get("rope_scale", (1.0, 3.0, 3.0))
     if ps != ps_w:
@@ -147,7 +154,16 @@ def _diffusers_source(path: str) -> tuple[Mapping, dict]:
         native = sdmap.native_from_diffusers(where)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}") from None
-    return _SafetensorsDict(native, {n: shapes[w[1]] for n, w in native.items()}, nbytes), fields
+    unknown = sorted({d for d in dtypes.values() if d not in _SAFETENSORS_DTYPES})
+    if unknown:
+        raise ValueError(f"{folder}: unsupported tensor dtypes {unknown}")
+    by_native = {n: w[1] for n, w in native.items()}
+    return _SafetensorsDict(
+        native,
+        {n: shapes[k] for n, k in by_native.items()},
+        {n: _SAFETENSORS_DTYPES[dtypes[k]] for n, k in by_native.items()},
+        nbytes,
+    ), fields
 
 
 def _local_source(src: str | os.PathLike) -> str:
@@ -183,7 +199,6 @@ def _leaves(path: str, sd: Mapping, config: DiTConfig) -> Iterator[tuple[tuple[s
     expected = sdmap.native_shapes(config)
     shapes = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=lambda s: isinstance(s, tuple))[0]
     leaf_shape = {tuple(k.key for k in p): tuple(s) for p, s in shapes}
-    refs = getattr(sd, "refs", None)
 
     def fill(name: str, transpose: bool):
         def run(dst: np.ndarray) -> np.ndarray:
@@ -202,7 +217,7 @@ def _leaves(path: str, sd: Mapping, config: DiTConfig) -> Iterator[tuple[tuple[s
         return run
 
     for leaf, (names, transpose) in sdmap.leaf_sources(config).items():
-        dtype = refs[names[0]].dtype if refs is not None else sd[names[0]].dtype
+        dtype = sd.refs[names[0]].dtype if isinstance(sd, torchfile.LazyStateDict) else sd.dtypes[names[0]]
         yield leaf, leaf_shape[leaf], dtype, [fill(n, transpose) for n in names]
 
 
@@ -224,8 +239,7 @@ def _build_tree(path: str, sd: Mapping, config: DiTConfig, progress: bool) -> di
 
 
 def _bar(sd: Mapping, progress: bool, label: str) -> tqdm.tqdm:
-    refs = getattr(sd, "refs", None)
-    total = sum(r.nbytes for r in refs.values()) if refs is not None else sd.nbytes
+    total = sum(r.nbytes for r in sd.refs.values()) if isinstance(sd, torchfile.LazyStateDict) else sd.nbytes
     return tqdm.tqdm(
         total=total,
         unit="B",
