@@ -4,7 +4,8 @@ Data: a class-conditional Gaussian mixture in 2-D: three isotropic components (s
 both classes with class-specific weights. Its exact denoiser E[x0 | x_tau, class] is closed-form and is the
 teacher; the unconditional teacher is the mixture over classes, guided with standard CFG. Student and critic are
 MLPs on top of the unguided conditional teacher (last layer zero-initialised, so both start as the teacher, as in
-DMD2), trained with this project's backward_simulation, dmd_loss, critic_loss, make_optimizer and power EMA,
+DMD2), trained by the shipped `dmd2.student_update` / `dmd2.critic_update` (the mixture enters through
+`dmd2.Algo.condition`), so the skip, clipping, optimizer and power-EMA path is what this test proves;
 1 student : 4 critic updates, all updates jitted inside one lax.scan.
 
 Two choices, both measured while building this test:
@@ -20,9 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from trigflow_distill import losses, optim, sampling
-from trigflow_distill.trigflow import TAU_MAX, TAU_MIN, add_noise, expand_tau, sample_tau
+from trigflow_distill import dmd2, optim, sampling
+from trigflow_distill.trigflow import TAU_MAX, TAU_MIN
 
 # ---- the analytic teacher -------------------------------------------------------------------------------------
 MEANS = np.array([[0.0, 1.2], [-1.039, -0.6], [1.039, -0.6]])  # (K, D) component means
@@ -45,10 +47,6 @@ def gmm_x0(x_bd, tau_b, label_b):
     resp = jax.nn.softmax(log_w[label_b] - jnp.sum(diff**2, axis=-1) / (2 * var), axis=-1)  # p(component | x_tau)
     post = means[None] + (a * STD**2 / var)[:, :, None] * diff  # E[x0 | x_tau, component]
     return jnp.einsum("bk,bkd->bd", resp, post)
-
-
-def teacher_guided_x0(x_bd, tau_b, class_b, guidance):
-    return losses.cfg_x0(gmm_x0(x_bd, tau_b, class_b), gmm_x0(x_bd, tau_b, jnp.full_like(class_b, UNCOND)), guidance)
 
 
 # ---- student and critic: teacher + zero-initialised MLP residual, one MLP per class ----------------------------
@@ -82,7 +80,7 @@ def denoiser(params, x_bd, tau_b, class_b):
     return gmm_x0(x_bd, tau_b, class_b) + jnp.sin(tau_b)[:, None] * out_bd
 
 
-# ---- training -------------------------------------------------------------------------------------------------
+# ---- training: the shipped dmd2.student_update / critic_update with this data plugged in as the conditioning ----
 GUIDANCE = 2.0
 BATCH = 512
 ROUNDS = 1000  # 1000 student + 4000 critic updates
@@ -91,73 +89,45 @@ TAU_SHIFT = 1.0  # time shift for tau_D; the recipe's 5 targets high-res video l
 TAUS = sampling.student_schedule(4)
 
 
-def _fake_and_noisy(g_x0, key):
-    k_tau, k_eps = jax.random.split(key)
-    tau_b = sample_tau(k_tau, (g_x0.shape[0],), shift=TAU_SHIFT)
-    x_d = add_noise(g_x0, jax.random.normal(k_eps, g_x0.shape), expand_tau(tau_b, 2), SIGMA_DATA)
-    return x_d, tau_b
+def gmm_condition(algo, key, teacher, batch):
+    """dmd2.Algo.condition for the mixture: the batch is {"label": (B,) class}; the teacher "net" is a zero
+    residual (so the conditional teacher is exactly gmm_x0) and the unconditional teacher is the class mixture."""
+    class_b = batch["label"]
+    return dmd2.Conditioning(
+        shape=(class_b.shape[0], 2),
+        x0_fn=lambda params, x, t: denoiser(params, x, t, class_b),
+        x0_uncond_fn=lambda params, x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
+    )
 
 
-def _generate(params, key, class_b, with_grad):
-    eps = jax.random.normal(key, (class_b.shape[0], 2))
-    fn = lambda p, x, t: denoiser(p, x, t, class_b)  # noqa: E731
-    # n = 4 always (see the module docstring); backward_simulation still runs 3 steps without gradient.
-    return sampling.backward_simulation(fn, params, eps, jnp.int32(len(TAUS)), TAUS, with_grad=with_grad)
-
-
-def student_update(state, key, opt_s):
-    k_c, k_g, k_d = jax.random.split(key, 3)
-    class_b = jax.random.randint(k_c, (BATCH,), 0, NUM_CLASSES)
-
-    def loss_fn(params):
-        g_x0 = _generate(params, k_g, class_b, with_grad=True)
-        x_d, tau_b = _fake_and_noisy(jax.lax.stop_gradient(g_x0), k_d)
-        x0_fake = denoiser(state["critic"], x_d, tau_b, class_b)
-        x0_teacher = teacher_guided_x0(x_d, tau_b, class_b, GUIDANCE)
-        return losses.dmd_loss(g_x0, x0_fake, x0_teacher)
-
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"])
-    updates, opt_state = opt_s.update(grads, state["opt_s"], state["student"])
-    student = jax.tree.map(jnp.add, state["student"], updates)
-    n = state["student_updates"] + 1
-    ema = optim.ema_update(state["ema"], student, n)
-    return {**state, "student": student, "opt_s": opt_state, "ema": ema, "student_updates": n}, loss
-
-
-def critic_update(state, key, opt_c):
-    k_c, k_g, k_d = jax.random.split(key, 3)
-    class_b = jax.random.randint(k_c, (BATCH,), 0, NUM_CLASSES)
-    g_x0 = _generate(state["student"], k_g, class_b, with_grad=False)
-    x_d, tau_b = _fake_and_noisy(g_x0, k_d)
-    loss_fn = lambda p: losses.critic_loss(g_x0, denoiser(p, x_d, tau_b, class_b), tau_b)[0]  # noqa: E731
-    loss, grads = jax.value_and_grad(loss_fn)(state["critic"])
-    updates, opt_state = opt_c.update(grads, state["opt_c"], state["critic"])
-    return {**state, "critic": jax.tree.map(jnp.add, state["critic"], updates), "opt_c": opt_state}, loss
+# n = 4 always in backward simulation (see the module docstring); it still runs 3 steps without gradient.
+ALGO = dmd2.Algo(net_config=None, sigma_data=SIGMA_DATA, guidance=GUIDANCE, num_student_steps=len(TAUS),
+                 condition=gmm_condition, sim_steps=len(TAUS), renoise_shift=TAU_SHIFT)
 
 
 def train(key):
     opt_s, opt_c = optim.make_optimizer(STUDENT_LR), optim.make_optimizer(CRITIC_LR)
-    k_s, k_c, key = jax.random.split(key, 3)
-    student, critic = mlp_init(k_s), mlp_init(k_c)
-    state = {
-        "student": student,
-        "ema": student,
-        "critic": critic,
-        "opt_s": opt_s.init(student),
-        "opt_c": opt_c.init(critic),
-        "student_updates": jnp.int32(0),
-    }
+    k_init, key = jax.random.split(key)
+    teacher = {"net": mlp_init(k_init), "text_proj": None}  # zero last layer: exactly the analytic teacher
+    state = dmd2.init_state(teacher, opt_s, opt_c, seed=0)  # student, EMA and critic start as the teacher
+    critic_step = functools.partial(dmd2.critic_update, ALGO, opt_c)
+    student_step = functools.partial(dmd2.student_update, ALGO, opt_s, optim.EMA_GAMMA)
 
     @jax.jit
     def run(state, keys_r5):
+        def batch(k):
+            return {"label": jax.random.randint(k, (BATCH,), 0, NUM_CLASSES)}
+
         def one_round(state, keys_5):  # iteration i is a student step iff i % 5 == 0 (docs/algorithm.md §6)
-            state, s_loss = student_update(state, keys_5[0], opt_s)
-            state, c_losses = jax.lax.scan(lambda s, k: critic_update(s, k, opt_c), state, keys_5[1:])
-            return state, (s_loss, c_losses.mean())
+            state, s_metrics = student_step(state, teacher, batch(keys_5[0]))
+            state, c_metrics = jax.lax.scan(lambda s, k: critic_step(s, teacher, batch(k)), state, keys_5[1:])
+            return state, (s_metrics["student/loss"], c_metrics["critic/loss"].mean())
 
         return jax.lax.scan(one_round, state, keys_r5)
 
-    return run(state, jax.random.split(key, (ROUNDS, 5)))
+    state, step_losses = run(state, jax.random.split(key, (ROUNDS, 5)))
+    assert int(state.total_skips) == 0 and int(state.student_updates) == ROUNDS
+    return {"student": state.student, "ema": state.student_ema}, step_losses
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -200,6 +170,7 @@ def student_samples(params, eps, cls):
 MAX_ENERGY, MAX_ENERGY_VS_TEACHER, MAX_DW, MAX_DMEAN, MIN_WEIGHT_FOR_MEAN = 0.04, 0.3, 0.07, 0.1, 0.15
 
 
+@pytest.mark.slow
 def test_dmd2_student_matches_guided_teacher():
     start = time.perf_counter()
     state, (s_loss, c_loss) = train(jax.random.key(0))

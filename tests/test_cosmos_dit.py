@@ -15,6 +15,8 @@ tc = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
 # The PyTorch reference side (diffusers stand-ins shared with the benchmarks; benchmarks/ is on the pytest pythonpath).
 import torch_dmd2  # noqa: E402  (after the importorskips: it imports torch)
 
+pytestmark = pytest.mark.torch
+
 CFG = networks.get_preset("tiny")
 CFG_REMAT = networks.get_preset("tiny", remat=True)
 T_COND = 1e-4 / (1 + 1e-4)  # RF time of the conditional frames, tau_c = arctan(1e-4)

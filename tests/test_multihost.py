@@ -19,6 +19,8 @@ import pytest
 
 from trigflow_distill import convert, networks
 
+pytestmark = pytest.mark.slow  # multi-process main.py runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, LOG_EVERY = 4, 2, 2  # student steps at 0 only (freq 5); few steps: gloo on loopback is slow
 HEARTBEAT_S = 15   # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here

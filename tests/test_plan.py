@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops"}
 
 
+@pytest.mark.slow
 def test_plan_cli_json_for_the_tiny_config():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the plan sets its own device count
     cmd = [sys.executable, "-m", "trigflow_distill.plan", "--config=configs/predict25_4step.py:tiny", "--net=tiny",

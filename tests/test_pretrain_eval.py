@@ -53,6 +53,7 @@ def test_velocity_loss_matches_direct_velocity(world, mini_config):
     np.testing.assert_allclose(loss, direct(params), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_loss(world, mini_config):
     _, ema, losses = pretrain.pretrain(world, mini_config, steps=60, batch_size=8, lr=3e-3, log_every=20,
                                        log=lambda s: None)
@@ -61,6 +62,7 @@ def test_pretraining_lowers_the_loss(world, mini_config):
     assert jax.tree.structure(ema) == jax.tree.structure(networks.init_params(mini_config, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
     teacher = networks.init_params(mini_config, jax.random.PRNGKey(0))
     student = {k: v for k, v in teacher.items() if k != "crossattn_proj"}   # as the trainer keeps it

@@ -13,6 +13,8 @@ import pytest
 
 from trigflow_distill import convert, networks
 
+pytestmark = pytest.mark.slow  # end-to-end main.py runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 8
 

@@ -54,6 +54,7 @@ def test_seq_sharded_network_equals_unsharded(mesh_cfg, batch, thw):
     np.testing.assert_allclose(np.asarray(feat), np.asarray(ref_feat), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_gradient():
     params = networks.init_params(NET, jax.random.PRNGKey(0))
     inputs = _inputs(jax.random.PRNGKey(2), 1, 2, 4, 4)
@@ -102,6 +103,7 @@ def _two_updates(mesh, thw, batch_size):
     return jax.device_get((state, m_student, m_critic))
 
 
+@pytest.mark.slow
 def test_seq_sharded_updates_equal_unsharded():
     """Student then critic step; 3 frames of 6x6 latents = 9 tokens per frame, padded to 12 on 4 seq devices."""
     thw = (3, 6, 6)

@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from trigflow_distill import denoiser, losses, networks, optim, sampling, trigflow
 
-import torch_dmd2 as td  # benchmarks/ is on the pytest pythonpath
+torch = pytest.importorskip("torch")
+import torch_dmd2 as td  # noqa: E402  (benchmarks/ is on the pytest pythonpath; it imports torch)
+
+pytestmark = pytest.mark.torch
 
 T = torch.from_numpy
 

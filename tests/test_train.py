@@ -118,6 +118,7 @@ def test_critic_loss_decreases(setup):
     assert after < 0.9 * before
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(teacher_pt, tmp_path):
     """Two steps (student, critic) on one device vs FSDP over 8 simulated devices: equal within fp32 tolerance."""
     results = []

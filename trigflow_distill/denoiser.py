@@ -1,4 +1,5 @@
-"""A teacher/student/critic network seen as a Video2World TrigFlow denoiser x0 = D(x_tau, tau) (docs/algorithm.md §1, §7).
+"""A teacher/student/critic network seen as a Video2World TrigFlow denoiser x0 = D(x_tau, tau)
+(docs/algorithm.md §1, §7).
 
 Every network call of the algorithm (student, teacher, critic) goes through `denoise`: the TrigFlow
 coefficients turn the velocity network into an x0 predictor, and the first N latent frames of each sample

@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 FSDP = "fsdp"
 PARAM_AXES = ("fsdp", "seq")  # mesh axes that shard parameters and optimizer states (ZeRO-3 style)
