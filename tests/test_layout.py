@@ -1,8 +1,15 @@
-"""The layering rule: the method (dmd2) loads no system packages and no toy world; tests and modules do not edit
-sys.path."""
+"""The layering rule: the method (dmd2) loads no system packages and no toy world, the trainer no toy world; no
+sys.path edits; the data-kind registry hands the trainer its source and sample writer from the config."""
 import pathlib
 import subprocess
 import sys
+
+import numpy as np
+
+from trigflow_distill import data_kinds
+from trigflow_distill.toy import evaluate
+
+import predict25_4step
 
 HEAVY = ("orbax", "grain", "clu", "tensorboardX", "trigflow_distill.toy")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,3 +35,18 @@ def test_no_sys_path_edits():
     offenders = [str(p.relative_to(ROOT)) for d in ("tests", "trigflow_distill", "benchmarks")
                  for p in (ROOT / d).rglob("*.py") if p.name != "test_layout.py" and "sys.path.insert" in p.read_text()]
     assert offenders == [], offenders
+
+
+def test_toy_kind_reads_the_config_and_writes_pictures(tmp_path):
+    """data_kinds: the toy records draw N from config.distill.cond_frame_probs (one home for the value) and the
+    sample writer the trainer gets writes a PNG."""
+    config = predict25_4step.get_config("tiny")
+    kind = data_kinds.get(config)
+    assert kind.evaluate is evaluate.evaluate_run
+    config.distill.cond_frame_probs = (0.0, 0.0, 1.0)
+    source, write_samples = kind.open(config)
+    records = [source[i] for i in range(8)]
+    assert all(int(r["num_cond_frames"]) == 2 for r in records)
+    batch = {k: np.stack([r[k] for r in records]) for k in ("latents", "prompt")}
+    write_samples(batch["latents"], batch, str(tmp_path / "samples.png"))
+    assert (tmp_path / "samples.png").stat().st_size > 0

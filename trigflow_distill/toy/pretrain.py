@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out directory {out_dir} does not exist; create it first.")
+        print(f"error: --out directory {out_dir} does not exist; create it first.", file=sys.stderr)
+        return 1
     world = toy.make_world()
     net_config = tiny_config(world)
     print(f"pretraining {net_config} for {args.steps} steps, batch {args.batch_size}, lr {args.lr}", flush=True)
