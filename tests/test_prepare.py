@@ -1,0 +1,164 @@
+"""prepare: synthetic videos (two aspect ratios, a corrupt one, a too-short one) + tiny random VAE, text encoder and
+teacher -> a dataset whose records match an independent recomputation; resume, refusal, report; then training."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from trigflow_distill import convert, networks, prepare, text_encoder, torchfile, vae, video
+from trigflow_distill.networks import wan_vae
+
+FRAMES = 5
+VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
+CAPTIONS = {"wide_a.mp4": "a red car drives", "wide_b.mp4": "a blue boat sails", "square_a.mp4": "a cat sleeps",
+            "bad.mp4": "noise", "short.mp4": "too short"}
+SIDECAR = ("square_b", "a dog runs")  # caption from square_b.txt, not the JSONL
+
+
+def _frames(t, h, w, seed):
+    """Smooth moving colour gradients (compress well, decode close to the source)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    out = [np.stack([np.sin(4 * xx + 3 * yy + 0.3 * i + p) for p in phase], -1) for i in range(t)]
+    return np.round((np.stack(out) + 1) * 127.5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    videos = root / "videos"
+    videos.mkdir()
+    video.write_mp4(videos / "wide_a.mp4", _frames(9, 54, 96, 0), 8.0)  # 16:9 -> bucket 320x192 at "256"
+    video.write_mp4(videos / "wide_b.mp4", _frames(10, 72, 128, 1), 8.0)
+    video.write_mp4(videos / "square_a.mp4", _frames(9, 40, 40, 2), 8.0)  # 1:1 -> 256x256
+    video.write_mp4(videos / "sub" / "square_b.mp4", _frames(9, 48, 44, 3), 8.0)  # nearly square: padded
+    (videos / "sub" / "square_b.txt").write_text(SIDECAR[1] + "\n")
+    (videos / "bad.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
+    video.write_mp4(videos / "short.mp4", _frames(3, 40, 40, 4), 8.0)
+    captions = root / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"video": k, "caption": v}) + "\n" for k, v in CAPTIONS.items()))
+
+    vae_path = root / "vae.pth"
+    torchfile.save(vae_path, wan_vae.to_torch(wan_vae.init_params(VAE_CFG, jax.random.key(0)), VAE_CFG))
+    words = sorted({w for c in (*CAPTIONS.values(), SIDECAR[1]) for w in c.split()})
+    text_path = root / "text_encoder"
+    text_cfg = text_encoder.write_tiny(text_path, words=words)
+    net = networks.get_preset("tiny", num_blocks=1,
+                              crossattn_proj_in_channels=text_cfg.num_layers * text_cfg.hidden_size)
+    teacher_path = root / "teacher.pt"
+    teacher = networks.init_params(net, jax.random.key(1))
+    convert.export_torch(teacher, net, teacher_path, dtype=np.float32)
+    return dict(root=root, videos=videos, captions=captions, vae=vae_path, text=text_path, teacher=teacher_path,
+                net=net, teacher_params=teacher)
+
+
+def _args(s, out, *extra):
+    return ["--videos", str(s["videos"]), "--captions", str(s["captions"]), "--vae", str(s["vae"]),
+            "--text-encoder", str(s["text"]), "--teacher", str(s["teacher"]), "--out", str(out),
+            "--resolution", "256", "--frames", str(FRAMES), "--clips-per-video", "2", "--shard-videos", "3",
+            "--text-dtype", "float32", "--batch-size", "2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def dataset(sources):
+    out = sources["root"] / "dataset"
+    assert prepare.main(_args(sources, out)) == 0
+    return out
+
+
+def _records(out):
+    meta = json.loads((out / "meta.json").read_text())
+    rows = []
+    for shard in meta["shards"]:
+        arrays = {f: np.load(out / f"{shard['name']}.{f}.npy") for f in ("latents", "text", "padding_mask")}
+        lines = (out / f"{shard['name']}.records.jsonl").read_text().splitlines()
+        for i, line in enumerate(lines):
+            rows.append((shard, json.loads(line), {f: a[i] for f, a in arrays.items()}))
+    return meta, rows
+
+
+def test_report_lists_the_bad_files(dataset):
+    report = [json.loads(line) for line in (dataset / "report.jsonl").read_text().splitlines()]
+    reasons = {os.path.basename(r["video"]): r["reason"] for r in report}
+    assert sorted(reasons) == ["bad.mp4", "short.mp4"]
+    assert "corrupt" in reasons["bad.mp4"]
+    assert "too short" in reasons["short.mp4"] and "3 frames" in reasons["short.mp4"]
+
+
+def test_dataset_shapes_buckets_and_metadata(dataset):
+    meta, rows = _records(dataset)
+    assert meta["num_records"] == len(rows) == 8  # 4 good videos x 2 clips
+    by_bucket = {}
+    for shard, rec, arrays in rows:
+        w, h = shard["bucket"]
+        assert rec["bucket"] == [w, h]
+        assert arrays["latents"].shape == (16, 2, h // 8, w // 8) and arrays["latents"].dtype == np.float32
+        assert arrays["text"].shape == (512, 64) and arrays["text"].dtype == np.uint16  # bfloat16 bits
+        assert arrays["padding_mask"].shape == (1, h, w)
+        by_bucket.setdefault((w, h), []).append(os.path.basename(rec["video"]))
+    assert sorted(by_bucket[(320, 192)]) == ["wide_a.mp4"] * 2 + ["wide_b.mp4"] * 2
+    assert sorted(by_bucket[(256, 256)]) == ["square_a.mp4"] * 2 + ["square_b.mp4"] * 2
+    frames = {(os.path.basename(r["video"]), tuple(r["frames"])) for _, r, _ in rows}
+    # evenly spaced clips: first and last FRAMES frames (9 frames -> starts 0, 4; 10 frames -> 0, 5)
+    assert ("wide_a.mp4", (0, 5)) in frames and ("wide_a.mp4", (4, 9)) in frames and ("wide_b.mp4", (5, 10)) in frames
+    captions = {os.path.basename(r["video"]): r["caption"] for _, r, _ in rows}
+    assert captions["square_b.mp4"] == SIDECAR[1] and captions["wide_a.mp4"] == CAPTIONS["wide_a.mp4"]
+
+
+def test_records_match_an_independent_recomputation(sources, dataset):
+    """Latents, padding mask and projected context of one clip recomputed from the public pieces."""
+    _, rows = _records(dataset)
+    shard, rec, arrays = next(r for r in rows if r[1]["video"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
+    frames, _ = video.read_video(rec["video"])
+    pixels, mask = video.resize_and_pad(frames[4:4 + FRAMES], (256, 256))
+    cfg, params = vae.load(sources["vae"])
+    np.testing.assert_allclose(arrays["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
+    np.testing.assert_array_equal(arrays["padding_mask"], mask.astype(np.uint8))
+    assert 0 < mask.mean() < 1  # 44x48 in a square bucket: padded on the left and right
+    tcfg, tparams = text_encoder.load(sources["text"], "float32")
+    raw = text_encoder.embed(tcfg, tparams, text_encoder.tokenize(sources["text"], [SIDECAR[1]]))
+    want = networks.project_text(sources["net"], sources["teacher_params"], raw)[0]
+    got = arrays["text"].view(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-2, atol=1e-2)  # bfloat16 storage
+    assert np.abs(got - np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))).max() <= 1e-2
+
+
+def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
+    marker = dataset / "units" / "unit-00000.json"
+    before = {p.name: p.stat().st_mtime_ns for p in dataset.iterdir() if p.name.startswith("unit-00001")}
+    marker.unlink()  # as if the run died in unit 0: only unit 0 is redone
+    assert prepare.main(_args(sources, dataset)) == 0
+    assert marker.exists()
+    assert before == {p.name: p.stat().st_mtime_ns for p in dataset.iterdir() if p.name.startswith("unit-00001")}
+    assert prepare.main(_args(sources, dataset, "--clips-per-video", "1")) == 1
+    assert "clips_per_video" in capsys.readouterr().err
+    other = sources["root"] / "not_a_dataset"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert prepare.main(_args(sources, other)) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
+    assert prepare.main(_args(sources, tmp_path / "a", "--frames", "6")) == 1
+    assert "1 + 4k" in capsys.readouterr().err
+    wrong = tmp_path / "wrong_teacher.pt"
+    net = networks.get_preset("tiny", num_blocks=1)  # projection input 96, the encoder gives 64
+    convert.export_torch(networks.init_params(net, jax.random.key(0)), net, wrong, dtype=np.float32)
+    args = _args(sources, tmp_path / "b")
+    args[args.index("--teacher") + 1] = str(wrong)
+    assert prepare.main(args) == 1
+    err = capsys.readouterr().err
+    assert "crossattn_proj takes 96 channels" in err and "2 layers x 32 = 64" in err
+
+
+def test_clip_starts():
+    assert prepare.clip_starts(93, 93, 1) == [0]
+    assert prepare.clip_starts(92, 93, 1) == []
+    assert prepare.clip_starts(200, 93, 3) == [0, 54, 107]
+    assert prepare.clip_starts(94, 93, 3) == [0, 1]  # identical starts kept once

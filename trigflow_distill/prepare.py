@@ -1,0 +1,576 @@
+r"""From a folder of videos and captions to a training set (docs/algorithm.md §7, §9, §11, §12).
+
+    python -m trigflow_distill.prepare --videos VIDEOS_DIR --captions captions.jsonl \
+        --vae hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth \
+        --text-encoder hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58da5711eab4b423 \
+        --teacher /ckpts/Cosmos-Predict2.5-2B/base/pre-trained/<uuid>_ema_bf16.pt --out DATASET
+
+What it does, per video: decode it with PyAV; choose the bucket of nearest aspect ratio (`--resolution`), resize
+to fit, reflection-pad and record the padding mask (§12); cut `--clips-per-video` clips of `--frames` consecutive
+frames at the source rate, EVENLY SPACED from the first frame to the last (clip k starts at
+round(k (n - frames) / (N - 1)); clips overlap when the video has fewer than N·frames frames, identical starts are
+kept once); encode them with the Wan2.1 VAE into normalised latents (§9, §10); embed the caption with the Reason1
+text encoder (§11) and project it ONCE with the teacher's frozen `crossattn_proj` into the (512, 1024) context,
+stored bfloat16 (the raw (512, 28·3584) embedding is stored only with `--keep-raw-text`, float32, as `text_raw`).
+
+Inputs:
+- `--videos DIR` (every .mp4/.mov/.mkv/.webm/.avi/.m4v below it, sorted) or `--videos LIST.txt` (one path a line,
+  relative to the list's folder or absolute; blank lines and `#` comments ignored). Local paths or gs:// (epath).
+- `--captions FILE.jsonl`: one JSON object a line, `{"video": "clip_001.mp4", "caption": "A red car ..."}`; "video"
+  is the path relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video
+  without an entry uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption).
+
+Output `DATASET/` (format: see `trigflow_distill.data`): one shard per (unit, bucket), where a unit is
+`--shard-videos` consecutive videos of the sorted list; every record holds the latents, the projected context, the
+padding mask, the caption, the source file, its frame range and fps, and the bucket. Also:
+- `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
+  skipped), different ones are refused unless `--overwrite` (which deletes what a previous job wrote there);
+- `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after its
+  shard files, which are themselves written under temporary names and renamed;
+- `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, too short,
+  no caption); the job goes on without them.
+
+Devices and hosts: all local devices are used (mesh {"data": 1, "fsdp": all}): the clip and caption batches are
+split over them, the text encoder's parameters are FSDP-sharded. With several processes (TPU pods are detected;
+else --coordinator-address/--num-processes/--process-id) process p takes units p, p + P, p + 2P, ... and writes
+their shards; after a barrier process 0 writes report.jsonl and meta.json. Units do not depend on the process
+count, so a job can resume on another number of hosts.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import tqdm
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from trigflow_distill import distributed, sharding, sources, text_encoder, torchfile, vae, video
+from trigflow_distill.convert import load_diffusers_folder
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+JOB_FILE = "job.json"
+REPORT_FILE = "report.jsonl"
+UNITS_DIR = "units"
+JOB_FORMAT = "trigflow_distill.prepare/1"
+_PROJ_KEYS = ("crossattn_proj.0.weight", "crossattn_proj.0.bias")
+_TEACHER_PREFIXES = ("net_ema.", "net.", "")  # the EMA weights are the distillation teacher (docs/algorithm.md §9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: videos, captions, clips
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input video: its path, its name relative to the videos root (the caption key) and its caption."""
+    path: str
+    name: str
+    caption: str | None
+
+
+def list_videos(videos: str) -> tuple[list[str], str]:
+    """(sorted video paths, root they are named relative to) of a folder or a list file."""
+    p = epath.Path(videos)
+    if not p.exists():
+        raise FileNotFoundError(f"--videos {videos}: no such folder or list file")
+    if p.is_dir():
+        paths = sorted(os.fspath(d / f) for d, _, files in p.walk() for f in files
+                       if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
+        if not paths:
+            raise ValueError(f"--videos {videos}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in the folder")
+        return paths, os.fspath(p)
+    root = os.fspath(p.parent)
+    paths = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            paths.append(line if sources.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
+    if not paths:
+        raise ValueError(f"--videos {videos}: the list file names no videos")
+    return paths, root
+
+
+def read_captions(path: str | None) -> dict[str, str]:
+    """{"video" key: caption} of a captions JSONL file (empty without one)."""
+    if path is None:
+        return {}
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--captions {path}: no such file")
+    out = {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--captions {path} line {n}: not JSON ({e})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("video"), str) or not isinstance(
+                entry.get("caption"), str):
+            raise ValueError(f'--captions {path} line {n}: expected {{"video": "name.mp4", "caption": "..."}}')
+        out[entry["video"]] = entry["caption"]
+    return out
+
+
+def _sidecar_caption(path: str) -> str | None:
+    txt = epath.Path(os.path.splitext(path)[0] + ".txt")
+    return txt.read_text().strip() if txt.exists() else None
+
+
+def make_items(paths: Sequence[str], root: str, captions: dict[str, str]) -> list[Item]:
+    """Items with their captions: JSONL key = relative name, bare file name or full path; else a sidecar .txt."""
+    items = []
+    for path in paths:
+        name = os.path.relpath(path, root) if not sources.is_remote(path) else path[len(root):].lstrip("/")
+        caption = next((captions[k] for k in (name, os.path.basename(path), path) if k in captions), None)
+        items.append(Item(path, name, caption if caption is not None else _sidecar_caption(path)))
+    return items
+
+
+def clip_starts(num_frames: int, frames: int, clips: int) -> list[int]:
+    """First frames of `clips` evenly spaced clips of `frames` frames in a video of `num_frames` ([] if too short)."""
+    if num_frames < frames:
+        return []
+    if clips == 1:
+        return [0]
+    span = num_frames - frames
+    return sorted({int(round(k * span / (clips - 1))) for k in range(clips)})
+
+
+@dataclasses.dataclass
+class Clip:
+    """A preprocessed clip: frames (T, H, W, 3) uint8 in its bucket, padding mask (1, H, W) uint8 (1 = padded)."""
+    item: Item
+    start: int
+    frames_thw3: np.ndarray
+    mask_1hw: np.ndarray
+    bucket: tuple[int, int]
+    fps: float
+
+
+def load_clips(item: Item, resolution: str, frames: int, clips: int) -> list[Clip]:
+    """The clips of one video; ValueError with the reason when it cannot give any (skipped and reported)."""
+    if item.caption is None:
+        raise ValueError("no caption (no --captions entry and no sidecar .txt)")
+    try:
+        all_frames, fps = video.read_video(item.path)
+    except FileNotFoundError as e:
+        raise ValueError(f"unreadable: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"corrupt or unreadable: {e}") from None
+    except (OSError, RuntimeError) as e:  # anything else FFmpeg or the file system throws at a bad file
+        raise ValueError(f"corrupt or unreadable: {type(e).__name__}: {e}") from None
+    n, h, w = all_frames.shape[:3]
+    starts = clip_starts(n, frames, clips)
+    if not starts:
+        raise ValueError(f"too short: {n} frames, fewer than --frames {frames}")
+    bucket = video.choose_bucket(w, h, resolution)
+    out = []
+    for s in starts:
+        pixels_3thw, mask_1hw = video.resize_and_pad(all_frames[s:s + frames], bucket)
+        out.append(Clip(item, s, video.to_uint8(pixels_3thw), mask_1hw.astype(np.uint8), bucket, fps))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders
+
+
+def load_projection(src: str, prefix: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (C_in, C_out), bias (C_out,)) float32 of the teacher's frozen text projection `crossattn_proj`
+    (docs/algorithm.md §11), from a native Cosmos .pt (only those two tensors are read) or a diffusers folder."""
+    path = sources.resolve(src)
+    if os.path.isdir(path):
+        _, params = load_diffusers_folder(path)
+        if "crossattn_proj" not in params:
+            raise ValueError(f"--teacher {src}: no crossattn_proj (a net without text projection); pass the teacher "
+                             "whose projection the training uses")
+        p = params["crossattn_proj"]
+        return np.asarray(p["kernel"], np.float32), np.asarray(p["bias"], np.float32)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--teacher {src}: no such checkpoint (a native Cosmos .pt or a diffusers folder)")
+    sd = torchfile.load(path)
+    prefixes = _TEACHER_PREFIXES if prefix == "auto" else (prefix,)
+    found = next((p for p in prefixes if all(p + k in sd for k in _PROJ_KEYS)), None)
+    if found is None:
+        raise ValueError(f"--teacher {src}: no {' / '.join(_PROJ_KEYS)} under prefixes {prefixes}; pass the "
+                         "teacher checkpoint with its text projection (e.g. base/pre-trained/<uuid>_ema_bf16.pt)")
+    weight, bias = (np.asarray(sd[found + k], np.float32) for k in _PROJ_KEYS)
+    return np.ascontiguousarray(weight.T), bias
+
+
+def project(raw_blc: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Context GELU_erf(raw @ kernel + bias) in float32 (the §11 projection of `networks.project_text`)."""
+    y = jnp.einsum("blc,cd->bld", raw_blc.astype(jnp.float32), kernel.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.gelu(y + bias.astype(jnp.float32), approximate=False)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "keep_raw"))
+def _embed_project(cfg, params, ids_bl, kernel, bias, keep_raw: bool):
+    raw = text_encoder.embed(cfg, params, ids_bl)
+    context = project(raw, kernel, bias).astype(jnp.bfloat16)
+    return (context, raw) if keep_raw else (context, None)
+
+
+@jax.jit
+def _to_pixels(frames_bthw3):
+    """uint8 (B, T, H, W, 3) -> float32 (B, 3, T, H, W) in [-1, 1] (as video.resize_and_pad scales them)."""
+    return jnp.moveaxis(frames_bthw3.astype(jnp.float32) / 127.5 - 1.0, -1, 1)
+
+
+class Encoders:
+    """The VAE, the text encoder and the teacher's projection on a mesh of this process's devices."""
+
+    def __init__(self, vae_src: str, text_src: str, teacher_src: str, *, text_dtype: str = "bfloat16",
+                 vae_dtype: str = "float32", keep_raw_text: bool = False, teacher_prefix: str = "auto"):
+        # Local devices only: each process works through its own units at its own pace (no cross-host collectives).
+        self.mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, jax.local_devices())
+        self.num_devices = self.mesh.size
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        replicated = NamedSharding(self.mesh, P())
+        self.vae_cfg, vae_params = vae.load(vae_src)
+        self.vae_params = jax.device_put(vae_params, replicated)
+        self.vae_dtype = vae_dtype
+        self.text_cfg, self.text_params = text_encoder.load(text_src, text_dtype, mesh=self.mesh)
+        self.tokenizer = text_encoder.load_tokenizer(text_src)
+        kernel, bias = load_projection(teacher_src, teacher_prefix)
+        width = self.text_cfg.num_layers * self.text_cfg.hidden_size
+        if kernel.shape[0] != width:
+            raise ValueError(f"--teacher {teacher_src}: crossattn_proj takes {kernel.shape[0]} channels, but the text "
+                             f"encoder {text_src} gives {self.text_cfg.num_layers} layers x "
+                             f"{self.text_cfg.hidden_size} = {width}; use the matching teacher / text encoder")
+        self.kernel = jax.device_put(kernel, replicated)
+        self.bias = jax.device_put(bias, replicated)
+        self.keep_raw_text = keep_raw_text
+
+    def _padded(self, x: np.ndarray, batch: int) -> tuple[jax.Array, int]:
+        """x padded (repeating its last row) to `batch` rows, on the devices; returns (array, real rows)."""
+        n = len(x)
+        if n < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+        return jax.device_put(x, self.batch_sharding), n
+
+    def latents(self, frames_bthw3: np.ndarray, batch: int) -> np.ndarray:
+        """Normalised latents (n, 16, T_lat, H/8, W/8) float32 of n <= batch clips (uint8 (n, T, H, W, 3))."""
+        x, n = self._padded(frames_bthw3, batch)
+        z = vae.encode(self.vae_cfg, self.vae_params, _to_pixels(x), dtype=self.vae_dtype)
+        return np.asarray(jax.device_get(z))[:n]
+
+    def context(self, captions: Sequence[str], batch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(projected context (n, 512, C_out) bfloat16, raw embedding (n, 512, C_in) float32 or None)."""
+        ids, n = self._padded(text_encoder.tokenize(self.tokenizer, list(captions)), batch)
+        context, raw = _embed_project(self.text_cfg, self.text_params, ids, self.kernel, self.bias,
+                                      self.keep_raw_text)
+        context = np.asarray(jax.device_get(context))[:n]
+        return context, None if raw is None else np.asarray(jax.device_get(raw))[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: shards, unit markers, job file
+
+
+def _save_npy(path: epath.Path, x: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, x)
+
+
+def _atomic_write_text(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".tmp-{path.name}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_shard(out: epath.Path, name: str, arrays: dict[str, np.ndarray], records: list[dict]) -> None:
+    """Writes one shard's arrays (`{name}.{field}.npy`) and per-record metadata (`{name}.records.jsonl`), each
+    under a temporary name first and then renamed (a crash never leaves a half-written file under a real name)."""
+    files = []
+    for field, x in arrays.items():
+        if x.dtype == ml_dtypes.bfloat16:  # .npy has no bfloat16: stored as its uint16 bit pattern (see meta)
+            x = x.view(np.uint16)
+        target = out / f"{name}.{field}.npy"
+        tmp = out / f".tmp-{target.name}"
+        _save_npy(tmp, x)
+        files.append((tmp, target))
+    target = out / f"{name}.records.jsonl"
+    tmp = out / f".tmp-{target.name}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    files.append((tmp, target))
+    for tmp, target in files:
+        tmp.replace(target)
+
+
+def _unit_marker(out: epath.Path, unit: int) -> epath.Path:
+    return out / UNITS_DIR / f"unit-{unit:05d}.json"
+
+
+def _read_marker(path: epath.Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
+    """What determines the dataset's content (batch size, workers and device count do not)."""
+    listing = "\n".join(f"{it.path}\t{it.caption}" for it in items)
+    return {"format": JOB_FORMAT, "videos": args.videos, "captions": args.captions, "num_videos": len(items),
+            "videos_and_captions_sha256": _digest(listing), "vae": args.vae, "text_encoder": args.text_encoder,
+            "teacher": args.teacher, "resolution": str(args.resolution), "frames": args.frames,
+            "clips_per_video": args.clips_per_video, "shard_videos": args.shard_videos,
+            "keep_raw_text": args.keep_raw_text, "text_dtype": args.text_dtype, "vae_dtype": args.vae_dtype}
+
+
+def _owned_entries(out: epath.Path) -> list[epath.Path]:
+    """What a prepare job writes into its output folder."""
+    names = {JOB_FILE, REPORT_FILE, UNITS_DIR, "meta.json"}
+    return [p for p in out.iterdir() if p.name in names or p.name.startswith(("unit-", ".tmp-"))]
+
+
+def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
+    """Claims `out` for this job (process 0 only); True when it resumes a previous run of the same job."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        previous = _read_marker(out / JOB_FILE)
+        if overwrite:
+            for p in _owned_entries(out):
+                p.rmtree() if p.is_dir() else p.unlink()
+        elif previous == job:
+            return True
+        elif previous is None:
+            raise FileExistsError(f"--out {out} exists, is not empty and holds no {JOB_FILE}; choose a new folder "
+                                  "(or pass --overwrite)")
+        else:
+            changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+            raise FileExistsError(f"--out {out} holds another prepare job (different {', '.join(changed)}); pass "
+                                  "the same arguments to resume it, or --overwrite to replace it")
+    (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    resolution: str
+    frames: int
+    clips_per_video: int
+    batch_size: int
+    workers: int
+
+
+def _prefetched(items: Sequence[Item], opts: Options, pool) -> Iterator[tuple[Item, list[Clip] | str]]:
+    """(item, its clips or the reason it is skipped), in order, decoding up to 2 x workers videos ahead."""
+    load = functools.partial(load_clips, resolution=opts.resolution, frames=opts.frames, clips=opts.clips_per_video)
+    queue = collections.deque()
+    it = iter(items)
+
+    def submit():
+        item = next(it, None)
+        if item is not None:
+            queue.append((item, pool.submit(load, item)))
+
+    for _ in range(2 * opts.workers):
+        submit()
+    while queue:
+        item, future = queue.popleft()
+        submit()
+        try:
+            yield item, future.result()
+        except ValueError as e:
+            yield item, str(e)
+
+
+def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options, out: epath.Path, pool,
+                 bar: tqdm.tqdm) -> dict:
+    """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker."""
+    pending: dict[tuple, list[Clip]] = collections.defaultdict(list)
+    done: dict[tuple, list[tuple[Clip, np.ndarray]]] = collections.defaultdict(list)
+    skipped = []
+
+    def flush(bucket):
+        clips = pending.pop(bucket)
+        z = enc.latents(np.stack([c.frames_thw3 for c in clips]), opts.batch_size)
+        done[bucket].extend(zip(clips, z))
+        bar.update(len(clips))
+
+    for item, clips in _prefetched(items, opts, pool):
+        if isinstance(clips, str):
+            skipped.append({"video": item.path, "reason": clips})
+            bar.total -= opts.clips_per_video
+            bar.set_postfix(skipped=len(skipped), refresh=True)
+            continue
+        bar.total -= opts.clips_per_video - len(clips)
+        for clip in clips:
+            pending[clip.bucket].append(clip)
+            if len(pending[clip.bucket]) == opts.batch_size:
+                flush(clip.bucket)
+    for bucket in list(pending):
+        flush(bucket)
+
+    captions = list(dict.fromkeys(c.item.caption for clips in done.values() for c, _ in clips))
+    contexts, raws = [], []
+    for i in range(0, len(captions), opts.batch_size):
+        context, raw = enc.context(captions[i:i + opts.batch_size], opts.batch_size)
+        contexts.append(context)
+        raws.append(raw)
+    row = {c: i for i, c in enumerate(captions)}
+    context = np.concatenate(contexts) if contexts else None
+    raw = np.concatenate(raws) if raws and raws[0] is not None else None
+
+    shards = []
+    order = list(video.buckets(opts.resolution).values())
+    for bucket in sorted(done, key=order.index):
+        clips = done[bucket]
+        name = f"unit-{unit:05d}-{bucket[0]}x{bucket[1]}"
+        rows = [row[c.item.caption] for c, _ in clips]
+        arrays = {"latents": np.stack([z for _, z in clips]), "text": context[rows],
+                  "padding_mask": np.stack([c.mask_1hw for c, _ in clips])}
+        if raw is not None:
+            arrays["text_raw"] = raw[rows]
+        records = [{"caption": c.item.caption, "video": c.item.path, "frames": [c.start, c.start + opts.frames],
+                    "fps": c.fps, "bucket": list(bucket)} for c, _ in clips]
+        write_shard(out, name, arrays, records)
+        shards.append({"name": name, "num_records": len(clips), "bucket": list(bucket),
+                       "latent_shape": list(arrays["latents"].shape[1:])})
+    marker = {"unit": unit, "videos": [it.path for it in items], "shards": shards, "skipped": skipped}
+    _atomic_write_text(_unit_marker(out, unit), json.dumps(marker))
+    return marker
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def finish(out: epath.Path, num_units: int, text_channels: int, raw_channels: int | None) -> dict:
+    """Process 0, after every unit is done: report.jsonl (skipped videos) and the dataset's meta.json."""
+    markers = [_read_marker(_unit_marker(out, u)) for u in range(num_units)]
+    missing = [u for u, m in enumerate(markers) if m is None]
+    if missing:
+        raise ValueError(f"units {missing[:10]} of {out} are not finished (a process failed?); rerun the same "
+                         "command to resume them")
+    skipped = [s for m in markers for s in m["skipped"]]
+    _atomic_write_text(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
+    shards = [s for m in markers for s in m["shards"]]
+    meta = {"format": "trigflow_distill.data/2-draft", "num_records": sum(s["num_records"] for s in shards),
+            "text_kind": "projected", "text_dtype": "bfloat16", "text_channels": text_channels,
+            "raw_text_channels": raw_channels, "shards": shards}
+    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    return {"records": meta["num_records"], "shards": len(shards), "skipped": skipped}
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds)."""
+    t0 = time.perf_counter()
+    frames = args.frames
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"--frames {frames}: the VAE needs 1 + 4k frames (e.g. 93 -> 24 latent frames)")
+    if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
+        raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
+    video.buckets(args.resolution)  # validates the name
+    paths, root = list_videos(args.videos)
+    items = make_items(paths, root, read_captions(args.captions))
+    out = epath.Path(args.out)
+    job = job_record(args, items)
+    if jax.process_index() == 0:
+        resumed = start_job(out, job, args.overwrite)
+    _barrier("trigflow_distill.prepare.start")
+    if jax.process_index() != 0:
+        resumed = _read_marker(out / JOB_FILE) == job
+    units = [items[i:i + args.shard_videos] for i in range(0, len(items), args.shard_videos)]
+    mine = list(range(jax.process_index(), len(units), jax.process_count()))
+    todo = [u for u in mine if _read_marker(_unit_marker(out, u)) is None]
+
+    enc = Encoders(args.vae, args.text_encoder, args.teacher, text_dtype=args.text_dtype, vae_dtype=args.vae_dtype,
+                   keep_raw_text=args.keep_raw_text, teacher_prefix=args.teacher_prefix)
+    batch = args.batch_size or enc.num_devices
+    if batch % enc.num_devices:
+        raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} local devices")
+    opts = Options(str(args.resolution), frames, args.clips_per_video, batch, args.workers)
+    if resumed and jax.process_index() == 0:
+        print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
+    total = sum(len(units[u]) for u in todo) * args.clips_per_video
+    clips = 0
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool, tqdm.tqdm(
+            total=total, unit="clip", desc="prepare", dynamic_ncols=True, disable=args.no_progress) as bar:
+        for u in todo:
+            marker = process_unit(u, units[u], enc, opts, out, pool, bar)
+            clips += sum(s["num_records"] for s in marker["shards"])
+    _barrier("trigflow_distill.prepare.done")
+    summary = {"clips_this_run": clips, "seconds": time.perf_counter() - t0}
+    if jax.process_index() == 0:
+        raw = enc.text_cfg.num_layers * enc.text_cfg.hidden_size if args.keep_raw_text else None
+        summary.update(finish(out, len(units), int(enc.kernel.shape[1]), raw))
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trigflow_distill.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", required=True, help="folder of videos, or a .txt list of video paths")
+    parser.add_argument("--captions", help='JSONL of {"video": NAME, "caption": TEXT} (else sidecar NAME.txt)')
+    parser.add_argument("--vae", default=vae.DEFAULT_SOURCE, help="Wan2.1 VAE: native .pth, diffusers folder, hf://")
+    parser.add_argument("--text-encoder", required=True, help="Cosmos-Reason1 (Qwen2.5-VL) folder or hf://")
+    parser.add_argument("--teacher", required=True, help="teacher .pt or diffusers folder (for crossattn_proj)")
+    parser.add_argument("--teacher-prefix", default="auto", help="key prefix in the .pt: auto, net_ema., net.")
+    parser.add_argument("--out", required=True, help="dataset folder (new, or this job's to resume)")
+    parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (§12)")
+    parser.add_argument("--frames", type=int, default=93, help="frames per clip, 1 + 4k (default 93)")
+    parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video")
+    parser.add_argument("--batch-size", type=int, default=0, help="clips per VAE call (default: local devices)")
+    parser.add_argument("--shard-videos", type=int, default=32, help="videos per unit (one shard per bucket)")
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding and resizing videos")
+    parser.add_argument("--text-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"))
+    parser.add_argument("--keep-raw-text", action="store_true", help="also store the raw text embedding (large)")
+    parser.add_argument("--overwrite", action="store_true", help="replace another job's output in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's id")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        summary = prepare(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        rate = summary["clips_this_run"] / max(summary["seconds"], 1e-9)
+        print(f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
+              f"{len(summary['skipped'])} videos skipped (see {REPORT_FILE}); this run: "
+              f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s ({rate:.2f} clips/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
