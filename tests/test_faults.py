@@ -1,0 +1,240 @@
+"""Faults a careless user or an unlucky operator causes, each answered by a clear error or a safe recovery.
+
+docs/reliability.md lists the guarantees and points at the test of each. The fast tests drive the pieces
+directly (checkpoint.Saver, restore, lock, config checks, CLIs' error paths); the slow ones run main.py.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trigflow_distill import checkpoint, errors, lock
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's dropped reads
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _state(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"w": jax.random.normal(k1, (64, 32)), "b": jax.random.normal(k2, (5,)), "step": jnp.int32(seed)}
+
+
+def _saved_run(tmp_path, steps=(1, 2, 3)):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, report=lambda m: None)
+    for s in steps:
+        saver.save(s, _state(s))
+    saver.close()
+    return manager
+
+
+def test_saved_is_reported_only_once_committed(tmp_path):
+    lines = []
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, report=lines.append)
+    assert saver.save(1, _state(1))
+    assert lines == []  # started, not yet confirmed
+    saver.close()
+    assert lines == ["checkpoint saved at step 1"] and saver.last_committed == 1
+    assert checkpoint.checkpoint_dir(tmp_path).joinpath("1", "state").is_dir()
+
+
+def test_failed_background_save_stops_naming_last_committed_step(tmp_path, monkeypatch):
+    """A full disk surfaces in Orbax's background thread: the run stops at the next check, nothing says 'saved'."""
+    lines = []
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, report=lines.append)
+    saver.save(1, _state(1))
+    saver.close()
+    saver.save(2, _state(2))
+
+    def disk_full():
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0": No space left on device')
+    monkeypatch.setattr(manager, "wait_until_finished", disk_full)
+    with pytest.raises(errors.CheckpointError, match=r"saving checkpoint 2 .* failed \(ValueError: RESOURCE_EXHAUSTED"
+                                                     r".*The last committed checkpoint is step 1 in"):
+        saver.close()
+    assert lines == ["checkpoint saved at step 1"]
+
+
+def test_unconfirmed_save_is_an_error(tmp_path, monkeypatch):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, report=lambda m: None)
+    saver.save(1, _state(1))
+    monkeypatch.setattr(checkpoint.ocp.step, "is_checkpoint_finalized", lambda path: False)
+    with pytest.raises(errors.CheckpointError, match="checkpoint 1 .* was not committed. No checkpoint has been "
+                                                     "committed"):
+        saver.close()
+
+
+def test_unwritable_checkpoint_folder_fails_at_once(tmp_path, monkeypatch):
+    """Orbax would wait 300 s for a step folder it cannot create; the probe write fails in milliseconds."""
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, last_committed=7, report=lambda m: None)
+
+    def read_only(directory):
+        raise PermissionError(13, "Permission denied", str(directory / ".write-probe"))
+    monkeypatch.setattr(checkpoint, "check_writable", read_only)
+    start = time.perf_counter()
+    with pytest.raises(errors.CheckpointError, match=r"cannot save checkpoint 8 .*Permission denied.*"
+                                                     r"last committed checkpoint is step 7"):
+        saver.save(8, _state(8))
+    assert time.perf_counter() - start < 5
+    assert manager.all_steps() == []
+
+
+def test_check_writable_probe(tmp_path):
+    checkpoint.check_writable(checkpoint.checkpoint_dir(tmp_path))
+    assert os.listdir(checkpoint.checkpoint_dir(tmp_path)) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        checkpoint.check_writable(checkpoint.checkpoint_dir(tmp_path / "file"))
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    saver = checkpoint.Saver(manager, report=lambda m: None)
+    saver.save(1, _state(1))
+    bad = _state(2)
+    bad["w"] = bad["w"].at[3, 4].set(jnp.nan)
+    with pytest.raises(errors.TrainingStopped, match=r"state of step 2 has non-finite values \(\['w'\]\); it was "
+                                                     r"not saved. The last committed checkpoint is step 1"):
+        saver.save(2, bad)
+    assert manager.all_steps() == [1]
+
+
+def _damage(step_dir, how):
+    state_dir = step_dir / "state"
+    biggest = max((state_dir / "ocdbt.process_0" / "d").iterdir(), key=lambda p: os.path.getsize(p))
+    if how == "truncated array file":
+        with open(biggest, "r+b") as f:
+            f.truncate(os.path.getsize(biggest) // 2)
+    elif how == "deleted array file":
+        biggest.unlink()
+    elif how == "deleted manifest":
+        (state_dir / "manifest.ocdbt").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated array file", "deleted array file", "deleted manifest"])
+def test_restore_falls_back_to_newest_complete_checkpoint(tmp_path, how):
+    _saved_run(tmp_path)
+    ckpts = checkpoint.checkpoint_dir(tmp_path)
+    _damage(ckpts / "3", how)
+    lines = []
+    manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
+    state, step = checkpoint.restore_latest(manager, checkpoint.abstract_like(_state()), set_aside=True,
+                                            report=lines.append)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(2)["w"]))
+    assert lines[0].startswith(f"checkpoint 3 in {ckpts} does not read back completely (")
+    assert "skipped unreadable checkpoint(s) [3], kept as unreadable-<step>" in lines[-1]
+    assert (ckpts / "unreadable-3").is_dir() and not (ckpts / "3").exists()
+    # the resumed run saves step 3 again, and Orbax ignores the folder set aside
+    saver = checkpoint.Saver(manager, last_committed=2, report=lambda m: None)
+    assert saver.save(3, _state(3))
+    saver.close()
+    assert checkpoint.make_manager(str(tmp_path)).all_steps() == [1, 2, 3]
+
+
+def test_restore_reader_skips_without_renaming(tmp_path):
+    _saved_run(tmp_path, steps=(1, 2))
+    ckpts = checkpoint.checkpoint_dir(tmp_path)
+    _damage(ckpts / "2", "deleted manifest")
+    manager = checkpoint.make_manager(str(tmp_path))
+    _, step = checkpoint.restore_latest(manager, checkpoint.abstract_like(_state()), report=lambda m: None)
+    assert step == 1 and (ckpts / "2").is_dir()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    """A wrong target (e.g. another teacher's shapes) fails every checkpoint: refuse, rename nothing."""
+    _saved_run(tmp_path, steps=(1, 2))
+    other = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32), "b": jax.ShapeDtypeStruct((5,), jnp.float32),
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    manager = checkpoint.make_manager(str(tmp_path))
+    with pytest.raises(errors.CheckpointError, match=r"none of the checkpoints \[2, 1\] .* reads back"):
+        checkpoint.restore_latest(manager, other, set_aside=True, report=lambda m: None)
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(tmp_path))) == ["1", "2"]
+
+
+# ------------------------------------------------------------------------------------------------------ workdir lock
+def test_second_run_is_refused_naming_the_holder(tmp_path):
+    first = lock.WorkdirLock(tmp_path)
+    assert first.acquire() is None
+    start = time.perf_counter()
+    with pytest.raises(errors.WorkdirLocked, match=rf"in use by another run: host {socket.gethostname()} pid "
+                                                   rf"{os.getpid()} \(last heartbeat \d+ s ago\)"):
+        lock.WorkdirLock(tmp_path).acquire()
+    assert time.perf_counter() - start < 5
+    first.release()
+    assert not (tmp_path / lock.LOCK_NAME).exists()
+    second = lock.WorkdirLock(tmp_path)
+    assert second.acquire() is None
+    second.release()
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
+    pid = _dead_pid()
+    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old",
+                                                       "heartbeat": time.time()}))
+    taker = lock.WorkdirLock(tmp_path)
+    note = taker.acquire()
+    assert note is not None and f"pid {pid}" in note and f"process {pid} is gone" in note
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["token"] == taker.me["token"]
+    taker.release()
+
+
+def test_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """Shared file system: a pid on another machine cannot be probed, only the heartbeat's age tells."""
+    path = tmp_path / lock.LOCK_NAME
+    path.write_text(json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time() - 5}))
+    with pytest.raises(errors.WorkdirLocked, match="host node-7 pid 1"):
+        lock.WorkdirLock(tmp_path, stale_after_s=60).acquire()
+    path.write_text(json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time() - 61}))
+    taker = lock.WorkdirLock(tmp_path, stale_after_s=60)
+    assert "no heartbeat for 61 s" in taker.acquire()
+    taker.release()
+
+
+def test_heartbeat_refreshes_and_a_lost_lock_stops_the_holder(tmp_path):
+    holder = lock.WorkdirLock(tmp_path, heartbeat_s=0.05)
+    holder.acquire()
+    first = json.loads((tmp_path / lock.LOCK_NAME).read_text())["heartbeat"]
+    time.sleep(0.3)
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["heartbeat"] > first
+    holder.check()
+    # e.g. this run stalled past the stale timeout and another host took over
+    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": "node-2", "pid": 9, "token": "new",
+                                                       "heartbeat": time.time()}))
+    time.sleep(0.3)
+    with pytest.raises(errors.WorkdirLocked, match="lost the lock .* to host node-2 pid 9"):
+        holder.check()
+    holder.release()
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["token"] == "new"  # not ours: left alone
+
+
+def test_racing_takers_of_a_stale_lock_one_wins(tmp_path):
+    """Two runs find the same stale lock: the rename-aside + O_EXCL protocol lets exactly one through."""
+    pid = _dead_pid()
+    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old",
+                                                       "heartbeat": time.time()}))
+    a, b = lock.WorkdirLock(tmp_path), lock.WorkdirLock(tmp_path)
+    stale = a._read()
+    assert a._set_stale_aside(stale) and a._create_exclusive()
+    assert not b._set_stale_aside(stale)  # b read the same stale lock but now meets a's live one
+    assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["token"] == a.me["token"]
+    with pytest.raises(errors.WorkdirLocked):
+        b.acquire()
