@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from trigflow_distill import sources, torchfile, video
 from trigflow_distill.data.records import LATENT_MEAN, LATENT_STD
@@ -149,38 +150,67 @@ def decode(cfg: WanVAEConfig, params: Mapping, latents_bcthw, dtype=jnp.float32)
 # CLI
 
 
+class _Stages:
+    """A tqdm bar over the CLI's stages (the encode/decode itself is one compiled call); cleared on exit."""
+
+    def __init__(self, desc: str, total: int):
+        self.bar = tqdm(total=total, desc=desc, unit="stage", file=sys.stderr, leave=False)
+
+    def __call__(self, name: str) -> None:
+        if self.bar.n or self.bar.postfix:
+            self.bar.update()
+        self.bar.set_postfix_str(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 def _cmd_encode(args) -> None:
-    frames, fps = video.read_video(args.input)
-    n = args.frames if args.frames is not None else 1 + (len(frames) - 1) // 4 * 4
-    if n < 1 or (n - 1) % 4:
-        raise ValueError(f"--frames {n}: the VAE needs 1 + 4k frames (1, 5, 9, ..., 93)")
-    if n > len(frames):
-        raise ValueError(f"{args.input}: has {len(frames)} frames, fewer than --frames {n}")
-    bucket = video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)
-    pixels, mask = video.resize_and_pad(frames[:n], bucket)
-    cfg, params = load(args.vae)
-    latents = np.asarray(encode(cfg, params, pixels[None], dtype=args.dtype))[0]
-    out = epath.Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as f:
-        np.savez(f, latents=latents, padding_mask=mask, bucket=np.array(bucket, np.int32), fps=np.float32(fps))
+    with _Stages("vae encode", 4) as stage:
+        stage("read video")
+        frames, fps = video.read_video(args.input)
+        n = args.frames if args.frames is not None else 1 + (len(frames) - 1) // 4 * 4
+        if n < 1 or (n - 1) % 4:
+            raise ValueError(f"--frames {n}: the VAE needs 1 + 4k frames (1, 5, 9, ..., 93)")
+        if n > len(frames):
+            raise ValueError(f"{args.input}: has {len(frames)} frames, fewer than --frames {n}")
+        bucket = video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)
+        pixels, mask = video.resize_and_pad(frames[:n], bucket)
+        stage("load VAE")
+        cfg, params = load(args.vae)
+        stage("encode")
+        latents = np.asarray(encode(cfg, params, pixels[None], dtype=args.dtype))[0]
+        stage("write")
+        out = epath.Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("wb") as f:
+            np.savez(f, latents=latents, padding_mask=mask, bucket=np.array(bucket, np.int32),
+                     fps=np.float32(fps))
     print(f"{args.input}: {n} frames {frames.shape[2]}x{frames.shape[1]} -> bucket {bucket[0]}x{bucket[1]} -> "
           f"latents {latents.shape} in {args.output}")
 
 
 def _cmd_decode(args) -> None:
-    p = epath.Path(args.input)
-    if not p.exists():
-        raise FileNotFoundError(f"{args.input}: no such file")
-    with p.open("rb") as f, np.load(f) as data:
-        if "latents" not in data:
-            raise ValueError(f"{args.input}: no 'latents' array (write it with `vae encode`)")
-        latents = np.asarray(data["latents"], np.float32)
-    if latents.ndim == 4:
-        latents = latents[None]
-    cfg, params = load(args.vae)
-    pixels = np.asarray(decode(cfg, params, latents, dtype=args.dtype))[0]
-    video.write_mp4(args.output, video.to_uint8(pixels), args.fps)
+    with _Stages("vae decode", 4) as stage:
+        stage("read latents")
+        p = epath.Path(args.input)
+        if not p.exists():
+            raise FileNotFoundError(f"{args.input}: no such file")
+        with p.open("rb") as f, np.load(f) as data:
+            if "latents" not in data:
+                raise ValueError(f"{args.input}: no 'latents' array (write it with `vae encode`)")
+            latents = np.asarray(data["latents"], np.float32)
+        if latents.ndim == 4:
+            latents = latents[None]
+        stage("load VAE")
+        cfg, params = load(args.vae)
+        stage("decode")
+        pixels = np.asarray(decode(cfg, params, latents, dtype=args.dtype))[0]
+        stage("write video")
+        video.write_mp4(args.output, video.to_uint8(pixels), args.fps)
     print(f"{args.input}: latents {latents.shape[1:]} -> {pixels.shape[1]} frames "
           f"{pixels.shape[3]}x{pixels.shape[2]} in {args.output}")
 
