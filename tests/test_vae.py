@@ -3,6 +3,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
@@ -118,6 +119,10 @@ def test_load_native_and_diffusers_and_errors(params, tmp_path):
     torchfile.save(tmp_path / "tokenizer.pth", native)
     cfg, loaded = vae.load(tmp_path / "tokenizer.pth")
     assert cfg == CFG and all(np.array_equal(loaded[k], params[k]) for k in params)
+    torchfile.save(tmp_path / "bf16.pth", {k: v.astype(ml_dtypes.bfloat16) for k, v in native.items()})
+    _, loaded16 = vae.load(tmp_path / "bf16.pth")  # bf16 checkpoints load as float32
+    assert all(loaded16[k].dtype == np.float32 and np.array_equal(loaded16[k], params[k].astype(ml_dtypes.bfloat16))
+               for k in params)
 
     from safetensors.numpy import save_file
     folder = tmp_path / "vae_diffusers"

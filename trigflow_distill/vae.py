@@ -72,7 +72,8 @@ def load(src: str | os.PathLike) -> tuple[WanVAEConfig, dict[str, np.ndarray]]:
     """(cfg, params) of a native Wan2.1 VAE state dict (.pth, or .safetensors) or a diffusers folder.
 
     Raises FileNotFoundError for a missing source and ValueError (listing the missing / unknown tensors) for a
-    state dict that is not a Wan2.1 VAE.
+    state dict that is not a Wan2.1 VAE. The params are float32 numpy arrays on the host: `jax.device_put` them
+    once when calling encode/decode repeatedly.
     """
     path = sources.resolve(os.fspath(src))
     if os.path.isdir(path):
