@@ -93,7 +93,7 @@ def test_writer_cli_roundtrip_and_normalize(tmp_path):
         np.save(tmp_path / f"{name}.npy", arr)
     out = str(tmp_path / "ds")
     assert write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"), "--num-cond",
-                       str(tmp_path / "nc.npy"), "--shard-size", "3", "--out", out]) == 0
+                       str(tmp_path / "nc.npy"), "--shard-size", "3", "--net", "any", "--out", out]) == 0
     src = data.NpyDirSource(out)
     assert len(src) == 7 and src.text_kind == "raw" and src.spec.fields == ("num_cond_frames",)
     assert sorted(f for f in os.listdir(out) if f.endswith("latents.npy")) == [

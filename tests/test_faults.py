@@ -5,6 +5,7 @@ directly (checkpoint.Saver, restore, lock, config checks, CLIs' error paths); th
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -238,3 +239,65 @@ def test_racing_takers_of_a_stale_lock_one_wins(tmp_path):
     assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["token"] == a.me["token"]
     with pytest.raises(errors.WorkdirLocked):
         b.acquire()
+
+
+# ------------------------------------------------------------------------------------------------------ data writer
+def _write_inputs(tmp_path, lat_shape=(3, 16, 2, 4, 4), text_shape=(3, 5, 64)):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "lat.npy", rng.normal(size=lat_shape).astype(np.float32))
+    np.save(tmp_path / "txt.npy", rng.normal(size=text_shape).astype(np.float32))
+    return ["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy")]
+
+
+def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsys):
+    from trigflow_distill.data.write import main as write_main
+    args = _write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "ds")]
+    assert write_main(args) == 0
+    meta = (tmp_path / "ds" / "meta.json").read_text()
+    assert write_main(args) == 1
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "ds" / "meta.json").read_text() == meta
+    # a failing --overwrite write leaves the old dataset as it was
+    bad = np.load(tmp_path / "lat.npy")
+    bad[2, 0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "lat.npy", bad)
+    assert write_main(args + ["--overwrite"]) == 1
+    assert "input record 2: latents has 1 non-finite" in capsys.readouterr().err
+    assert (tmp_path / "ds" / "meta.json").read_text() == meta and sorted(os.listdir(tmp_path)) == [
+        "ds", "lat.npy", "txt.npy"]
+    np.save(tmp_path / "lat.npy", np.nan_to_num(bad))
+    assert write_main(args + ["--overwrite", "--prompt", str(tmp_path / "p.npy")]) == 1  # missing file: old kept
+    np.save(tmp_path / "p.npy", np.arange(3))
+    assert write_main(args + ["--overwrite", "--prompt", str(tmp_path / "p.npy")]) == 0
+    assert json.loads((tmp_path / "ds" / "meta.json").read_text())["fields"] == ["prompt"]
+    (tmp_path / "file").write_text("x")
+    assert write_main(args[:-1] + [str(tmp_path / "file"), "--overwrite"]) == 1
+    assert "is a file; give a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lat_shape, text_shape, net, message", [
+    ((3, 4, 2, 4, 4), (3, 5, 1024), "predict25_2b", r"shape \(3, 4, 2, 4, 4\); the trainer needs \(N, 16, T, H, W\)"),
+    ((3, 16, 2, 5, 4), (3, 5, 1024), "predict25_2b", "spatial size 5x4 is not even"),
+    ((3, 16, 2, 4, 4), (3, 5, 4096), "predict25_2b", r"width 4096; the predict25_2b teacher takes 1024 \(projected\) "
+                                                     r"or 100352 \(raw\)"),
+    ((3, 16, 2, 4, 4), (3, 5, 1024), "tiny", r"width 1024; the tiny teacher takes 64 \(projected\) or 96 \(raw\)"),
+    ((3, 16, 2, 4, 4), (3, 5), "any", r"--text has shape \(3, 5\)"),
+])
+def test_data_writer_checks_shapes_the_trainer_needs(tmp_path, capsys, lat_shape, text_shape, net, message):
+    from trigflow_distill.data.write import main as write_main
+    args = _write_inputs(tmp_path, lat_shape, text_shape) + ["--net", net, "--out", str(tmp_path / "ds")]
+    assert write_main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_data_writer_tells_text_kind_from_width(tmp_path):
+    from trigflow_distill import data
+    from trigflow_distill.data.write import main as write_main
+    assert write_main(_write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "p")]) == 0
+    assert data.NpyDirSource(str(tmp_path / "p")).text_kind == "projected"  # 64 = the tiny projection's width
+    assert write_main(_write_inputs(tmp_path, text_shape=(3, 5, 96)) + ["--net", "tiny", "--out",
+                                                                        str(tmp_path / "r")]) == 0
+    assert data.NpyDirSource(str(tmp_path / "r")).text_kind == "raw"
