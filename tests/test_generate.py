@@ -1,0 +1,212 @@
+"""generate CLI with tiny random nets: mp4s for text, image and video conditioning, kept conditional frames, parity
+of the student and teacher paths with sampling.sample_student / sample_teacher_cfg, the --workdir path, errors."""
+import functools
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from trigflow_distill import convert, denoiser, generate, networks, run, sampling, text_encoder, torchfile, vae, video
+from trigflow_distill.networks import wan_vae
+
+NET = networks.get_preset("tiny")  # text projection 96 -> 64: the tiny encoder below gives 2 x 48 features
+VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
+SIZE = (64, 32)  # --size 64x32: latents 8 x 4
+FRAMES = 9       # 3 latent frames
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("generate")
+    student = jax.tree.map(np.asarray, networks.init_params(NET, jax.random.key(0)))
+    teacher = jax.tree.map(np.asarray, networks.init_params(NET, jax.random.key(1)))
+    convert.export_torch(student, NET, d / "student.pt", dtype=np.float32)
+    convert.export_torch(teacher, NET, d / "teacher.pt", dtype=np.float32)
+    text_encoder.write_tiny(d / "te", num_layers=2, hidden_size=48, words=["a", "red", "car", "blue", "boat"])
+    vae_params = wan_vae.init_params(VAE_CFG, jax.random.key(2))
+    torchfile.save(d / "vae.pth", wan_vae.to_torch(vae_params, VAE_CFG))
+    rng = np.random.default_rng(0)
+    # 48x30 frames: nearest aspect to 64x32 after a fit-inside resize is 51x32, so the padding mask is not empty
+    clip = np.clip(rng.normal(128, 60, (7, 30, 48, 3)).cumsum(0) / 3, 0, 255).astype(np.uint8)
+    Image.fromarray(clip[0]).save(d / "first.png")
+    video.write_mp4(d / "clip.mp4", clip, 8)
+    return {"dir": d, "student": student, "teacher": teacher, "vae_params": vae_params}
+
+
+def _run(assets, out, *extra, model=("--student", "student.pt")):
+    """generate.main with the tiny assets; `model` is (flag, file in the assets folder or any other value)."""
+    d = assets["dir"]
+    source = d / model[1] if (d / model[1]).exists() else model[1]
+    argv = [model[0], str(source), "--vae", str(d / "vae.pth"),
+            "--text-encoder", str(d / "te"), "--size", f"{SIZE[0]}x{SIZE[1]}", "--num-frames", str(FRAMES),
+            "--dtype", "float32", "--text-encoder-dtype", "float32", "--save-latents", "--out", str(out), *extra]
+    assert generate.main(argv) == 0
+    return json.loads((out / "generate.json").read_text())
+
+
+def _latents(out, report, i):
+    with np.load(out / report["videos"][i]["file"].replace(".mp4", ".npz")) as z:
+        return z["latents"]
+
+
+def _context(assets, prompts, params):
+    """Projected context computed here: tokenizer -> Reason1 embedding -> the checkpoint's crossattn_proj."""
+    te_cfg, te_params = text_encoder.load(assets["dir"] / "te", "float32")
+    emb = text_encoder.embed(te_cfg, te_params, text_encoder.tokenize(assets["dir"] / "te", prompts))
+    return networks.project_text(NET, params, emb)
+
+
+def _reference(assets, params, prompts, seed, gt, mask, padding, teacher_steps=None, guidance=4.0):
+    """Latents from the samplers of sampling.py, every call through denoiser.denoise (docs/algorithm.md §3, §7)."""
+    context = _context(assets, prompts, params)
+    uncond = networks.project_text(NET, params, jnp.zeros((len(prompts), 512, 96)))
+    net = {k: v for k, v in params.items() if k != "crossattn_proj"}
+    eps = jnp.stack([generate.initial_noise(seed, i, gt.shape[1:]) for i in range(len(prompts))])
+    return _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps):
+    b = eps.shape[0]
+    gt, mask = jnp.broadcast_to(gt, (b, *gt.shape[1:])), jnp.broadcast_to(mask, (b, *mask.shape[1:]))
+
+    def x0_fn(ctx):
+        return lambda x, tau: denoiser.denoise(NET, net, x, tau, ctx, gt, mask, padding_mask_b1hw=padding)
+
+    if teacher_steps is None:
+        return sampling.sample_student(x0_fn(context), eps, sampling.student_schedule(4))
+    x = sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond), eps, guidance, teacher_steps)
+    return mask * gt + (1 - mask) * x
+
+
+def _luma_error(a_thw3, b_thw3):
+    """Mean absolute luma difference (0-255): H.264 yuv420p keeps luma well, subsamples colour."""
+    weights = np.array([0.299, 0.587, 0.114])
+    return float(np.abs(a_thw3.astype(float) @ weights - b_thw3.astype(float) @ weights).mean())
+
+
+def _no_cond():
+    t, h, w = 1 + (FRAMES - 1) // 4, SIZE[1] // 8, SIZE[0] // 8
+    zeros = np.zeros((1, 1, SIZE[1], SIZE[0]), np.float32)
+    return np.zeros((1, 16, t, h, w), np.float32), np.zeros((1, 1, t, h, w), np.float32), zeros
+
+
+def _encoded(assets, frames):
+    """(gt, mask, padding, pixels) of conditioning frames, prepared here as docs/algorithm.md §12 says."""
+    pixels, padding = video.resize_and_pad(frames, SIZE)
+    latents = np.asarray(vae.encode(VAE_CFG, assets["vae_params"], pixels[None]))
+    gt, mask, _ = _no_cond()
+    n = latents.shape[2]
+    gt[:, :, :n], mask[:, :, :n] = latents, 1.0
+    return gt, mask, padding[None], latents
+
+
+def test_text_only_videos_match_sample_student(assets, tmp_path):
+    prompts = ["a red car", "a blue boat"]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"caption": p}) for p in prompts) + "\n\n")
+    report = _run(assets, tmp_path, "--prompts", str(tmp_path / "p.jsonl"), "--seed", "3")
+    assert report["nfe"] == 4 and report["settings"]["devices"] == 2 and report["seconds_per_video"] > 0
+    for i, v in enumerate(report["videos"]):
+        frames, fps = video.read_video(tmp_path / v["file"])
+        assert v["prompt"] == prompts[i] and frames.shape == (FRAMES, SIZE[1], SIZE[0], 3) and fps == 16
+    sheet = Image.open(tmp_path / "contact_sheet.png")
+    assert sheet.size == (4 * SIZE[0], 2 * (SIZE[1] + 14))
+
+    want = _reference(assets, assets["student"], prompts, 3, *_no_cond())
+    got = np.stack([_latents(tmp_path, report, i) for i in range(2)])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+    assert np.abs(got[0] - got[1]).mean() > 0.1  # the prompts and noises differ
+
+
+def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, tmp_path):
+    report = _run(assets, tmp_path, "--prompt", "a red car", "--image", str(assets["dir"] / "first.png"))
+    image = np.asarray(Image.open(assets["dir"] / "first.png"))[None]
+    gt, mask, padding, latents = _encoded(assets, image)
+    assert padding.any() and report["settings"]["cond_latent_frames"] == 1
+    got = _latents(tmp_path, report, 0)
+    np.testing.assert_array_equal(got[:, :1], latents[0])  # Video2World keeps the conditional latent frame
+    np.testing.assert_allclose(got, _reference(assets, assets["student"], ["a red car"], 0, gt, mask, padding)[0],
+                               atol=2e-4, rtol=2e-4)
+    # The decoder is causal: decoding the input latent alone or followed by zeros gives the same first frame.
+    decoded_in = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :1]
+    decoded_out = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], got[None]))
+    np.testing.assert_allclose(decoded_out[:, :, :1], decoded_in, atol=1e-5)
+    frames, _ = video.read_video(tmp_path / report["videos"][0]["file"])
+    assert frames.shape == (FRAMES, SIZE[1], SIZE[0], 3)
+    assert _luma_error(frames[:1], video.to_uint8(decoded_in[0])) < 4
+
+
+def test_video_conditioning_keeps_two_latent_frames(assets, tmp_path):
+    report = _run(assets, tmp_path, "--prompt", "a boat", "--video", str(assets["dir"] / "clip.mp4"),
+                  "--cond-frames", "2")
+    clip, _ = video.read_video(assets["dir"] / "clip.mp4")
+    gt, _, _, latents = _encoded(assets, clip[-5:])  # the last 1 + 4 frames are 2 latent frames
+    got = _latents(tmp_path, report, 0)
+    np.testing.assert_array_equal(got[:, :2], latents[0])
+    decoded_in = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :5]
+    decoded_out = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], got[None]))
+    np.testing.assert_allclose(decoded_out[:, :, :5], decoded_in, atol=1e-5)
+    frames, _ = video.read_video(tmp_path / report["videos"][0]["file"])
+    assert frames.shape == (FRAMES, SIZE[1], SIZE[0], 3)
+    assert _luma_error(frames[:5], video.to_uint8(decoded_in[0])) < 4
+
+
+def test_teacher_matches_sample_teacher_cfg(assets, tmp_path):
+    report = _run(assets, tmp_path, "--prompt", "a red car", "--teacher-steps", "2", "--guidance", "3",
+                  model=("--teacher", "teacher.pt"))
+    assert report["nfe"] == 4 and report["model"]["kind"] == "teacher"
+    want = _reference(assets, assets["teacher"], ["a red car"], 0, *_no_cond(), teacher_steps=2, guidance=3.0)
+    np.testing.assert_allclose(_latents(tmp_path, report, 0), want[0], atol=2e-4, rtol=2e-4)
+
+
+def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, monkeypatch):
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
+                                        "distill": {"timestep_shift": 5.0, "num_student_steps": 4}})
+    net = {k: v for k, v in assets["student"].items() if k != "crossattn_proj"}
+    raw = jax.tree.map(lambda x: x + 1.0, net)
+    calls = []
+
+    def load_run(workdir):
+        calls.append(workdir)
+        return config, NET, assets["teacher"] | {"crossattn_proj": assets["student"]["crossattn_proj"]}, raw, net
+
+    monkeypatch.setattr(run, "load_run", load_run)
+    report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))
+    student = _run(assets, tmp_path / "s", "--prompt", "a red car", "--steps", "2")
+    assert calls == ["RUN"] and report["nfe"] == 2
+    np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_model", "student.pt: no such file"),
+    ("bad_image", "--image .*cannot read the image"),
+    ("frames", "--num-frames 6: the VAE needs 1 \\+ 4k frames"),
+    ("empty_prompts", "--prompts .*no prompts"),
+    ("steps", "--steps 5: the student takes 1 to 4 steps"),
+])
+def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
+    d = assets["dir"]
+    argv = ["--student", str(d / "student.pt"), "--vae", str(d / "vae.pth"), "--text-encoder", str(d / "te"),
+            "--prompt", "a car", "--out", str(tmp_path / "out"), "--size", "64x32", "--num-frames", "5"]
+    if case == "missing_model":
+        argv[1] = str(tmp_path / "student.pt")
+    elif case == "bad_image":
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        argv += ["--image", str(tmp_path / "bad.png")]
+    elif case == "frames":
+        argv += ["--num-frames", "6"]
+    elif case == "empty_prompts":
+        (tmp_path / "p.txt").write_text("\n  \n")
+        argv = [a for a in argv if a not in ("--prompt", "a car")] + ["--prompts", str(tmp_path / "p.txt")]
+    else:
+        argv += ["--steps", "5"]
+    assert generate.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and re.search(match, err[-1]), err
+    assert not (tmp_path / "out" / "generate.json").exists()
