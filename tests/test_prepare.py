@@ -61,7 +61,8 @@ def _args(s, out, *extra):
     return ["--videos", str(s["videos"]), "--captions", str(s["captions"]), "--vae", str(s["vae"]),
             "--text-encoder", str(s["text"]), "--teacher", str(s["teacher"]), "--out", str(out),
             "--resolution", "256", "--frames", str(FRAMES), "--clips-per-video", "2", "--shard-videos", "3",
-            "--text-dtype", "float32", "--batch-size", "2", "--no-progress", *extra]
+            "--text-dtype", "float32", "--batch-size", "2", "--devices", "1", "--no-progress",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,17 @@ def test_clip_starts():
     assert prepare.clip_starts(92, 93, 1) == []
     assert prepare.clip_starts(200, 93, 3) == [0, 54, 107]
     assert prepare.clip_starts(94, 93, 3) == [0, 1]  # identical starts kept once
+
+
+def test_batches_are_split_over_the_devices(sources):
+    """8 devices: the same latents and context as one device (conftest simulates 8 CPU devices)."""
+    assert len(jax.local_devices()) == 8
+    one, eight = (prepare.Encoders(str(sources["vae"]), str(sources["text"]), str(sources["teacher"]),
+                                   text_dtype="float32", num_devices=n) for n in (1, 8))
+    frames = np.random.default_rng(0).integers(0, 256, (3, 1, 16, 24, 3), dtype=np.uint8)  # 3 clips, padded to 8
+    z8 = eight.latents(frames, 8)
+    assert z8.shape == (3, 16, 1, 2, 3)
+    np.testing.assert_allclose(z8, one.latents(frames, 1 * 4)[:3], atol=1e-5)
+    c8, _ = eight.context(["a cat sleeps", "a dog runs"], 8)
+    c1, _ = one.context(["a cat sleeps", "a dog runs"], 2)
+    np.testing.assert_array_equal(c8.view(np.uint16), c1.view(np.uint16))

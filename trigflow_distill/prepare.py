@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import av
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -59,7 +60,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trigflow_distill import distributed, sharding, sources, text_encoder, torchfile, vae, video
+from trigflow_distill import distributed, errors, sharding, sources, text_encoder, torchfile, vae, video
 from trigflow_distill.convert import load_diffusers_folder
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
@@ -163,26 +164,74 @@ class Clip:
     fps: float
 
 
-def load_clips(item: Item, resolution: str, frames: int, clips: int) -> list[Clip]:
-    """The clips of one video; ValueError with the reason when it cannot give any (skipped and reported)."""
-    if item.caption is None:
-        raise ValueError("no caption (no --captions entry and no sidecar .txt)")
+def read_clip_frames(path: str, frames: int, clips: int) -> tuple[dict[int, np.ndarray], float, int]:
+    """({start: frames (frames, H, W, 3) uint8}, fps, frames decoded) of the evenly spaced clips of a video.
+
+    Decodes with PyAV only as far as the last clip needs (one clip: its first `frames` frames), keeping only the
+    frames of the clips, so that long videos cost neither the decoding of their tail nor memory for all their
+    frames. When the container does not state its frame count (or states it wrongly) every frame is decoded.
+    ValueError: corrupt, unreadable or too short (the reason is reported).
+    """
+    p = epath.Path(path)
+    if not p.exists():
+        raise ValueError(f"unreadable: {path}: no such file")
+    kept: dict[int, np.ndarray] = {}
+    n, fps = 0, 0.0
     try:
-        all_frames, fps = video.read_video(item.path)
+        with p.open("rb") as f, av.open(f) as container:
+            if not container.streams.video:
+                raise ValueError(f"unreadable: {path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            stated = int(stream.frames or 0)
+            starts = [0] if clips == 1 else (clip_starts(stated, frames, clips) or None)
+            if starts is not None:
+                wanted = {i for s in starts for i in range(s, s + frames)}
+                stop = max(wanted) + 1
+            for frame in container.decode(stream):
+                if starts is None or n in wanted:
+                    kept[n] = frame.to_ndarray(format="rgb24")
+                n += 1
+                if starts is not None and n >= stop:
+                    break
+    except (av.FFmpegError, EOFError, OSError, RuntimeError) as e:  # whatever FFmpeg throws at a bad file
+        raise ValueError(f"corrupt or unreadable: {path}: {type(e).__name__}: {e}") from None
+    if n == 0:
+        raise ValueError(f"corrupt or unreadable: {path}: no decodable frames")
+    if starts is None or n < stop:  # frame count unknown or overstated: place the clips on what was decoded
+        if starts is not None and len(kept) < n:  # frames were dropped on the way: decode everything
+            return read_clip_frames_all(path, frames, clips)
+        starts = clip_starts(n, frames, clips)
+    if not starts:
+        raise ValueError(f"too short: {n} frames, fewer than --frames {frames}")
+    return {s: np.stack([kept[i] for i in range(s, s + frames)]) for s in starts}, fps, n
+
+
+def read_clip_frames_all(path: str, frames: int, clips: int) -> tuple[dict[int, np.ndarray], float, int]:
+    """As `read_clip_frames`, decoding every frame first (`video.read_video`)."""
+    try:
+        all_frames, fps = video.read_video(path)
     except FileNotFoundError as e:
         raise ValueError(f"unreadable: {e}") from None
     except ValueError as e:
         raise ValueError(f"corrupt or unreadable: {e}") from None
-    except (OSError, RuntimeError) as e:  # anything else FFmpeg or the file system throws at a bad file
-        raise ValueError(f"corrupt or unreadable: {type(e).__name__}: {e}") from None
-    n, h, w = all_frames.shape[:3]
-    starts = clip_starts(n, frames, clips)
+    starts = clip_starts(len(all_frames), frames, clips)
     if not starts:
-        raise ValueError(f"too short: {n} frames, fewer than --frames {frames}")
-    bucket = video.choose_bucket(w, h, resolution)
+        raise ValueError(f"too short: {len(all_frames)} frames, fewer than --frames {frames}")
+    return {s: all_frames[s:s + frames] for s in starts}, fps, len(all_frames)
+
+
+def load_clips(item: Item, resolution: str, frames: int, clips: int) -> list[Clip]:
+    """The preprocessed clips of one video (§12); ValueError with the reason when it cannot give any (the video is
+    skipped and reported)."""
+    if item.caption is None:
+        raise ValueError("no caption (no --captions entry and no sidecar .txt)")
+    by_start, fps, _ = read_clip_frames(item.path, frames, clips)
     out = []
-    for s in starts:
-        pixels_3thw, mask_1hw = video.resize_and_pad(all_frames[s:s + frames], bucket)
+    for s, clip_frames in by_start.items():
+        bucket = video.choose_bucket(clip_frames.shape[2], clip_frames.shape[1], resolution)
+        pixels_3thw, mask_1hw = video.resize_and_pad(clip_frames, bucket)
         out.append(Clip(item, s, video.to_uint8(pixels_3thw), mask_1hw.astype(np.uint8), bucket, fps))
     return out
 
@@ -238,9 +287,13 @@ class Encoders:
     """The VAE, the text encoder and the teacher's projection on a mesh of this process's devices."""
 
     def __init__(self, vae_src: str, text_src: str, teacher_src: str, *, text_dtype: str = "bfloat16",
-                 vae_dtype: str = "float32", keep_raw_text: bool = False, teacher_prefix: str = "auto"):
+                 vae_dtype: str = "float32", keep_raw_text: bool = False, teacher_prefix: str = "auto",
+                 num_devices: int | None = None):
         # Local devices only: each process works through its own units at its own pace (no cross-host collectives).
-        self.mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, jax.local_devices())
+        devices = jax.local_devices()
+        if num_devices is not None and not 1 <= num_devices <= len(devices):
+            raise ValueError(f"--devices {num_devices}: this process has {len(devices)} local devices")
+        self.mesh = sharding.make_mesh({"data": 1, "fsdp": -1}, devices[:num_devices])
         self.num_devices = self.mesh.size
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, P())
@@ -507,10 +560,10 @@ def prepare(args: argparse.Namespace) -> dict:
     todo = [u for u in mine if _read_marker(_unit_marker(out, u)) is None]
 
     enc = Encoders(args.vae, args.text_encoder, args.teacher, text_dtype=args.text_dtype, vae_dtype=args.vae_dtype,
-                   keep_raw_text=args.keep_raw_text, teacher_prefix=args.teacher_prefix)
+                   keep_raw_text=args.keep_raw_text, teacher_prefix=args.teacher_prefix, num_devices=args.devices)
     batch = args.batch_size or enc.num_devices
     if batch % enc.num_devices:
-        raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} local devices")
+        raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} devices used (--devices)")
     opts = Options(str(args.resolution), frames, args.clips_per_video, batch, args.workers)
     if resumed and jax.process_index() == 0:
         print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
@@ -542,7 +595,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (§12)")
     parser.add_argument("--frames", type=int, default=93, help="frames per clip, 1 + 4k (default 93)")
     parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video")
-    parser.add_argument("--batch-size", type=int, default=0, help="clips per VAE call (default: local devices)")
+    parser.add_argument("--batch-size", type=int, default=0, help="clips per VAE call (default: devices used)")
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
     parser.add_argument("--shard-videos", type=int, default=32, help="videos per unit (one shard per bucket)")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding and resizing videos")
     parser.add_argument("--text-dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -561,9 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         summary = prepare(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.CLI_ERRORS as e:
+        return errors.fail(e)
     if jax.process_index() == 0:
         rate = summary["clips_this_run"] / max(summary["seconds"], 1e-9)
         print(f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
