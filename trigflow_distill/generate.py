@@ -42,7 +42,19 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-from trigflow_distill import convert, denoiser, networks, run, sampling, sharding, sources, text_encoder, vae, video
+from trigflow_distill import (
+    convert,
+    denoiser,
+    errors,
+    networks,
+    run,
+    sampling,
+    sharding,
+    sources,
+    text_encoder,
+    vae,
+    video,
+)
 from trigflow_distill.networks import DiTConfig
 from trigflow_distill.networks.attention import IMPLS
 
@@ -518,9 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         report = generate(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.CLI_ERRORS as e:
+        return errors.fail(e)
     print(f"wrote {len(report['videos'])} video(s) to {args.out}: {report['model']['kind']}, NFE {report['nfe']}, "
           f"{report['seconds_per_video']:.2f} s/video (sampling + decoding)")
     return 0
