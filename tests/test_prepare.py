@@ -47,9 +47,10 @@ def sources(tmp_path_factory):
     torchfile.save(vae_path, wan_vae.to_torch(wan_vae.init_params(VAE_CFG, jax.random.key(0)), VAE_CFG))
     words = sorted({w for c in (*CAPTIONS.values(), SIDECAR[1]) for w in c.split()})
     text_path = root / "text_encoder"
-    text_cfg = text_encoder.write_tiny(text_path, words=words)
-    net = networks.get_preset("tiny", num_blocks=1,
-                              crossattn_proj_in_channels=text_cfg.num_layers * text_cfg.hidden_size)
+    text_cfg = text_encoder.write_tiny(text_path, hidden_size=48, words=words)
+    # the tiny DiT's projection: 2 layers x 48 = 96 in, 64 out (distinct widths: the trainer tells them apart)
+    net = networks.get_preset("tiny", num_blocks=1)
+    assert net.crossattn_proj_in_channels == text_cfg.num_layers * text_cfg.hidden_size
     teacher_path = root / "teacher.pt"
     teacher = networks.init_params(net, jax.random.key(1))
     convert.export_torch(teacher, net, teacher_path, dtype=np.float32)
@@ -149,13 +150,13 @@ def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
     assert prepare.main(_args(sources, tmp_path / "a", "--frames", "6")) == 1
     assert "1 + 4k" in capsys.readouterr().err
     wrong = tmp_path / "wrong_teacher.pt"
-    net = networks.get_preset("tiny", num_blocks=1)  # projection input 96, the encoder gives 64
+    net = networks.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=64)  # the encoder gives 96
     convert.export_torch(networks.init_params(net, jax.random.key(0)), net, wrong, dtype=np.float32)
     args = _args(sources, tmp_path / "b")
     args[args.index("--teacher") + 1] = str(wrong)
     assert prepare.main(args) == 1
     err = capsys.readouterr().err
-    assert "crossattn_proj takes 96 channels" in err and "2 layers x 32 = 64" in err
+    assert "crossattn_proj takes 64 channels" in err and "2 layers x 48 = 96" in err
 
 
 def test_clip_starts():
