@@ -197,7 +197,8 @@ class Saver:
                                   f"saved. {self.last_good()} Lower the learning rates or check the data.")
         try:
             check_writable(self.directory)
-            started = save(self.manager, step, state, data_iterator, force=force)
+            # force: the policy was asked once above (its preemption check is a sync point of all processes)
+            started = save(self.manager, step, state, data_iterator, force=True)
         except Exception as e:  # noqa: BLE001 - any storage failure ends the run the same way
             raise CheckpointError(f"cannot save checkpoint {step} in {self.directory} ({_short(e)}). "
                                   f"{self.last_good()} Free disk space or fix the folder's permissions, then "
