@@ -1,8 +1,10 @@
 """Opening a run: check a config, load and convert the teacher, build the sharded pieces the loop needs, and
-re-open a finished run's latest checkpoint (for export and evaluation).
+re-open a finished run's latest checkpoint for inference (export, evaluation, generation: `load_student`,
+`load_run`, `restore_params` read only the student weights they need, never the whole TrainState).
 
 docs/algorithm.md §9: the teacher is converted once into <workdir>/teacher_cache (or config.teacher.cache_dir) and
-re-used; the run's config is saved as <workdir>/config.json by the trainer and read back by `load_run`.
+re-used; the run's config is saved as <workdir>/config.json by the trainer and read back by `read_config`.
+Workdirs may be local or remote (gs://...): every path here goes through etils.epath.
 """
 import functools
 import json
@@ -12,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
-from trigflow_distill import checkpoint, convert, dmd2, sharding
+from trigflow_distill import convert, dmd2, sharding
 
 
 def validate_config(config):
@@ -63,23 +67,86 @@ def setup(config, workdir, mesh):
     return algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init
 
 
-def load_run(workdir: str):
-    """(config, net_config, teacher_params, student_params, ema_params) of the latest checkpoint in `workdir`.
-
-    teacher_params is the full teacher tree (with its text projection); student/EMA params lack it.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+def read_config(workdir) -> ml_collections.ConfigDict:
+    """The config a training run saved as <workdir>/config.json (local or gs://)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run main.py first).")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    mesh = sharding.make_mesh({"data": -1})
-    algo, _, teacher, _, abstract, _ = setup(config, workdir, mesh)
-    manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
-    state, _ = checkpoint.restore_latest(manager, abstract)
-    if state is None:
-        raise FileNotFoundError(f"no complete checkpoint in {manager.directory}.")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None = None) -> tuple[int, dict]:
+    """(step, {name: params}) of the TrainState fields `names` (e.g. "student_ema", "student") of the latest (or
+    the given) checkpoint in <workdir>/checkpoints.
+
+    A partial Orbax restore: only those arrays are read (for 2B, the EMA is 2.06e9 fp32 params = 8.2 GB of the
+    TrainState's ~56 GB), shapes come from the checkpoint's own metadata, so no teacher, optimizer state or
+    TrainState is built. mesh None: numpy arrays in host memory; else jax arrays FSDP-sharded over `mesh` as the
+    trainer shards params (`sharding.param_sharding`; every host reads only its shards).
+    """
+    workdir = os.fspath(workdir)  # Orbax needs absolute local paths
+    directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}: the run has not saved one yet.")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}; there are {sorted(steps)}.")
+    path = directory / str(step) / "state"
+    saved = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise ValueError(f"{path} has no {missing}; a TrainState checkpoint has {sorted(saved)}.")
+    abstract = {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[n]) for n in names}
+    if mesh is None:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    else:
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
+                                    sharding.param_sharding(abstract, mesh))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True))
+    return int(step), restored
+
+
+STUDENTS = {"ema": "student_ema", "raw": "student"}
+
+
+def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
+    """(config, net_config, params) of a run's distilled student, ready for export and generation.
+
+    params: the EMA (which="ema") or raw (which="raw") student of the latest checkpoint (`restore_params`: only
+    those weights are read; numpy on the host, or sharded over `mesh`) plus the teacher's frozen text projection
+    `crossattn_proj` (fp32), so it is a complete Cosmos DiT tree. net_config is the teacher's architecture with the
+    run's compute options (config.net), `net_overrides` on top. The teacher comes from its converted cache
+    (config.teacher.cache_dir or <workdir>/teacher_cache; converted again if missing); locally only the projection
+    is read from it.
+    """
+    if which not in STUDENTS:
+        raise ValueError(f"which={which!r}: use one of {sorted(STUDENTS)}.")
+    config = read_config(workdir)
+    _, restored = restore_params(workdir, (STUDENTS[which],), mesh)
+    cache_dir = config.teacher.cache_dir or str(epath.Path(workdir) / "teacher_cache")
+    net_config, teacher = convert.load_teacher(config.teacher.path, cache_dir,
+                                               **dmd2.net_options(config.net, **net_overrides))
+    params = dict(restored[STUDENTS[which]])
+    if "crossattn_proj" in teacher:
+        proj = jax.tree.map(lambda x: np.array(x, np.float32), teacher["crossattn_proj"])
+        params["crossattn_proj"] = proj if mesh is None else jax.device_put(proj, sharding.replicated(mesh))
+    return config, net_config, params
+
+
+def load_run(workdir, students=("student_ema", "student")):
+    """(config, net_config, teacher_params, student_params, ema_params) of the latest checkpoint in `workdir`, for
+    evaluation: the full teacher (with its text projection `crossattn_proj`) and the students named in `students`
+    (a partial restore into host memory, see `restore_params`; no optimizer state, critic or TrainState is built).
+    A student not asked for is None.
+    """
+    config = read_config(workdir)
+    _, restored = restore_params(workdir, students)
+    net_config, teacher = load_teacher(config, workdir)
     teacher_params = dict(teacher["net"])
     if teacher["text_proj"] is not None:
         teacher_params["crossattn_proj"] = teacher["text_proj"]
-    return config, algo.net_config, teacher_params, state.student, state.student_ema
+    return config, net_config, teacher_params, restored.get("student"), restored.get("student_ema")

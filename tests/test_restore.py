@@ -1,0 +1,160 @@
+"""Inference restores: only the EMA student (or the raw one) is read from a run's checkpoint, onto the host or
+sharded over the devices; it equals the same subtree of a full TrainState restore; peak host RSS stays at about the
+EMA's size while a full restore needs the whole state."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from trigflow_distill import checkpoint, convert, dmd2, networks, run, sharding
+
+import predict25_4step  # configs/ is on the pytest pythonpath
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (p, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A run folder as the trainer leaves it: config.json, a teacher cache and a TrainState checkpoint at step 4
+    whose student, EMA and critic all differ (a restore of the wrong subtree cannot pass)."""
+    net = networks.get_preset("tiny", num_blocks=2)
+    teacher_pt = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(0)), net, teacher_pt)
+    config = predict25_4step.get_config("tiny")
+    config.teacher.path = str(teacher_pt)
+    workdir = tmp_path_factory.mktemp("run")
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _, teacher = run.load_teacher(config, str(workdir))
+    rng = np.random.default_rng(1)
+
+    def copy():
+        return jax.tree.map(lambda x: (x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32), teacher["net"])
+
+    def zeros_like_opt_state(tx, params):
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
+
+    student_tx, critic_tx = dmd2.make_optimizers(config)
+    student, critic = copy(), copy()
+    state = dmd2.TrainState(step=np.int32(4), key=np.zeros(2, np.uint32), student=student,
+                            student_opt=zeros_like_opt_state(student_tx, student), student_ema=copy(),
+                            student_updates=np.int32(1), critic=critic,
+                            critic_opt=zeros_like_opt_state(critic_tx, critic), consecutive_skips=np.int32(0),
+                            total_skips=np.int32(0))
+    manager = checkpoint.make_manager(str(workdir), save_interval_steps=4)
+    checkpoint.save(manager, 4, state)
+    checkpoint.wait_until_finished(manager)
+    return workdir, state, teacher
+
+
+def test_ema_only_equals_ema_of_full_restore(workdir):
+    workdir, state, _ = workdir
+    step, restored = run.restore_params(str(workdir))
+    assert step == 4 and list(restored) == ["student_ema"]
+    ema = restored["student_ema"]
+    assert all(type(x) is np.ndarray and x.dtype == np.float32 for x in jax.tree.leaves(ema))  # host memory
+    full = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")  # the whole TrainState
+    _tree_equal(ema, full["student_ema"])
+    _tree_equal(ema, state.student_ema)
+    assert not np.array_equal(jax.tree.leaves(ema)[0], jax.tree.leaves(state.student)[0])  # copies differ
+
+    _, both = run.restore_params(str(workdir), ("student_ema", "student"))
+    _tree_equal(both["student"], full["student"])
+
+
+def test_sharded_restore(workdir):
+    workdir, state, _ = workdir
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "seq": 1})
+    _, restored = run.restore_params(str(workdir), mesh=mesh)
+    ema = restored["student_ema"]
+    expected = sharding.param_sharding(ema, mesh)
+    for x, s in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
+        assert isinstance(x, jax.Array) and x.sharding == s
+    assert any(len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated
+               for x in jax.tree.leaves(ema))  # some leaves really are split over the devices
+    _tree_equal(ema, state.student_ema)
+
+
+def test_load_student(workdir):
+    workdir, state, teacher = workdir
+    config, net_config, params = run.load_student(str(workdir))
+    assert config.teacher.path.endswith("teacher.pt") and net_config.num_blocks == 2
+    ema = {k: v for k, v in params.items() if k != "crossattn_proj"}
+    _tree_equal(ema, state.student_ema)
+    _tree_equal(params["crossattn_proj"], teacher["text_proj"])
+    assert np.asarray(jax.tree.leaves(params["crossattn_proj"])[0]).dtype == np.float32
+    _, _, raw = run.load_student(str(workdir), which="raw")
+    _tree_equal({k: v for k, v in raw.items() if k != "crossattn_proj"}, state.student)
+    with pytest.raises(ValueError, match="which='best'"):
+        run.load_student(str(workdir), which="best")
+
+
+def test_clear_errors(workdir, tmp_path):
+    workdir = str(workdir[0])
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        run.load_student(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run.restore_params(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint of step 3 .* there are \\[4\\]"):
+        run.restore_params(workdir, step=3)
+    with pytest.raises(ValueError, match="has no \\['student_emma'\\]"):
+        run.restore_params(workdir, ("student_emma",))
+
+
+# Peak RSS of the restore alone: the high-water mark is reset (Linux: "5" > /proc/self/clear_refs) after the imports
+# and the JAX backend start, then read back as VmHWM.
+_RSS_SCRIPT = """
+import json, os, sys
+import jax, numpy as np
+from trigflow_distill import run
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+jax.numpy.zeros(1).block_until_ready()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+restored = run.restore_params(sys.argv[1], sys.argv[2].split(","))[1]
+peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak, "read": sum(x.nbytes for x in jax.tree.leaves(restored))}))
+"""
+
+
+def _peak_rss(workdir, names):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(workdir), names], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_host_rss_is_the_ema_not_the_state(tmp_path):
+    """A TrainState-shaped checkpoint of 7 trees of 24 MiB: restoring the EMA grows peak RSS by about twice its
+    size (TensorStore's read buffer + the numpy array), restoring everything by about 7 trees and more."""
+    n = 6 << 20  # float32 elements per tree
+    rng = np.random.default_rng(0)
+    tree = lambda: {"w": rng.standard_normal(n, np.float32)}  # noqa: E731
+    state = {"student": tree(), "student_ema": tree(), "critic": tree(), "student_opt": [tree(), tree()],
+             "critic_opt": [tree(), tree()], "step": np.int32(8)}
+    manager = checkpoint.make_manager(str(tmp_path), save_interval_steps=8)
+    checkpoint.save(manager, 8, jax.tree.map(jax.numpy.asarray, state))
+    checkpoint.wait_until_finished(manager)
+    tree_bytes = 4 * n
+    ema = _peak_rss(tmp_path, "student_ema")
+    full = _peak_rss(tmp_path, ",".join(state))
+    print(f"peak RSS growth: EMA only {(ema['peak'] - ema['base']) / 2**20:.1f} MiB (read {ema['read'] / 2**20:.0f} "
+          f"MiB), full state {(full['peak'] - full['base']) / 2**20:.1f} MiB (read {full['read'] / 2**20:.0f} MiB)")
+    assert ema["read"] == tree_bytes and full["read"] == 7 * tree_bytes + 4
+    ema_growth, full_growth = ema["peak"] - ema["base"], full["peak"] - full["base"]
+    assert ema_growth < 2.5 * tree_bytes + (16 << 20) and full_growth > 6 * tree_bytes
+    assert ema_growth < full_growth / 3
