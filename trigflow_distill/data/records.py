@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from trigflow_distill.recipe import COND_FRAME_PROBS
 
@@ -139,17 +141,50 @@ def _shard_file(directory: str, shard: str, field: str) -> str:
     return os.path.join(directory, f"{shard}.{field}.npy")
 
 
+def _is_local(path: str) -> bool:
+    return "://" not in os.fspath(path)
+
+
+class _RemoteNpy:
+    """Rows of a remote `.npy` file (gs://..., through etils.epath), each read on demand with one ranged read; the
+    local equivalent is np.load(mmap_mode="r")."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        with self.path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            self.shape, fortran, self.dtype = read_header(f)
+            self._offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path} is a Fortran-order array; dataset shards are C-order.")
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        with self.path.open("rb") as f:
+            f.seek(self._offset + int(row) * self._row_bytes)
+            buf = f.read(self._row_bytes)
+        if len(buf) != self._row_bytes:
+            raise ValueError(f"{self.path}: short read at row {row} (truncated file)")
+        return np.frombuffer(buf, self.dtype).reshape(self.shape[1:])
+
+
 class NpyDirSource:
-    """Reads a dataset directory written by `write_dataset` (format in the package docstring); memory-mapped."""
+    """Reads a dataset directory written by `write_dataset` (format in the package docstring): memory-mapped when
+    local, one ranged read per record field when remote (gs://..., through etils.epath)."""
 
     def __init__(self, directory: str):
-        meta_path = os.path.join(directory, "meta.json")
-        if not os.path.isfile(meta_path):
+        directory = os.fspath(directory)
+        meta_path = epath.Path(directory) / "meta.json"
+        if not meta_path.is_file():
             raise FileNotFoundError(
                 f"{meta_path} not found: {directory} is not a dataset directory; write one with "
                 "`python -m trigflow_distill.data.write --latents L.npy --text T.npy --out DIR`.")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
         self.directory, self.meta = directory, meta
@@ -176,9 +211,9 @@ class NpyDirSource:
         if key not in self._arrays:
             name, n = self._shards[shard]
             path = _shard_file(self.directory, name, field)
-            if not os.path.isfile(path):
+            if not epath.Path(path).is_file():
                 raise FileNotFoundError(f"{path} is missing from dataset {self.directory} (listed in meta.json).")
-            arr = np.load(path, mmap_mode="r")
+            arr = np.load(path, mmap_mode="r") if _is_local(path) else _RemoteNpy(path)
             if len(arr) != n:
                 raise ValueError(f"{path} has {len(arr)} rows, meta.json says {n}.")
             self._arrays[key] = arr
@@ -200,9 +235,12 @@ def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_
 
     Inputs may be memory-mapped (`np.load(..., mmap_mode="r")`): shards are written one at a time.
     `text_kind` None: "projected" if C == 1024 else "raw". `normalize`: latents are raw VAE means, apply SPEC §9.
-    Every record is validated (shape, finite values, num_cond_frames range) before it is written.
+    Every record is validated (shape, finite values, num_cond_frames range) before it is written. `out_dir` may be
+    remote (gs://..., through etils.epath): each shard is written to a local temporary file, then copied there.
     """
-    if os.path.exists(out_dir) and os.listdir(out_dir):
+    out_dir = os.fspath(out_dir)
+    out_path = epath.Path(out_dir)
+    if out_path.exists() and any(out_path.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out directory.")
     n = len(latents)
     extras = {k: v for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt)) if v is not None}
@@ -218,14 +256,16 @@ def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_
     spec = RecordSpec(tuple(latents.shape[1:]), tuple(text.shape[1:]), tuple(extras))
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}.")
-    os.makedirs(out_dir, exist_ok=True)
+    out_path.mkdir(parents=True, exist_ok=True)
+    staging = None if _is_local(out_dir) else tempfile.TemporaryDirectory()
+    local_dir = out_dir if staging is None else staging.name
     shards = []
     for k, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
         name = f"shard-{k:05d}"
         shapes = {"latents": (spec.latent_shape, np.float32), "text": (spec.text_shape, text_dtype),
                   **{f: ((), np.int32) for f in extras}}
-        outs = {f: np.lib.format.open_memmap(_shard_file(out_dir, name, f), mode="w+", dtype=dt,
+        outs = {f: np.lib.format.open_memmap(_shard_file(local_dir, name, f), mode="w+", dtype=dt,
                                              shape=(stop - start, *shape)) for f, (shape, dt) in shapes.items()}
         for i in range(start, stop):
             lat = normalize_latents(latents[i]) if normalize else latents[i]
@@ -233,13 +273,18 @@ def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_
             rec = validate_record(rec, spec, f"input record {i}")
             for f, out in outs.items():
                 out[i - start] = rec[f]
-        for out in outs.values():
+        for f, out in outs.items():
             out.flush()
+            if staging is not None:  # one shard at a time on the local disk
+                local = epath.Path(_shard_file(local_dir, name, f))
+                local.copy(epath.Path(_shard_file(out_dir, name, f)), overwrite=True)
+                local.unlink()
         shards.append({"name": name, "num_records": stop - start})
     meta = {"format": FORMAT, "num_records": n, "latent_shape": list(spec.latent_shape),
             "text_shape": list(spec.text_shape), "text_kind": text_kind, "latents_dtype": "float32",
             "text_dtype": text_dtype.name, "fields": list(spec.fields), "shards": shards}
     # meta.json last: a directory without it is an unfinished write and is not readable as a dataset.
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    if staging is not None:
+        staging.cleanup()
+    (out_path / "meta.json").write_text(json.dumps(meta, indent=1))
     return out_dir

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from trigflow_distill import denoiser, networks, run, sampling, toy
 from trigflow_distill.toy import metrics as toy_metrics
@@ -141,7 +141,8 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
                          "projection), not the trainer's split-off net.")
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"evaluate needs num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}.")
-    os.makedirs(out_dir, exist_ok=True)
+    out = epath.Path(out_dir)  # local or remote (gs://)
+    out.mkdir(parents=True, exist_ok=True)
 
     reference = toy.reference_set(world, num_samples)
     cond = conditioning_set(world, num_samples, seed)
@@ -166,8 +167,8 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
                "metrics": {k: m[k] for k in METRIC_KEYS}}
         rows.append(row)
         label = _label(name, steps, g)
-        toy.save_grid_png(world, latents, prompts, os.path.join(out_dir, f"{label}.png"))
-        toy.save_gif(world, latents, prompts, os.path.join(out_dir, f"{label}.gif"))
+        toy.save_grid_png(world, latents, prompts, out / f"{label}.png")
+        toy.save_gif(world, latents, prompts, out / f"{label}.gif")
         ms = "" if seconds is None else f"  {1e3 * seconds:.3f} ms/sample"
         log(f"eval {label:<18} prompt {m['prompt_accuracy']:.3f}  motion {m['motion_accuracy']:.3f}  "
             f"fd_hand {m['fd_hand']:.3f}  fd_proj {m['fd_proj']:.3f}{ms}")
@@ -192,11 +193,10 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
 
     floor = toy_metrics.real_floor(world, num_samples, reference=reference)
     result = _clean({"samplers": rows, "floor": {k: floor[k] for k in METRIC_KEYS}})
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
     if samples_student4 is not None:
-        np.savez(os.path.join(out_dir, "samples_student4.npz"), latents=samples_student4.astype(np.float32),
-                 prompt=prompts.astype(np.int32))
+        with (out / "samples_student4.npz").open("wb") as f:
+            np.savez(f, latents=samples_student4.astype(np.float32), prompt=prompts.astype(np.int32))
         log(f"samples_student4.npz: 4-step samples of {student4_from!r}")
     log(format_table(result))
     return result
@@ -205,7 +205,7 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
 def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int = 256, log=print) -> dict:
     """`evaluate` on the latest checkpoint of the training run in `workdir` (output goes there too), every setting
     from the run's config; num_samples None: config.eval.num_samples."""
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir {workdir} does not exist; pass the directory of a training run.")
     config, net_config, teacher_params, student_params, ema_params = run.load_run(workdir)
     students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}

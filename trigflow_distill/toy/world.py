@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 from einops import rearrange
+from etils import epath
 
 from trigflow_distill.recipe import COND_FRAME_PROBS
 
@@ -300,7 +301,8 @@ def save_grid_png(
 
     cells = _cells(world, latents_bcthw, prompts, per_prompt, zoom)
     img = _tile(rearrange(cells, "k s t h w r -> k (s t) h w r"), gap, group=cells.shape[2])
-    Image.fromarray(img).save(path, format="PNG")
+    with epath.Path(path).open("wb") as f:  # local or remote (gs://)
+        Image.fromarray(img).save(f, format="PNG")
     return img.shape[1], img.shape[0]
 
 
@@ -319,5 +321,6 @@ def save_gif(
 
     cells = _cells(world, latents_bcthw, prompts, per_prompt, zoom)
     frames = [Image.fromarray(_tile(cells[:, :, t], gap)) for t in range(cells.shape[2])]
-    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    with epath.Path(path).open("wb") as f:
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
     return frames[0].size
