@@ -77,6 +77,10 @@ def get_config(arg: str = ""):
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1))
 
+    # Weights & Biases, next to TensorBoard and metrics.jsonl (off by default; needs `pip install wandb` when on).
+    c.wandb = ml_collections.ConfigDict(dict(
+            enabled=False, project="trigflow-distill", entity="", name="", mode="online"))  # mode: online|offline
+
     c.eval = ml_collections.ConfigDict()
     c.eval.at_end = False
     c.eval.num_samples = 1024
