@@ -35,6 +35,9 @@ def get_config(arg: str = ""):
     c.keep_checkpoints = 3
     c.sample_every = 500
     c.max_consecutive_skips = 10
+    # A resume must use the saved config (<workdir>/config.json) up to total_steps, intervals, eval and mesh; True
+    # goes on with a changed one (the old is kept as config.<time>.json). See docs/reliability.md.
+    c.allow_config_change = False
 
     # Teacher: a native Cosmos .pt (net. / net_ema. prefix) or a diffusers folder, converted once at start-up.
     c.teacher = ml_collections.ConfigDict()
@@ -74,6 +77,10 @@ def get_config(arg: str = ""):
     c.data.seed = 0
     c.data.latent_shape = (16, 4, 8, 8)  # only for kind="synthetic"
     c.data.text_shape = (8, 96)          # only for kind="synthetic"
+
+    # kind="dir": every sample_every steps the EMA student's samples decoded by this Wan2.1 VAE (local or
+    # hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth) into samples/*.mp4, *.gif and TensorBoard; "" = none.
+    c.vae = ml_collections.ConfigDict(dict(path=""))
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1))
 

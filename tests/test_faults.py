@@ -301,3 +301,233 @@ def test_data_writer_tells_text_kind_from_width(tmp_path):
     assert write_main(_write_inputs(tmp_path, text_shape=(3, 5, 96)) + ["--net", "tiny", "--out",
                                                                         str(tmp_path / "r")]) == 0
     assert data.NpyDirSource(str(tmp_path / "r")).text_kind == "raw"
+
+
+# ------------------------------------------------------------------------------------------- config and workdir
+def _tiny_config(teacher_path, **overrides):
+    import predict25_4step  # configs/ is on the pytest pythonpath
+    c = predict25_4step.get_config("tiny")
+    c.teacher.path = str(teacher_path)
+    c.update(total_steps=6, log_every=1, checkpoint_every=2, sample_every=0)
+    c.data.batch_size, c.eval.at_end, c.mesh.data = 4, False, 1
+    for k, v in overrides.items():
+        section, _, field = k.rpartition(".")
+        (c[section] if section else c)[field] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory):
+    from trigflow_distill import convert, networks
+    net = networks.get_preset("tiny", num_blocks=1)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
+    return path
+
+
+def _toy_source(config):
+    from trigflow_distill import data_kinds
+    return data_kinds.get(config).open(config)[0]
+
+
+def test_nan_learning_rate_is_refused(teacher_pt):
+    from trigflow_distill import run
+    with pytest.raises(ValueError, match=r"config.student_optim.lr=nan must be a finite number >= 0"):
+        run.validate_config(_tiny_config(teacher_pt, **{"student_optim.lr": float("nan")}))
+    with pytest.raises(ValueError, match=r"config.critic_optim.eps=-1.0 must be a finite number >= 0"):
+        run.validate_config(_tiny_config(teacher_pt, **{"critic_optim.eps": -1.0}))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("total_steps", 0, "config.total_steps=0 must be >= 1"),
+    ("log_every", -5, "config.log_every=-5 must be >= 1"),
+    ("checkpoint_every", 0, "config.checkpoint_every=0 must be >= 1"),
+    ("sample_every", -1, "config.sample_every=-1 must be >= 0"),
+    ("data.batch_size", 0, "config.data.batch_size=0 must be >= 1"),
+    ("distill.ema_rate", float("inf"), "config.distill.ema_rate=inf must be a finite number > 0"),
+])
+def test_bad_config_values_are_rejected(teacher_pt, field, value, message):
+    from trigflow_distill import run
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run.validate_config(_tiny_config(teacher_pt, **{field: value}))
+
+
+def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
+    from trigflow_distill import run
+    assert run.resume_config(_tiny_config(teacher_pt), tmp_path) is None
+    saved = (tmp_path / "config.json").read_text()
+    changed = _tiny_config(teacher_pt, **{"data.batch_size": 8, "student_optim.lr": 1e-3})
+    with pytest.raises(ValueError, match=r"another config.* Changed: data.batch_size: 4 -> 8; student_optim.lr: "
+                                         r"0.0001 -> 0.001\. .*--config.allow_config_change=True"):
+        run.resume_config(changed, tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved and os.listdir(tmp_path) == ["config.json"]
+    # how long and how often may change: accepted, the previous config kept beside the new one
+    note = run.resume_config(_tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}),
+                             tmp_path)
+    assert "only fields a resume may change" in note
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 100
+    kept = [n for n in os.listdir(tmp_path) if n.startswith("config.") and n != "config.json"]
+    assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == json.dumps(json.loads(saved), indent=2)
+
+
+def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
+    from trigflow_distill import run
+    run.resume_config(_tiny_config(teacher_pt), tmp_path)
+    note = run.resume_config(_tiny_config(teacher_pt, allow_config_change=True, **{"critic_optim.lr": 5e-4}),
+                             tmp_path)
+    assert "critic_optim.lr: 0.0002 -> 0.0005" in note
+    versions = sorted(n for n in os.listdir(tmp_path) if n.startswith("config"))
+    assert len(versions) == 2 and "config.json" in versions
+    lrs = {n: json.loads((tmp_path / n).read_text())["critic_optim"]["lr"] for n in versions}
+    assert lrs.pop("config.json") == 5e-4 and list(lrs.values()) == [2e-4]
+
+
+def test_resume_with_another_teacher_is_refused_before_anything_is_written(teacher_pt, tmp_path):
+    from trigflow_distill import run, train
+    run.resume_config(_tiny_config(teacher_pt), tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    other = tmp_path.parent / "other_teacher.pt"
+    other.write_bytes(teacher_pt.read_bytes())
+    config = _tiny_config(other)
+    with pytest.raises(ValueError, match=r"Changed: teacher.path: .*teacher.pt' -> .*other_teacher.pt'"):
+        train.train(config, str(tmp_path), _toy_source(config))
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]  # no teacher cache, no checkpoint, no lock left
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):
+    from trigflow_distill import train
+    (tmp_path / "config.json").write_text('{"seed": 0, "total_st')
+    config = _tiny_config(teacher_pt)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))} is corrupted \("):
+        train.train(config, str(tmp_path), _toy_source(config))
+    assert (tmp_path / "config.json").read_text() == '{"seed": 0, "total_st'
+
+
+def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch):
+    from trigflow_distill import train
+    config = _tiny_config(teacher_pt)
+    source = _toy_source(config)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--workdir .*file is a file; give a directory"):
+        train.train(config, str(tmp_path / "file"), source)
+    with pytest.raises(ValueError, match="cannot create --workdir .*file/run"):
+        train.train(config, str(tmp_path / "file" / "run"), source)
+
+    def read_only(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+    monkeypatch.setattr(lock.WorkdirLock, "acquire", read_only)
+    with pytest.raises(ValueError, match=r"--workdir .*ro is not writable \(\[Errno 13\] Permission denied"):
+        train.train(config, str(tmp_path / "ro"), source)
+
+
+def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
+    from trigflow_distill import train
+    holder = lock.WorkdirLock(tmp_path)
+    holder.acquire()
+    config = _tiny_config(teacher_pt)
+    try:
+        with pytest.raises(errors.WorkdirLocked, match=f"pid {os.getpid()}"):
+            train.train(config, str(tmp_path), _toy_source(config))
+        assert os.listdir(tmp_path) == [lock.LOCK_NAME]
+    finally:
+        holder.release()
+
+
+# --------------------------------------------------------------------------------------------- main.py end to end
+def _main_cmd(workdir, teacher, *extra, steps=6):
+    return [sys.executable, os.path.join(ROOT, "main.py"),
+            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"), f"--workdir={workdir}",
+            f"--config.teacher.path={teacher}", f"--config.total_steps={steps}", "--config.checkpoint_every=2",
+            "--config.data.batch_size=4", "--config.log_every=1", "--config.sample_every=0",
+            "--config.eval.at_end=False", "--config.mesh.data=1", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device
+    return env
+
+
+def _one_line_error(out, fragment):
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in out.stderr and lines[-1].startswith("error: ") and fragment in lines[-1], out.stderr
+    return lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, fragment", [
+    ("missing config file", "No such file or directory: 'configs/nope.py'"),
+    ("unknown field", "--config.no_such_field: the config has no field 'no_such_field'"),
+    ("mistyped value", "--config.seed=abc: invalid literal for int()"),
+    ("total_steps 0", "config.total_steps=0 must be >= 1"),
+    ("log_every 0", "config.log_every=0 must be >= 1"),
+    ("nan lr", "config.student_optim.lr=nan must be a finite number >= 0"),
+    ("workdir is a file", "is a file; give a directory"),
+    ("corrupted config.json", "config.json is corrupted"),
+])
+def test_main_py_errors_are_one_line(teacher_pt, tmp_path, case, fragment):
+    workdir = tmp_path / "run"
+    cmd = _main_cmd(workdir, teacher_pt)
+    if case == "missing config file":
+        cmd[2] = "--config=configs/nope.py"
+    extra = {"unknown field": ["--config.no_such_field=1"], "mistyped value": ["--config.seed=abc"],
+             "log_every 0": ["--config.log_every=0"],
+             "nan lr": ["--config.student_optim.lr=nan"]}.get(case, [])
+    if case == "workdir is a file":
+        workdir.write_text("x")
+    if case == "corrupted config.json":
+        workdir.mkdir()
+        (workdir / "config.json").write_text("{not json")
+    if case == "total_steps 0":
+        cmd = _main_cmd(workdir, teacher_pt, steps=0)
+    out = subprocess.run(cmd + extra, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    _one_line_error(out, fragment)
+
+
+@pytest.mark.slow
+def test_second_main_py_on_a_workdir_is_refused(teacher_pt, tmp_path):
+    """Two runs on one workdir: the second exits 1 at once naming the first; after a kill -9 the lock is taken over
+    and the run resumes."""
+    workdir = tmp_path / "run"
+    first = subprocess.Popen(_main_cmd(workdir, teacher_pt, steps=100000), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "2").is_dir() and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(_main_cmd(workdir, teacher_pt), env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        _one_line_error(second, f"in use by another run: host {socket.gethostname()} pid {first.pid}")
+    finally:
+        first.kill()
+        first.wait()
+    resumed = subprocess.run(_main_cmd(workdir, teacher_pt, steps=4), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"took over the stale lock {workdir / lock.LOCK_NAME} of host {socket.gethostname()} pid {first.pid}" \
+        in resumed.stdout and "Resumed from" in resumed.stdout
+    assert not (workdir / lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_overflowing_parameters_are_never_saved(teacher_pt, tmp_path):
+    """lr=1e39 is a finite config value but inf in float32: the gradients stay finite, the parameters do not. The
+    run stops at the next save naming the last good checkpoint; no checkpoint holds a non-finite value."""
+    workdir = tmp_path / "run"
+    good = subprocess.run(_main_cmd(workdir, teacher_pt, steps=2), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert good.returncode == 0 and "checkpoint saved at step 2" in good.stdout, good.stderr[-2000:]
+    bad = subprocess.run(_main_cmd(workdir, teacher_pt, "--config.student_optim.lr=1e39",
+                                   "--config.critic_optim.lr=1e39", "--config.allow_config_change=True",
+                                   "--config.max_consecutive_skips=1000"),
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    line = _one_line_error(bad, "the train state of step 4 has non-finite values")
+    assert f"The last committed checkpoint is step 2 in {workdir / 'checkpoints'}" in line
+    import orbax.checkpoint as ocp
+    steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+    assert steps == [2]
+    state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))

@@ -8,7 +8,9 @@ Workdirs may be local or remote (gs://...): every path here goes through etils.e
 """
 import functools
 import json
+import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,12 @@ from etils import epath
 
 from trigflow_distill import convert, dmd2, sharding
 
+# Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
+# what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
+RESUME_MAY_CHANGE = ("total_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                     "max_consecutive_skips", "allow_config_change", "eval", "mesh", "net.remat", "net.attention",
+                     "net.attention_block_size", "teacher.cache_dir", "wandb")
+
 
 def validate_config(config):
     """Clear errors for the mistakes a user can make before anything heavy starts."""
@@ -27,18 +35,121 @@ def validate_config(config):
             "config.teacher.path is empty. The real recipe distills the Cosmos Predict2.5 2B teacher: download "
             "base/pre-trained/<uuid>_ema_bf16.pt from https://huggingface.co/nvidia/Cosmos-Predict2.5-2B and pass "
             "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo).")
-    if not os.path.exists(config.teacher.path):
+    if "://" not in str(config.teacher.path) and not os.path.exists(config.teacher.path):
         raise FileNotFoundError(f"config.teacher.path={config.teacher.path!r} does not exist.")
     if config.data.kind == "dir" and not config.data.path:
         raise ValueError("config.data.path is empty: point it at a dataset written by "
                          "`python -m trigflow_distill.data.write` (see trigflow_distill/data/__init__.py).")
+    for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
+                 "data.batch_size"):
+        if _get(config, name) < 1:
+            raise ValueError(f"config.{name}={_get(config, name)} must be >= 1.")
+    if config.sample_every < 0:
+        raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: no sample pictures).")
+    for section in ("student_optim", "critic_optim"):
+        for field in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "warmup", "decay_steps"):
+            value = float(config[section][field])
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"config.{section}.{field}={config[section][field]} must be a finite number >= 0.")
+        if not config[section].b1 < 1 or not config[section].b2 < 1:
+            raise ValueError(f"config.{section}.b1 and .b2 must be < 1.")
     d = config.distill
+    for field in ("guidance", "timestep_shift", "ema_rate"):
+        if not math.isfinite(float(d[field])) or float(d[field]) <= 0:
+            raise ValueError(f"config.distill.{field}={d[field]} must be a finite number > 0.")
     if d.student_update_freq < 1 or d.num_student_steps < 1:
         raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
     if len(d.cond_frame_probs) < 1 or min(d.cond_frame_probs) < 0 or abs(sum(d.cond_frame_probs) - 1) > 1e-6:
         raise ValueError(f"distill.cond_frame_probs={tuple(d.cond_frame_probs)} must be probabilities summing to 1.")
     if config.teacher.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"teacher.dtype={config.teacher.dtype!r}: use 'float32' or 'bfloat16'.")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """"key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
+    (fields of RESUME_MAY_CHANGE are left out)."""
+    a, b = _flatten(saved), _flatten(new)
+    missing = "<absent>"
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing)
+                  and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE))
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in keys]
+
+
+def read_saved_config(workdir) -> dict | None:
+    """The config dict saved in <workdir>/config.json, None if there is none; ValueError naming the file if it is
+    damaged."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupted ({e}); restore it from a config.<time>.json beside it or from a "
+                         "backup, or start a new --workdir.") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is corrupted (not a JSON object); restore it from a config.<time>.json beside it "
+                         "or from a backup, or start a new --workdir.")
+    return saved
+
+
+def resume_config(config, workdir, write: bool = True) -> str | None:
+    """Check `config` against the one saved in `workdir` and save it as <workdir>/config.json (if `write`).
+
+    A config that differs in a field that changes the run (not in RESUME_MAY_CHANGE) is refused with the fields
+    listed, before anything is written, unless config.allow_config_change. Whenever the saved config differs, it
+    is kept as config.<UTC time>.json. Returns a note for the log when the config changed, else None.
+    """
+    saved = read_saved_config(workdir)
+    new = json.loads(config.to_json_best_effort())
+    if saved == new:
+        return None
+    note = None
+    if saved is not None:
+        changes = config_changes(saved, new)
+        if changes and not config.get("allow_config_change", False):
+            raise ValueError(
+                f"{workdir} holds a run with another config; resuming would mix two runs. Changed: "
+                f"{'; '.join(changes)}. Resume with the saved config ({epath.Path(workdir) / 'config.json'}), use "
+                "a new --workdir, or pass --config.allow_config_change=True to go on with the new config (the old "
+                "one is kept).")
+        kept = epath.Path(workdir) / f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        n = 1
+        while kept.exists():
+            kept, n = kept.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}.json"), n + 1
+        if write:
+            _write_atomic(kept, json.dumps(saved, indent=2))
+        note = (f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
+                f"previous config is kept as {kept}.")
+    if write:
+        _write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+    return note
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """Write `text` so that a reader sees the old or the new file, never half of one (local: rename)."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def load_teacher(config, workdir):
@@ -75,14 +186,17 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None = None) -> tuple[int, dict]:
+def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None = None,
+                   group_bytes: int = 1 << 30) -> tuple[int, dict]:
     """(step, {name: params}) of the TrainState fields `names` (e.g. "student_ema", "student") of the latest (or
     the given) checkpoint in <workdir>/checkpoints.
 
     A partial Orbax restore: only those arrays are read (for 2B, the EMA is 2.06e9 fp32 params = 8.2 GB of the
     TrainState's ~56 GB), shapes come from the checkpoint's own metadata, so no teacher, optimizer state or
     TrainState is built. mesh None: numpy arrays in host memory; else jax arrays FSDP-sharded over `mesh` as the
-    trainer shards params (`sharding.param_sharding`; every host reads only its shards).
+    trainer shards params (`sharding.param_sharding`; every host reads only its shards). Leaves are read in groups
+    of about `group_bytes`: a TensorStore read holds a buffer as large as what it reads until it returns, so one
+    call for everything would peak at twice the result.
     """
     workdir = os.fspath(workdir)  # Orbax needs absolute local paths
     directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
@@ -104,10 +218,51 @@ def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None 
     else:
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
                                     sharding.param_sharding(abstract, mesh))
+    restored = {}
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=restore_args, partial_restore=True))
+        for group in _leaf_groups(abstract, group_bytes):
+            part = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                item=_subtree(abstract, group), restore_args=_subtree(restore_args, group), partial_restore=True))
+            restored = _merge(restored, part)
     return int(step), restored
+
+
+def _leaf_groups(abstract: dict, group_bytes: int) -> list:
+    """Key paths of `abstract`'s leaves in consecutive groups of at most `group_bytes` (or one leaf); a tree with
+    non-dict nodes (e.g. optimizer-state tuples) is one group."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    if not all(isinstance(k, jax.tree_util.DictKey) for p, _ in leaves for k in p):
+        return [None]
+    groups, size = [[]], 0
+    for p, leaf in leaves:
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tuple(k.key for k in p))
+        size += nbytes
+    return groups
+
+
+def _subtree(tree, paths):
+    """The nested dict holding only `paths` of `tree` (paths None: all of it)."""
+    if paths is None:
+        return tree
+    out = {}
+    for path in paths:
+        node, value = out, tree
+        for k in path[:-1]:
+            node, value = node.setdefault(k, {}), value[k]
+        node[path[-1]] = value[path[-1]]
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Nested dicts a and b (disjoint leaves) in one."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 STUDENTS = {"ema": "student_ema", "raw": "student"}

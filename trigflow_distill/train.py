@@ -5,25 +5,27 @@
 The method itself (state, updates, sampling) is `dmd2.py`; opening the teacher and a run is `run.py`. The record
 source and the optional sample writer come in as arguments (main.py picks them from config.data.kind), so the
 loop knows nothing of any particular data set.
+
+Reliability (docs/reliability.md): one run per workdir (`lock.WorkdirLock`); the config is checked against the
+saved one before anything is written; checkpoints are saved only when finite and reported only once committed
+(`checkpoint.Saver`); a resume restores the newest checkpoint that reads back completely.
 """
 import functools
-import os
+import sys
 from typing import Callable
 
 import jax
 import numpy as np
 from clu import parameter_overview
+from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill import checkpoint, data, distributed, dmd2, metrics, optim, run, sharding
+from trigflow_distill import checkpoint, data, distributed, dmd2, lock, metrics, optim, run, sharding
+from trigflow_distill.errors import CheckpointError, TrainingStopped, WorkdirLocked
 
 # write_samples(samples_bcthw, batch, path): pictures of the EMA student's samples; batch holds the gathered host
 # arrays of the current batch (every field but "text").
 SampleWriter = Callable[[np.ndarray, dict, str], None]
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite updates in a row)."""
 
 
 def train(config, workdir: str, source, write_samples: SampleWriter | None = None) -> dmd2.TrainState:
@@ -34,15 +36,81 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     """
     run.validate_config(config)
     main_process = distributed.is_main_process()
-    os.makedirs(workdir, exist_ok=True)
-    if main_process:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    workdir = open_workdir(workdir)
+    workdir_lock = acquire_lock(workdir)
+    try:
+        note = run.resume_config(config, workdir, write=main_process)
+        if note and main_process:
+            print(note, flush=True)
+        return _train(config, workdir, source, write_samples, workdir_lock)
+    finally:
+        if workdir_lock is not None:
+            workdir_lock.release()
+
+
+def open_workdir(workdir) -> epath.Path:
+    """The workdir as an epath (created); ValueError when it is a file or cannot be created."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; give a directory (new, or a run to resume).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --workdir {workdir} ({e}); choose a writable location.") from None
+    return path
+
+
+def acquire_lock(workdir: epath.Path) -> lock.WorkdirLock | None:
+    """Process 0 takes the workdir's lock (the other processes of the run share it); every process stops if it
+    cannot. Returns the lock (None on other processes)."""
+    held, error = None, None
+    if distributed.is_main_process():
+        try:
+            held = lock.WorkdirLock(workdir)
+            note = held.acquire()
+            if note:
+                print(note, flush=True)
+        except WorkdirLocked as e:
+            held, error = None, e
+        except OSError as e:
+            held, error = None, ValueError(f"--workdir {workdir} is not writable ({e}); choose a writable "
+                                           "location or fix its permissions.")
+    if not distributed.is_single_process():
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirLocked(f"process 0 could not lock {workdir}; see its log.")
+    if error is not None:
+        raise error
+    return held
+
+
+def check_source(source, net_config, teacher) -> None:
+    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT, text of the
+    width the teacher takes (raw: its projection's input; projected: the context width)."""
+    spec = data.records.source_spec(source)
+    c, t, h, w = spec.latent_shape
+    if c != net_config.in_channels or t % net_config.patch_temporal or h % net_config.patch_spatial or (
+            w % net_config.patch_spatial):
+        raise ValueError(f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
+                         f"channels and T, H, W divisible by {net_config.patch_temporal}, {net_config.patch_spatial}, "
+                         f"{net_config.patch_spatial}.")
+    raw = teacher["text_proj"] is not None
+    width = net_config.crossattn_proj_in_channels if raw else net_config.crossattn_emb_channels
+    if spec.text_shape[-1] != width:
+        raise ValueError(f"the data's text is {spec.text_shape}; this teacher takes {'raw' if raw else 'projected'} "
+                         f"text {width} wide. Write the data for this teacher (python -m trigflow_distill.data.write "
+                         "--net=...).")
+
+
+def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> dmd2.TrainState:
+    main_process = distributed.is_main_process()
     mesh = sharding.make_mesh(dict(config.mesh))
     batch_size = int(config.data.batch_size)
     sharding.check_batch(batch_size, mesh)
 
-    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(config, workdir, mesh)
+    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(config, str(workdir),
+                                                                                               mesh)
+    check_source(source, algo.net_config, teacher)
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
     critic_step, student_step = dmd2.make_update_fns(algo, student_tx, critic_tx,
@@ -52,7 +120,8 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     data_iter = data.make_iterator(source, batch_size, int(config.data.seed),
                                    process_slice=sharding.local_batch_slice(batch_size, mesh))
     manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
-    state, start = checkpoint.restore_latest(manager, abstract, data_iter)
+    state, start = checkpoint.restore_latest(manager, abstract, data_iter, set_aside=True)
+    saver = checkpoint.Saver(manager, last_committed=start if state is not None else None)
     if state is None:
         state = init(teacher)
         if main_process:
@@ -66,11 +135,17 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     c = algo.net_config
     tokens = batch_size * (first.shape[1] // c.patch_temporal) * (first.shape[2] // c.patch_spatial) * (
         first.shape[3] // c.patch_spatial)
-    writer = metrics.Writer(workdir, total, tokens, enabled=main_process)
+    writer = metrics.Writer(str(workdir), total, tokens, enabled=main_process, wandb_config=config.get("wandb"),
+                            run_config=config.to_dict())
     agg = metrics.Aggregator()
     pending = []
     d = config.distill
     sample_fn = jax.jit(functools.partial(dmd2.student_samples, algo))
+
+    def check_lock():
+        if workdir_lock is not None:
+            workdir_lock.check()
+
     try:
         for step in range(start, total):
             batch = sharding.global_batch(next(data_iter), batch_size, mesh)
@@ -86,22 +161,31 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
                 skips = int(state.consecutive_skips)
                 writer.write(done, {**scalars, "total_skips": float(state.total_skips)})
                 if skips >= config.max_consecutive_skips:
+                    saver.confirm()  # so that the message names the newest committed checkpoint
                     raise TrainingStopped(
                         f"{skips} consecutive updates had a non-finite loss or gradient (step {done}); stopping. "
-                        f"The last good checkpoint is in {manager.directory}. Lower the learning rates or check the "
-                        "data for non-finite values.")
-            if checkpoint.save(manager, done, state, data_iter, force=done == total) and main_process:
-                print(f"checkpoint saved at step {done}", flush=True)
+                        f"{saver.last_good()} Lower the learning rates or check the data for non-finite values.")
+                saver.poll()
+                check_lock()
+            check_lock()
+            saver.save(done, state, data_iter, force=done == total)
             if write_samples is not None and config.sample_every and done % config.sample_every == 0:
                 save_samples(sample_fn, state, teacher, batch, write_samples,
-                             os.path.join(workdir, "samples", f"{done:07d}.png"))
+                             workdir / "samples" / f"{done:07d}.png")
+        saver.close()
+    except BaseException:
+        try:  # let a save in flight finish, so the last good checkpoint is the newest one
+            saver.close()
+        except CheckpointError as e:
+            if main_process:
+                print(f"warning: {e}", file=sys.stderr, flush=True)
+        raise
     finally:
-        checkpoint.wait_until_finished(manager)
         writer.close()
     return state
 
 
-def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: str):
+def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: epath.Path):
     """The EMA student's samples on the current batch, handed to `write_samples` (every process computes, process
     0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
     x = multihost_utils.process_allgather(sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)),
@@ -109,5 +193,5 @@ def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_sample
     host_batch = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
                   for k, v in batch.items() if k != "text"}
     if distributed.is_main_process():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_samples(np.asarray(x), host_batch, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_samples(np.asarray(x), host_batch, str(path))
