@@ -57,6 +57,8 @@ def validate_config(config):
     for field in ("guidance", "timestep_shift", "ema_rate"):
         if not math.isfinite(float(d[field])) or float(d[field]) <= 0:
             raise ValueError(f"config.distill.{field}={d[field]} must be a finite number > 0.")
+    if int(d.get("lambda_frame_chunks", 1)) < 1 or int(d.get("ema_start", 0)) < 0:
+        raise ValueError("distill.lambda_frame_chunks must be >= 1 and distill.ema_start >= 0.")
     if d.student_update_freq < 1 or d.num_student_steps < 1:
         raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
     if len(d.cond_frame_probs) < 1 or min(d.cond_frame_probs) < 0 or abs(sum(d.cond_frame_probs) - 1) > 1e-6:
