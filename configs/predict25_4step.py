@@ -65,6 +65,19 @@ def get_config(arg: str = ""):
     c.distill.replace_gt_timesteps = True
     c.distill.ema_rate = 0.1
 
+    # The method (docs/algorithm.md §14): "dmd2" (§4-6) or "rcm" (sCM on the batch's real latents, regularised by
+    # DMD2; same critic). distill.rcm holds the reference's rCM constants (NVlabs/rcm, Wan2.1 1.3B run).
+    c.distill.method = "dmd2"
+    c.distill.rcm = ml_collections.ConfigDict(dict(
+            loss_scale=100.0,        # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
+            dmd_weight=1.0,          # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
+            tangent_warmup=1000,     # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
+            tangent_norm_eps=0.1,    # g / (||g|| + eps)
+            p_mean=-0.8, p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
+            frame_noise_scale=True,  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
+            jvp_attention="einsum",  # JVP-pass attention when net.attention has no forward mode (blockwise, splash)
+    ))
+
     c.student_optim = ml_collections.ConfigDict(dict(
             lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000))
     c.critic_optim = ml_collections.ConfigDict(dict(
@@ -108,6 +121,7 @@ def get_config(arg: str = ""):
         # b1 0.9: 28.9; student 5e-5: 11.7). The critic must keep up with the student.
         c.student_optim.update(lr=1e-4, b1=0.0, warmup=10)
         c.critic_optim.update(lr=2e-4, b1=0.0, warmup=10)
+        c.distill.rcm.tangent_warmup = 100  # the reference's 1000 is 1% of its run; 1500 iterations here
         c.data.kind = "toy"
         c.data.batch_size = 32
         c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
