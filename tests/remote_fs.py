@@ -7,10 +7,12 @@ TensorStore specs (gs:// would go to TensorStore's own GCS driver, which fsspec 
 fake still fail (its per-process OCDBT merge needs CopyRange, which the rewritten specs do not support), so tests that
 train redirect `checkpoint.make_manager` to the fake's folder (see `redirect_checkpoints`).
 """
+import functools
 import os
 import re
 import sys
 
+from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils
@@ -41,6 +43,10 @@ def serve_gs(root, monkeypatch) -> None:
     registry = sys.modules["fsspec.registry"]._registry
     for name in ("gs", "gcs"):
         monkeypatch.setitem(registry, name, FakeGCS)
+    # etils caches one file system per protocol for the whole process: give this test a fresh cache.
+    get_filesystem = epath_backend._FileSystemSpecBackend._get_filesystem
+    monkeypatch.setattr(epath_backend._FileSystemSpecBackend, "_get_filesystem",
+                        functools.lru_cache()(get_filesystem.__wrapped__))
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
     monkeypatch.setattr(tensorstore_utils, "_normalize_path",
                         lambda path: os.path.normpath(local_path(root, path)))

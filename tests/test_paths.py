@@ -41,11 +41,10 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
 
     config = predict25_4step.get_config("tiny")
     config.teacher.path = str(teacher_pt)
-    config.data.batch_size = 4
+    config.data.batch_size = 8  # one record per simulated device
     config.total_steps = 1  # one (student) update: one compile
     config.log_every = config.checkpoint_every = config.sample_every = 1
     config.eval.at_end = False
-    config.mesh.data = 1
     source, write_samples = data_kinds.get(config).open(config)
     train.train(config, "gs://bucket/run", source, write_samples)
 
