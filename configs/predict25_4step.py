@@ -64,6 +64,10 @@ def get_config(arg: str = ""):
     c.distill.cond_frame_probs = COND_FRAME_PROBS  # P(N=0), P(N=1), P(N=2) conditional latent frames
     c.distill.replace_gt_timesteps = True
     c.distill.ema_rate = 0.1
+    c.distill.ema_start = 0             # student updates before the power EMA starts averaging (reference: 0)
+    # DMD lambda per (sample, chunk of T/K latent frames). The released 2B student was trained with 4 context-
+    # parallel shards of 6 frames, each computing its own lambda: 4 reproduces that; 1 = per sample (§4, §13).
+    c.distill.lambda_frame_chunks = 1
 
     # The method (docs/algorithm.md §14): "dmd2" (§4-6) or "rcm" (sCM on the batch's real latents, regularised by
     # DMD2; same critic). distill.rcm holds the reference's rCM constants (NVlabs/rcm, Wan2.1 1.3B run).

@@ -3,7 +3,7 @@ evaluation of the finished run. main.py picks from here, so the trainer never im
 """
 from typing import Callable, NamedTuple
 
-from trigflow_distill import data, toy
+from trigflow_distill import data, toy, video_samples
 from trigflow_distill.toy import evaluate as toy_evaluate
 
 
@@ -28,8 +28,14 @@ def _synthetic(config):
                                       num_cond_probs=tuple(config.distill.cond_frame_probs)), None
 
 
+def _dir(config):
+    # Decoded sample videos need the VAE (config.vae.path); without it no samples are written.
+    writer = video_samples.VideoSamples(config.vae.path) if config.vae.path else None
+    return data.NpyDirSource(config.data.path), writer
+
+
 KINDS = {
-    "dir": DataKind(lambda config: (data.NpyDirSource(config.data.path), None), None),
+    "dir": DataKind(_dir, None),
     "synthetic": DataKind(_synthetic, None),
     "toy": DataKind(_toy, toy_evaluate.evaluate_run),
 }

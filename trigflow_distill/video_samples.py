@@ -1,11 +1,14 @@
 """Samples during training on real data: the EMA student's latent samples decoded by the Wan2.1 VAE and written as
 videos (docs/algorithm.md §10).
 
-`VideoSamples(vae_src)` loads the VAE once; `write(samples_bcthw, out_dir, step, writer)` decodes up to
+`VideoSamples(vae_src, tensorboard_dir)` loads the VAE once; `write(samples_bcthw, out_dir, step)` decodes up to
 `max_videos` samples and writes `<out_dir>/<step>_<i>.mp4` (full resolution), `<out_dir>/<step>.gif` (the videos
-side by side, at most `gif_height` pixels high) and, given a metrics writer with `write_videos`, the clips to
-TensorBoard (and W&B when it is on). Called as a train.SampleWriter `(samples, batch, path)` it writes next to
-`path`, the trainer's `samples/<step>.png`.
+side by side, at most `gif_height` pixels high) and the same GIF per clip to TensorBoard (image summaries
+`samples/video/<i>`, which TensorBoard animates) in an event file of its own under `tensorboard_dir`; a metrics
+writer with `write_videos(step, {name: (N,T,H,W,3)}, fps)` (e.g. one that also logs to W&B) can be passed
+instead. Called as a train.SampleWriter `(samples, batch, path)` it writes next to `path`, the trainer's
+`<workdir>/samples/<step>.png` (and TensorBoard to `<workdir>/tensorboard` by default). data_kinds uses it for
+data.kind "dir" when config.vae.path is set.
 """
 from __future__ import annotations
 
@@ -22,17 +25,19 @@ from trigflow_distill import vae, video
 class VideoSamples:
     """Decodes latent samples (B, 16, T, h, w) with a Wan2.1 VAE and writes mp4s, a GIF and metrics videos."""
 
-    def __init__(self, vae_src: str, fps: float = 16.0, max_videos: int = 4, gif_height: int = 192,
-                 dtype: str = "float32", writer=None):
+    def __init__(self, vae_src: str, tensorboard_dir: str | None = None, fps: float = 16.0, max_videos: int = 4,
+                 gif_height: int = 192, dtype: str = "float32", writer=None):
         self.cfg, self.params = vae.load(vae_src)
         self.fps, self.max_videos, self.gif_height, self.dtype = fps, max_videos, gif_height, dtype
+        self.tensorboard_dir = tensorboard_dir
         self.writer = writer  # metrics writer with write_videos(step, {name: (N,T,H,W,3)}, fps), or None
 
     def decode(self, samples_bcthw) -> np.ndarray:
-        """Frames (N, T, H, W, 3) uint8 of the first max_videos samples."""
-        pixels = np.asarray(vae.decode(self.cfg, self.params, np.asarray(samples_bcthw)[:self.max_videos],
-                                       dtype=self.dtype))
-        return np.stack([video.to_uint8(p) for p in pixels])
+        """Frames (N, T, H, W, 3) uint8 of the first max_videos samples, decoded one at a time (a 93-frame 720p
+        decode needs tens of GB beside the training state)."""
+        samples = np.asarray(samples_bcthw)[:self.max_videos]
+        return np.stack([video.to_uint8(np.asarray(vae.decode(self.cfg, self.params, x[None], dtype=self.dtype))[0])
+                         for x in samples])
 
     def write(self, samples_bcthw, out_dir: str, step: int, writer=None) -> np.ndarray:
         """Writes the videos of `step` under out_dir (and to `writer` or self.writer); returns their frames."""
@@ -45,10 +50,28 @@ class VideoSamples:
         writer = writer or self.writer
         if writer is not None:
             writer.write_videos(step, {"samples/video": frames}, fps=self.fps)
+        elif self.tensorboard_dir:
+            self._tensorboard(step, frames)
         return frames
 
+    def _tensorboard(self, step: int, frames_nthw3: np.ndarray) -> None:
+        from tensorboardX import SummaryWriter  # only the process that writes samples opens an event file
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = []
+        for i, clip in enumerate(frames_nthw3):
+            small = side_by_side(clip[None], self.gif_height)
+            image = Summary.Image(height=small.shape[1], width=small.shape[2], colorspace=3,
+                                  encoded_image_string=gif_bytes(small, self.fps))
+            values.append(Summary.Value(tag=f"samples/video/{i}", image=image))
+        with SummaryWriter(self.tensorboard_dir, filename_suffix=".samples") as tb:
+            tb._get_file_writer().add_summary(Summary(value=values), step)
+
     def __call__(self, samples_bcthw, batch, path: str) -> None:
-        """train.SampleWriter: `path` is the trainer's samples/<step>.png; the videos go beside it."""
+        """train.SampleWriter: `path` is the trainer's <workdir>/samples/<step>.png; the videos go beside it and,
+        without a tensorboard_dir, to <workdir>/tensorboard."""
+        if self.tensorboard_dir is None and self.writer is None:
+            self.tensorboard_dir = os.path.join(os.path.dirname(os.path.dirname(path)), "tensorboard")
         self.write(samples_bcthw, os.path.dirname(path), int(os.path.splitext(os.path.basename(path))[0]))
 
 
