@@ -10,10 +10,11 @@ impl:
               and softmax. When the score tensor of one call is larger than ~8 MB, queries are processed in chunks
               (lax.map + checkpoint, each chunk sees all keys, so the softmax stays exact) to keep it in cache.
               This is the fastest formulation measured on the project's CPUs (benchmarks/attention_cpu.py).
-  "blockwise" memory-efficient pure JAX: lax.scan over K/V blocks of `block_size` keys with an online (running
-              max / running sum) softmax in fp32, keys padded to a multiple of the block and masked; queries
-              optionally chunked by `q_block_size`. The scan body is checkpointed, so neither the forward nor the
-              reverse pass holds an L x S matrix: memory is O(L * block_size) per batch*head.
+  "blockwise" memory-efficient pure JAX (FlashAttention-2 scheme): queries in chunks of `q_block_size`, keys in
+              blocks of `block_size` (padded and masked), an online (running max / running sum) softmax in fp32,
+              and a custom VJP that recomputes each (query chunk x key block) score tile from q, k and the saved
+              per-query log-sum-exp. Neither pass holds more than one score tile; the backward keeps only q, k, v,
+              the output and the log-sum-exp. q_block_size None picks the chunk so that a tile is ~32 MiB.
   "splash"    TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention); TPU only, raises elsewhere.
               Untested on hardware here (the kernel itself is exercised in Pallas interpret mode by the tests).
 """
@@ -26,11 +27,14 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "xla", "einsum", "blockwise", "splash")
 # Score bytes (B*H*rows*S*4) per query chunk above which "einsum" chunks the queries (fits L2/L3 on the CPUs here).
 _EINSUM_CHUNK_BYTES = 8 * 2**20
+# fp32 score-tile bytes (B*H*query chunk*key block*4) that "blockwise" aims for when it picks its query chunk.
+_TILE_BYTES = 32 * 2**20
 
 
 def resolve_impl(impl: str) -> str:
@@ -46,7 +50,7 @@ def attention(q_blhd, k_bshd, v_bshd, impl: str = "auto", block_size: int = 512,
     """Softmax attention softmax(q k^T / sqrt(D)) v over all S keys for every query; returns (B, L, H, D) in q's dtype.
 
     block_size: keys per scan step ("blockwise"). q_block_size: queries per chunk ("einsum", "blockwise");
-    None = automatic for "einsum" (see module doc), no query chunking for "blockwise".
+    None = automatic (see module doc).
     """
     return _attention(q_blhd, k_bshd, v_bshd, impl, block_size, q_block_size, kv_valid=None)
 
@@ -67,13 +71,16 @@ def _attention(q, k, v, impl, block_size, q_block_size, kv_valid):
         return _splash(q, k, v, kv_valid)
     if impl == "einsum":
         if q_block_size is None:
-            b, l, h, _ = q.shape
+            b, _, h, _ = q.shape
             rows = _EINSUM_CHUNK_BYTES // (b * h * k.shape[1] * 4)
             q_block_size = max(16, 2 ** int(math.log2(max(rows, 1))))
-        body = functools.partial(_dense_chunk, k=k, v=v, kv_valid=kv_valid)
-    else:
-        body = functools.partial(_blockwise_chunk, k=k, v=v, kv_valid=kv_valid, block_size=block_size)
-    return _map_query_chunks(body, q, q_block_size)
+        return _map_query_chunks(functools.partial(_dense_chunk, k=k, v=v, kv_valid=kv_valid), q, q_block_size)
+    if kv_valid is not None:  # padded keys are dropped, so the kernel needs no mask
+        k, v = k[:, :kv_valid], v[:, :kv_valid]
+    # Inside shard_map the custom VJP must return cotangents of its inputs' types: give q, k, v the same varying
+    # mesh axes first (e.g. context K/V that every `seq` device shares), so autodiff adds the psum of dk, dv.
+    q, k, v = (_vary_like(x, q, k, v) for x in (q, k, v))
+    return _flash(q, k, v, block_size, q_block_size)
 
 
 def _check_shapes(q, k, v):
@@ -114,47 +121,121 @@ def _dense_chunk(q_blhd, k, v, kv_valid):
     return rearrange(o, "b h l d -> b l h d").astype(q_blhd.dtype)
 
 
-def _blockwise_chunk(q_blhd, k, v, kv_valid, block_size):
-    """Online softmax over K/V blocks; padded keys masked; never forms more than (L, block_size) scores per head."""
-    b, length, h, d = q_blhd.shape
+def _blocks(x_bnhd, size, n):
+    """(B, N, H, D) -> (n, B, H, size, D): zero-padded to n * size along N, split into n blocks, heads first."""
+    x_bnhd = jnp.pad(x_bnhd, ((0, 0), (0, n * size - x_bnhd.shape[1]), (0, 0), (0, 0)))
+    return rearrange(x_bnhd, "b (n c) h d -> n b h c d", n=n)
+
+
+def _vary_like(x, *like):
+    """x, varying (inside shard_map) over every mesh axis that x or one of `like` varies over; same values."""
+    return x + sum(jnp.zeros_like(y, x.dtype, shape=()) for y in like)
+
+
+def _full(shape, value, *like, dtype=jnp.float32):
+    """Constant of `shape` that varies over the mesh axes `like` vary over (inside shard_map), so that it can start
+    a loop carry the body makes depend on them."""
+    return _vary_like(jnp.full(shape, value, dtype), *like)
+
+
+def _tiles(q, k, block_size, q_block_size):
+    """(key block, full key blocks, keys in the last partial block, query chunk, query chunks).
+
+    q_block_size None: the largest power-of-two chunk (>= 16) whose fp32 score tile B*H*chunk*block stays within
+    _TILE_BYTES.
+    """
+    b, length, h, _ = q.shape
     num_keys = k.shape[1]
-    kv_valid = num_keys if kv_valid is None else kv_valid
     block = min(block_size, num_keys)
-    n = -(-num_keys // block)
-    pad = ((0, 0), (0, n * block - num_keys), (0, 0), (0, 0))
-    k_blocks, v_blocks = (rearrange(jnp.pad(x, pad), "b (n c) h d -> n b h c d", n=n) for x in (k, v))
-    q_bhld = rearrange(q_blhd * jnp.asarray(d ** -0.5, q_blhd.dtype), "b l h d -> b h l d")
+    if q_block_size is None:
+        q_block_size = max(16, 2 ** int(math.log2(max(_TILE_BYTES // (b * h * block * 4), 1))))
+    q_block = min(q_block_size, length)
+    return block, num_keys // block, num_keys % block, q_block, -(-length // q_block)
 
-    def scores(k_b, start):
-        s = jnp.einsum("bhld,bhsd->bhls", q_bhld, k_b, preferred_element_type=jnp.float32)
-        return jnp.where(_key_mask(start, block, kv_valid), s, -jnp.inf)
 
-    def pv(p, v_b):
-        return jnp.einsum("bhls,bhsd->bhld", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, block_size, q_block_size):
+    """Blockwise softmax attention with a recomputing backward (FlashAttention-2 scheme): `_flash_fwd`, `_flash_bwd`.
 
-    # The output does not depend on the running max m, so it is a constant for autodiff. Block 0 always holds
-    # key 0, so m is finite and exp(-inf - m) = 0 for masked keys. Starting from block 0 (instead of an -inf
-    # carry) keeps the carry's sharding type equal to q's inside shard_map.
-    @jax.checkpoint
-    def first(k_b, v_b):
-        s = scores(k_b, 0)
-        m = lax.stop_gradient(s.max(-1))
-        p = jnp.exp(s - m[..., None])
-        return m, p.sum(-1), pv(p, v_b)
+    Every key is real (callers slice padding off). Keys are read in blocks by dynamic slicing inside the loops (a
+    tail block of S % block keys is one extra step), queries in zero-padded chunks. Memory: both passes hold one
+    (query chunk x key block) score tile at a time; the backward keeps only q, k, v, the output and the per-query
+    log-sum-exp from the forward.
+    """
+    return _flash_fwd(q, k, v, block_size, q_block_size)[0]
 
-    @jax.checkpoint
-    def step(carry, xs):
-        m, l, acc = carry
-        k_b, v_b, start = xs
-        s = scores(k_b, start)
-        m_new = lax.stop_gradient(jnp.maximum(m, s.max(-1)))
-        p = jnp.exp(s - m_new[..., None])
-        alpha = jnp.exp(m - m_new)
-        return (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv(p, v_b)), None
 
-    starts = jnp.arange(1, n, dtype=jnp.int32) * block
-    (_, l, acc), _ = lax.scan(step, first(k_blocks[0], v_blocks[0]), (k_blocks[1:], v_blocks[1:], starts))
-    return rearrange(acc / l[..., None], "b h l d -> b l h d").astype(q_blhd.dtype)
+def _flash_fwd(q, k, v, block_size, q_block_size):
+    """Per query chunk (lax.map), a loop over key blocks with an online (running max / sum) softmax in fp32."""
+    block, n_full, rem, q_block, nq = _tiles(q, k, block_size, q_block_size)
+    q_chunks = _blocks(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), q_block, nq)
+
+    def chunk(q_c):
+        def step(carry, start, size):
+            m, total, acc = carry
+            k_b, v_b = (lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
+            s = jnp.einsum("bhld,bshd->bhls", q_c, k_b, preferred_element_type=jnp.float32)
+            m_new = jnp.maximum(m, s.max(-1))  # finite after the first block: every key is real
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum("bhls,bshd->bhld", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32)
+            return m_new, total * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+        rows = q_c.shape[:-1]
+        carry = (_full(rows, -jnp.inf, q_c, k, v), _full(rows, 0.0, q_c, k, v), _full(q_c.shape, 0.0, q_c, k, v))
+        carry = lax.fori_loop(0, n_full, lambda j, c: step(c, j * block, block), carry)
+        if rem:
+            carry = step(carry, n_full * block, rem)
+        m, total, acc = carry
+        return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
+
+    o_chunks, lse_chunks = lax.map(chunk, q_chunks)
+    o = rearrange(o_chunks, "n b h c d -> b (n c) h d")[:, :q.shape[1]]
+    return o, (q, k, v, o, lse_chunks)
+
+
+def _flash_bwd(block_size, q_block_size, res, do):
+    """Loop over key blocks (outer) and query chunks (inner); each step recomputes one score tile from q, k and the
+    saved log-sum-exp. dq accumulates in fp32 over key blocks, dk / dv of a key block in fp32 over query chunks."""
+    q, k, v, o, lse_chunks = res
+    block, n_full, rem, q_block, nq = _tiles(q, k, block_size, q_block_size)
+    scale, dt = q.shape[-1] ** -0.5, q.dtype
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # rowsum(dP * P)
+    q_chunks, do_chunks = _blocks(q * jnp.asarray(scale, dt), q_block, nq), _blocks(do.astype(dt), q_block, nq)
+    delta_chunks = _blocks(delta, q_block, nq)[..., 0]
+
+    def key_block(carry, start, size):
+        dq_chunks, dk, dv = carry
+        k_b, v_b = (lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
+
+        def query_chunk(acc, ys):
+            q_c, do_c, lse_c, delta_c, dq_c = ys
+            s = jnp.einsum("bhld,bshd->bhls", q_c, k_b, preferred_element_type=jnp.float32)
+            p = jnp.exp(s - lse_c[..., None])
+            dp = jnp.einsum("bhld,bshd->bhls", do_c, v_b, preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta_c[..., None])).astype(dt)
+            dk_b = acc[0] + jnp.einsum("bhls,bhld->bshd", ds, q_c, preferred_element_type=jnp.float32)
+            dv_b = acc[1] + jnp.einsum("bhls,bhld->bshd", p.astype(dt), do_c, preferred_element_type=jnp.float32)
+            return (dk_b, dv_b), dq_c + jnp.einsum("bhls,bshd->bhld", ds, k_b, preferred_element_type=jnp.float32)
+
+        zeros = _full(k_b.shape, 0.0, q, k, v, do)
+        (dk_b, dv_b), dq_chunks = lax.scan(query_chunk, (zeros, zeros),
+                                           (q_chunks, do_chunks, lse_chunks, delta_chunks, dq_chunks))
+        dk, dv = (lax.dynamic_update_slice_in_dim(x, x_b.astype(x.dtype), start, axis=1)
+                  for x, x_b in ((dk, dk_b), (dv, dv_b)))
+        return dq_chunks, dk, dv
+
+    carry = (_full(q_chunks.shape, 0.0, q, k, v, do), _full(k.shape, 0.0, q, k, v, do, dtype=k.dtype),
+             _full(v.shape, 0.0, q, k, v, do, dtype=v.dtype))
+    carry = lax.fori_loop(0, n_full, lambda j, c: key_block(c, j * block, block), carry)
+    if rem:
+        carry = key_block(carry, n_full * block, rem)
+    dq_chunks, dk, dv = carry
+    dq = rearrange(dq_chunks * scale, "n b h c d -> b (n c) h d")[:, :q.shape[1]].astype(q.dtype)
+    return dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _splash(q, k, v, kv_valid, interpret=False):

@@ -8,7 +8,8 @@ stream stay float32.
 Sequence parallelism: `velocity(..., mesh=mesh)` with a mesh whose `config.seq_axis` axis has n > 1 devices shards
 the token axis of every activation over that axis. The residual stream is laid out (B, T', S_pad, D) with the
 spatial tokens of each frame (S = H'W', zero-padded to a multiple of n) split over the n devices; self-attention
-all-gathers K/V over the axis (padded positions dropped, so they are never attended), cross-attention is local.
+splits the heads over the axis by an all-to-all (or all-gathers K/V when the axis size does not divide the heads;
+padded positions dropped, so they are never attended), cross-attention is local.
 Everything else (FSDP parameter gathers, projections, MLP) is left to XLA's SPMD partitioner.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from trigflow_distill.networks.attention import IMPLS, attention
 from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split, timestep_features
@@ -64,6 +66,9 @@ class DiTConfig:
     attention: str = "auto"  # networks.attention impl: auto (einsum on CPU, xla elsewhere), xla, einsum, blockwise
     attention_block_size: int = 512  # keys per step of the "blockwise" attention
     scan_blocks: bool = True  # lax.scan over the stacked blocks; False unrolls them (exact XLA cost analysis)
+    # With remat, the MLP runs over groups of this many latent frames, each checkpointed: the backward then holds one
+    # group's (tokens x mlp_hidden) activations instead of all frames'. 0 = all frames at once.
+    mlp_chunk_frames: int = 4
     seq_axis: str = "seq"  # mesh axis that shards the tokens when velocity() gets a mesh
     batch_axes: tuple[str, ...] = ("data", "fsdp")  # mesh axes that shard the batch (those present in the mesh)
 
@@ -81,8 +86,9 @@ class DiTConfig:
         if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not supported; use True/False or one of {sorted(REMAT_POLICIES)}")
         if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim,
-               self.attention_block_size) < 1:
-            raise ValueError(f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1: {self}")
+               self.attention_block_size) < 1 or self.mlp_chunk_frames < 0:
+            raise ValueError(f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1 and "
+                             f"mlp_chunk_frames >= 0: {self}")
 
     @property
     def head_dim(self) -> int:
@@ -267,9 +273,14 @@ def _layout(config, mesh, batch, spatial):
 
 
 def _self_attention_core(config, layout, q, k, v, q_scale, k_scale, cos_tsh, sin_tsh):
-    """Per-device self-attention on (b, t, s, n, h) heads: q/k RMSNorm, RoPE, all-gathered K/V (seq layout).
+    """Per-device self-attention on (b, t, s, n, h) heads: q/k RMSNorm, RoPE, then (seq layout) either
 
-    Padded spatial positions (index >= S in each frame) are dropped from the gathered K/V: never attended.
+    - heads split over the seq group (when it divides num_heads): an all-to-all turns (all heads, s / n tokens)
+      into (n_heads / n heads, all tokens) for q, k, v and back for the output, so every device attends over all
+      keys while holding 1/n of them per tensor (DeepSpeed-Ulysses; less memory and traffic than gathering K/V);
+    - or K/V all-gathered over the seq group (each device attends its own queries over all keys).
+
+    Padded spatial positions (index >= S in each frame) are dropped from K/V: never attended.
     """
     dt = config.compute_dtype
     flat = lambda x: einops.rearrange(x, "b t s n h -> b (t s) n h")
@@ -277,10 +288,16 @@ def _self_attention_core(config, layout, q, k, v, q_scale, k_scale, cos_tsh, sin
     q = apply_rope(flat(_rms_norm(q, q_scale)), cos, sin).astype(dt).reshape(q.shape)
     k = apply_rope(flat(_rms_norm(k, k_scale)), cos, sin).astype(dt).reshape(k.shape)
     v = v.astype(dt)
-    if layout is not None:
+    attend = functools.partial(attention, impl=config.attention, block_size=config.attention_block_size)
+    if layout is None:
+        return attend(flat(q), flat(k), flat(v)).reshape(q.shape)
+    if config.num_heads % layout.mesh.shape[layout.seq]:
         k, v = (jax.lax.all_gather(x, layout.seq, axis=2, tiled=True)[:, :, :layout.num_valid] for x in (k, v))
-    out = attention(flat(q), flat(k), flat(v), impl=config.attention, block_size=config.attention_block_size)
-    return out.reshape(q.shape)
+        return attend(flat(q), flat(k), flat(v)).reshape(q.shape)
+    to_heads = lambda x: jax.lax.all_to_all(x, layout.seq, split_axis=3, concat_axis=2, tiled=True)
+    q, k, v = to_heads(q), to_heads(k)[:, :, :layout.num_valid], to_heads(v)[:, :, :layout.num_valid]
+    out = attend(flat(q), flat(k), flat(v)).reshape(q.shape)  # padded query positions: computed, never used
+    return jax.lax.all_to_all(out, layout.seq, split_axis=2, concat_axis=3, tiled=True)
 
 
 def _cross_attention_core(config, q, k, v, q_scale, k_scale):
@@ -317,7 +334,6 @@ def _attention_heads(config, layout, p, h_btsd, kv, rope):
 
 def _block(config, layout, x_btsd, p, emb_btd, lora_bt3d, context_bsd, rope):
     """One DiT block on the float32 residual stream (B, T, S, D); modulation per (B, T)."""
-    dt = config.compute_dtype
     if layout is not None:
         x_btsd = layout.constrain(x_btsd)
     mods = {m: _modulation(p[f"adaln_modulation_{m}"], emb_btd, lora_bt3d) for m in _MODULATED}
@@ -331,8 +347,29 @@ def _block(config, layout, x_btsd, p, emb_btd, lora_bt3d, context_bsd, rope):
     h, gate = modulated("cross_attn", x_btsd)
     x_btsd = x_btsd + gate * _attention_heads(config, layout, p["cross_attn"], h, context_bsd, None)
     h, gate = modulated("mlp", x_btsd)
-    h = jax.nn.gelu(_dense(h, p["mlp"]["layer1"]["kernel"], dt), approximate=False)
-    return x_btsd + gate * _dense(h, p["mlp"]["layer2"]["kernel"], dt)
+    return x_btsd + gate * _mlp(config, p["mlp"], h)
+
+
+def _mlp(config, p, h_btsd):
+    """GELU MLP (B, T, S, D) -> (B, T, S, D); under remat in checkpointed groups of `mlp_chunk_frames` frames.
+
+    No extra FLOPs: the block's rematerialised forward drops the MLP (nothing after it in the block needs its
+    output), so each group's hidden activations are computed once in the forward and once in the backward, as
+    without the groups.
+    """
+    dt, k, t = config.compute_dtype, config.mlp_chunk_frames, h_btsd.shape[1]
+
+    def mlp(h):
+        h = jax.nn.gelu(_dense(h, p["layer1"]["kernel"], dt), approximate=False)
+        return _dense(h, p["layer2"]["kernel"], dt)
+
+    if config.remat_policy == "none" or not k or t <= k:
+        return mlp(h_btsd)
+    n = -(-t // k)
+    chunks = einops.rearrange(jnp.pad(h_btsd, ((0, 0), (0, n * k - t), (0, 0), (0, 0))),
+                              "b (n k) s d -> n b k s d", n=n)
+    out = jax.lax.map(jax.checkpoint(mlp), chunks)
+    return einops.rearrange(out, "n b k s d -> b (n k) s d")[:, :t]
 
 
 def _run_blocks(config, layout, blocks, x_btsd, cond, block_ids):
