@@ -4,6 +4,7 @@
     python benchmarks/generate_speed.py --json /tmp/generate_speed.json            # tiny random nets on the CPU
     python benchmarks/generate_speed.py --student S.pt --teacher T.pt --vae SRC --text-encoder SRC \\
         --size 1280x704 --num-frames 93 --dtype bfloat16                             # real nets on an accelerator
+    python benchmarks/generate_speed.py --flops --size 1280x704 --num-frames 93     # release-size FLOPs, no weights
 
 Every stage is the code `python -m trigflow_distill.generate` runs: `generate._context` (Reason1 embedding and the
 frozen text projection), `generate._sample_jit` (student: sampling.sample_student; teacher:
@@ -12,6 +13,12 @@ sampling.sample_teacher_cfg), `vae.decode`. Each is called once to compile (repo
 `--prompts` videos, block_until_ready. Without checkpoints the nets are random: the tiny DiT preset, a tiny
 Qwen2 text encoder (2 x 48 features, what the tiny DiT's projection takes) and a Wan2.1 VAE of width --vae-dim
 (speed does not depend on the weights). Text-to-video (no conditional frames).
+
+--flops counts instead of timing (nothing is allocated or run): XLA's cost analysis of one evaluation of the 2B DiT
+(blocks unrolled, dense attention) and of the release Wan2.1 VAE decoder, lowered on abstract shapes; XLA counts a
+`lax.scan` body once, so the decoder's total is first frame + (T_lat - 1) x (cost at T_lat=2 - cost at T_lat=1).
+The Reason1-7B embedding is counted analytically (2 x non-embedding params x tokens + attention, plus the
+projection 100352 -> 1024).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trigflow_distill import generate, networks, sharding, text_encoder, vae
-from trigflow_distill.networks import wan_vae
+from trigflow_distill.networks import qwen2, wan_vae
 
 PROMPTS = ["A robot arm picks up a red cube and places it on a blue plate.",
            "A car drives along a coastal road at sunset, waves breaking on the rocks.",
@@ -152,6 +159,68 @@ def markdown(r) -> str:
         f"{r['repeats']} after a compiling call; load average {r['load_average_start']} -> {r['load_average_end']}."])
 
 
+def flops(args) -> dict:
+    """Per-video FLOPs of each stage at release size (see the module doc)."""
+    width, height = (int(v) for v in args.size.split("x"))
+    t_lat = 1 + (args.num_frames - 1) // 4
+    cfg = networks.get_preset("predict25_2b", dtype="bfloat16", attention="xla", scan_blocks=False)
+    shapes = networks.param_shapes(cfg)
+    proj_in, ctx = shapes.pop("crossattn_proj")["kernel"]
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.bfloat16), shapes,
+                            is_leaf=lambda s: isinstance(s, tuple))
+    lat = (1, 16, t_lat, height // 8, width // 8)
+    dit = jax.jit(lambda p, x, t, c: networks.velocity(cfg, p, x, t, c)).lower(
+        abstract, jax.ShapeDtypeStruct(lat, jnp.float32), jax.ShapeDtypeStruct((1, t_lat), jnp.float32),
+        jax.ShapeDtypeStruct((1, text_encoder.MAX_LENGTH, ctx), jnp.float32)).cost_analysis()["flops"]
+    vcfg = wan_vae.WanVAEConfig()
+    vparams = wan_vae.from_torch({k: np.broadcast_to(np.float32(0), s) for k, s in wan_vae.param_shapes(vcfg).items()},
+                                 vcfg)
+    vparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), vparams)
+
+    def decode_flops(frames):
+        z = jax.ShapeDtypeStruct((1, frames, height // 8, width // 8, 16), jnp.float32)
+        return jax.jit(lambda p, z: wan_vae.decode_pixels(vcfg, p, z, dtype=jnp.bfloat16)).lower(
+            vparams, z).cost_analysis()["flops"]
+
+    first, two = decode_flops(1), decode_flops(2)
+    decode = first + (t_lat - 1) * (two - first)
+    te = qwen2.REASON1_7B
+    te_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(qwen2.param_shapes(te)))
+    tokens = text_encoder.MAX_LENGTH
+    text = (2 * (te_params - te.vocab_size * te.hidden_size) * tokens
+            + 4 * tokens ** 2 * te.hidden_size * te.num_layers + 2 * tokens * proj_in * ctx)
+    stages = {"text_encoding": text, "dit_evaluation": dit, "student_sampling": 4 * dit,
+              "teacher_sampling": 2 * args.teacher_steps * dit, "decoding": decode}
+    student = text + 4 * dit + decode
+    teacher = text + 2 * args.teacher_steps * dit + decode
+    return {"size": [width, height], "num_frames": args.num_frames, "latent_shape": list(lat[1:]),
+            "tokens": t_lat * (height // 16) * (width // 16), "tflop": {k: v / 1e12 for k, v in stages.items()},
+            "end_to_end_tflop": {"student": student / 1e12, "teacher": teacher / 1e12},
+            "teacher_steps": args.teacher_steps, "flop_ratio_end_to_end": teacher / student,
+            "flop_ratio_sampling": 2 * args.teacher_steps / 4}
+
+
+def flops_markdown(r) -> str:
+    f, e = r["tflop"], r["end_to_end_tflop"]
+
+    def row(name, nfe, sample):
+        total = f["text_encoding"] + sample + f["decoding"]
+        return (f"| {name} | {nfe} | {f['text_encoding']:.1f} ({100 * f['text_encoding'] / total:.2f}%) | "
+                f"{sample:,.0f} ({100 * sample / total:.1f}%) | {f['decoding']:,.0f} "
+                f"({100 * f['decoding'] / total:.1f}%) | {total:,.0f} |")
+
+    return "\n".join([
+        "| model | NFE | text encoding TFLOP | sampling TFLOP | VAE decoding TFLOP | end to end TFLOP |",
+        "|---|---|---|---|---|---|",
+        row("student (4 steps)", 4, f["student_sampling"]),
+        row(f"teacher ({r['teacher_steps']} steps, CFG)", 2 * r["teacher_steps"], f["teacher_sampling"]),
+        "",
+        f"{r['size'][0]}x{r['size'][1]}, {r['num_frames']} frames ({r['tokens']} DiT tokens), batch 1; one 2B DiT "
+        f"evaluation {f['dit_evaluation']:,.0f} TFLOP. FLOP ratio teacher / student: sampling "
+        f"{r['flop_ratio_sampling']:.1f}x, end to end {r['flop_ratio_end_to_end']:.1f}x "
+        f"({e['teacher']:,.0f} vs {e['student']:,.0f} TFLOP)."])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=2, help="videos per batch (default 2)")
@@ -167,12 +236,13 @@ def main(argv=None):
     p.add_argument("--teacher", help="teacher .pt")
     p.add_argument("--vae", help="Wan2.1 VAE source")
     p.add_argument("--text-encoder", help="Reason1 text encoder folder")
+    p.add_argument("--flops", action="store_true", help="count release-size FLOPs instead of timing (no weights)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.prompts < 1 or (args.num_frames - 1) % 4:
         p.error("--repeats and --prompts must be >= 1, --num-frames 1 + 4k")
-    result = run(args)
-    print(markdown(result), flush=True)
+    result = flops(args) if args.flops else run(args)
+    print((flops_markdown if args.flops else markdown)(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
