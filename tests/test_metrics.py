@@ -15,7 +15,9 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from tests import remote_fs
-from trigflow_distill import metrics
+from trigflow_distill import data_kinds, metrics
+
+import predict25_4step  # configs/ is on the pytest pythonpath
 
 
 def read_events(folder) -> list:
@@ -180,3 +182,21 @@ def test_remote_workdir(tmp_path, monkeypatch):
     writer.close()
     assert len(os.listdir(run / "tensorboard")) == 2  # one event file per job, both kept
     assert sorted(os.listdir(tmp_path)) == ["gcs"]
+
+
+def test_toy_sample_writer_sends_its_grid(tmp_path, fake_wandb):
+    config = predict25_4step.get_config("tiny")
+    source, write_samples = data_kinds.get(config).open(config)
+    records = [source[i] for i in range(8)]
+    x = np.stack([r["latents"] for r in records])
+    (tmp_path / "samples").mkdir()
+    writer = metrics.Writer(str(tmp_path), 10, 1, wandb_config=wandb_config())
+    write_samples(x, {"prompt": np.stack([r["prompt"] for r in records])}, str(tmp_path / "samples" / "0000007.png"),
+                  writer)
+    writer.close()
+    png = np.asarray(Image.open(tmp_path / "samples" / "0000007.png").convert("RGB"))
+    tb = Image.open(io.BytesIO(summaries(tmp_path / "tensorboard")[("samples", 7)].image.encoded_image_string))
+    np.testing.assert_array_equal(np.asarray(tb.convert("RGB")), png)
+    (_, data, step), = [c for c in fake_wandb.calls if c[0] == "log"]
+    assert step == 7
+    np.testing.assert_array_equal(data["samples"][0].data, png)

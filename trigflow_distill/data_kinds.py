@@ -1,6 +1,7 @@
 """config.data.kind -> what the trainer gets for it: the record source, an optional sample writer and an optional
 evaluation of the finished run. main.py picks from here, so the trainer never imports a particular data set.
 """
+import os
 from typing import Callable, NamedTuple
 
 from trigflow_distill import data, toy, video_samples
@@ -8,8 +9,8 @@ from trigflow_distill.toy import evaluate as toy_evaluate
 
 
 class DataKind(NamedTuple):
-    # config -> (random-access record source, write_samples or None); write_samples(samples_bcthw, batch, path)
-    # is a train.SampleWriter
+    # config -> (random-access record source, write_samples or None); write_samples(samples_bcthw, batch, path,
+    # writer) is a train.SampleWriter
     open: Callable
     evaluate: Callable | None  # workdir -> evaluation of the finished run (writes into workdir)
 
@@ -17,8 +18,11 @@ class DataKind(NamedTuple):
 def _toy(config):
     world = toy_evaluate.world_from_config(config)
 
-    def write_samples(x_bcthw, batch, path):
+    def write_samples(x_bcthw, batch, path, writer=None):
         toy.save_grid_png(world, x_bcthw, batch["prompt"], path, per_prompt=2)
+        if writer is not None:  # the same grid to TensorBoard / W&B; the file is named after the step
+            step = int(os.path.splitext(os.path.basename(path))[0])
+            writer.write_images(step, {"samples": toy.grid_image(world, x_bcthw, batch["prompt"], per_prompt=2)})
     return toy.RecordSource(world, seed=config.data.seed), write_samples
 
 

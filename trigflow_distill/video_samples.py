@@ -67,12 +67,14 @@ class VideoSamples:
         with SummaryWriter(self.tensorboard_dir, filename_suffix=".samples") as tb:
             tb._get_file_writer().add_summary(Summary(value=values), step)
 
-    def __call__(self, samples_bcthw, batch, path: str) -> None:
-        """train.SampleWriter: `path` is the trainer's <workdir>/samples/<step>.png; the videos go beside it and,
-        without a tensorboard_dir, to <workdir>/tensorboard."""
-        if self.tensorboard_dir is None and self.writer is None:
+    def __call__(self, samples_bcthw, batch, path: str, writer=None) -> None:
+        """train.SampleWriter: `path` is the trainer's <workdir>/samples/<step>.png; the videos go beside it and to
+        the trainer's metrics `writer` (TensorBoard, W&B; any workdir), else without a tensorboard_dir to
+        <workdir>/tensorboard."""
+        writer = writer or self.writer
+        if self.tensorboard_dir is None and writer is None:
             self.tensorboard_dir = os.path.join(os.path.dirname(os.path.dirname(path)), "tensorboard")
-        self.write(samples_bcthw, os.path.dirname(path), int(os.path.splitext(os.path.basename(path))[0]))
+        self.write(samples_bcthw, os.path.dirname(path), int(os.path.splitext(os.path.basename(path))[0]), writer)
 
 
 def side_by_side(frames_nthw3: np.ndarray, height: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from trigflow_distill.toy.world import (
     WorldConfig,
     check_latents,
     colour_projection,
+    grid_image,
     make_world,
     reference_set,
     render_blobs,
@@ -23,5 +24,5 @@ from trigflow_distill.toy.world import (
 )
 
 __all__ = ["REFERENCE_SEED", "STREAM_PROJECTION", "RecordSource", "World", "WorldConfig", "check_latents",
-           "colour_projection", "make_world", "reference_set", "render_blobs", "sample_videos", "save_gif",
-           "save_grid_png", "to_rgb"]
+           "colour_projection", "grid_image", "make_world", "reference_set", "render_blobs", "sample_videos",
+           "save_gif", "save_grid_png", "to_rgb"]

@@ -293,15 +293,20 @@ def _cells(world: World, latents_bcthw, prompts, per_prompt: int, zoom: int) -> 
     return cells.repeat(zoom, axis=-3).repeat(zoom, axis=-2)
 
 
+def grid_image(world: World, latents_bcthw, prompts, per_prompt: int = 4, zoom: int = 8, gap: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8 grid: prompt k in row k, its first `per_prompt` samples' frames in columns."""
+    cells = _cells(world, latents_bcthw, prompts, per_prompt, zoom)
+    return _tile(rearrange(cells, "k s t h w r -> k (s t) h w r"), gap, group=cells.shape[2])
+
+
 def save_grid_png(
     world: World, latents_bcthw, prompts, path: str, per_prompt: int = 4, zoom: int = 8, gap: int = 2
 ) -> tuple[int, int]:
-    """PNG grid: prompt k in row k, its first `per_prompt` samples' frames in columns. Returns (width, height)."""
+    """The `grid_image` as a PNG at `path` (local or gs://). Returns (width, height)."""
     from PIL import Image
 
-    cells = _cells(world, latents_bcthw, prompts, per_prompt, zoom)
-    img = _tile(rearrange(cells, "k s t h w r -> k (s t) h w r"), gap, group=cells.shape[2])
-    with epath.Path(path).open("wb") as f:  # local or remote (gs://)
+    img = grid_image(world, latents_bcthw, prompts, per_prompt, zoom, gap)
+    with epath.Path(path).open("wb") as f:
         Image.fromarray(img).save(f, format="PNG")
     return img.shape[1], img.shape[0]
 
