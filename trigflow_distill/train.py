@@ -23,9 +23,10 @@ from jax.experimental import multihost_utils
 from trigflow_distill import checkpoint, data, distributed, dmd2, lock, metrics, optim, run, sharding
 from trigflow_distill.errors import CheckpointError, TrainingStopped, WorkdirLocked
 
-# write_samples(samples_bcthw, batch, path): pictures of the EMA student's samples; batch holds the gathered host
-# arrays of the current batch (every field but "text").
-SampleWriter = Callable[[np.ndarray, dict, str], None]
+# write_samples(samples_bcthw, batch, path, writer): pictures of the EMA student's samples; batch holds the gathered
+# host arrays of the current batch (every field but "text"); writer is the run's metrics.Writer, whose
+# write_images / write_videos send pictures to TensorBoard (and W&B).
+SampleWriter = Callable[[np.ndarray, dict, str, "metrics.Writer"], None]
 
 
 def train(config, workdir: str, source, write_samples: SampleWriter | None = None) -> dmd2.TrainState:
@@ -171,7 +172,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
             saver.save(done, state, data_iter, force=done == total)
             if write_samples is not None and config.sample_every and done % config.sample_every == 0:
                 save_samples(sample_fn, state, teacher, batch, write_samples,
-                             workdir / "samples" / f"{done:07d}.png")
+                             workdir / "samples" / f"{done:07d}.png", writer)
         saver.close()
     except BaseException:
         try:  # let a save in flight finish, so the last good checkpoint is the newest one
@@ -185,7 +186,8 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     return state
 
 
-def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: epath.Path):
+def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: epath.Path,
+                 writer: metrics.Writer | None = None):
     """The EMA student's samples on the current batch, handed to `write_samples` (every process computes, process
     0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
     x = multihost_utils.process_allgather(sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)),
@@ -194,4 +196,4 @@ def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_sample
                   for k, v in batch.items() if k != "text"}
     if distributed.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_samples(np.asarray(x), host_batch, str(path))
+        write_samples(np.asarray(x), host_batch, str(path), writer)
