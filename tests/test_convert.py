@@ -462,3 +462,14 @@ def test_remote_destinations(release, tmp_path, fake_gcs):
     with pytest.raises(FileExistsError, match="gs://bucket/student.pt already exists"):
         convert.export_torch(params, config, "gs://bucket/student.pt")
     assert not [p for p in os.listdir(tmp_path) if p.startswith("gs")]  # nothing landed in a local "gs:" folder
+
+
+def test_single_block_teacher_converts_exactly(tmp_path):
+    """A one-block net still has stacked block leaves (1, ...): direct load and streamed conversion both keep it."""
+    config = networks.get_preset("tiny", num_blocks=1)
+    params = jax.tree.map(np.asarray, networks.init_params(config, jax.random.PRNGKey(3)))
+    src = tmp_path / "one_block.pt"
+    convert.export_torch(params, config, src, dtype=np.float32)
+    assert_trees_equal(convert.load_torch_checkpoint(src)[1], params)
+    convert.convert(src, tmp_path / "converted")
+    assert_trees_equal(convert.load_converted(tmp_path / "converted")[1], params)

@@ -221,6 +221,11 @@ def _leaves(path: str, sd: Mapping, config: DiTConfig) -> Iterator[tuple[tuple[s
         yield leaf, leaf_shape[leaf], dtype, [fill(n, transpose) for n in names]
 
 
+def _stacked(leaf: tuple[str, ...]) -> bool:
+    """Block params are stacked along a leading block axis (one source tensor per block), even for one block."""
+    return leaf[0] == "blocks"
+
+
 def _build_tree(path: str, sd: Mapping, config: DiTConfig, progress: bool) -> dict:
     """The param tree in memory; each stacked leaf is allocated once and filled block by block (no stack copy)."""
     params: dict = {}
@@ -228,7 +233,7 @@ def _build_tree(path: str, sd: Mapping, config: DiTConfig, progress: bool) -> di
     for leaf, shape, dtype, fills in _leaves(path, sd, config):
         out = np.empty(shape, dtype)
         for i, f in enumerate(fills):
-            f(out[i] if len(fills) > 1 else out)
+            f(out[i] if _stacked(leaf) else out)
         bar.update(out.nbytes)
         node = params
         for k in leaf[:-1]:
@@ -350,7 +355,7 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
     for leaf, shape, dtype, fills in _leaves(path, sd, config):
         key, file = ".".join(leaf), folder / _PARAMS / ".".join(leaf)
         if _is_local(file):  # transpose straight into the file's pages, one source tensor mapped at a time
-            part = shape[1:] if len(fills) > 1 else shape
+            part = shape[1:] if _stacked(leaf) else shape
             part_bytes = int(np.prod(part, dtype=np.int64)) * np.dtype(dtype).itemsize
             with open(file, "wb") as f:
                 f.truncate(part_bytes * len(fills))
@@ -359,7 +364,7 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
                 bar.update(fill(out).nbytes)
                 del out  # unmapped: its pages stay in the page cache, not in this process
         else:
-            buf = np.empty(shape[1:] if len(fills) > 1 else shape, dtype)  # one source tensor in flight
+            buf = np.empty(shape[1:] if _stacked(leaf) else shape, dtype)  # one source tensor in flight
             with file.open("wb") as f:
                 for fill in fills:
                     f.write(memoryview(fill(buf).reshape(-1).view(np.uint8)))
