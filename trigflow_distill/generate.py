@@ -225,7 +225,8 @@ def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
     return table["16:9"]
 
 
-def make_conditioning(vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape) -> Conditioning:
+def make_conditioning(vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape,
+                      dtype: str = "float32") -> Conditioning:
     """Encodes the conditioning frames into the first latent frames of a (1, C, T, h, w) ground truth."""
     c, t, h, w = latent_shape
     bw, bh = bucket_wh
@@ -234,7 +235,7 @@ def make_conditioning(vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh,
     if frames is None:
         return Conditioning(bucket_wh, gt, mask, np.zeros((1, 1, bh, bw), np.float32), 0)
     pixels, padding = video.resize_and_pad(frames, bucket_wh)
-    latents = np.asarray(vae.encode(vae_cfg, vae_params, pixels[None]))
+    latents = np.asarray(vae.encode(vae_cfg, vae_params, pixels[None], dtype=dtype))
     n = latents.shape[2]
     gt[:, :, :n] = latents
     mask[:, :, :n] = 1.0
@@ -265,7 +266,7 @@ def load_checkpoint(src: str, **net_options) -> Model:
 
 def load_workdir(workdir: str, **net_options) -> Model:
     """The EMA student of a training run's latest checkpoint, with the teacher's frozen text projection."""
-    config, net_config, teacher_params, _, ema = run.load_run(workdir)
+    config, net_config, teacher_params, _, ema = run.load_run(workdir, students=("student_ema",))
     ema = jax.tree.map(np.asarray, jax.device_get(ema))
     _, proj = _params_and_proj(teacher_params, f"{workdir} (teacher)")
     defaults = dict(scaling=config.teacher.scaling, sigma_data=float(config.teacher.sigma_data),
@@ -381,7 +382,7 @@ def generate(args) -> dict:
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
     latent_shape = (model.net_config.in_channels, t_lat, bucket[1] // vae_cfg.space_factor,
                     bucket[0] // vae_cfg.space_factor)
-    cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape)
+    cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape, args.vae_dtype)
     if cond.num_cond >= t_lat:
         raise ValueError(f"--num-frames {args.num_frames} gives {t_lat} latent frames, all of them conditional "
                          f"({cond.num_cond}); ask for more frames")
@@ -412,7 +413,7 @@ def generate(args) -> dict:
             latents = _sample_jit(sampler, params, context, uncond, gt, mask, padding, eps).block_until_ready()
             t_sample = time.perf_counter() - t
             t = time.perf_counter()
-            pixels = np.asarray(vae.decode(vae_cfg, vae_params, latents))
+            pixels = np.asarray(vae.decode(vae_cfg, vae_params, latents, dtype=args.vae_dtype))
             t_decode = time.perf_counter() - t
             latents = np.asarray(latents)
             for j, i in enumerate(idx):
@@ -442,8 +443,8 @@ def generate(args) -> dict:
             "seed": args.seed, "num_frames": args.num_frames, "resolution": args.resolution,
             "bucket_wh": list(bucket), "latent_shape": list(latent_shape), "cond_latent_frames": cond.num_cond,
             "image": args.image, "video": args.video, "fps": args.fps, "dtype": args.dtype,
-            "text_encoder_dtype": args.text_encoder_dtype, "batch_size": batch_size, "devices": len(devices),
-            "vae": args.vae, "text_encoder": args.text_encoder,
+            "text_encoder_dtype": args.text_encoder_dtype, "vae_dtype": args.vae_dtype, "batch_size": batch_size,
+            "devices": len(devices), "vae": args.vae, "text_encoder": args.text_encoder,
             "schedule_shift": sampler.shift, "scaling": sampler.scaling,
         },
         "seconds_per_video": per_video,
@@ -522,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="videos per sampling call (default: the local device count)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="DiT compute dtype (default bfloat16)")
+    parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"),
+                        help="VAE compute dtype (default float32; bfloat16 halves the decoder's memory and time)")
     parser.add_argument("--text-encoder-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="text encoder weights and compute dtype (default bfloat16, as the reference)")
     parser.add_argument("--attention", default="auto", choices=IMPLS, help="attention implementation (default auto)")
