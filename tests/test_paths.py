@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import remote_fs
+from tests.test_metrics import summaries
 from trigflow_distill import convert, data, data_kinds, export, networks, run, train
 
 import predict25_4step  # configs/ is on the pytest pythonpath
@@ -52,6 +53,7 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
     assert json.loads((rundir / "config.json").read_text())["teacher"]["path"] == str(teacher_pt)
     assert json.loads((rundir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert [f.startswith("events.out.tfevents") for f in os.listdir(rundir / "tensorboard")] == [True]
+    assert {("samples", 1), ("student/loss", 1)} <= set(summaries(rundir / "tensorboard"))  # the grid too
     assert os.listdir(rundir / "samples") == ["0000001.png"]
     assert len(os.listdir(rundir / "teacher_cache")) == 1
     assert "1" in os.listdir(rundir / "checkpoints")
