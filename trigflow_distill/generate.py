@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="DiT compute dtype (default bfloat16)")
     parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"),
-                        help="VAE compute dtype (default float32; bfloat16 halves the decoder's memory and time)")
+                        help="VAE compute dtype (default float32; bfloat16 needs about half the activation memory)")
     parser.add_argument("--text-encoder-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="text encoder weights and compute dtype (default bfloat16, as the reference)")
     parser.add_argument("--attention", default="auto", choices=IMPLS, help="attention implementation (default auto)")
