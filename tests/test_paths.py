@@ -11,10 +11,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from tests import remote_fs
 from tests.test_metrics import summaries
-from trigflow_distill import convert, data, data_kinds, export, networks, run, train
+from trigflow_distill import checkpoint, convert, data, data_kinds, export, networks, run, train
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -87,3 +88,12 @@ def test_dataset_on_a_remote_path(tmp_path, gcs):
     with pytest.raises(FileNotFoundError, match="gs://bucket/nothing/meta.json not found"):
         data.NpyDirSource("gs://bucket/nothing")
     assert sorted(os.listdir(tmp_path)) == ["gcs"]
+
+
+def test_orbax_gets_the_url():
+    """What the fake cannot serve: Orbax's own gs:// I/O. Our checkpoint folder reaches it as a gs:// URL (not made
+    absolute as a local path), which TensorStore opens with its GCS driver on the right bucket and path."""
+    directory = checkpoint.checkpoint_dir("gs://bucket/run")
+    assert os.fspath(directory) == "gs://bucket/run/checkpoints"
+    spec = tensorstore_utils.build_kvstore_tspec(os.fspath(directory / "1" / "state"), use_ocdbt=True)
+    assert spec["base"] == {"driver": "gcs", "bucket": "bucket", "path": "run/checkpoints/1/state"}

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from trigflow_distill import convert, dmd2, sharding
+from trigflow_distill import checkpoint, convert, dmd2, sharding
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
@@ -200,8 +200,7 @@ def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None 
     of about `group_bytes`: a TensorStore read holds a buffer as large as what it reads until it returns, so one
     call for everything would peak at twice the result.
     """
-    workdir = os.fspath(workdir)  # Orbax needs absolute local paths
-    directory = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+    directory = checkpoint.checkpoint_dir(workdir)
     steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}: the run has not saved one yet.")
