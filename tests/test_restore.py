@@ -84,6 +84,10 @@ def test_sharded_restore(workdir):
     assert any(len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated
                for x in jax.tree.leaves(ema))  # some leaves really are split over the devices
     _tree_equal(ema, state.student_ema)
+    _, _, params = run.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
+    proj = jax.tree.leaves(params["crossattn_proj"])
+    assert all(isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == len(jax.devices())
+               for x in proj)
 
 
 def test_load_student(workdir):
