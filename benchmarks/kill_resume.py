@@ -1,19 +1,22 @@
 """kill -9 at random points of a training run, resume, and count how many resumes are bit-exact.
 
-  python benchmarks/kill_resume.py                      # 20 kills, chain mode, ~10 min on 2 loaded CPU cores
+  python benchmarks/kill_resume.py                      # 20 kills, chain mode
   python benchmarks/kill_resume.py --mode=independent   # a fresh workdir per kill (twice the process starts)
 
-The tiny recipe (a random 1-block tiny teacher, toy data, batch 4) runs `--steps` steps once uninterrupted with a
+The tiny recipe (a random 2-block tiny teacher, toy data, batch 4) runs `--steps` steps once uninterrupted with a
 checkpoint at every step: the reference. Then main.py is started on another workdir and killed with SIGKILL at a
-random time: uniform over the measured start-up (imports, teacher conversion, compilation, restore) plus
-`--window` training steps, so kills land in the start-up, in the middle of steps, in logging and during the
-asynchronous saves alike.
+random point: with probability `--startup-share` uniformly within the start-up (imports, teacher conversion,
+compilation, restore; its length estimated from the runs so far), otherwise after the run's first training step
+plus a uniform delay of up to `--window` steps, so kills land in the start-up, in the middle of steps, in logging
+and during the asynchronous saves alike. Restarts share a persistent compilation cache.
 
-chain mode: the killed run is resumed in the same workdir and killed again, `--kills` times, and a last run
-finishes. Every checkpoint the chain wrote (state and data position; one every `--every` steps, all kept) must
-equal the reference's checkpoint of the same step bit for bit: a kill counts as resumed bit-exactly when every
-checkpoint written after it matches. independent mode: each kill gets a fresh workdir, one resume to the end,
-and its final state is compared. Prints one line per kill and a JSON summary; exits 1 unless all are exact.
+chain mode: the killed run is resumed in the same workdir and killed again, until `--kills` kills; a last run
+finishes the chain (a run that finishes before its kill also ends a chain, and a new one starts). Every
+checkpoint a chain wrote (state and data position; one every `--every` steps, all kept) must equal the
+reference's checkpoint of the same step bit for bit: a kill counts as resumed bit-exactly when every checkpoint
+written after it matches (the final one included). independent mode: each kill gets a fresh workdir, one resume
+to the end, and its final checkpoint is compared. Prints one line per kill and a JSON summary; exits 1 unless
+all are exact.
 """
 from __future__ import annotations
 
@@ -88,6 +91,17 @@ class Run:
             self.wait()
             return True
 
+    def kill_after_first_step(self, delay: float) -> bool:
+        """SIGKILL `delay` seconds after the first progress line; False if the run had ended by then."""
+        while self.first_step_s() is None and self.proc.poll() is None:
+            time.sleep(0.02)
+        if self.proc.poll() is not None:
+            return False
+        return self.kill_after(self.first_step_s() + delay)
+
+    def first_step_s(self) -> float | None:
+        return next((t for t, line in list(self.lines) if PROGRESS.match(line)), None)
+
     def text(self) -> str:
         return "\n".join(line for _, line in self.lines)
 
@@ -132,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40, help="training steps of the run")
     parser.add_argument("--every", type=int, default=2, help="checkpoint interval of the killed runs")
-    parser.add_argument("--window", type=float, default=6, help="training steps after the start-up in which to kill")
+    parser.add_argument("--window", type=float, default=4, help="training steps after the first one in which to kill")
+    parser.add_argument("--startup-share", type=float, default=0.25, help="share of the kills aimed at the start-up")
     parser.add_argument("--mode", choices=("chain", "independent"), default="chain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="scratch folder (default: a new temporary one, deleted)")
@@ -142,74 +157,89 @@ def main(argv=None) -> int:
     os.makedirs(scratch, exist_ok=True)
     env = environment(os.path.join(scratch, "jax_cache"))
     teacher = os.path.join(scratch, "teacher.pt")
-    net = networks.get_preset("tiny", num_blocks=1)
+    net = networks.get_preset("tiny", num_blocks=2)
     convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, teacher, overwrite=True)
     t0 = time.perf_counter()
 
     ref_dir = os.path.join(scratch, "reference")
-    shutil.rmtree(ref_dir, ignore_errors=True)
-    ref = Run(command(ref_dir, teacher, args.steps, 1), env)
-    if ref.wait(timeout=1800) != 0:
-        print(ref.text()[-3000:])
-        raise SystemExit("the reference run failed")
-    progress = [(t, int(m.group(1))) for t, line in ref.lines if (m := PROGRESS.match(line))]
-    (t_first, s_first), (t_last, s_last) = progress[0], progress[-1]
-    step_s = (t_last - t_first) / max(1, s_last - s_first)
-    startup_s = t_first - s_first * step_s
-    window_s = startup_s + args.window * step_s
-    print(f"reference: {args.steps} steps in {ref.lines[-1][0]:.1f} s (start-up {startup_s:.1f} s, "
-          f"{step_s:.2f} s/step); kills uniform in [0, {window_s:.1f}] s after each start", flush=True)
+    timing = os.path.join(scratch, f"reference_{args.steps}.json")
+    if os.path.exists(timing) and args.steps in step_dirs(ref_dir):  # a finished reference in --dir is reused
+        with open(timing) as f:
+            step_s = json.load(f)["step_s"]
+    else:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        ref = Run(command(ref_dir, teacher, args.steps, 1), env)
+        if ref.wait(timeout=3600) != 0:
+            print(ref.text()[-3000:])
+            raise SystemExit("the reference run failed")
+        progress = [(t, int(m.group(1))) for t, line in ref.lines if (m := PROGRESS.match(line))]
+        step_s = (progress[-1][0] - progress[1][0]) / max(1, progress[-1][1] - progress[1][1])
+        with open(timing, "w") as f:
+            json.dump({"step_s": step_s, "wall_s": ref.lines[-1][0]}, f)
+    print(f"reference: {args.steps} steps, {step_s:.2f} s/step", flush=True)
     reference = step_dirs(ref_dir)
 
-    kills, exact = [], 0
-    work = os.path.join(scratch, "run")
-    shutil.rmtree(work, ignore_errors=True)
+    def finish(workdir: str) -> None:
+        final = Run(command(workdir, teacher, args.steps, args.every), env)
+        if final.wait(timeout=3600) != 0:
+            print(final.text()[-3000:])
+            raise SystemExit("a resumed run failed")
+
+    startups = []  # first-step times of the runs so far (with a warm compilation cache)
+    kills, chains = [], [os.path.join(scratch, "run0")]
+    shutil.rmtree(chains[-1], ignore_errors=True)
     while len(kills) < args.kills:
-        if args.mode == "independent":
-            shutil.rmtree(work, ignore_errors=True)
-        at = rng.uniform(0, window_s)
+        work = chains[-1]
+        if args.mode == "independent" and kills:
+            chains.append(os.path.join(scratch, f"run{len(chains)}"))
+            work = chains[-1]
+        aim_startup = bool(startups) and rng.random() < args.startup_share
+        delay = rng.uniform(0, float(np.median(startups)) if aim_startup else args.window * step_s)
         run = Run(command(work, teacher, args.steps, args.every), env)
-        if not run.kill_after(at):
+        killed = run.kill_after(delay) if aim_startup else run.kill_after_first_step(delay)
+        if run.first_step_s() is not None:
+            startups.append(run.first_step_s())
+        if not killed:
             if run.proc.returncode != 0:
                 print(run.text()[-3000:])
                 raise SystemExit(f"a run failed (exit {run.proc.returncode}) instead of being killed")
-            if args.mode == "chain":
-                raise SystemExit(f"the chain finished after {len(kills)} kills: raise --steps")
+            chains.append(os.path.join(scratch, f"run{len(chains)}"))  # this chain is complete: start another
             continue
-        kill = {"at_s": round(at, 2), "resumed_from": run.resumed_at(), "last_logged_step": run.last_step(),
-                "during_save": saving_now(work), "checkpoints_before": sorted(step_dirs(work))}
-        if args.mode == "independent":
-            final = Run(command(work, teacher, args.steps, args.every), env)
-            if final.wait(timeout=1800) != 0:
-                print(final.text()[-3000:])
-                raise SystemExit("a resumed run failed")
-            kill["resumed_at"] = final.resumed_at()
-            kill["exact"] = equal_checkpoints(step_dirs(work)[args.steps], reference[args.steps])
-            exact += kill["exact"]
-            print(f"kill {len(kills) + 1}: {json.dumps(kill)}", flush=True)
+        kill = {"chain": len(chains) - 1, "phase": "start-up" if aim_startup else "training",
+                "at_s": round(time.perf_counter() - run.start, 2), "resumed_from": run.resumed_at(),
+                "last_logged_step": run.last_step(), "during_save": saving_now(work),
+                "checkpoints_before": sorted(step_dirs(work))}
         kills.append(kill)
+        if args.mode == "independent":
+            finish(work)
+    if args.mode == "chain" and os.path.isdir(chains[-1]):
+        finish(chains[-1])
 
-    if args.mode == "chain":
-        final = Run(command(work, teacher, args.steps, args.every), env)
-        if final.wait(timeout=1800) != 0:
-            print(final.text()[-3000:])
-            raise SystemExit("the final resumed run failed")
+    exact, compared, unreadable = 0, 0, []
+    matches = {}
+    for i, work in enumerate(chains):
+        if not os.path.isdir(work):
+            continue
         written = step_dirs(work)
-        matches = {s: equal_checkpoints(d, reference[s]) for s, d in sorted(written.items())}
-        for i, kill in enumerate(kills):
-            after = [s for s in matches if s not in kill["checkpoints_before"]]
-            kill["exact"] = bool(after) and all(matches[s] for s in after)
-            exact += kill["exact"]
-            print(f"kill {i + 1}: {json.dumps(kill)}", flush=True)
-        unreadable = [n for n in os.listdir(os.path.join(work, "checkpoints")) if n.startswith("unreadable")]
-        print(f"chain checkpoints {sorted(matches)}: {sum(matches.values())} equal the reference; "
-              f"set aside as unreadable: {unreadable}; lock left behind: "
-              f"{os.path.exists(os.path.join(work, 'lock.json'))}", flush=True)
-
+        if args.steps not in written:
+            raise SystemExit(f"{work} did not reach step {args.steps}")
+        targets = sorted(written) if args.mode == "chain" else [args.steps]
+        matches[i] = {s: equal_checkpoints(written[s], reference[s]) for s in targets}
+        compared += len(targets)
+        unreadable += [n for n in os.listdir(os.path.join(work, "checkpoints")) if n.startswith("unreadable")]
+    for n, kill in enumerate(kills):
+        after = [s for s in matches[kill["chain"]] if s not in kill["checkpoints_before"]]
+        kill["exact"] = bool(after) and all(matches[kill["chain"]][s] for s in after)
+        exact += kill["exact"]
+        print(f"kill {n + 1}: " + json.dumps({k: v for k, v in kill.items() if k != "checkpoints_before"}),
+              flush=True)
+    locks = [w for w in chains if os.path.exists(os.path.join(w, "lock.json"))]
     summary = {"mode": args.mode, "kills": len(kills), "resumed_bit_exactly": exact, "steps": args.steps,
-               "kills_during_save": sum(k["during_save"] for k in kills),
-               "kills_before_first_step": sum(k["last_logged_step"] is None for k in kills),
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "checkpoints_compared": compared,
+               "checkpoints_equal": sum(sum(m.values()) for m in matches.values()),
+               "kills_in_startup": sum(k["last_logged_step"] is None for k in kills),
+               "kills_during_save": sum(k["during_save"] for k in kills), "unreadable_set_aside": unreadable,
+               "locks_left": len(locks), "wall_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(summary))
     print(f"resumed bit-exactly: {exact}/{len(kills)}")
     if args.dir is None:

@@ -319,7 +319,7 @@ def _tiny_config(teacher_path, **overrides):
 @pytest.fixture(scope="module")
 def teacher_pt(tmp_path_factory):
     from trigflow_distill import convert, networks
-    net = networks.get_preset("tiny", num_blocks=1)
+    net = networks.get_preset("tiny", num_blocks=2)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
     return path
