@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from trigflow_distill import denoiser, networks, run, sampling, toy
+from trigflow_distill import denoiser, errors, networks, run, sampling, toy
 from trigflow_distill.toy import metrics as toy_metrics
 
 COND_SEED = 2_000_003   # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         evaluate_run(args.workdir, args.num_samples, args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.CLI_ERRORS as e:
+        return errors.fail(e)
     return 0
 
 
