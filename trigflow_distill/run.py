@@ -182,10 +182,11 @@ def setup(config, workdir, mesh):
 
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The config a training run saved as <workdir>/config.json (local or gs://)."""
-    path = epath.Path(workdir) / "config.json"
-    if not path.exists():
+    saved = read_saved_config(workdir)  # a damaged file is a ValueError naming it
+    if saved is None:
+        path = epath.Path(workdir) / "config.json"
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run main.py first).")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(saved)
 
 
 def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None = None,
