@@ -6,7 +6,8 @@ Writes `--videos` synthetic mp4 files (`--width`x`--height`, `--source-frames` f
 (dim 8, the release's structure), a tiny Reason1-style text encoder (2 layers, hidden 32) and a tiny teacher whose
 crossattn_proj takes its 64-wide embedding; then runs `prepare` twice in one process: a warm-up job on 2 videos
 (compiles the VAE and text functions for the bucket) and the timed job on all of them. Also times the stages
-alone: decoding + resize/pad of one video (`prepare.load_clips`), one VAE batch and one caption batch. Prints JSON.
+alone: decoding + resize/pad of one video (`prepare.load_clips`), one VAE batch and one caption batch. Prints JSON;
+`cpu_s_per_clip` (process CPU time of the timed job per clip) depends far less on the machine's load than clips/s.
 The numbers measure this code path with tiny nets, not the real 2B-scale cost (which is the VAE and the 7B text
 encoder on accelerators).
 """
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size, "devices": jax.local_device_count(), "warmup_job_s": round(warmup_s, 2),
         "job_s": round(wall, 2), "job_cpu_s": round(cpu, 2), "clips": summary["clips_this_run"],
         "clips_per_s": round(summary["clips_this_run"] / wall, 3),
+        "cpu_s_per_clip": round(cpu / summary["clips_this_run"], 2),
         "decode_resize_per_video_s": round(decode_s, 3), "vae_per_batch_s": round(vae_s, 3),
         "text_per_batch_s": round(text_s, 3), "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
