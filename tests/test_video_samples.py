@@ -41,9 +41,8 @@ def test_samples_written_as_mp4_gif_and_metrics_videos(tmp_path):
     torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(params, CFG))
     samples = np.asarray(jax.random.normal(jax.random.key(1), (3, 16, 2, 4, 6)))  # 5 frames of 32x48
     writer = FakeWriter()
-    samples_writer = video_samples.VideoSamples(str(tmp_path / "vae.pth"), fps=8, max_videos=2, gif_height=16,
-                                                writer=writer)
-    samples_writer(samples, {"latents": samples}, str(tmp_path / "samples" / "0000500.png"))
+    samples_writer = video_samples.VideoSamples(str(tmp_path / "vae.pth"), fps=8, max_videos=2, gif_height=16)
+    samples_writer(samples, {"latents": samples}, str(tmp_path / "samples" / "0000500.png"), writer)
 
     want = np.stack([video.to_uint8(p) for p in np.asarray(vae.decode(CFG, params, samples[:2]))])
     (step, videos, fps), = writer.calls
@@ -56,22 +55,8 @@ def test_samples_written_as_mp4_gif_and_metrics_videos(tmp_path):
     assert not (tmp_path / "samples" / "0000500_2.mp4").exists()  # max_videos
     gif = Image.open(io.BytesIO((tmp_path / "samples" / "0000500.gif").read_bytes()))
     assert gif.size == (2 * 24, 16) and gif.n_frames == 5  # two clips side by side, resized to 16 px high
-
-
-def test_tensorboard_gifs_without_a_metrics_writer(tmp_path):
-    params = wan_vae.init_params(CFG, jax.random.key(0))
-    torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(params, CFG))
-    samples = np.asarray(jax.random.normal(jax.random.key(1), (2, 16, 2, 4, 6)))
-    frames = video_samples.VideoSamples(str(tmp_path / "vae.pth"), str(tmp_path / "tb"), fps=8).write(
-        samples, str(tmp_path / "samples"), 7)
-    (name,) = os.listdir(tmp_path / "tb")
-    values = {v.tag: v for v in _events(tmp_path / "tb" / name, step=7)}
-    assert sorted(values) == ["samples/video/0", "samples/video/1"]
-    gif = Image.open(io.BytesIO(values["samples/video/1"].image.encoded_image_string))
-    assert gif.format == "GIF" and gif.n_frames == 5
-    gif.seek(3)
-    # GIF palettes are lossy: the frame is close to the decoded one, not equal
-    assert np.abs(np.asarray(gif.convert("RGB"), float) - frames[1, 3]).mean() < 12
+    samples_writer(samples, {}, str(tmp_path / "samples" / "0000600.png"))  # no metrics writer: files only
+    assert (tmp_path / "samples" / "0000600.gif").exists() and len(writer.calls) == 1
 
 
 @pytest.mark.slow
@@ -96,6 +81,6 @@ def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
     samples = tmp_path / "run" / "samples"
     assert sorted(os.listdir(samples)) == ["0000001.gif"] + [f"0000001_{i}.mp4" for i in range(4)]  # max_videos
     assert video.read_video(samples / "0000001_0.mp4")[0].shape == (5, 32, 48, 3)
-    tags = {v.tag for name in os.listdir(tmp_path / "run" / "tensorboard") if name.endswith(".samples")
-            for v in _events(tmp_path / "run" / "tensorboard" / name)}
-    assert tags == {f"samples/video/{i}" for i in range(4)}
+    tags = {v.tag for name in os.listdir(tmp_path / "run" / "tensorboard")
+            for v in _events(tmp_path / "run" / "tensorboard" / name, step=1) if v.HasField("image")}
+    assert tags == {f"samples/video/{i}" for i in range(4)}  # animated GIFs through the run's metrics writer
