@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40, help="training steps of the run")
     parser.add_argument("--every", type=int, default=2, help="checkpoint interval of the killed runs")
-    parser.add_argument("--window", type=float, default=4, help="training steps after the first one in which to kill")
+    parser.add_argument("--window", type=int, default=6, help="training steps after the first one in which to kill")
     parser.add_argument("--startup-share", type=float, default=0.25, help="share of the kills aimed at the start-up")
     parser.add_argument("--mode", choices=("chain", "independent"), default="chain")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,18 +165,20 @@ def main(argv=None) -> int:
     timing = os.path.join(scratch, f"reference_{args.steps}.json")
     if os.path.exists(timing) and args.steps in step_dirs(ref_dir):  # a finished reference in --dir is reused
         with open(timing) as f:
-            step_s = json.load(f)["step_s"]
+            times = json.load(f)["progress_s"]
     else:
         shutil.rmtree(ref_dir, ignore_errors=True)
         ref = Run(command(ref_dir, teacher, args.steps, 1), env)
         if ref.wait(timeout=3600) != 0:
             print(ref.text()[-3000:])
             raise SystemExit("the reference run failed")
-        progress = [(t, int(m.group(1))) for t, line in ref.lines if (m := PROGRESS.match(line))]
-        step_s = (progress[-1][0] - progress[1][0]) / max(1, progress[-1][1] - progress[1][1])
+        times = [t for t, line in ref.lines if PROGRESS.match(line)]  # log_every=1: one line per step
         with open(timing, "w") as f:
-            json.dump({"step_s": step_s, "wall_s": ref.lines[-1][0]}, f)
-    print(f"reference: {args.steps} steps, {step_s:.2f} s/step", flush=True)
+            json.dump({"progress_s": times, "wall_s": ref.lines[-1][0]}, f)
+    # the first steps include compiling the other update: the window is measured on the reference, not averaged
+    window_s = times[min(len(times) - 1, int(args.window))] - times[0]
+    print(f"reference: {args.steps} steps in {times[-1]:.1f} s; training kills within {window_s:.1f} s after the "
+          "first step", flush=True)
     reference = step_dirs(ref_dir)
 
     def finish(workdir: str) -> None:
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
             chains.append(os.path.join(scratch, f"run{len(chains)}"))
             work = chains[-1]
         aim_startup = bool(startups) and rng.random() < args.startup_share
-        delay = rng.uniform(0, float(np.median(startups)) if aim_startup else args.window * step_s)
+        delay = rng.uniform(0, float(np.median(startups)) if aim_startup else window_s)
         run = Run(command(work, teacher, args.steps, args.every), env)
         killed = run.kill_after(delay) if aim_startup else run.kill_after_first_step(delay)
         if run.first_step_s() is not None:
@@ -210,6 +212,7 @@ def main(argv=None) -> int:
                 "last_logged_step": run.last_step(), "during_save": saving_now(work),
                 "checkpoints_before": sorted(step_dirs(work))}
         kills.append(kill)
+        print(f"kill {len(kills)}: {kill}", flush=True)
         if args.mode == "independent":
             finish(work)
     if args.mode == "chain" and os.path.isdir(chains[-1]):

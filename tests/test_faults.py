@@ -402,6 +402,9 @@ def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))} is corrupted \("):
         train.train(config, str(tmp_path), _toy_source(config))
     assert (tmp_path / "config.json").read_text() == '{"seed": 0, "total_st'
+    from trigflow_distill import run
+    with pytest.raises(ValueError, match=r"config.json is corrupted"):  # export / evaluate / generate read it too
+        run.read_config(tmp_path)
 
 
 def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch):
