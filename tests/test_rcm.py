@@ -45,7 +45,8 @@ def _rel(a, b):
 
 def test_dit_jvp_equals_central_finite_difference():
     """jax.jvp of F through the DiT (x and tau moving together) vs (F(p + h v) - F(p - h v)) / 2h in fp32, h = 1e-2:
-    relative L2 error below 1e-3 (measured ~2e-5; truncation O(h^2), fp32 rounding ~1e-7/h)."""
+    relative L2 error below 1e-3. Measured: 1.3e-4 at h = 1e-2; 1.2e-3 at h = 3e-2 (O(h^2) truncation) and 2.4e-4
+    at h = 1e-3 (fp32 rounding ~1e-7/h)."""
     net, params, x, tau_b, ctx, gt, mask = _tiny_world()
     f = _velocity_fn(net, params, ctx, gt, mask)
     v_x = jax.random.normal(jax.random.PRNGKey(2), SHAPE)
