@@ -119,6 +119,8 @@ def read_checkpoint(step_dir: str):
     data = {}
     for root, _, files in os.walk(os.path.join(step_dir, "data")):
         for name in files:
+            if name == "commit_success.txt":  # Orbax writes the folder's own path into it
+                continue
             with open(os.path.join(root, name), "rb") as f:
                 data[os.path.relpath(os.path.join(root, name), step_dir)] = f.read()
     return jax.tree.map(np.asarray, state), data
@@ -231,8 +233,9 @@ def main(argv=None) -> int:
         compared += len(targets)
         unreadable += [n for n in os.listdir(os.path.join(work, "checkpoints")) if n.startswith("unreadable")]
     for n, kill in enumerate(kills):
-        after = [s for s in matches[kill["chain"]] if s not in kill["checkpoints_before"]]
-        kill["exact"] = bool(after) and all(matches[kill["chain"]][s] for s in after)
+        # a kill after the last save (during shut-down) is checked on the final checkpoint the resume found
+        after = [s for s in matches[kill["chain"]] if s not in kill["checkpoints_before"]] or [args.steps]
+        kill["exact"] = all(matches[kill["chain"]][s] for s in after)
         exact += kill["exact"]
         print(f"kill {n + 1}: " + json.dumps({k: v for k, v in kill.items() if k != "checkpoints_before"}),
               flush=True)
