@@ -160,3 +160,113 @@ def test_bad_records_on_read_name_the_record(tmp_path):
 
     with pytest.raises(ValueError, match=r"record 2: latents has shape \(16, 3, 4, 5\), expected \(16, 3, 4, 4\)"):
         list(data.make_iterator(WrongShape(), 4, seed=0, num_epochs=1))
+
+
+def test_version_1_datasets_still_load(tmp_path):
+    """A dataset written by the version-1 writer (one latent_shape in meta.json, no buckets) reads unchanged."""
+    rng = np.random.default_rng(3)
+    lat, txt, nc = _arrays(5, rng)
+    out = tmp_path / "v1"
+    out.mkdir()
+    for shard, rows in (("shard-00000", slice(0, 3)), ("shard-00001", slice(3, 5))):
+        np.save(out / f"{shard}.latents.npy", lat[rows])
+        np.save(out / f"{shard}.text.npy", txt[rows])
+        np.save(out / f"{shard}.num_cond_frames.npy", nc[rows].astype(np.int32))
+    meta = {"format": "trigflow_distill.data/1", "num_records": 5, "latent_shape": list(LAT), "text_shape": [5, 8],
+            "text_kind": "raw", "latents_dtype": "float32", "text_dtype": "float32", "fields": ["num_cond_frames"],
+            "shards": [{"name": "shard-00000", "num_records": 3}, {"name": "shard-00001", "num_records": 2}]}
+    (out / "meta.json").write_text(json.dumps(meta))
+    src = data.NpyDirSource(str(out))
+    assert src.spec == data.RecordSpec(LAT, TXT, ("num_cond_frames",)) and len(src.buckets()) == 1
+    np.testing.assert_array_equal(src[4]["latents"], lat[4])
+    assert src.info(4) == {"bucket": "3x4x4"}
+    batch = next(data.make_iterator(src, 5, seed=0))
+    np.testing.assert_array_equal(np.sort(batch["num_cond_frames"]), np.sort(nc))
+    meta["format"] = "trigflow_distill.data/0"
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format"):
+        data.NpyDirSource(str(out))
+
+
+def _bucketed_dataset(tmp_path):
+    """Two aspect buckets (latent W 4 and 6), three shards; pixel masks in one bucket, latent masks in the other."""
+    rng = np.random.default_rng(4)
+    w = data.DatasetWriter(str(tmp_path / "ds"))
+    shapes = (("wide", (16, 2, 4, 6), 5, (1, 32, 48)), ("square", (16, 2, 4, 4), 4, (1, 4, 4)),
+              ("wide", (16, 2, 4, 6), 3, (1, 32, 48)))
+    count = 0
+    for bucket, lat, n, pad in shapes:
+        mask = np.zeros((n, *pad), np.uint8)
+        mask[:, :, :, -pad[2] // 4:] = 1
+        info = [{"caption": f"clip {count + i}", "source": "a.mp4", "frames": [i, i + 9]} for i in range(n)]
+        w.write_shard(rng.normal(size=(n, *lat)).astype(np.float32), rng.normal(size=(n, 5, 8)).astype(np.float32),
+                      bucket=bucket, prompt=np.arange(count, count + n), padding_mask=mask, info=info)
+        count += n
+    return data.NpyDirSource(w.close())
+
+
+def test_v2_padding_masks_info_and_bucketed_batches(tmp_path):
+    src = _bucketed_dataset(tmp_path)
+    assert len(src) == 12 and src.spec is None  # shapes differ across buckets
+    assert [(b, len(i)) for b, _, i in src.buckets()] == [("wide", 8), ("square", 4)]
+    rec = src[10]  # third shard, row 1
+    assert rec["padding_mask"].shape == (1, 32, 48) and rec["padding_mask"].dtype == np.uint8
+    assert src.info(10) == {"bucket": "wide", "caption": "clip 10", "source": "a.mp4", "frames": [1, 10]}
+    assert src[5]["padding_mask"].shape == (1, 4, 4)
+
+    batches = _take(data.make_iterator(src, 2, seed=1), 12)  # 6 batches per epoch: 4 wide + 2 square
+    for b in batches:
+        prompts = b["prompt"].tolist()
+        assert all(p in range(5) or p in range(9, 12) for p in prompts) or all(p in range(5, 9) for p in prompts)
+        assert b["latents"].shape[-1] == b["padding_mask"].shape[-1] // (8 if b["latents"].shape[-1] == 6 else 1)
+        assert b["padding_mask"].dtype == np.float32
+    for epoch in (batches[:6], batches[6:]):
+        assert sorted(np.concatenate([b["prompt"] for b in epoch]).tolist()) == list(range(12))
+    assert [b["prompt"].tolist() for b in batches[:6]] != [b["prompt"].tolist() for b in batches[6:]]
+    _assert_batches_equal(batches, _take(data.make_iterator(src, 2, seed=1), 12))
+
+    it = data.make_iterator(src, 2, seed=1)
+    _take(it, 5)
+    resumed = data.make_iterator(src, 2, seed=1)
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    _assert_batches_equal(_take(resumed, 4), batches[5:9])
+    halves = [_take(data.make_iterator(src, 2, seed=1, process_slice=slice(k, k + 1)), 6) for k in (0, 1)]
+    for full, lo, hi in zip(batches, *halves):
+        np.testing.assert_array_equal(full["latents"], np.concatenate([lo["latents"], hi["latents"]]))
+    with pytest.raises(ValueError, match="no bucket holds a whole batch"):
+        data.make_dataset(src, 9, 0)
+
+
+def test_padding_mask_validation(tmp_path):
+    rng = np.random.default_rng(5)
+    lat, txt, _ = _arrays(3, rng)
+    with pytest.raises(ValueError, match=r"neither latent \(1, 4, 4\) nor pixel \(1, 32, 32\)"):
+        data.write_dataset(str(tmp_path / "a"), lat, txt, padding_mask=np.zeros((3, 1, 16, 16), np.uint8))
+    bad = np.zeros((3, 1, 4, 4), np.float32)
+    bad[1, 0, 0, 0] = 0.5
+    with pytest.raises(ValueError, match="input record 1: padding_mask must hold only 0"):
+        data.write_dataset(str(tmp_path / "b"), lat, txt, padding_mask=bad)
+
+
+def test_bfloat16_text_and_minimal_meta(tmp_path):
+    """bfloat16 text (stored as uint16 bits) reads back as float32; meta.json may leave out fields, text_shape
+    and padding_mask_shape (read from the first shard's files), as a shard-writing tool may."""
+    import ml_dtypes
+    rng = np.random.default_rng(6)
+    lat, txt, _ = _arrays(4, rng)
+    w = data.DatasetWriter(str(tmp_path / "ds"), text_kind="projected")
+    w.write_shard(lat, txt.astype(ml_dtypes.bfloat16), bucket=[32, 32], padding_mask=np.ones((4, 1, 32, 32), np.uint8),
+                  info=[{"caption": "c", "video": "v.mp4", "frames": [0, 9], "fps": 24.0}] * 4)
+    out = w.close()
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["text_dtype"] == "bfloat16" and meta["shards"][0]["bucket"] == "32x32"
+    for key in ("fields", "text_shape"):
+        del meta[key]
+    del meta["shards"][0]["padding_mask_shape"]
+    (tmp_path / "ds" / "meta.json").write_text(json.dumps(meta))
+    src = data.NpyDirSource(out)
+    assert src.spec == data.RecordSpec(LAT, TXT, ("padding_mask",), (1, 32, 32)) and src.text_kind == "projected"
+    np.testing.assert_array_equal(src[2]["text"], txt[2].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert src.info(3) == {"caption": "c", "video": "v.mp4", "frames": [0, 9], "fps": 24.0, "bucket": "32x32"}
+    batch = next(data.make_iterator(src, 4, seed=0))
+    assert batch["text"].dtype == np.float32 and batch["padding_mask"].shape == (4, 1, 32, 32)

@@ -75,7 +75,8 @@ def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
         on_disk = json.load(f)
     assert on_disk == result and set(on_disk) == {"samplers", "floor"}
     rows = [(r["name"], r["steps"], r["guidance"], r["nfe"]) for r in on_disk["samplers"]]
-    assert rows == [("teacher", 35, 3.0, 70), ("teacher", 35, None, 35), ("teacher", 4, 3.0, 8),
+    assert rows == [("teacher", 2, 3.0, 4), ("teacher", 4, None, 4), ("teacher", 4, 3.0, 8), ("teacher", 8, 3.0, 16),
+                    ("teacher", 16, 3.0, 32), ("teacher", 35, 3.0, 70), ("teacher", 35, None, 35),
                     ("student_ema", 1, None, 1), ("student_ema", 2, None, 2), ("student_ema", 4, None, 4),
                     ("student", 1, None, 1), ("student", 2, None, 2), ("student", 4, None, 4),
                     ("data", 0, None, 0, )]
@@ -98,8 +99,11 @@ def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
         np.testing.assert_allclose(saved["latents"][i, :, :k], cond["latents"][i, :, :k], atol=1e-5)
     assert np.all(np.isfinite(saved["latents"]))
 
-    for label in ("teacher35_cfg3", "teacher35", "teacher4_cfg3", "student_ema1", "student_ema4", "student2",
-                  "data"):
+    assert os.path.getsize(out / "quality_vs_nfe.png") > 0  # FDs against NFE, beside eval.json
+    table = evaluate.format_markdown(result).splitlines()
+    assert len(table) == 2 + len(rows) + 1 and table[2].startswith("| teacher | 2 | 3 | 4 |")
+    for label in ("teacher35_cfg3", "teacher35", "teacher4_cfg3", "teacher2_cfg3", "teacher4", "student_ema1",
+                  "student_ema4", "student2", "data"):
         for ext in ("png", "gif"):
             assert os.path.getsize(out / f"{label}.{ext}") > 0
 

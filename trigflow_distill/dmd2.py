@@ -39,30 +39,58 @@ class Conditioning(NamedTuple):
     x0_uncond_fn: Callable       # the same with the unconditional (all-zero) text
 
 
+def text_width_kind(net_config, teacher, width: int) -> str:
+    """"raw" if text of this width goes through the teacher's frozen projection, "projected" if it is already the
+    context the networks take (a dataset of projected context, docs/algorithm.md §7, §13); a ValueError naming the
+    widths otherwise. Equal projection input and output widths count as raw."""
+    proj = teacher["text_proj"]
+    widths = {"raw": None if proj is None else proj["kernel"].shape[0], "projected": net_config.crossattn_emb_channels}
+    for kind, w in widths.items():
+        if width == w:
+            return kind
+    takes = (f"{widths['raw']} (raw Cosmos-Reason1 embeddings, which its text projection maps to "
+             f"{widths['projected']}) or " if proj is not None else "") + f"{widths['projected']} (projected context)"
+    raise ValueError(f"the data's text embeddings are {width} wide, but this teacher takes {takes}; write the data for "
+                     "this teacher (python -m trigflow_distill.data.write --net=...).")
+
+
+def contexts(algo: "Algo", teacher, text_bld):
+    """(cond, uncond) context (B, L, D) for the networks from the batch's text: raw embeddings are projected
+    (the unconditional text is all zeros); projected context is used as is, and its unconditional twin is
+    GELU(b), the projection of zeros (docs/algorithm.md §7, §13)."""
+    proj = teacher["text_proj"]
+    kind = text_width_kind(algo.net_config, teacher, text_bld.shape[-1])
+    if proj is None:
+        return text_bld, jnp.zeros_like(text_bld)
+    if kind == "raw":
+        def project(text):
+            return networks.project_text(algo.net_config, {"crossattn_proj": proj}, text)
+        return project(text_bld), project(jnp.zeros_like(text_bld))
+    uncond = jax.nn.gelu(proj["bias"].astype(jnp.float32), approximate=False)
+    return text_bld.astype(jnp.float32), jnp.broadcast_to(uncond, text_bld.shape)
+
+
 def video2world(algo: "Algo", key, teacher, batch) -> Conditioning:
-    """Video2World conditioning of a batch {"latents", "text", ["num_cond_frames"]}: N conditional frames (a
-    negative or missing N is drawn from algo.cond_frame_probs with `key`), text projected by the teacher's frozen
-    projection; every network call goes through `denoiser.denoise` (docs/algorithm.md §1, §7)."""
+    """Video2World conditioning of a batch {"latents", "text", ["num_cond_frames"], ["padding_mask"]}: N
+    conditional frames (a negative or missing N is drawn from algo.cond_frame_probs with `key`), contexts from
+    `contexts` (raw or projected text), the batch's padding mask (B,1,h,w) or none (zeros); every network call
+    goes through `denoiser.denoise` with all of these (docs/algorithm.md §1, §7)."""
     gt = batch["latents"].astype(jnp.float32)
     drawn = denoiser.sample_num_cond_frames(key, gt.shape[0], algo.cond_frame_probs)
     num_cond = batch.get("num_cond_frames")
     num_cond = drawn if num_cond is None else jnp.where(num_cond >= 0, num_cond, drawn)
     mask = denoiser.cond_mask(num_cond, gt.shape)
-
-    def project(text_bld):
-        if teacher["text_proj"] is None:  # the batch's text is already projected
-            return text_bld
-        return networks.project_text(algo.net_config, {"crossattn_proj": teacher["text_proj"]}, text_bld)
+    padding_mask = batch.get("padding_mask")
 
     def x0_fn_for(context):
         def fn(params, x_tau, tau_b):
             return denoiser.denoise(algo.net_config, params, x_tau, tau_b, context, gt, mask, scaling=algo.scaling,
                                     sigma_data=algo.sigma_data, replace_gt_timesteps=algo.replace_gt_timesteps,
-                                    mesh=algo.mesh)
+                                    padding_mask_b1hw=padding_mask, mesh=algo.mesh)
         return fn
 
-    text = batch["text"]
-    return Conditioning(gt.shape, x0_fn_for(project(text)), x0_fn_for(project(jnp.zeros_like(text))))
+    cond, uncond = contexts(algo, teacher, batch["text"])
+    return Conditioning(gt.shape, x0_fn_for(cond), x0_fn_for(uncond))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +104,8 @@ class Algo:
     timestep_shift: float = 5.0
     cond_frame_probs: tuple = COND_FRAME_PROBS
     replace_gt_timesteps: bool = True
+    lambda_frame_chunks: int = 1  # DMD lambda per (sample, chunk of T/K latent frames); 4 = the released 2B (§13)
+    ema_start: int = 0  # student updates before the power EMA starts averaging (docs/algorithm.md §6)
     mesh: Any = None  # jax Mesh the update runs on; a `seq` axis > 1 sequence-shards the networks' activations
     # (algo, key, teacher, batch) -> Conditioning; other data (e.g. the analytic test's 2-D mixture) plug in here.
     condition: Callable = video2world
@@ -88,7 +118,8 @@ def algo_from_config(config, net_config, mesh=None) -> Algo:
     return Algo(net_config=net_config, mesh=mesh, scaling=t.scaling, sigma_data=float(t.sigma_data),
                 guidance=float(d.guidance), num_student_steps=int(d.num_student_steps),
                 timestep_shift=float(d.timestep_shift), cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
-                replace_gt_timesteps=bool(d.replace_gt_timesteps))
+                replace_gt_timesteps=bool(d.replace_gt_timesteps),
+                lambda_frame_chunks=int(d.get("lambda_frame_chunks", 1)), ema_start=int(d.get("ema_start", 0)))
 
 
 def net_options(config_net, **overrides) -> dict:
@@ -166,7 +197,7 @@ def critic_update(algo: Algo, critic_tx, state: TrainState, teacher, batch):
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise = jax.random.split(key, 4)
     cond = algo.condition(algo, k_cond, teacher, batch)
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift)
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = _num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
     g_x0 = sampling.backward_simulation(cond.x0_fn, state.student, eps_g, n, taus, algo.sigma_data, with_grad=False)
@@ -191,7 +222,7 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise = jax.random.split(key, 4)
     cond = algo.condition(algo, k_cond, teacher, batch)
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift)
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = _num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
 
@@ -201,15 +232,17 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
         x0_teacher = losses.cfg_x0(cond.x0_fn(teacher["net"], x_d, tau_d),
                                    cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance)
-        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_teacher))
+        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_teacher),
+                                    lambda_frame_chunks=algo.lambda_frame_chunks)
         return loss, (aux, tau_d)
 
     (loss, (aux, tau_d)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     # dmd_loss zeroes non-finite samples; a batch with no finite sample at all is a diverged student: skip it.
     ok = jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(aux["nan_b"])
     student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
+    # beta counts the student updates before this one (docs/algorithm.md §6, §13): 0 at the first update.
+    new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
     updates = state.student_updates + ok.astype(jnp.int32)
-    new_ema = optim.ema_update(state.student_ema, student, updates, ema_gamma)
     ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
     new_state = state.replace(step=state.step + 1, student=student, student_opt=student_opt, student_ema=ema,
                               student_updates=updates, **_skip_counters(state, ok))
@@ -253,6 +286,6 @@ def student_samples(algo: Algo, params, teacher, batch, key):
     training)."""
     k_cond, k_eps = jax.random.split(key)
     cond = algo.condition(algo, k_cond, teacher, batch)
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift)
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     x0_fn = functools.partial(cond.x0_fn, params)
     return sampling.sample_student(x0_fn, jax.random.normal(k_eps, cond.shape, jnp.float32), taus, algo.sigma_data)

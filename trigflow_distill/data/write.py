@@ -1,8 +1,8 @@
 """CLI: write numpy arrays as a dataset directory (format: see `trigflow_distill.data`).
 
 python -m trigflow_distill.data.write --latents L.npy --text T.npy [--num-cond C.npy] [--prompt P.npy]
-    [--text-kind raw|projected] [--normalize] [--shard-size 1024] [--net predict25_2b|...|any] [--overwrite]
-    --out DIR
+    [--padding-mask M.npy] [--text-kind raw|projected] [--normalize] [--shard-size 1024]
+    [--net predict25_2b|...|any] [--overwrite] --out DIR
 
 The shapes are checked against what the trainer of `--net` needs before anything is written: 16 latent channels,
 even latent height and width (the DiT patchifies 2x2), and a text width the teacher takes (raw Cosmos-Reason1
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", required=True, help=".npy (N,L,C) text embeddings, raw or projected")
     parser.add_argument("--num-cond", help=".npy (N,) integer number of conditional latent frames")
     parser.add_argument("--prompt", help=".npy (N,) integer prompt ids")
+    parser.add_argument("--padding-mask", help=".npy (N,1,h,w) 0/1 padding masks (1 = padded), latent or pixel "
+                                               "resolution")
     parser.add_argument("--text-kind", choices=TEXT_KINDS, help="default: told by the width (see --net)")
     parser.add_argument("--normalize", action="store_true",
                         help="latents are raw Wan2.1 VAE means: normalise them per channel (SPEC §9)")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         target = f"{out}.writing-{os.getpid()}" if replace else out
         try:
             write_dataset(target, latents, text, _load(args.num_cond, "num-cond"), _load(args.prompt, "prompt"),
-                          text_kind, args.shard_size, args.normalize)
+                          text_kind, args.shard_size, args.normalize, _load(args.padding_mask, "padding-mask"))
         except BaseException:
             if replace:
                 shutil.rmtree(target, ignore_errors=True)

@@ -25,9 +25,11 @@ from etils import epath
 
 from trigflow_distill import denoiser, errors, networks, run, sampling, toy
 from trigflow_distill.toy import metrics as toy_metrics
+from trigflow_distill.toy import plot
 
 COND_SEED = 2_000_003   # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
-TEACHER_ROWS = ((35, "guided"), (35, None), (4, "guided"))
+# Teacher samplers at the student's cost and above (issue 16): (steps, guided?). NFE = steps, x2 when guided.
+TEACHER_ROWS = ((2, "guided"), (4, None), (4, "guided"), (8, "guided"), (16, "guided"), (35, "guided"), (35, None))
 STUDENT_NAMES = ("student_ema", "student")
 METRIC_KEYS = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
                "cond_consistency")
@@ -39,9 +41,11 @@ def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
     return toy.sample_videos(world, COND_SEED + seed, n, prompts=prompts)
 
 
-def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float):
+def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float,
+               train_steps: int = 4):
     """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
-    the student's few-step sampler, every network call through `denoiser.denoise`."""
+    the student's few-step sampler (the first `steps` times of its `train_steps` schedule, docs/algorithm.md §3),
+    every network call through `denoiser.denoise`."""
     def fn(params, eps, context, uncond_context, gt, mask):
         def x0_fn(ctx):
             return lambda x_tau, tau_b: denoiser.denoise(net_config, params, x_tau, tau_b, ctx, gt, mask,
@@ -49,7 +53,7 @@ def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, si
         if teacher:
             return sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond_context), eps, guidance, steps,
                                                shift=shift, sigma_data=sigma_data)
-        taus = sampling.student_schedule(steps, shift)
+        taus = sampling.student_schedule(steps, shift, train_steps)
         return sampling.sample_student(x0_fn(context), eps, taus, sigma_data)
     return fn
 
@@ -120,13 +124,37 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """The eval.json content as the README's markdown table (one row per sampler, then the real-data floor)."""
+    names = {"teacher": "teacher", "student_ema": "student (EMA)", "student": "student (raw)", "data": "real data"}
+    keys = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
+            "cond_consistency")
+    fmt = (".3f", ".3f", ".3f", ".3f", ".2f", ".2f", ".3f")
+    head = ("| sampler | steps | cfg | NFE | prompt acc | motion acc | amplitude | diversity | fd_hand | fd_proj | "
+            "cond. consistency |")
+
+    def cols(m):
+        return " | ".join("–" if m[k] is None else f"{m[k]:{f}}" for k, f in zip(keys, fmt))
+
+    lines = [head, "|" + "---|" * 11]
+    for r in result["samplers"]:
+        data = r["name"] == "data"
+        cfg = "–" if r["guidance"] is None else f"{r['guidance']:g}"
+        steps, nfe = ("–", "–") if data else (r["steps"], r["nfe"])
+        lines.append(f"| {names.get(r['name'], r['name'])} | {steps} | {cfg} | {nfe} | {cols(r['metrics'])} |")
+    lines.append(f"| real-vs-real floor | | | | {cols(result['floor'])} |")
+    return "\n".join(lines)
+
+
 def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict, out_dir: str,
              num_samples: int = 1024, seed: int = 0, batch_size: int = 256, guidance: float = 4.0,
              scaling: str = "rectified_flow", sigma_data: float = 1.0, time_shift: float = 5.0,
-             student_steps=(1, 2, 4), log=print) -> dict:
-    """Samples and scores the teacher (35 steps guided, 35 unguided, 4 guided), the given students (each of
-    `student_steps`) and the held-out data; `time_shift` shifts the teacher grid and the student schedules
-    (docs/algorithm.md §3); writes out_dir/eval.json, samples_student4.npz and a PNG grid + GIF per sampler.
+             student_steps=(1, 2, 4), train_steps: int = 4, log=print) -> dict:
+    """Samples and scores the teacher (TEACHER_ROWS: guided 2, 4, 8, 16, 35 steps and unguided 4, 35, so that
+    some rows cost what the student costs), the given students (each of `student_steps`, on the first steps of
+    their `train_steps` schedule) and the held-out data; `time_shift` shifts the teacher grid and the student
+    schedules (docs/algorithm.md §3); writes out_dir/eval.json, quality_vs_nfe.png (the FDs against network
+    evaluations), samples_student4.npz and a PNG grid + GIF per sampler.
 
     teacher_params: the full teacher tree, with `crossattn_proj` (it takes raw text). samplers_params: a subset of
     {"student_ema": params, "student": params}; params without `crossattn_proj` get the text projected by the
@@ -184,7 +212,7 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
             continue
         params = samplers_params[name]
         for steps in student_steps:
-            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data, time_shift)
+            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data, time_shift, train_steps)
             latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
             add_row(name, steps, None, steps, seconds, latents)
             if steps == 4 and samples_student4 is None:
@@ -194,6 +222,7 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
     floor = toy_metrics.real_floor(world, num_samples, reference=reference)
     result = _clean({"samplers": rows, "floor": {k: floor[k] for k in METRIC_KEYS}})
     (out / "eval.json").write_text(json.dumps(result, indent=2))
+    plot.plot_quality_vs_nfe(result, out / "quality_vs_nfe.png")
     if samples_student4 is not None:
         with (out / "samples_student4.npz").open("wb") as f:
             np.savez(f, latents=samples_student4.astype(np.float32), prompt=prompts.astype(np.int32))
@@ -214,7 +243,8 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
                     num_samples=num_samples, seed=int(config.seed), batch_size=batch_size,
                     guidance=float(config.distill.guidance), scaling=config.teacher.scaling,
                     sigma_data=float(config.teacher.sigma_data), time_shift=float(config.distill.timestep_shift),
-                    student_steps=tuple(int(n) for n in config.eval.student_steps), log=log)
+                    student_steps=tuple(int(n) for n in config.eval.student_steps),
+                    train_steps=int(config.distill.num_student_steps), log=log)
 
 
 def world_from_config(config) -> toy.World:
