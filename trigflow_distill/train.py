@@ -86,21 +86,16 @@ def acquire_lock(workdir: epath.Path) -> lock.WorkdirLock | None:
 
 
 def check_source(source, net_config, teacher) -> None:
-    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT, text of the
-    width the teacher takes (raw: its projection's input; projected: the context width)."""
-    spec = data.records.source_spec(source)
-    c, t, h, w = spec.latent_shape
-    if c != net_config.in_channels or t % net_config.patch_temporal or h % net_config.patch_spatial or (
-            w % net_config.patch_spatial):
-        raise ValueError(f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
-                         f"channels and T, H, W divisible by {net_config.patch_temporal}, {net_config.patch_spatial}, "
-                         f"{net_config.patch_spatial}.")
-    raw = teacher["text_proj"] is not None
-    width = net_config.crossattn_proj_in_channels if raw else net_config.crossattn_emb_channels
-    if spec.text_shape[-1] != width:
-        raise ValueError(f"the data's text is {spec.text_shape}; this teacher takes {'raw' if raw else 'projected'} "
-                         f"text {width} wide. Write the data for this teacher (python -m trigflow_distill.data.write "
-                         "--net=...).")
+    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT (in every
+    bucket), text of a width the teacher takes (raw: its projection's input; projected: the context width)."""
+    for _, spec, _ in data.records.source_buckets(source):
+        c, t, h, w = spec.latent_shape
+        if c != net_config.in_channels or t % net_config.patch_temporal or h % net_config.patch_spatial or (
+                w % net_config.patch_spatial):
+            raise ValueError(f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
+                             f"channels and T, H, W divisible by {net_config.patch_temporal}, "
+                             f"{net_config.patch_spatial}, {net_config.patch_spatial}.")
+        dmd2.text_width_kind(net_config, teacher, spec.text_shape[-1])
 
 
 def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> dmd2.TrainState:
