@@ -1,5 +1,6 @@
 """generate CLI with tiny random nets: mp4s for text, image and video conditioning, kept conditional frames, parity
 of the student and teacher paths with sampling.sample_student / sample_teacher_cfg, the --workdir path, errors."""
+import dataclasses
 import functools
 import json
 import re
@@ -168,17 +169,16 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
 
     config = ml_collections.ConfigDict({"teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
                                         "distill": {"timestep_shift": 5.0, "num_student_steps": 4}})
-    net = {k: v for k, v in assets["student"].items() if k != "crossattn_proj"}
     calls = []
 
-    def load_run(workdir, students=("student_ema", "student")):
-        calls.append((workdir, students))
-        return config, NET, assets["teacher"] | {"crossattn_proj": assets["student"]["crossattn_proj"]}, None, net
+    def load_student(workdir, which="ema", **net_overrides):
+        calls.append((workdir, which))
+        return config, dataclasses.replace(NET, **net_overrides), dict(assets["student"])
 
-    monkeypatch.setattr(run, "load_run", load_run)
+    monkeypatch.setattr(run, "load_student", load_student)
     report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))
     student = _run(assets, tmp_path / "s", "--prompt", "a red car", "--steps", "2")
-    assert calls == [("RUN", ("student_ema",))] and report["nfe"] == 2  # only the EMA is restored
+    assert calls == [("RUN", "ema")] and report["nfe"] == 2  # only the EMA is restored
     np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
 
 

@@ -265,15 +265,13 @@ def load_checkpoint(src: str, **net_options) -> Model:
 
 
 def load_workdir(workdir: str, **net_options) -> Model:
-    """The EMA student of a training run's latest checkpoint, with the teacher's frozen text projection."""
-    config, net_config, teacher_params, _, ema = run.load_run(workdir, students=("student_ema",))
-    ema = jax.tree.map(np.asarray, jax.device_get(ema))
-    _, proj = _params_and_proj(teacher_params, f"{workdir} (teacher)")
+    """The EMA student of a training run's latest checkpoint (only those weights are read), with the teacher's
+    frozen text projection."""
+    config, net_config, params = run.load_student(workdir, which="ema", **net_options)
+    params, proj = _params_and_proj(jax.tree.map(np.asarray, jax.device_get(params)), f"{workdir} (EMA student)")
     defaults = dict(scaling=config.teacher.scaling, sigma_data=float(config.teacher.sigma_data),
                     shift=float(config.distill.timestep_shift), train_steps=int(config.distill.num_student_steps))
-    net_config = dataclasses.replace(net_config, **net_options)
-    return Model(net_config, ema, jax.tree.map(np.asarray, jax.device_get(proj)), defaults,
-                 f"{workdir} (EMA student)")
+    return Model(net_config, params, proj, defaults, f"{workdir} (EMA student)")
 
 
 def load_model(args) -> tuple[Model, Sampler]:
