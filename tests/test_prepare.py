@@ -2,16 +2,19 @@
 teacher -> a dataset whose records match an independent recomputation; resume, refusal, report; then training."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
-from trigflow_distill import convert, networks, prepare, text_encoder, torchfile, vae, video
+from trigflow_distill import convert, data, networks, prepare, text_encoder, torchfile, vae, video
 from trigflow_distill.networks import wan_vae
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 5
 VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
 CAPTIONS = {"wide_a.mp4": "a red car drives", "wide_b.mp4": "a blue boat sails", "square_a.mp4": "a cat sleeps",
@@ -74,14 +77,9 @@ def dataset(sources):
 
 
 def _records(out):
-    meta = json.loads((out / "meta.json").read_text())
-    rows = []
-    for shard in meta["shards"]:
-        arrays = {f: np.load(out / f"{shard['name']}.{f}.npy") for f in ("latents", "text", "padding_mask")}
-        lines = (out / f"{shard['name']}.records.jsonl").read_text().splitlines()
-        for i, line in enumerate(lines):
-            rows.append((shard, json.loads(line), {f: a[i] for f, a in arrays.items()}))
-    return meta, rows
+    """[(record, info)] of the dataset, read with the trainer's reader."""
+    source = data.NpyDirSource(str(out))
+    return source, [(source[i], source.info(i)) for i in range(len(source))]
 
 
 def test_report_lists_the_bad_files(dataset):
@@ -93,50 +91,51 @@ def test_report_lists_the_bad_files(dataset):
 
 
 def test_dataset_shapes_buckets_and_metadata(dataset):
-    meta, rows = _records(dataset)
-    assert meta["num_records"] == len(rows) == 8  # 4 good videos x 2 clips
+    source, rows = _records(dataset)
+    assert source.meta["format"] == data.FORMAT and source.meta["text_kind"] == "projected"
+    assert source.meta["text_dtype"] == "bfloat16"
+    assert len(rows) == 8  # 4 good videos x 2 clips
     by_bucket = {}
-    for shard, rec, arrays in rows:
-        w, h = shard["bucket"]
-        assert rec["bucket"] == [w, h]
-        assert arrays["latents"].shape == (16, 2, h // 8, w // 8) and arrays["latents"].dtype == np.float32
-        assert arrays["text"].shape == (512, 64) and arrays["text"].dtype == np.uint16  # bfloat16 bits
-        assert arrays["padding_mask"].shape == (1, h, w)
-        by_bucket.setdefault((w, h), []).append(os.path.basename(rec["video"]))
+    for rec, info in rows:
+        w, h = map(int, info["bucket"].split("x"))
+        assert rec["latents"].shape == (16, 2, h // 8, w // 8) and rec["text"].shape == (512, 64)
+        assert rec["padding_mask"].shape == (1, h, w)
+        by_bucket.setdefault((w, h), []).append(os.path.basename(info["video"]))
     assert sorted(by_bucket[(320, 192)]) == ["wide_a.mp4"] * 2 + ["wide_b.mp4"] * 2
     assert sorted(by_bucket[(256, 256)]) == ["square_a.mp4"] * 2 + ["square_b.mp4"] * 2
-    frames = {(os.path.basename(r["video"]), tuple(r["frames"])) for _, r, _ in rows}
+    assert sorted(b for b, _, _ in source.buckets()) == ["256x256", "320x192"]
+    frames = {(os.path.basename(info["video"]), tuple(info["frames"])) for _, info in rows}
     # evenly spaced clips: first and last FRAMES frames (9 frames -> starts 0, 4; 10 frames -> 0, 5)
-    assert ("wide_a.mp4", (0, 5)) in frames and ("wide_a.mp4", (4, 9)) in frames and ("wide_b.mp4", (5, 10)) in frames
-    captions = {os.path.basename(r["video"]): r["caption"] for _, r, _ in rows}
+    assert {("wide_a.mp4", (0, 5)), ("wide_a.mp4", (4, 9)), ("wide_b.mp4", (5, 10))} <= frames
+    captions = {os.path.basename(info["video"]): info["caption"] for _, info in rows}
     assert captions["square_b.mp4"] == SIDECAR[1] and captions["wide_a.mp4"] == CAPTIONS["wide_a.mp4"]
 
 
 def test_records_match_an_independent_recomputation(sources, dataset):
     """Latents, padding mask and projected context of one clip recomputed from the public pieces."""
     _, rows = _records(dataset)
-    shard, rec, arrays = next(r for r in rows if r[1]["video"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
-    frames, _ = video.read_video(rec["video"])
+    rec, info = next(r for r in rows if r[1]["video"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
+    frames, _ = video.read_video(info["video"])
     pixels, mask = video.resize_and_pad(frames[4:4 + FRAMES], (256, 256))
     cfg, params = vae.load(sources["vae"])
-    np.testing.assert_allclose(arrays["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
-    np.testing.assert_array_equal(arrays["padding_mask"], mask.astype(np.uint8))
+    np.testing.assert_allclose(rec["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
+    np.testing.assert_array_equal(rec["padding_mask"], mask)
     assert 0 < mask.mean() < 1  # 44x48 in a square bucket: padded on the left and right
     tcfg, tparams = text_encoder.load(sources["text"], "float32")
     raw = text_encoder.embed(tcfg, tparams, text_encoder.tokenize(sources["text"], [SIDECAR[1]]))
     want = networks.project_text(sources["net"], sources["teacher_params"], raw)[0]
-    got = arrays["text"].view(ml_dtypes.bfloat16).astype(np.float32)
-    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-2, atol=1e-2)  # bfloat16 storage
-    assert np.abs(got - np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))).max() <= 1e-2
+    want_bf16 = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.abs(rec["text"] - want_bf16).max() <= 2 ** -8 * np.abs(want_bf16).max()  # one bfloat16 rounding
 
 
 def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
     marker = dataset / "units" / "unit-00000.json"
-    before = {p.name: p.stat().st_mtime_ns for p in dataset.iterdir() if p.name.startswith("unit-00001")}
+    before = {p.name: p.stat().st_mtime_ns for p in (dataset / "unit-00001").iterdir()}
     marker.unlink()  # as if the run died in unit 0: only unit 0 is redone
+    (dataset / "meta.json").unlink()
     assert prepare.main(_args(sources, dataset)) == 0
-    assert marker.exists()
-    assert before == {p.name: p.stat().st_mtime_ns for p in dataset.iterdir() if p.name.startswith("unit-00001")}
+    assert marker.exists() and len(data.NpyDirSource(str(dataset))) == 8
+    assert before == {p.name: p.stat().st_mtime_ns for p in (dataset / "unit-00001").iterdir()}
     assert prepare.main(_args(sources, dataset, "--clips-per-video", "1")) == 1
     assert "clips_per_video" in capsys.readouterr().err
     other = sources["root"] / "not_a_dataset"
@@ -178,3 +177,52 @@ def test_batches_are_split_over_the_devices(sources):
     c8, _ = eight.context(["a cat sleeps", "a dog runs"], 8)
     c1, _ = one.context(["a cat sleeps", "a dog runs"], 2)
     np.testing.assert_array_equal(c8.view(np.uint16), c1.view(np.uint16))
+
+
+@pytest.mark.slow
+def test_twenty_training_steps_on_the_prepared_set(sources, dataset, tmp_path):
+    """main.py trains on the prepared set (two buckets, projected bf16 context, padding masks): finite losses."""
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cmd = [sys.executable, "main.py", "--config=configs/predict25_4step.py:tiny", f"--workdir={workdir}",
+           f"--config.teacher.path={sources['teacher']}", "--config.data.kind=dir", f"--config.data.path={dataset}",
+           "--config.data.batch_size=2", "--config.total_steps=20", "--config.log_every=5",
+           "--config.checkpoint_every=20", "--config.sample_every=0", "--config.eval.at_end=False"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20
+    losses = [r[k] for r in rows for k in ("critic/loss", "student/loss") if k in r]
+    assert len(losses) >= 4 and np.isfinite(losses).all()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_records(sources, dataset, tmp_path):
+    """2 processes (1 CPU device each): disjoint units, one dataset with the records of the 1-process run."""
+    out = tmp_path / "two"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "trigflow_distill.prepare", *_args(sources, out),
+                               "--shard-videos", "2", "--coordinator-address", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    # units of 2 sorted videos: 0 = bad, short; 1 = square_a, sub/square_b; 2 = wide_a, wide_b
+    owners = {u: json.loads((out / "units" / f"unit-{u:05d}.json").read_text())["process"] for u in range(3)}
+    assert owners == {0: 0, 1: 1, 2: 0}
+    report = [json.loads(line)["video"] for line in (out / "report.jsonl").read_text().splitlines()]
+    assert sorted(map(os.path.basename, report)) == ["bad.mp4", "short.mp4"]
+    _, one = _records(dataset)
+    _, two = _records(out)
+    by_clip = {(info["video"], tuple(info["frames"])): rec for rec, info in one}
+    assert len(two) == len(by_clip) == 8
+    for rec, info in two:
+        want = by_clip[(info["video"], tuple(info["frames"]))]
+        np.testing.assert_allclose(rec["latents"], want["latents"], atol=1e-5)
+        np.testing.assert_array_equal(rec["text"], want["text"])
+        np.testing.assert_array_equal(rec["padding_mask"], want["padding_mask"])

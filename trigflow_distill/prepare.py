@@ -11,7 +11,8 @@ frames at the source rate, EVENLY SPACED from the first frame to the last (clip 
 round(k (n - frames) / (N - 1)); clips overlap when the video has fewer than N·frames frames, identical starts are
 kept once); encode them with the Wan2.1 VAE into normalised latents (§9, §10); embed the caption with the Reason1
 text encoder (§11) and project it ONCE with the teacher's frozen `crossattn_proj` into the (512, 1024) context,
-stored bfloat16 (the raw (512, 28·3584) embedding is stored only with `--keep-raw-text`, float32, as `text_raw`).
+stored bfloat16. The raw (512, 28·3584) embedding is not stored unless `--keep-raw-text` (then float32, beside each
+shard as `SHARD.text_raw.npy`, outside the dataset format: the trainer reads the projected context).
 
 Inputs:
 - `--videos DIR` (every .mp4/.mov/.mkv/.webm/.avi/.m4v below it, sorted) or `--videos LIST.txt` (one path a line,
@@ -20,21 +21,26 @@ Inputs:
   is the path relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video
   without an entry uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption).
 
-Output `DATASET/` (format: see `trigflow_distill.data`): one shard per (unit, bucket), where a unit is
-`--shard-videos` consecutive videos of the sorted list; every record holds the latents, the projected context, the
-padding mask, the caption, the source file, its frame range and fps, and the bucket. Also:
+Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `main.py` trains on
+(`--config.data.path=DATASET`; every batch holds one bucket):
+- `unit-NNNNN/`: the shards of unit N, one per bucket, written by `data.DatasetWriter`; a unit is `--shard-videos`
+  consecutive videos of the sorted list. Every record holds the latents, the projected context and the padding
+  mask (pixel resolution); its info (`source.info(i)`) the caption, the source file, the frame range, the fps and
+  the bucket;
+- `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after
+  its folder is complete;
+- `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`), written last by process 0;
 - `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
-  skipped), different ones are refused unless `--overwrite` (which deletes what a previous job wrote there);
-- `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after its
-  shard files, which are themselves written under temporary names and renamed;
+  skipped, an unfinished one is redone), different ones are refused unless `--overwrite` (which deletes what a
+  previous job wrote there);
 - `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, too short,
   no caption); the job goes on without them.
 
 Devices and hosts: all local devices are used (mesh {"data": 1, "fsdp": all}): the clip and caption batches are
 split over them, the text encoder's parameters are FSDP-sharded. With several processes (TPU pods are detected;
 else --coordinator-address/--num-processes/--process-id) process p takes units p, p + P, p + 2P, ... and writes
-their shards; after a barrier process 0 writes report.jsonl and meta.json. Units do not depend on the process
-count, so a job can resume on another number of hosts.
+their shards; once every unit's marker is there (the hosts poll the shared --out) process 0 writes report.jsonl
+and meta.json. Units do not depend on the process count, so a job can resume on another number of hosts.
 """
 from __future__ import annotations
 
@@ -53,15 +59,16 @@ from collections.abc import Iterator, Sequence
 import av
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import tqdm
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from trigflow_distill import distributed, errors, sharding, sources, text_encoder, torchfile, vae, video
 from trigflow_distill.convert import load_diffusers_folder
+from trigflow_distill.data import DatasetWriter
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 JOB_FILE = "job.json"
@@ -174,13 +181,13 @@ def read_clip_frames(path: str, frames: int, clips: int) -> tuple[dict[int, np.n
     """
     p = epath.Path(path)
     if not p.exists():
-        raise ValueError(f"unreadable: {path}: no such file")
+        raise ValueError("unreadable: no such file")
     kept: dict[int, np.ndarray] = {}
     n, fps = 0, 0.0
     try:
         with p.open("rb") as f, av.open(f) as container:
             if not container.streams.video:
-                raise ValueError(f"unreadable: {path}: no video stream")
+                raise ValueError("unreadable: no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
@@ -196,9 +203,9 @@ def read_clip_frames(path: str, frames: int, clips: int) -> tuple[dict[int, np.n
                 if starts is not None and n >= stop:
                     break
     except (av.FFmpegError, EOFError, OSError, RuntimeError) as e:  # whatever FFmpeg throws at a bad file
-        raise ValueError(f"corrupt or unreadable: {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"corrupt or unreadable: {type(e).__name__}: {e}") from None
     if n == 0:
-        raise ValueError(f"corrupt or unreadable: {path}: no decodable frames")
+        raise ValueError("corrupt or unreadable: no decodable frames")
     if starts is None or n < stop:  # frame count unknown or overstated: place the clips on what was decoded
         if starts is not None and len(kept) < n:  # frames were dropped on the way: decode everything
             return read_clip_frames_all(path, frames, clips)
@@ -338,34 +345,14 @@ class Encoders:
 # Output: shards, unit markers, job file
 
 
-def _save_npy(path: epath.Path, x: np.ndarray) -> None:
-    with path.open("wb") as f:
-        np.save(f, x)
-
-
 def _atomic_write_text(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".tmp-{path.name}"
     tmp.write_text(text)
     tmp.replace(path)
 
 
-def write_shard(out: epath.Path, name: str, arrays: dict[str, np.ndarray], records: list[dict]) -> None:
-    """Writes one shard's arrays (`{name}.{field}.npy`) and per-record metadata (`{name}.records.jsonl`), each
-    under a temporary name first and then renamed (a crash never leaves a half-written file under a real name)."""
-    files = []
-    for field, x in arrays.items():
-        if x.dtype == ml_dtypes.bfloat16:  # .npy has no bfloat16: stored as its uint16 bit pattern (see meta)
-            x = x.view(np.uint16)
-        target = out / f"{name}.{field}.npy"
-        tmp = out / f".tmp-{target.name}"
-        _save_npy(tmp, x)
-        files.append((tmp, target))
-    target = out / f"{name}.records.jsonl"
-    tmp = out / f".tmp-{target.name}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    files.append((tmp, target))
-    for tmp, target in files:
-        tmp.replace(target)
+def _unit_dir(out: epath.Path, unit: int) -> epath.Path:
+    return out / f"unit-{unit:05d}"
 
 
 def _unit_marker(out: epath.Path, unit: int) -> epath.Path:
@@ -395,7 +382,7 @@ def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
 
 def _owned_entries(out: epath.Path) -> list[epath.Path]:
     """What a prepare job writes into its output folder."""
-    names = {JOB_FILE, REPORT_FILE, UNITS_DIR, "meta.json"}
+    names = {JOB_FILE, REPORT_FILE, UNITS_DIR, "meta.json"}  # and the unit-NNNNN folders
     return [p for p in out.iterdir() if p.name in names or p.name.startswith(("unit-", ".tmp-"))]
 
 
@@ -458,8 +445,9 @@ def _prefetched(items: Sequence[Item], opts: Options, pool) -> Iterator[tuple[It
 
 
 def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options, out: epath.Path, pool,
-                 bar: tqdm.tqdm) -> dict:
-    """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker."""
+                 bar: tqdm.tqdm, skipped_before: int = 0) -> dict:
+    """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker.
+    `bar` counts clips (its total shrinks when a video gives fewer clips than asked, or none)."""
     pending: dict[tuple, list[Clip]] = collections.defaultdict(list)
     done: dict[tuple, list[tuple[Clip, np.ndarray]]] = collections.defaultdict(list)
     skipped = []
@@ -474,7 +462,7 @@ def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options,
         if isinstance(clips, str):
             skipped.append({"video": item.path, "reason": clips})
             bar.total -= opts.clips_per_video
-            bar.set_postfix(skipped=len(skipped), refresh=True)
+            bar.set_postfix(skipped=skipped_before + len(skipped), refresh=True)
             continue
         bar.total -= opts.clips_per_video - len(clips)
         for clip in clips:
@@ -494,34 +482,52 @@ def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options,
     context = np.concatenate(contexts) if contexts else None
     raw = np.concatenate(raws) if raws and raws[0] is not None else None
 
+    # One dataset-format-2 directory per unit (data.DatasetWriter), one shard per bucket; leftovers of an
+    # interrupted attempt are removed first (the unit has no marker, so nothing refers to them).
+    folder = _unit_dir(out, unit)
+    if folder.exists():
+        folder.rmtree()
     shards = []
-    order = list(video.buckets(opts.resolution).values())
-    for bucket in sorted(done, key=order.index):
-        clips = done[bucket]
-        name = f"unit-{unit:05d}-{bucket[0]}x{bucket[1]}"
-        rows = [row[c.item.caption] for c, _ in clips]
-        arrays = {"latents": np.stack([z for _, z in clips]), "text": context[rows],
-                  "padding_mask": np.stack([c.mask_1hw for c, _ in clips])}
-        if raw is not None:
-            arrays["text_raw"] = raw[rows]
-        records = [{"caption": c.item.caption, "video": c.item.path, "frames": [c.start, c.start + opts.frames],
-                    "fps": c.fps, "bucket": list(bucket)} for c, _ in clips]
-        write_shard(out, name, arrays, records)
-        shards.append({"name": name, "num_records": len(clips), "bucket": list(bucket),
-                       "latent_shape": list(arrays["latents"].shape[1:])})
-    marker = {"unit": unit, "videos": [it.path for it in items], "shards": shards, "skipped": skipped}
+    if done:
+        writer = DatasetWriter(os.fspath(folder), text_kind="projected")
+        order = list(video.buckets(opts.resolution).values())
+        for bucket in sorted(done, key=order.index):
+            clips = done[bucket]
+            rows = [row[c.item.caption] for c, _ in clips]
+            info = [{"caption": c.item.caption, "video": c.item.path, "frames": [c.start, c.start + opts.frames],
+                     "fps": c.fps} for c, _ in clips]
+            name = writer.write_shard(np.stack([z for _, z in clips]), context[rows], bucket=list(bucket),
+                                      padding_mask=np.stack([c.mask_1hw for c, _ in clips]), info=info)
+            if raw is not None:  # beside the shard, outside the format: not read by the trainer
+                with (folder / f"{name}.text_raw.npy").open("wb") as f:
+                    np.save(f, raw[rows])
+            shards.append({"name": name, "bucket": list(bucket), "num_records": len(clips)})
+        writer.close()
+    marker = {"unit": unit, "process": jax.process_index(), "videos": [it.path for it in items], "shards": shards,
+              "skipped": skipped}
     _atomic_write_text(_unit_marker(out, unit), json.dumps(marker))
     return marker
 
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
-def finish(out: epath.Path, num_units: int, text_channels: int, raw_channels: int | None) -> dict:
-    """Process 0, after every unit is done: report.jsonl (skipped videos) and the dataset's meta.json."""
+def _wait_for_units(out: epath.Path, num_units: int, poll_s: float = 5.0) -> None:
+    """Blocks until every unit has its marker. Hosts may finish hours apart, longer than a collective barrier
+    waits, so they poll the shared output instead (a host that dies stops the others through the distributed
+    heartbeat)."""
+    while True:
+        missing = [u for u in range(num_units) if not _unit_marker(out, u).exists()]
+        if not missing:
+            return
+        time.sleep(poll_s)
+
+
+def finish(out: epath.Path, num_units: int) -> dict:
+    """Process 0, after every unit is done: report.jsonl (the skipped videos) and the dataset's meta.json, which
+    lists the shards of every unit's folder (`unit-NNNNN/shard-MMMMM`)."""
     markers = [_read_marker(_unit_marker(out, u)) for u in range(num_units)]
     missing = [u for u, m in enumerate(markers) if m is None]
     if missing:
@@ -529,12 +535,20 @@ def finish(out: epath.Path, num_units: int, text_channels: int, raw_channels: in
                          "command to resume them")
     skipped = [s for m in markers for s in m["skipped"]]
     _atomic_write_text(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
-    shards = [s for m in markers for s in m["shards"]]
-    meta = {"format": "trigflow_distill.data/2-draft", "num_records": sum(s["num_records"] for s in shards),
-            "text_kind": "projected", "text_dtype": "bfloat16", "text_channels": text_channels,
-            "raw_text_channels": raw_channels, "shards": shards}
+    metas = [(u, json.loads((_unit_dir(out, u) / "meta.json").read_text())) for u, m in enumerate(markers)
+             if m["shards"]]
+    if not metas:
+        raise ValueError(f"no video of --videos gave a clip; see {out / REPORT_FILE} for the reasons")
+    meta = dict(metas[0][1])
+    for u, m in metas:
+        for key in ("format", "text_shape", "text_kind", "text_dtype", "fields"):
+            if m[key] != meta[key]:
+                raise ValueError(f"{_unit_dir(out, u)}: {key} {m[key]!r} differs from unit {metas[0][0]}'s "
+                                 f"{meta[key]!r}; rerun with --overwrite")
+    meta["shards"] = [{**s, "name": f"{_unit_dir(out, u).name}/{s['name']}"} for u, m in metas for s in m["shards"]]
+    meta["num_records"] = sum(s["num_records"] for s in meta["shards"])
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    return {"records": meta["num_records"], "shards": len(shards), "skipped": skipped}
+    return {"records": meta["num_records"], "shards": len(meta["shards"]), "skipped": skipped}
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -568,17 +582,18 @@ def prepare(args: argparse.Namespace) -> dict:
     if resumed and jax.process_index() == 0:
         print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
     total = sum(len(units[u]) for u in todo) * args.clips_per_video
-    clips = 0
+    clips = skipped = 0
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool, tqdm.tqdm(
             total=total, unit="clip", desc="prepare", dynamic_ncols=True, disable=args.no_progress) as bar:
         for u in todo:
-            marker = process_unit(u, units[u], enc, opts, out, pool, bar)
+            marker = process_unit(u, units[u], enc, opts, out, pool, bar, skipped)
             clips += sum(s["num_records"] for s in marker["shards"])
-    _barrier("trigflow_distill.prepare.done")
+            skipped += len(marker["skipped"])
+    if jax.process_count() > 1:
+        _wait_for_units(out, len(units))
     summary = {"clips_this_run": clips, "seconds": time.perf_counter() - t0}
     if jax.process_index() == 0:
-        raw = enc.text_cfg.num_layers * enc.text_cfg.hidden_size if args.keep_raw_text else None
-        summary.update(finish(out, len(units), int(enc.kernel.shape[1]), raw))
+        summary.update(finish(out, len(units)))
     return summary
 
 
