@@ -169,14 +169,18 @@ def test_batches_are_split_over_the_devices(sources):
     """8 devices: the same latents and context as one device (conftest simulates 8 CPU devices)."""
     assert len(jax.local_devices()) == 8
     one, eight = (prepare.Encoders(str(sources["vae"]), str(sources["text"]), str(sources["teacher"]),
-                                   text_dtype="float32", num_devices=n) for n in (1, 8))
+                                   text_dtype="float32", num_devices=n, keep_raw_text=n == 1) for n in (1, 8))
     frames = np.random.default_rng(0).integers(0, 256, (3, 1, 16, 24, 3), dtype=np.uint8)  # 3 clips, padded to 8
     z8 = eight.latents(frames, 8)
     assert z8.shape == (3, 16, 1, 2, 3)
     np.testing.assert_allclose(z8, one.latents(frames, 1 * 4)[:3], atol=1e-5)
-    c8, _ = eight.context(["a cat sleeps", "a dog runs"], 8)
-    c1, _ = one.context(["a cat sleeps", "a dog runs"], 2)
+    c8, no_raw = eight.context(["a cat sleeps", "a dog runs"], 8)
+    c1, raw = one.context(["a cat sleeps", "a dog runs"], 2)
     np.testing.assert_array_equal(c8.view(np.uint16), c1.view(np.uint16))
+    # --keep-raw-text: the raw embedding is the one the context was projected from
+    assert no_raw is None and raw.shape == (2, 512, 96) and raw.dtype == np.float32
+    want = networks.project_text(sources["net"], sources["teacher_params"], raw)
+    np.testing.assert_array_equal(c1.view(np.uint16), np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
 
 
 @pytest.mark.slow
