@@ -163,20 +163,13 @@ def main(argv=None) -> int:
     convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, teacher, overwrite=True)
     t0 = time.perf_counter()
 
-    ref_dir = os.path.join(scratch, "reference")
-    timing = os.path.join(scratch, f"reference_{args.steps}.json")
-    if os.path.exists(timing) and args.steps in step_dirs(ref_dir):  # a finished reference in --dir is reused
-        with open(timing) as f:
-            times = json.load(f)["progress_s"]
-    else:
-        shutil.rmtree(ref_dir, ignore_errors=True)
-        ref = Run(command(ref_dir, teacher, args.steps, 1), env)
-        if ref.wait(timeout=3600) != 0:
-            print(ref.text()[-3000:])
-            raise SystemExit("the reference run failed")
-        times = [t for t, line in ref.lines if PROGRESS.match(line)]  # log_every=1: one line per step
-        with open(timing, "w") as f:
-            json.dump({"progress_s": times, "wall_s": ref.lines[-1][0]}, f)
+    ref_dir = os.path.join(scratch, "reference")  # always run anew: a reference of other code proves nothing
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    ref = Run(command(ref_dir, teacher, args.steps, 1), env)
+    if ref.wait(timeout=3600) != 0:
+        print(ref.text()[-3000:])
+        raise SystemExit("the reference run failed")
+    times = [t for t, line in ref.lines if PROGRESS.match(line)]  # log_every=1: one line per step
     # the first steps include compiling the other update: the window is measured on the reference, not averaged
     window_s = times[min(len(times) - 1, int(args.window))] - times[0]
     print(f"reference: {args.steps} steps in {times[-1]:.1f} s; training kills within {window_s:.1f} s after the "
@@ -209,7 +202,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"a run failed (exit {run.proc.returncode}) instead of being killed")
             chains.append(os.path.join(scratch, f"run{len(chains)}"))  # this chain is complete: start another
             continue
-        kill = {"chain": len(chains) - 1, "phase": "start-up" if aim_startup else "training",
+        kill = {"chain": len(chains) - 1, "phase": "start-up" if run.last_step() is None else "training",
                 "at_s": round(time.perf_counter() - run.start, 2), "resumed_from": run.resumed_at(),
                 "last_logged_step": run.last_step(), "during_save": saving_now(work),
                 "checkpoints_before": sorted(step_dirs(work))}

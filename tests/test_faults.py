@@ -437,6 +437,13 @@ def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
         holder.release()
 
 
+def test_misspelled_mesh_axis_is_refused():
+    """`dict(dta=-1, fsdp=1, seq=1)` used to train with every device computing the same full batch."""
+    from trigflow_distill import sharding
+    with pytest.raises(ValueError, match="unknown mesh axis 'dta'"):
+        sharding.make_mesh(dict(dta=-1, fsdp=1, seq=1))
+
+
 # --------------------------------------------------------------------------------------------- main.py end to end
 def _main_cmd(workdir, teacher, *extra, steps=6):
     return [sys.executable, os.path.join(ROOT, "main.py"),
@@ -469,6 +476,7 @@ def _one_line_error(out, fragment):
     ("nan lr", "config.student_optim.lr=nan must be a finite number >= 0"),
     ("workdir is a file", "is a file; give a directory"),
     ("corrupted config.json", "config.json is corrupted"),
+    ("misspelled mesh axis in a config file", "unknown mesh axis 'dta'"),
 ])
 def test_main_py_errors_are_one_line(teacher_pt, tmp_path, case, fragment):
     workdir = tmp_path / "run"
@@ -485,6 +493,16 @@ def test_main_py_errors_are_one_line(teacher_pt, tmp_path, case, fragment):
         (workdir / "config.json").write_text("{not json")
     if case == "total_steps 0":
         cmd = _main_cmd(workdir, teacher_pt, steps=0)
+    if case == "misspelled mesh axis in a config file":
+        config_file, base = tmp_path / "my_config.py", os.path.join(ROOT, "configs/predict25_4step.py")
+        config_file.write_text(
+            "import importlib.util\nimport ml_collections\n"
+            f"spec = importlib.util.spec_from_file_location('base', {base!r})\n"
+            "base = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(base)\n\n\n"
+            "def get_config():\n    c = base.get_config('tiny')\n"
+            "    c.mesh = ml_collections.ConfigDict(dict(dta=-1, fsdp=1, seq=1))\n    return c\n")
+        cmd = [a for a in cmd if not a.startswith("--config.mesh.")]
+        cmd[2] = f"--config={config_file}"
     out = subprocess.run(cmd + extra, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     _one_line_error(out, fragment)
 
