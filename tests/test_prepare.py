@@ -100,22 +100,22 @@ def test_dataset_shapes_buckets_and_metadata(dataset):
         w, h = map(int, info["bucket"].split("x"))
         assert rec["latents"].shape == (16, 2, h // 8, w // 8) and rec["text"].shape == (512, 64)
         assert rec["padding_mask"].shape == (1, h, w)
-        by_bucket.setdefault((w, h), []).append(os.path.basename(info["video"]))
+        by_bucket.setdefault((w, h), []).append(os.path.basename(info["source"]))
     assert sorted(by_bucket[(320, 192)]) == ["wide_a.mp4"] * 2 + ["wide_b.mp4"] * 2
     assert sorted(by_bucket[(256, 256)]) == ["square_a.mp4"] * 2 + ["square_b.mp4"] * 2
     assert sorted(b for b, _, _ in source.buckets()) == ["256x256", "320x192"]
-    frames = {(os.path.basename(info["video"]), tuple(info["frames"])) for _, info in rows}
+    frames = {(os.path.basename(info["source"]), tuple(info["frames"])) for _, info in rows}
     # evenly spaced clips: first and last FRAMES frames (9 frames -> starts 0, 4; 10 frames -> 0, 5)
     assert {("wide_a.mp4", (0, 5)), ("wide_a.mp4", (4, 9)), ("wide_b.mp4", (5, 10))} <= frames
-    captions = {os.path.basename(info["video"]): info["caption"] for _, info in rows}
+    captions = {os.path.basename(info["source"]): info["caption"] for _, info in rows}
     assert captions["square_b.mp4"] == SIDECAR[1] and captions["wide_a.mp4"] == CAPTIONS["wide_a.mp4"]
 
 
 def test_records_match_an_independent_recomputation(sources, dataset):
     """Latents, padding mask and projected context of one clip recomputed from the public pieces."""
     _, rows = _records(dataset)
-    rec, info = next(r for r in rows if r[1]["video"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
-    frames, _ = video.read_video(info["video"])
+    rec, info = next(r for r in rows if r[1]["source"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
+    frames, _ = video.read_video(info["source"])
     pixels, mask = video.resize_and_pad(frames[4:4 + FRAMES], (256, 256))
     cfg, params = vae.load(sources["vae"])
     np.testing.assert_allclose(rec["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
@@ -223,10 +223,10 @@ def test_two_processes_write_the_same_records(sources, dataset, tmp_path):
     assert sorted(map(os.path.basename, report)) == ["bad.mp4", "short.mp4"]
     _, one = _records(dataset)
     _, two = _records(out)
-    by_clip = {(info["video"], tuple(info["frames"])): rec for rec, info in one}
+    by_clip = {(info["source"], tuple(info["frames"])): rec for rec, info in one}
     assert len(two) == len(by_clip) == 8
     for rec, info in two:
-        want = by_clip[(info["video"], tuple(info["frames"]))]
+        want = by_clip[(info["source"], tuple(info["frames"]))]
         np.testing.assert_allclose(rec["latents"], want["latents"], atol=1e-5)
         np.testing.assert_array_equal(rec["text"], want["text"])
         np.testing.assert_array_equal(rec["padding_mask"], want["padding_mask"])

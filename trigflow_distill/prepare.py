@@ -25,8 +25,8 @@ Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `mai
 (`--config.data.path=DATASET`; every batch holds one bucket):
 - `unit-NNNNN/`: the shards of unit N, one per bucket, written by `data.DatasetWriter`; a unit is `--shard-videos`
   consecutive videos of the sorted list. Every record holds the latents, the projected context and the padding
-  mask (pixel resolution); its info (`source.info(i)`) the caption, the source file, the frame range, the fps and
-  the bucket;
+  mask (pixel resolution); its info (`NpyDirSource.info(i)`) {"caption", "source": the video file, "frames":
+  [start, stop), "fps", "bucket": "WxH"};
 - `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after
   its folder is complete;
 - `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`), written last by process 0;
@@ -494,7 +494,7 @@ def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options,
         for bucket in sorted(done, key=order.index):
             clips = done[bucket]
             rows = [row[c.item.caption] for c, _ in clips]
-            info = [{"caption": c.item.caption, "video": c.item.path, "frames": [c.start, c.start + opts.frames],
+            info = [{"caption": c.item.caption, "source": c.item.path, "frames": [c.start, c.start + opts.frames],
                      "fps": c.fps} for c, _ in clips]
             name = writer.write_shard(np.stack([z for _, z in clips]), context[rows], bucket=list(bucket),
                                       padding_mask=np.stack([c.mask_1hw for c, _ in clips]), info=info)
