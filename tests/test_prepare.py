@@ -158,6 +158,15 @@ def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
     assert "crossattn_proj takes 64 channels" in err and "2 layers x 48 = 96" in err
 
 
+def test_captions_jsonl_sidecar_and_unused_keys(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    paths = [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "b.mp4"), str(tmp_path / "sub" / "c.mp4")]
+    (tmp_path / "sub" / "c.txt").write_text("from the sidecar\n")
+    items = prepare.make_items(paths, str(tmp_path), {"a.mp4": "by name", "sub/b.mp4": "by path", "zz.mp4": "?"})
+    assert [it.caption for it in items] == ["by name", "by path", "from the sidecar"]
+    assert "1 of 3 --captions entries name no video" in capsys.readouterr().err
+
+
 def test_clip_starts():
     assert prepare.clip_starts(93, 93, 1) == [0]
     assert prepare.clip_starts(92, 93, 1) == []

@@ -141,12 +141,19 @@ def _sidecar_caption(path: str) -> str | None:
 
 
 def make_items(paths: Sequence[str], root: str, captions: dict[str, str]) -> list[Item]:
-    """Items with their captions: JSONL key = relative name, bare file name or full path; else a sidecar .txt."""
-    items = []
+    """Items with their captions: JSONL key = relative name, bare file name or full path; else a sidecar .txt.
+    Warns (stderr) about JSONL keys that name no video: a wrong key layout would otherwise skip every video."""
+    items, used = [], set()
     for path in paths:
         name = os.path.relpath(path, root) if not sources.is_remote(path) else path[len(root):].lstrip("/")
-        caption = next((captions[k] for k in (name, os.path.basename(path), path) if k in captions), None)
-        items.append(Item(path, name, caption if caption is not None else _sidecar_caption(path)))
+        key = next((k for k in (name, os.path.basename(path), path) if k in captions), None)
+        used.add(key)
+        caption = captions[key] if key is not None else _sidecar_caption(path)
+        items.append(Item(path, name, caption))
+    unused = [k for k in captions if k not in used]
+    if unused and jax.process_index() == 0:
+        print(f"warning: {len(unused)} of {len(captions)} --captions entries name no video of --videos (e.g. "
+              f"{unused[0]!r}); keys are paths relative to {root}, bare file names or full paths", file=sys.stderr)
     return items
 
 
@@ -377,7 +384,8 @@ def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
             "videos_and_captions_sha256": _digest(listing), "vae": args.vae, "text_encoder": args.text_encoder,
             "teacher": args.teacher, "resolution": str(args.resolution), "frames": args.frames,
             "clips_per_video": args.clips_per_video, "shard_videos": args.shard_videos,
-            "keep_raw_text": args.keep_raw_text, "text_dtype": args.text_dtype, "vae_dtype": args.vae_dtype}
+            "teacher_prefix": args.teacher_prefix, "keep_raw_text": args.keep_raw_text, "text_dtype": args.text_dtype,
+            "vae_dtype": args.vae_dtype}
 
 
 def _owned_entries(out: epath.Path) -> list[epath.Path]:
