@@ -160,7 +160,7 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
 
     # DMD2 on a backward-simulated sample (docs/algorithm.md §4), after the warm-up.
     dmd_on = state.step > algo.tangent_warmup
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift)
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = _num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
     elements = float(np.prod(cond.shape[1:]))
@@ -171,7 +171,8 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
         x0_t = losses.cfg_x0(cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d),
                              algo.guidance)
-        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_t))
+        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_t),
+                                    lambda_frame_chunks=algo.lambda_frame_chunks)
         return elements * loss, (aux["nan_b"], jnp.mean(aux["lambda_b"]), jnp.mean(tau_d))
 
     def no_dmd_term(student):
@@ -191,8 +192,9 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
     ok = (jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(scm_aux["nan_b"])
           & ~(dmd_on & jnp.all(dmd_nan_b)))
     student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
+    # beta counts the student updates before this one (docs/algorithm.md §6, §13), as in dmd2.student_update.
+    new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
     updates = state.student_updates + ok.astype(jnp.int32)
-    new_ema = optim.ema_update(state.student_ema, student, updates, ema_gamma)
     ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
     new_state = state.replace(step=state.step + 1, student=student, student_opt=student_opt, student_ema=ema,
                               student_updates=updates, **_skip_counters(state, ok))
