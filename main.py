@@ -56,11 +56,19 @@ def _one_line(e: BaseException) -> str:
     return re.sub(r"^Configuration is not available because of an earlier failure to load: ", "", text)
 
 
+def _without_orbax_tracebacks(record) -> bool:
+    if "orbax" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(fail(ValueError(f"unexpected arguments {argv[1:]}; config fields go as --config.<field>=<value>.")))
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; our progress lines go to stdout
         logging.set_verbosity(logging.WARNING)
+        # Orbax logs a failed background write with tracebacks from several threads; the error line says it all.
+        logging.get_absl_handler().addFilter(_without_orbax_tracebacks)
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
     from trigflow_distill import distributed
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir

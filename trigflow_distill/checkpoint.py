@@ -13,6 +13,7 @@ the last committed step. `restore_latest` falls back to the newest checkpoint th
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -71,10 +72,17 @@ def _report(message: str) -> None:
         print(message, flush=True)
 
 
+_OS_REASON = re.compile(r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded|"
+                        r"Input/output error|No such file or directory|Too many open files")
+
+
 def _short(e: BaseException) -> str:
-    """First line of an exception, capped (TensorStore errors carry pages of spec)."""
+    """First line of an exception, capped (TensorStore errors carry pages of spec), with the OS reason if it was
+    cut off."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text if len(text) <= 200 else text[:200] + " ..."
+    if len(text) > 200:
+        reason = _OS_REASON.search(text)
+        text = text[:200] + " ..." + (f" {reason.group(0)}" if reason and reason.start() >= 200 else "")
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
