@@ -12,11 +12,11 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-SERIES = (  # (label, row filter, colour, draw a line through the points)
-    ("teacher, guided", lambda r: r["name"] == "teacher" and r["guidance"] is not None, (31, 119, 180), True),
-    ("teacher, unguided", lambda r: r["name"] == "teacher" and r["guidance"] is None, (150, 150, 150), True),
-    ("student (EMA)", lambda r: r["name"] == "student_ema", (214, 39, 40), False),
-    ("student (raw)", lambda r: r["name"] == "student", (255, 127, 14), False),
+SERIES = (  # (label, row filter, colour, line through the points, marker radius); later series drawn on top
+    ("teacher, guided", lambda r: r["name"] == "teacher" and r["guidance"] is not None, (31, 119, 180), True, 4),
+    ("teacher, unguided", lambda r: r["name"] == "teacher" and r["guidance"] is None, (150, 150, 150), True, 4),
+    ("student (raw)", lambda r: r["name"] == "student", (255, 127, 14), False, 6),
+    ("student (EMA)", lambda r: r["name"] == "student_ema", (214, 39, 40), False, 4),
 )
 PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 420, 300, 56, 16, 30, 44
 
@@ -62,14 +62,14 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, rows: list[dict], metric: str, fo
     draw.text((left + width / 2, PANEL_H - 6), "NFE (network evaluations, log scale)", fill=(0, 0, 0), font=small,
               anchor="mb")
     draw.text((left + width / 2, 8), metric + " (lower is better)", fill=(0, 0, 0), font=font, anchor="mt")
-    for _, keep, colour, line in SERIES:
+    for _, keep, colour, line, radius in SERIES:
         pts = sorted((r["nfe"], r["metrics"][metric]) for r in rows
                      if keep(r) and r["nfe"] and r["metrics"].get(metric) is not None)
         xy = [px(n, v) for n, v in pts]
         if line and len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour, outline=(0, 0, 0))
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour, outline=(0, 0, 0))
 
 
 def plot_quality_vs_nfe(result: dict, path) -> None:
@@ -82,7 +82,7 @@ def plot_quality_vs_nfe(result: dict, path) -> None:
     for k, metric in enumerate(("fd_hand", "fd_proj")):
         _panel(draw, k * PANEL_W, rows, metric, font, small)
     x = MARGIN_L
-    for label, keep, colour, _ in SERIES:
+    for label, keep, colour, _, _ in SERIES:
         if not any(keep(r) for r in rows):
             continue
         y = PANEL_H + legend_h / 2
