@@ -99,7 +99,11 @@ def get_config(arg: str = ""):
     # hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth) into samples/*.mp4, *.gif and TensorBoard; "" = none.
     c.vae = ml_collections.ConfigDict(dict(path=""))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, seq=1))
+    # Mesh axis sizes; 0 = chosen at start from the device count and per-device memory by the compile-only plan
+    # (fewest seq shards, then the most data parallelism that fits; printed, cached in <workdir>/mesh_auto.json).
+    # Fixed sizes are kept, -1 fills the devices left. device_memory_gib: per-device memory for that choice,
+    # 0 = the backend's (simulated CPU devices report none: set it).
+    c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, seq=0, device_memory_gib=0.0))
 
     # Weights & Biases, next to TensorBoard and metrics.jsonl (off by default; needs `pip install wandb` when on).
     c.wandb = ml_collections.ConfigDict(dict(
@@ -135,7 +139,7 @@ def get_config(arg: str = ""):
         c.distill.rcm.tangent_warmup = 100  # the reference's 1000 is 1% of its run; 1500 iterations here
         c.data.kind = "toy"
         c.data.batch_size = 32
-        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
+        c.mesh.update(data=-1, fsdp=1, seq=1)  # plain data parallelism
         c.eval.at_end = True
     return c
 

@@ -111,3 +111,19 @@ def test_global_batch_shape_error():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     with pytest.raises(ValueError, match="expects 8 rows"):
         sharding.global_batch({"x": np.zeros((4, 3), np.float32)}, 8, mesh)
+
+
+def test_mesh_axis_names_and_auto_sizes_are_validated():
+    """A misspelled axis is a clear error in a config's mesh section and in make_mesh; 0 means 'chosen at start'."""
+    with pytest.raises(ValueError, match=r"unknown mesh axis 'dta' in config\.mesh; the axes are data, fsdp, seq"):
+        sharding.mesh_request({"dta": 1, "fsdp": 8, "seq": 1, "device_memory_gib": 16.0})
+    with pytest.raises(ValueError, match="unknown mesh axis 'dta'"):
+        sharding.make_mesh({"dta": 2, "fsdp": -1})
+    request = sharding.mesh_request({"data": 0, "fsdp": 0, "seq": 2, "device_memory_gib": 0.0})
+    assert request == {"data": 0, "fsdp": 0, "seq": 2} and sharding.is_auto(request)
+    assert sharding.mesh_request({"fsdp": -1}) == {"data": 1, "fsdp": -1, "seq": 1}
+    assert not sharding.is_auto(sharding.mesh_request({"fsdp": -1}))
+    with pytest.raises(ValueError, match="without mixing -1 and 0"):
+        sharding.mesh_request({"data": -1, "fsdp": 0})
+    with pytest.raises(ValueError, match="chosen automatically"):
+        sharding.make_mesh({"data": 0, "fsdp": 8})

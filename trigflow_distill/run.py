@@ -165,9 +165,10 @@ def load_teacher(config, workdir):
     return net_config, dmd2.split_teacher(params)
 
 
-def setup(config, workdir, mesh):
-    """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn)."""
-    net_config, teacher = load_teacher(config, workdir)
+def setup(config, workdir, mesh, loaded=None):
+    """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn). loaded: the
+    (net_config, teacher) of `load_teacher` when already read (for the mesh choice), else read here."""
+    net_config, teacher = load_teacher(config, workdir) if loaded is None else loaded
     algo = dmd2.algo_from_config(config, net_config, mesh)
     student_tx, critic_tx = dmd2.make_optimizers(config)
     teacher_sh = sharding.param_sharding(teacher, mesh)

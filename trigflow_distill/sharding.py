@@ -1,8 +1,9 @@
 """Device mesh, parameter / optimizer-state / batch shardings, and host->global array helpers.
 
-Mesh axes come from a config dict such as {"data": 1, "fsdp": -1, "seq": 1} (one -1 fills the remaining
-devices). Parameters and optimizer states are sharded over `fsdp` and `seq` together (large tensors; the `seq`
-devices of one sample would otherwise each hold a full copy) or replicated (small ones);
+Mesh axes (data, fsdp, seq) come from a config dict such as {"data": 1, "fsdp": -1, "seq": 1} (one -1 fills the
+remaining devices; a 0 in a run's config.mesh leaves the size to `memplan.run_mesh`, see `mesh_request`).
+Parameters and optimizer states are sharded over `fsdp` and `seq` together (large tensors; the `seq` devices of one
+sample would otherwise each hold a full copy) or replicated (small ones);
 a batch is sharded along its leading axis over ("data", "fsdp") and replicated over every other axis (e.g. `seq`).
 Everything here works in single- and multi-process runs: arrays that span processes are only built with
 `jax.make_array_from_callback` / `jax.make_array_from_process_local_data`.
@@ -22,25 +23,55 @@ from jax.sharding import PartitionSpec as P
 FSDP = "fsdp"
 PARAM_AXES = ("fsdp", "seq")  # mesh axes that shard parameters and optimizer states (ZeRO-3 style)
 MESH_AXES = ("data", "fsdp", "seq")
+MESH_OPTIONS = ("device_memory_gib",)  # config.mesh fields that are not axis sizes (see memplan.run_mesh)
 BATCH_AXES = ("data", "fsdp")
 # Tensors with fewer elements stay replicated: sharding them saves little memory and costs a collective each.
 DEFAULT_MIN_SIZE = 1 << 14
 
 
+def _check_axis_names(names, where: str) -> None:
+    unknown = [a for a in names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axis {unknown[0]!r} in {where}; the axes are {', '.join(MESH_AXES)}.")
+
+
+def mesh_request(mesh_section: Mapping[str, Any], where: str = "config.mesh") -> dict[str, int]:
+    """Axis sizes of a run's config.mesh (its MESH_OPTIONS left out), validated; `where` names it in errors.
+
+    Sizes: positive, -1 (fills the devices the others leave) or 0 (chosen at start by `memplan.run_mesh` from the
+    device count and memory; the sizes given are kept). An axis left out is 1. -1 and 0 do not mix.
+    """
+    sizes = {a: int(v) for a, v in dict(mesh_section).items() if a not in MESH_OPTIONS}
+    _check_axis_names(sizes, where)
+    if any(v < -1 for v in sizes.values()) or (-1 in sizes.values() and 0 in sizes.values()):
+        raise ValueError(f"{where} sizes {sizes}: use positive sizes, -1 (fill the remaining devices) or 0 "
+                         "(chosen automatically), without mixing -1 and 0.")
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def is_auto(request: Mapping[str, int]) -> bool:
+    """Whether a `mesh_request` leaves some size to the automatic choice."""
+    return 0 in request.values()
+
+
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """Mesh over `devices` (default: all, across processes) with the axes and sizes of `mesh_config`, in order.
 
-    One size may be -1: it takes whatever devices the others leave. Axes are laid out in the order
-    data, fsdp, seq, then any others as given (so ConfigDict's key sorting does not matter; `seq`, the most
-    communication-heavy, is innermost). All axes are `AxisType.Auto` (jit decides intermediate shardings).
+    Axis names: MESH_AXES. One size may be -1: it takes whatever devices the others leave. Axes are laid out in
+    the order data, fsdp, seq (so ConfigDict's key sorting does not matter; `seq`, the most communication-heavy,
+    is innermost). All axes are `AxisType.Auto` (jit decides intermediate shardings).
     """
     devices = list(jax.devices() if devices is None else devices)
     config = dict(mesh_config)
     if not config:
         raise ValueError("mesh config is empty; give axis sizes, e.g. {'data': 1, 'fsdp': -1, 'seq': 1}.")
-    names = tuple(a for a in MESH_AXES if a in config) + tuple(a for a in config if a not in MESH_AXES)
+    _check_axis_names(config, f"mesh {config}")
+    names = tuple(a for a in MESH_AXES if a in config)
     sizes = [int(config[a]) for a in names]
-    if any(s == 0 or s < -1 for s in sizes):
+    if 0 in sizes:
+        raise ValueError(f"mesh {config}: size 0 (chosen automatically) is resolved by memplan.run_mesh at the "
+                         "start of a run; give positive sizes or -1 here.")
+    if any(s < -1 for s in sizes):
         raise ValueError(f"mesh axis sizes must be positive or -1 (fill), got {config}.")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1 (fill the remaining devices), got {config}.")

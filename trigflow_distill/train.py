@@ -20,7 +20,7 @@ from clu import parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill import checkpoint, data, distributed, dmd2, lock, metrics, optim, run, sharding
+from trigflow_distill import checkpoint, data, distributed, dmd2, lock, memplan, metrics, optim, run, sharding
 from trigflow_distill.errors import CheckpointError, TrainingStopped, WorkdirLocked
 
 # write_samples(samples_bcthw, batch, path, writer): pictures of the EMA student's samples; batch holds the gathered
@@ -100,12 +100,17 @@ def check_source(source, net_config, teacher) -> None:
 
 def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> dmd2.TrainState:
     main_process = distributed.is_main_process()
-    mesh = sharding.make_mesh(dict(config.mesh))
     batch_size = int(config.data.batch_size)
+    loaded = run.load_teacher(config, str(workdir))
+    # The mesh (config.mesh sizes at 0: chosen by the compile-only plan) for the largest records of the data.
+    largest = max((spec for _, spec, _ in data.records.source_buckets(source)),
+                  key=lambda spec: int(np.prod(spec.latent_shape)))
+    mesh = memplan.run_mesh(config, loaded[0], largest.latent_shape, largest.text_shape[0], batch_size,
+                            str(workdir), log=lambda line: print(line, flush=True) if main_process else None)
     sharding.check_batch(batch_size, mesh)
 
     algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(config, str(workdir),
-                                                                                               mesh)
+                                                                                               mesh, loaded)
     check_source(source, algo.net_config, teacher)
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
