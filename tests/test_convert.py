@@ -188,7 +188,7 @@ def test_export_diffusers_loads_and_matches(tmp_path):
     out = tmp_path / "diffusers"
     convert.export_diffusers(params, CONFIG, out, dtype=np.float32)
     model = CosmosTransformer3DModel.from_pretrained(out).eval()
-    torch_dmd2.set_cosmos_qk_eps(model)  # diffusers hard-codes 1e-5; Cosmos (and SPEC) use 1e-6
+    torch_dmd2.set_cosmos_qk_eps(model)  # diffusers hard-codes 1e-5; Cosmos (docs/algorithm.md §8) uses 1e-6
     torch_dmd2.install_nearest_resize()
 
     rng = np.random.default_rng(0)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "resolution")
     parser.add_argument("--text-kind", choices=TEXT_KINDS, help="default: told by the width (see --net)")
     parser.add_argument("--normalize", action="store_true",
-                        help="latents are raw Wan2.1 VAE means: normalise them per channel (SPEC §9)")
+                        help="latents are raw Wan2.1 VAE means: normalise them per channel (docs/algorithm.md §9)")
     parser.add_argument("--shard-size", type=int, default=1024, help="records per shard file")
     parser.add_argument("--net", default="predict25_2b",
                         help="networks preset of the teacher the data is for (its text widths are checked); 'any' "

@@ -1,4 +1,5 @@
-"""Cosmos Predict2.5 DiT (MinimalV1LVGDiT, SPEC §8) as pure JAX functions over a nested-dict parameter tree.
+"""Cosmos Predict2.5 DiT (MinimalV1LVGDiT, docs/algorithm.md §8) as pure JAX functions over a nested-dict
+parameter tree.
 
 Layout of the tree: see `param_shapes`. Linear kernels are (in, out); the blocks are stacked on a leading
 num_blocks axis and the forward scans over them. Compute dtype float32 or bfloat16: in bf16 the matmul inputs are

@@ -1,7 +1,7 @@
 """Native Cosmos (PyTorch) and diffusers parameter names <-> the JAX param tree of `cosmos_dit` (numpy only).
 
-Native names are those of SPEC §8 without the `net.` prefix; torch Linear weights are (out, in), our kernels
-(in, out). Diffusers `CosmosTransformer3DModel` uses the same tensors and layouts under other names.
+Native names are those of docs/algorithm.md §8 without the `net.` prefix; torch Linear weights are (out, in), our
+kernels (in, out). Diffusers `CosmosTransformer3DModel` uses the same tensors and layouts under other names.
 """
 from __future__ import annotations
 
@@ -205,8 +205,8 @@ def _flatten(tree, prefix=()):
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfig:
-    """DiTConfig from native tensor shapes (SPEC §8): width, blocks, head_dim (q_norm size), MLP width, LoRA dim,
-    context dims. Patch sizes, RoPE ratios, concat_padding_mask and compute options come from `overrides` or the
+    """DiTConfig from native tensor shapes (docs/algorithm.md §8): width, blocks, head_dim (q_norm size), MLP width,
+    LoRA dim, context dims. Patch sizes, RoPE ratios, concat_padding_mask and compute options come from `overrides` or the
     DiTConfig defaults (Predict2.5)."""
     names = [k for k in shapes if not is_ignored(k)]
     _check_family(names)
