@@ -206,8 +206,8 @@ def _flatten(tree, prefix=()):
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfig:
     """DiTConfig from native tensor shapes (docs/algorithm.md §8): width, blocks, head_dim (q_norm size), MLP width,
-    LoRA dim, context dims. Patch sizes, RoPE ratios, concat_padding_mask and compute options come from `overrides` or the
-    DiTConfig defaults (Predict2.5)."""
+    LoRA dim, context dims. Patch sizes, RoPE ratios, concat_padding_mask and compute options come from `overrides`
+    or the DiTConfig defaults (Predict2.5)."""
     names = [k for k in shapes if not is_ignored(k)]
     _check_family(names)
     needed = [
