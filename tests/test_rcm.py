@@ -289,6 +289,9 @@ def test_method_from_config():
     assert isinstance(algo, rcm.RcmAlgo) and algo.student_update_fn is rcm.rcm_student_update
     assert (algo.loss_scale, algo.dmd_weight, algo.tangent_warmup, algo.p_mean) == (100.0, 1.0, 100, -0.8)
     assert algo.guidance == config.distill.guidance
+    tx = optim.make_optimizer(1e-3)
+    _, student = dmd2.make_update_fns(algo, tx, tx, optim.EMA_GAMMA)
+    assert student.__wrapped__.func is rcm.rcm_student_update  # the dispatch in dmd2.make_update_fns
     config.distill.rcm.jvp_attention = "blockwise"
     with pytest.raises(ValueError, match="jvp_attention"):
         rcm.algo_from_config(config, NET)

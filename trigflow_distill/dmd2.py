@@ -258,7 +258,8 @@ def make_update_fns(algo: Algo, student_tx, critic_tx, ema_gamma: float, shardin
     `shardings` = (state_sharding, teacher_sharding, batch_sharding, replicated) from sharding.py, or None.
     """
     critic = functools.partial(critic_update, algo, critic_tx)
-    student = functools.partial(student_update, algo, student_tx, ema_gamma)
+    # rcm.RcmAlgo (docs/algorithm.md §14) brings its own student update; the critic update is shared.
+    student = functools.partial(getattr(algo, "student_update_fn", student_update), algo, student_tx, ema_gamma)
     if shardings is None:
         return jax.jit(critic, donate_argnums=0), jax.jit(student, donate_argnums=0)
     state_sh, teacher_sh, batch_sh, repl = shardings

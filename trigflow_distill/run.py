@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from trigflow_distill import checkpoint, convert, dmd2, sharding
+from trigflow_distill import checkpoint, convert, dmd2, rcm, sharding
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
@@ -169,7 +169,7 @@ def setup(config, workdir, mesh, loaded=None):
     """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn). loaded: the
     (net_config, teacher) of `load_teacher` when already read (for the mesh choice), else read here."""
     net_config, teacher = load_teacher(config, workdir) if loaded is None else loaded
-    algo = dmd2.algo_from_config(config, net_config, mesh)
+    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm (§14)
     student_tx, critic_tx = dmd2.make_optimizers(config)
     teacher_sh = sharding.param_sharding(teacher, mesh)
     teacher = sharding.put_global(teacher, teacher_sh)
