@@ -204,6 +204,6 @@ def run_mesh(config, net_config, latent_chw, text_len: int, batch_size: int, wor
         if cache is not None and jax.process_index() == 0:
             cache.write_text(json.dumps({"key": key, "mesh": mesh_config, "estimates": estimates}, indent=1))
     per_update = ", ".join(f"{name} {e['total_bytes'] / GIB:.2f} GiB" for name, e in estimates.items())
-    log(f"mesh auto: {format_mesh(mesh_config)} on {len(devices)} devices of {memory_bytes / GIB:.1f} GiB; "
+    log(f"mesh auto: {format_mesh(mesh_config)} on {len(devices)} devices of {memory_bytes / GIB:.4g} GiB; "
         f"compile-only plan per device: {per_update}")
     return sharding.make_mesh(mesh_config, devices=devices)
