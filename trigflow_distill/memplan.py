@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from trigflow_distill import dmd2, networks, optim, sharding
+from trigflow_distill import dmd2, networks, optim, rcm, sharding
 
 GIB = 2**30
 UPDATES = ("student", "critic")
@@ -47,7 +47,7 @@ def _lowering_inputs(config, net_config, mesh, latent_chw, text_shape, batch_siz
     batch_sh = sharding.batch_sharding(mesh)
     batch = {"latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
              "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=batch_sh)}
-    algo = dmd2.algo_from_config(config, net_config, mesh)
+    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm, as run.setup
     critic, student = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
                                            (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)))
     return critic, student, (_abstract(abstract_state, state_sh), _abstract(teacher, teacher_sh), batch)
