@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import convert, data_kinds, dmd2, networks, optim, run, sharding, toy
+from trigflow_distill import convert, data, data_kinds, dmd2, networks, optim, run, sharding, toy, train
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -154,3 +154,20 @@ def test_bad_config_values_are_rejected(teacher_pt):
         data_kinds.get(tiny_config(teacher_pt, **{"data.kind": "imagenet"}))
     with pytest.raises(ValueError, match="data.path"):
         run.validate_config(tiny_config(teacher_pt, **{"data.kind": "dir"}))
+
+
+def test_samples_use_one_fixed_validation_batch(teacher_pt, tmp_path):
+    """Every sample call sees the dataset's first batch (the same at every step), not the batch just trained on."""
+    config = tiny_config(teacher_pt, sample_every=2, total_steps=4, **{"mesh.data": -1})
+    source = toy.RecordSource(toy.make_world())
+    seen = []
+
+    def write_samples(x, batch, path, writer):
+        seen.append((x.shape, batch["latents"]))
+
+    train.train(config, str(tmp_path / "run"), source, write_samples)
+    first = next(data.make_iterator(source, BATCH, int(config.data.seed)))
+    assert len(seen) == 2
+    for shape, latents in seen:
+        assert shape == first["latents"].shape
+        np.testing.assert_array_equal(latents, first["latents"])

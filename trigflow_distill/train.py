@@ -142,6 +142,13 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     pending = []
     d = config.distill
     sample_fn = jax.jit(functools.partial(dmd2.student_samples, algo))
+    sample_batch = None
+    if write_samples is not None and config.sample_every:
+        # One fixed validation batch (the dataset's first, fixed noise): samples of different steps and of resumed
+        # runs show the same prompts and conditioning.
+        first_batch = next(data.make_iterator(source, batch_size, int(config.data.seed),
+                                              process_slice=sharding.local_batch_slice(batch_size, mesh)))
+        sample_batch = sharding.global_batch(first_batch, batch_size, mesh)
 
     def check_lock():
         if workdir_lock is not None:
@@ -171,7 +178,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
             check_lock()
             saver.save(done, state, data_iter, force=done == total)
             if write_samples is not None and config.sample_every and done % config.sample_every == 0:
-                save_samples(sample_fn, state, teacher, batch, write_samples,
+                save_samples(sample_fn, state, teacher, sample_batch, write_samples,
                              workdir / "samples" / f"{done:07d}.png", writer)
         saver.close()
     except BaseException:
@@ -188,8 +195,8 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
 
 def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: epath.Path,
                  writer: metrics.Writer | None = None):
-    """The EMA student's samples on the current batch, handed to `write_samples` (every process computes, process
-    0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
+    """The EMA student's samples for `batch` (the run's fixed validation batch), handed to `write_samples` (every
+    process computes, process 0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
     x = multihost_utils.process_allgather(sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)),
                                           tiled=True)
     host_batch = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
