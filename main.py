@@ -10,6 +10,7 @@ Override any config field with --config.<field>=<value> (e.g. --config.total_ste
 rejected. Multi-host: TPU VMs are detected automatically; elsewhere pass --coordinator_address, --num_processes
 and --process_id (or run under SLURM) — see launch/.
 """
+
 import re
 import sys
 
@@ -18,8 +19,9 @@ from ml_collections import config_flags
 
 from trigflow_distill.errors import CLI_ERRORS, fail
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval; resumed if it exists.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (not needed on TPU VMs).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -36,10 +38,10 @@ def parse_flags(argv):
         return rest
     except (KeyError, AttributeError) as e:  # ml_collections: an override of a field the config lacks
         key = str(e).strip("'\"")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.")
-                 and a.split("=")[0].split(".")[-1] == key] or [f"--config...{key}"]
-        sys.exit(fail(ValueError(f"{given[0]}: the config has no field {key!r}; see the config file for its "
-                                 "fields.")))
+        given = [
+            a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].split(".")[-1] == key
+        ] or [f"--config...{key}"]
+        sys.exit(fail(ValueError(f"{given[0]}: the config has no field {key!r}; see the config file for its fields.")))
     except flags.Error as e:
         sys.exit(fail(ValueError(_one_line(e))))
     except Exception as e:  # noqa: BLE001 - a config file is user code: whatever it raises is a config error
@@ -71,11 +73,13 @@ def main(argv):
         logging.get_absl_handler().addFilter(_without_orbax_tracebacks)
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
     from trigflow_distill import distributed
+
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         # Only now: importing the networks may already touch the JAX backend.
         from trigflow_distill import data_kinds, run, train
+
         kind = data_kinds.get(config)
         run.validate_config(config)
         source, write_samples = kind.open(config)
@@ -85,8 +89,10 @@ def main(argv):
         elif config.eval.at_end and distributed.is_single_process():
             kind.evaluate(workdir)
         elif config.eval.at_end and distributed.is_main_process():
-            print("Multi-host run: evaluate on one host with "
-                  f"`python -m trigflow_distill.toy.evaluate --workdir={workdir}`.")
+            print(
+                "Multi-host run: evaluate on one host with "
+                f"`python -m trigflow_distill.toy.evaluate --workdir={workdir}`."
+            )
     except CLI_ERRORS as e:
         sys.exit(fail(e))
 

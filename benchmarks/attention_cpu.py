@@ -7,6 +7,7 @@ from other processes hits them alike; reported are medians (ms) and speed ratios
 faster). fwd+bwd = output and gradients w.r.t. q, k, v for a fixed random cotangent. Torch gets the same BLHD
 arrays (transposed views, as a DiT would pass them) and --threads threads; XLA uses its default thread pool.
 """
+
 import argparse
 import json
 import os
@@ -19,8 +20,7 @@ import numpy as np
 
 from trigflow_distill.networks.attention import attention
 
-DEFAULT_SHAPES = ["8,64,4,64", "32,64,4,64", "8,64,16,32", "8,64,4,64:16", "8,256,8,64", "4,1024,8,64",
-                  "4,1024,2,128"]
+DEFAULT_SHAPES = ["8,64,4,64", "32,64,4,64", "8,64,16,32", "8,64,4,64:16", "8,256,8,64", "4,1024,8,64", "4,1024,2,128"]
 
 
 def naive_einsum(q, k, v):
@@ -101,11 +101,17 @@ def main():
         results.append({"shape_B_L_S_H_D": shape, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
         if not args.json:
             b, length, num_keys, h, d = shape
-            print(f"B={b} L={length} S={num_keys} H={h} D={d}: torch fwd {fwd['torch']:.2f} ms, "
-                  f"fwd+bwd {fwd_bwd['torch']:.2f} ms;  speed vs torch (fwd, fwd+bwd):", flush=True)
+            print(
+                f"B={b} L={length} S={num_keys} H={h} D={d}: torch fwd {fwd['torch']:.2f} ms, "
+                f"fwd+bwd {fwd_bwd['torch']:.2f} ms;  speed vs torch (fwd, fwd+bwd):",
+                flush=True,
+            )
             for name in CANDIDATES:
-                print(f"    {name:15s} {fwd['torch'] / fwd[name]:5.2f}  {fwd_bwd['torch'] / fwd_bwd[name]:5.2f}"
-                      f"    ({fwd[name]:.2f} / {fwd_bwd[name]:.2f} ms)", flush=True)
+                print(
+                    f"    {name:15s} {fwd['torch'] / fwd[name]:5.2f}  {fwd_bwd['torch'] / fwd_bwd[name]:5.2f}"
+                    f"    ({fwd[name]:.2f} / {fwd_bwd[name]:.2f} ms)",
+                    flush=True,
+                )
     if args.json:
         print(json.dumps({"backend": jax.default_backend(), "threads": args.threads, "results": results}))
 

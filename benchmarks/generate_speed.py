@@ -20,6 +20,7 @@ Qwen2 text encoder (2 x 48 features, what the tiny DiT's projection takes) and a
 The Reason1-7B embedding is counted analytically (2 x non-embedding params x tokens + attention, plus the
 projection 100352 -> 1024).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,12 @@ import numpy as np
 from trigflow_distill import generate, networks, sharding, text_encoder, vae
 from trigflow_distill.networks import qwen2, wan_vae
 
-PROMPTS = ["A robot arm picks up a red cube and places it on a blue plate.",
-           "A car drives along a coastal road at sunset, waves breaking on the rocks.",
-           "Close-up of hands kneading dough on a wooden table.",
-           "A drone flies over a forest in autumn."]
+PROMPTS = [
+    "A robot arm picks up a red cube and places it on a blue plate.",
+    "A car drives along a coastal road at sunset, waves breaking on the rocks.",
+    "Close-up of hands kneading dough on a wooden table.",
+    "A drone flies over a forest in autumn.",
+]
 
 
 def load_average() -> str:
@@ -63,8 +66,12 @@ def _models(args, tmp: str):
     if not (args.student and args.teacher and args.vae and args.text_encoder):
         raise SystemExit("give all of --student, --teacher, --vae and --text-encoder, or none (tiny random nets)")
     options = dict(dtype=args.dtype, attention=args.attention, remat=False)
-    return (generate.load_checkpoint(args.student, **options), generate.load_checkpoint(args.teacher, **options),
-            args.text_encoder, vae.load(args.vae))
+    return (
+        generate.load_checkpoint(args.student, **options),
+        generate.load_checkpoint(args.teacher, **options),
+        args.text_encoder,
+        vae.load(args.vae),
+    )
 
 
 def _timed(fn) -> float:
@@ -75,21 +82,28 @@ def _timed(fn) -> float:
 
 def run(args) -> dict:
     width, height = (int(v) for v in args.size.split("x"))
-    prompts = (PROMPTS * args.prompts)[:args.prompts]
+    prompts = (PROMPTS * args.prompts)[: args.prompts]
     with tempfile.TemporaryDirectory() as tmp:
         student, teacher, te_src, (vae_cfg, vae_params) = _models(args, tmp)
         mesh = sharding.make_mesh({"data": -1}, jax.local_devices()[:1])
         te_cfg, te_params = text_encoder.load(te_src, args.text_encoder_dtype)
         ids = text_encoder.tokenize(text_encoder.load_tokenizer(te_src), prompts)
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
-    shape = (len(prompts), student.net_config.in_channels, t_lat, height // vae_cfg.space_factor,
-             width // vae_cfg.space_factor)
+    shape = (
+        len(prompts),
+        student.net_config.in_channels,
+        t_lat,
+        height // vae_cfg.space_factor,
+        width // vae_cfg.space_factor,
+    )
     eps = jnp.stack([generate.initial_noise(0, i, shape[1:]) for i in range(len(prompts))])
     gt = jnp.zeros((1, *shape[1:]))
     mask = jnp.zeros((1, 1, *shape[2:]))
     padding = jnp.zeros((1, 1, height, width))
-    samplers = {"student": generate.Sampler(student.net_config, "student", 4),
-                "teacher": generate.Sampler(teacher.net_config, "teacher", args.teacher_steps, guidance=4.0)}
+    samplers = {
+        "student": generate.Sampler(student.net_config, "student", 4),
+        "teacher": generate.Sampler(teacher.net_config, "teacher", args.teacher_steps, guidance=4.0),
+    }
     models = {"student": student, "teacher": teacher}
     device = {k: jax.device_put(m.params, sharding.replicated(mesh)) for k, m in models.items()}
     # The text projection is frozen, so student and teacher share the context (the same text encoding).
@@ -102,23 +116,38 @@ def run(args) -> dict:
         return context["both"]
 
     def sample(name):
-        latents[name] = generate._sample_jit(samplers[name], device[name], context["both"], uncond, gt, mask,
-                                             padding, eps)
+        latents[name] = generate._sample_jit(
+            samplers[name], device[name], context["both"], uncond, gt, mask, padding, eps
+        )
         return latents[name]
 
     def decode():
         return vae.decode(vae_cfg, vae_params, latents["student"])
 
-    calls = {"text_encoding": text, "student_sampling": lambda: sample("student"),
-             "teacher_sampling": lambda: sample("teacher"), "decoding": decode}
-    result = {"prompts": len(prompts), "size": [width, height], "num_frames": args.num_frames,
-              "latent_shape": list(shape[1:]), "student_nfe": samplers["student"].nfe,
-              "teacher_nfe": samplers["teacher"].nfe, "dtype": args.dtype, "repeats": args.repeats,
-              "nets": "checkpoints" if args.student else f"tiny random (DiT tiny, VAE dim {args.vae_dim})",
-              "device": str(jax.devices()[0].device_kind), "load_average_start": load_average()}
-    print(f"# generate speed: {len(prompts)} prompts, {width}x{height}, {args.num_frames} frames (latent "
-          f"{'x'.join(map(str, shape[1:]))}), {result['nets']}; load average {result['load_average_start']}",
-          flush=True)
+    calls = {
+        "text_encoding": text,
+        "student_sampling": lambda: sample("student"),
+        "teacher_sampling": lambda: sample("teacher"),
+        "decoding": decode,
+    }
+    result = {
+        "prompts": len(prompts),
+        "size": [width, height],
+        "num_frames": args.num_frames,
+        "latent_shape": list(shape[1:]),
+        "student_nfe": samplers["student"].nfe,
+        "teacher_nfe": samplers["teacher"].nfe,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "nets": "checkpoints" if args.student else f"tiny random (DiT tiny, VAE dim {args.vae_dim})",
+        "device": str(jax.devices()[0].device_kind),
+        "load_average_start": load_average(),
+    }
+    print(
+        f"# generate speed: {len(prompts)} prompts, {width}x{height}, {args.num_frames} frames (latent "
+        f"{'x'.join(map(str, shape[1:]))}), {result['nets']}; load average {result['load_average_start']}",
+        flush=True,
+    )
     result["first_call_s"] = {name: _timed(call) for name, call in calls.items()}
     times = {name: [] for name in calls}
     for _ in range(args.repeats):
@@ -129,7 +158,8 @@ def run(args) -> dict:
     text_s = med["text_encoding"]
     result["end_to_end_batch_s"] = {
         "student": text_s + med["student_sampling"] + med["decoding"],
-        "teacher": text_s + med["teacher_sampling"] + med["decoding"]}
+        "teacher": text_s + med["teacher_sampling"] + med["decoding"],
+    }
     result["speedup_end_to_end"] = result["end_to_end_batch_s"]["teacher"] / result["end_to_end_batch_s"]["student"]
     result["speedup_sampling"] = med["teacher_sampling"] / med["student_sampling"]
     result["load_average_end"] = load_average()
@@ -142,21 +172,31 @@ def markdown(r) -> str:
 
     def row(name, nfe, text_s, sample_s):
         total = text_s + sample_s + m["decoding"]
-        return (f"| {name} | {nfe} | {text_s / n:.3f} ({100 * text_s / total:.0f}%) | {sample_s / n:.3f} "
-                f"({100 * sample_s / total:.0f}%) | {m['decoding'] / n:.3f} ({100 * m['decoding'] / total:.0f}%) "
-                f"| {total / n:.3f} |")
+        return (
+            f"| {name} | {nfe} | {text_s / n:.3f} ({100 * text_s / total:.0f}%) | {sample_s / n:.3f} "
+            f"({100 * sample_s / total:.0f}%) | {m['decoding'] / n:.3f} ({100 * m['decoding'] / total:.0f}%) "
+            f"| {total / n:.3f} |"
+        )
 
-    return "\n".join([
-        "| model | NFE | text encoding s/video | sampling s/video | VAE decoding s/video | end to end s/video |",
-        "|---|---|---|---|---|---|",
-        row("student (4 steps)", r["student_nfe"], m["text_encoding"], m["student_sampling"]),
-        row(f"teacher ({r['teacher_nfe'] // 2} steps, CFG)", r["teacher_nfe"], m["text_encoding"],
-            m["teacher_sampling"]),
-        "",
-        f"Speed-up: sampling {r['speedup_sampling']:.1f}x, end to end {r['speedup_end_to_end']:.1f}x "
-        f"(teacher {e['teacher'] / n:.3f} s vs student {e['student'] / n:.3f} s per video). {r['nets']}, "
-        f"{r['size'][0]}x{r['size'][1]}, {r['num_frames']} frames, batch {n}, {r['device']}; medians of "
-        f"{r['repeats']} after a compiling call; load average {r['load_average_start']} -> {r['load_average_end']}."])
+    return "\n".join(
+        [
+            "| model | NFE | text encoding s/video | sampling s/video | VAE decoding s/video | end to end s/video |",
+            "|---|---|---|---|---|---|",
+            row("student (4 steps)", r["student_nfe"], m["text_encoding"], m["student_sampling"]),
+            row(
+                f"teacher ({r['teacher_nfe'] // 2} steps, CFG)",
+                r["teacher_nfe"],
+                m["text_encoding"],
+                m["teacher_sampling"],
+            ),
+            "",
+            f"Speed-up: sampling {r['speedup_sampling']:.1f}x, end to end {r['speedup_end_to_end']:.1f}x "
+            f"(teacher {e['teacher'] / n:.3f} s vs student {e['student'] / n:.3f} s per video). {r['nets']}, "
+            f"{r['size'][0]}x{r['size'][1]}, {r['num_frames']} frames, batch {n}, {r['device']}; medians of "
+            f"{r['repeats']} after a compiling call; load average {r['load_average_start']} -> "
+            f"{r['load_average_end']}.",
+        ]
+    )
 
 
 def flops(args) -> dict:
@@ -166,38 +206,64 @@ def flops(args) -> dict:
     cfg = networks.get_preset("predict25_2b", dtype="bfloat16", attention="xla", scan_blocks=False)
     shapes = networks.param_shapes(cfg)
     proj_in, ctx = shapes.pop("crossattn_proj")["kernel"]
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.bfloat16), shapes,
-                            is_leaf=lambda s: isinstance(s, tuple))
+    abstract = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.bfloat16), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
     lat = (1, 16, t_lat, height // 8, width // 8)
-    dit = jax.jit(lambda p, x, t, c: networks.velocity(cfg, p, x, t, c)).lower(
-        abstract, jax.ShapeDtypeStruct(lat, jnp.float32), jax.ShapeDtypeStruct((1, t_lat), jnp.float32),
-        jax.ShapeDtypeStruct((1, text_encoder.MAX_LENGTH, ctx), jnp.float32)).cost_analysis()["flops"]
+    dit = (
+        jax.jit(lambda p, x, t, c: networks.velocity(cfg, p, x, t, c))
+        .lower(
+            abstract,
+            jax.ShapeDtypeStruct(lat, jnp.float32),
+            jax.ShapeDtypeStruct((1, t_lat), jnp.float32),
+            jax.ShapeDtypeStruct((1, text_encoder.MAX_LENGTH, ctx), jnp.float32),
+        )
+        .cost_analysis()["flops"]
+    )
     vcfg = wan_vae.WanVAEConfig()
-    vparams = wan_vae.from_torch({k: np.broadcast_to(np.float32(0), s) for k, s in wan_vae.param_shapes(vcfg).items()},
-                                 vcfg)
+    vparams = wan_vae.from_torch(
+        {k: np.broadcast_to(np.float32(0), s) for k, s in wan_vae.param_shapes(vcfg).items()}, vcfg
+    )
     vparams = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), vparams)
 
     def decode_flops(frames):
         z = jax.ShapeDtypeStruct((1, frames, height // 8, width // 8, 16), jnp.float32)
-        return jax.jit(lambda p, z: wan_vae.decode_pixels(vcfg, p, z, dtype=jnp.bfloat16)).lower(
-            vparams, z).cost_analysis()["flops"]
+        return (
+            jax.jit(lambda p, z: wan_vae.decode_pixels(vcfg, p, z, dtype=jnp.bfloat16))
+            .lower(vparams, z)
+            .cost_analysis()["flops"]
+        )
 
     first, two = decode_flops(1), decode_flops(2)
     decode = first + (t_lat - 1) * (two - first)
     te = qwen2.REASON1_7B
     te_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(qwen2.param_shapes(te)))
     tokens = text_encoder.MAX_LENGTH
-    text = (2 * (te_params - te.vocab_size * te.hidden_size) * tokens
-            + 4 * tokens ** 2 * te.hidden_size * te.num_layers + 2 * tokens * proj_in * ctx)
-    stages = {"text_encoding": text, "dit_evaluation": dit, "student_sampling": 4 * dit,
-              "teacher_sampling": 2 * args.teacher_steps * dit, "decoding": decode}
+    text = (
+        2 * (te_params - te.vocab_size * te.hidden_size) * tokens
+        + 4 * tokens**2 * te.hidden_size * te.num_layers
+        + 2 * tokens * proj_in * ctx
+    )
+    stages = {
+        "text_encoding": text,
+        "dit_evaluation": dit,
+        "student_sampling": 4 * dit,
+        "teacher_sampling": 2 * args.teacher_steps * dit,
+        "decoding": decode,
+    }
     student = text + 4 * dit + decode
     teacher = text + 2 * args.teacher_steps * dit + decode
-    return {"size": [width, height], "num_frames": args.num_frames, "latent_shape": list(lat[1:]),
-            "tokens": t_lat * (height // 16) * (width // 16), "tflop": {k: v / 1e12 for k, v in stages.items()},
-            "end_to_end_tflop": {"student": student / 1e12, "teacher": teacher / 1e12},
-            "teacher_steps": args.teacher_steps, "flop_ratio_end_to_end": teacher / student,
-            "flop_ratio_sampling": 2 * args.teacher_steps / 4}
+    return {
+        "size": [width, height],
+        "num_frames": args.num_frames,
+        "latent_shape": list(lat[1:]),
+        "tokens": t_lat * (height // 16) * (width // 16),
+        "tflop": {k: v / 1e12 for k, v in stages.items()},
+        "end_to_end_tflop": {"student": student / 1e12, "teacher": teacher / 1e12},
+        "teacher_steps": args.teacher_steps,
+        "flop_ratio_end_to_end": teacher / student,
+        "flop_ratio_sampling": 2 * args.teacher_steps / 4,
+    }
 
 
 def flops_markdown(r) -> str:
@@ -205,20 +271,25 @@ def flops_markdown(r) -> str:
 
     def row(name, nfe, sample):
         total = f["text_encoding"] + sample + f["decoding"]
-        return (f"| {name} | {nfe} | {f['text_encoding']:.1f} ({100 * f['text_encoding'] / total:.2f}%) | "
-                f"{sample:,.0f} ({100 * sample / total:.1f}%) | {f['decoding']:,.0f} "
-                f"({100 * f['decoding'] / total:.1f}%) | {total:,.0f} |")
+        return (
+            f"| {name} | {nfe} | {f['text_encoding']:.1f} ({100 * f['text_encoding'] / total:.2f}%) | "
+            f"{sample:,.0f} ({100 * sample / total:.1f}%) | {f['decoding']:,.0f} "
+            f"({100 * f['decoding'] / total:.1f}%) | {total:,.0f} |"
+        )
 
-    return "\n".join([
-        "| model | NFE | text encoding TFLOP | sampling TFLOP | VAE decoding TFLOP | end to end TFLOP |",
-        "|---|---|---|---|---|---|",
-        row("student (4 steps)", 4, f["student_sampling"]),
-        row(f"teacher ({r['teacher_steps']} steps, CFG)", 2 * r["teacher_steps"], f["teacher_sampling"]),
-        "",
-        f"{r['size'][0]}x{r['size'][1]}, {r['num_frames']} frames ({r['tokens']} DiT tokens), batch 1; one 2B DiT "
-        f"evaluation {f['dit_evaluation']:,.0f} TFLOP. FLOP ratio teacher / student: sampling "
-        f"{r['flop_ratio_sampling']:.1f}x, end to end {r['flop_ratio_end_to_end']:.1f}x "
-        f"({e['teacher']:,.0f} vs {e['student']:,.0f} TFLOP)."])
+    return "\n".join(
+        [
+            "| model | NFE | text encoding TFLOP | sampling TFLOP | VAE decoding TFLOP | end to end TFLOP |",
+            "|---|---|---|---|---|---|",
+            row("student (4 steps)", 4, f["student_sampling"]),
+            row(f"teacher ({r['teacher_steps']} steps, CFG)", 2 * r["teacher_steps"], f["teacher_sampling"]),
+            "",
+            f"{r['size'][0]}x{r['size'][1]}, {r['num_frames']} frames ({r['tokens']} DiT tokens), batch 1; one 2B DiT "
+            f"evaluation {f['dit_evaluation']:,.0f} TFLOP. FLOP ratio teacher / student: sampling "
+            f"{r['flop_ratio_sampling']:.1f}x, end to end {r['flop_ratio_end_to_end']:.1f}x "
+            f"({e['teacher']:,.0f} vs {e['student']:,.0f} TFLOP).",
+        ]
+    )
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ written after it matches (the final one included). independent mode: each kill g
 to the end, and its final checkpoint is compared. Prints one line per kill and a JSON summary; exits 1 unless
 all are exact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,21 @@ PROGRESS = re.compile(r"^\[\s*(\d+)/")
 
 
 def command(workdir: str, teacher: str, steps: int, every: int) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "main.py"),
-            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
-            f"--workdir={workdir}", f"--config.teacher.path={teacher}", f"--config.total_steps={steps}",
-            f"--config.checkpoint_every={every}", "--config.keep_checkpoints=100000", "--config.data.batch_size=4",
-            "--config.log_every=1", "--config.sample_every=0", "--config.eval.at_end=False", "--config.mesh.data=1"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+        f"--workdir={workdir}",
+        f"--config.teacher.path={teacher}",
+        f"--config.total_steps={steps}",
+        f"--config.checkpoint_every={every}",
+        "--config.keep_checkpoints=100000",
+        "--config.data.batch_size=4",
+        "--config.log_every=1",
+        "--config.sample_every=0",
+        "--config.eval.at_end=False",
+        "--config.mesh.data=1",
+    ]
 
 
 def environment(cache_dir: str) -> dict:
@@ -57,8 +68,11 @@ def environment(cache_dir: str) -> dict:
     env.pop("XLA_FLAGS", None)  # one CPU device
     env["JAX_PLATFORMS"] = "cpu"
     # Every process compiles the same two updates: the persistent cache makes the restarts cheap.
-    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return env
 
 
@@ -129,8 +143,7 @@ def read_checkpoint(step_dir: str):
 def equal_checkpoints(a_dir: str, b_dir: str) -> bool:
     (sa, da), (sb, db) = read_checkpoint(a_dir), read_checkpoint(b_dir)
     la, lb = jax.tree.leaves(sa), jax.tree.leaves(sb)
-    return da == db and len(la) == len(lb) and all(x.dtype == y.dtype and np.array_equal(x, y)
-                                                   for x, y in zip(la, lb))
+    return da == db and len(la) == len(lb) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb))
 
 
 def step_dirs(workdir: str) -> dict[int, str]:
@@ -179,8 +192,11 @@ def main(argv=None) -> int:
     times = [t for t, line in ref.lines if PROGRESS.match(line)]  # log_every=1: one line per step
     # the first steps include compiling the other update: the window is measured on the reference, not averaged
     window_s = times[min(len(times) - 1, int(args.window))] - times[0]
-    print(f"reference: {args.steps} steps in {times[-1]:.1f} s; training kills within {window_s:.1f} s after the "
-          "first step", flush=True)
+    print(
+        f"reference: {args.steps} steps in {times[-1]:.1f} s; training kills within {window_s:.1f} s after the "
+        "first step",
+        flush=True,
+    )
     reference = step_dirs(ref_dir)
 
     def finish(workdir: str) -> None:
@@ -209,10 +225,15 @@ def main(argv=None) -> int:
                 raise SystemExit(f"a run failed (exit {run.proc.returncode}) instead of being killed")
             chains.append(os.path.join(scratch, f"run{len(chains)}"))  # this chain is complete: start another
             continue
-        kill = {"chain": len(chains) - 1, "phase": "start-up" if run.last_step() is None else "training",
-                "at_s": round(time.perf_counter() - run.start, 2), "resumed_from": run.resumed_at(),
-                "last_logged_step": run.last_step(), "during_save": saving_now(work),
-                "checkpoints_before": sorted(step_dirs(work))}
+        kill = {
+            "chain": len(chains) - 1,
+            "phase": "start-up" if run.last_step() is None else "training",
+            "at_s": round(time.perf_counter() - run.start, 2),
+            "resumed_from": run.resumed_at(),
+            "last_logged_step": run.last_step(),
+            "during_save": saving_now(work),
+            "checkpoints_before": sorted(step_dirs(work)),
+        }
         kills.append(kill)
         print(f"kill {len(kills)}: {kill}", flush=True)
         if args.mode == "independent":
@@ -237,15 +258,21 @@ def main(argv=None) -> int:
         after = [s for s in matches[kill["chain"]] if s not in kill["checkpoints_before"]] or [args.steps]
         kill["exact"] = all(matches[kill["chain"]][s] for s in after)
         exact += kill["exact"]
-        print(f"kill {n + 1}: " + json.dumps({k: v for k, v in kill.items() if k != "checkpoints_before"}),
-              flush=True)
+        print(f"kill {n + 1}: " + json.dumps({k: v for k, v in kill.items() if k != "checkpoints_before"}), flush=True)
     locks = [w for w in chains if os.path.exists(os.path.join(w, "lock.json"))]
-    summary = {"mode": args.mode, "kills": len(kills), "resumed_bit_exactly": exact, "steps": args.steps,
-               "checkpoints_compared": compared,
-               "checkpoints_equal": sum(sum(m.values()) for m in matches.values()),
-               "kills_in_startup": sum(k["last_logged_step"] is None for k in kills),
-               "kills_during_save": sum(k["during_save"] for k in kills), "unreadable_set_aside": unreadable,
-               "locks_left": len(locks), "wall_s": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "mode": args.mode,
+        "kills": len(kills),
+        "resumed_bit_exactly": exact,
+        "steps": args.steps,
+        "checkpoints_compared": compared,
+        "checkpoints_equal": sum(sum(m.values()) for m in matches.values()),
+        "kills_in_startup": sum(k["last_logged_step"] is None for k in kills),
+        "kills_during_save": sum(k["during_save"] for k in kills),
+        "unreadable_set_aside": unreadable,
+        "locks_left": len(locks),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     print(json.dumps(summary))
     print(f"resumed bit-exactly: {exact}/{len(kills)}")
     if args.dir is None:

@@ -11,6 +11,7 @@ alone: decoding + resize/pad of one video (`prepare.load_clips`), one VAE batch 
 The numbers measure this code path with tiny nets, not the real 2B-scale cost (which is the VAE and the 7B text
 encoder on accelerators).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,13 @@ def _cpu_s() -> float:
 def _sources(root: str, args) -> dict:
     rng = np.random.default_rng(0)
     videos = os.path.join(root, "videos")
-    yy, xx = np.mgrid[:args.height, :args.width] / max(args.height, args.width)
+    yy, xx = np.mgrid[: args.height, : args.width] / max(args.height, args.width)
     lines = []
     for i in range(args.videos):
         phase = rng.uniform(0, 2 * np.pi, 3)
-        frames = np.stack([np.stack([np.sin(4 * xx + 3 * yy + 0.2 * t + p) for p in phase], -1)
-                           for t in range(args.source_frames)])
+        frames = np.stack(
+            [np.stack([np.sin(4 * xx + 3 * yy + 0.2 * t + p) for p in phase], -1) for t in range(args.source_frames)]
+        )
         video.write_mp4(os.path.join(videos, f"v{i:04d}.mp4"), np.round((frames + 1) * 127.5).astype(np.uint8), 24.0)
         lines.append(json.dumps({"video": f"v{i:04d}.mp4", "caption": f"a scene number {i}"}) + "\n")
     captions = os.path.join(root, "captions.jsonl")
@@ -59,10 +61,31 @@ def _sources(root: str, args) -> dict:
 
 
 def _argv(s: dict, videos: str, out: str, args) -> list[str]:
-    return ["--videos", videos, "--captions", s["captions"], "--vae", s["vae"], "--text-encoder", s["text"],
-            "--teacher", s["teacher"], "--out", out, "--resolution", args.resolution, "--frames", str(args.frames),
-            "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--text-dtype", "float32",
-            "--no-progress"]
+    return [
+        "--videos",
+        videos,
+        "--captions",
+        s["captions"],
+        "--vae",
+        s["vae"],
+        "--text-encoder",
+        s["text"],
+        "--teacher",
+        s["teacher"],
+        "--out",
+        out,
+        "--resolution",
+        args.resolution,
+        "--frames",
+        str(args.frames),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--text-dtype",
+        "float32",
+        "--no-progress",
+    ]
 
 
 def main(argv=None) -> int:
@@ -89,8 +112,9 @@ def main(argv=None) -> int:
         summary = prepare.prepare(prepare.parse_args(_argv(s, s["videos"], os.path.join(root, "out"), args)))
         wall, cpu = time.perf_counter() - t, _cpu_s() - c
 
-        item = prepare.make_items([os.path.join(s["videos"], "v0000.mp4")], s["videos"],
-                                  prepare.read_captions(s["captions"]))[0]
+        item = prepare.make_items(
+            [os.path.join(s["videos"], "v0000.mp4")], s["videos"], prepare.read_captions(s["captions"])
+        )[0]
         t = time.perf_counter()
         clips = prepare.load_clips(item, args.resolution, args.frames, 1)
         decode_s = time.perf_counter() - t
@@ -105,14 +129,22 @@ def main(argv=None) -> int:
         enc.context(["a scene"] * args.batch_size, args.batch_size)
         text_s = time.perf_counter() - t
     result = {
-        "videos": args.videos, "source": f"{args.width}x{args.height}x{args.source_frames}",
+        "videos": args.videos,
+        "source": f"{args.width}x{args.height}x{args.source_frames}",
         "clip": f"{args.frames} frames -> bucket {'x'.join(map(str, clips[0].bucket))}",
-        "batch_size": args.batch_size, "devices": jax.local_device_count(), "warmup_job_s": round(warmup_s, 2),
-        "job_s": round(wall, 2), "job_cpu_s": round(cpu, 2), "clips": summary["clips_this_run"],
+        "batch_size": args.batch_size,
+        "devices": jax.local_device_count(),
+        "warmup_job_s": round(warmup_s, 2),
+        "job_s": round(wall, 2),
+        "job_cpu_s": round(cpu, 2),
+        "clips": summary["clips_this_run"],
         "clips_per_s": round(summary["clips_this_run"] / wall, 3),
         "cpu_s_per_clip": round(cpu / summary["clips_this_run"], 2),
-        "decode_resize_per_video_s": round(decode_s, 3), "vae_per_batch_s": round(vae_s, 3),
-        "text_per_batch_s": round(text_s, 3), "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "decode_resize_per_video_s": round(decode_s, 3),
+        "vae_per_batch_s": round(vae_s, 3),
+        "text_per_batch_s": round(text_s, 3),
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=1))
     if args.json:

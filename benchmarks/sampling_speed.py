@@ -10,6 +10,7 @@ Video2World conditioning (0, 1, 2 GT frames in turn), everything jitted; each ca
 block_until_ready, wall-clock medians after one warm-up call (compilation), the samplers called in turn per round.
 The headline speed-up divides the faster teacher form by the student.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,17 @@ def teacher_samples(algo, params, batch, key, batched: bool):
     eps = jax.random.normal(key, gt.shape, jnp.float32)
 
     def x0_fn(ctx, g, m):
-        return lambda x, tau_b: denoiser.denoise(cfg, net, x, tau_b, ctx, g, m, scaling=algo.scaling,
-                                                 sigma_data=algo.sigma_data)
+        return lambda x, tau_b: denoiser.denoise(
+            cfg, net, x, tau_b, ctx, g, m, scaling=algo.scaling, sigma_data=algo.sigma_data
+        )
 
-    run = functools.partial(sampling.sample_teacher_cfg, eps=eps, num_steps=TEACHER_STEPS,
-                            shift=algo.timestep_shift, sigma_data=algo.sigma_data)
+    run = functools.partial(
+        sampling.sample_teacher_cfg,
+        eps=eps,
+        num_steps=TEACHER_STEPS,
+        shift=algo.timestep_shift,
+        sigma_data=algo.sigma_data,
+    )
     if not batched:
         return run(x0_fn(context, gt, mask), x0_fn(uncond, gt, mask), guidance=GUIDANCE)
     two = lambda a: jnp.concatenate([a, a])  # noqa: E731
@@ -62,20 +69,37 @@ def run(args) -> dict:
     algo = dmd2.Algo(net_config=net_config)
     params = networks.init_params(net_config, jax.random.PRNGKey(0))
     teacher = dmd2.split_teacher(params)
-    result = {"preset": args.preset, "latent": latent, "attention": net_config.attention,
-              "teacher_steps": TEACHER_STEPS, "guidance": GUIDANCE, "student_steps": algo.num_student_steps,
-              "repeats": args.repeats, "load_average_start": load_average(), "batches": []}
-    print(f"# sampling speed: preset {args.preset}, latent {'x'.join(map(str, latent))}, attention "
-          f"{net_config.attention}; load average {result['load_average_start']}", flush=True)
+    result = {
+        "preset": args.preset,
+        "latent": latent,
+        "attention": net_config.attention,
+        "teacher_steps": TEACHER_STEPS,
+        "guidance": GUIDANCE,
+        "student_steps": algo.num_student_steps,
+        "repeats": args.repeats,
+        "load_average_start": load_average(),
+        "batches": [],
+    }
+    print(
+        f"# sampling speed: preset {args.preset}, latent {'x'.join(map(str, latent))}, attention "
+        f"{net_config.attention}; load average {result['load_average_start']}",
+        flush=True,
+    )
     student = jax.jit(functools.partial(dmd2.student_samples, algo))
-    teachers = {name: jax.jit(functools.partial(teacher_samples, algo, batched=b))
-                for name, b in (("teacher_separate", False), ("teacher_batched", True))}
+    teachers = {
+        name: jax.jit(functools.partial(teacher_samples, algo, batched=b))
+        for name, b in (("teacher_separate", False), ("teacher_batched", True))
+    }
     key = jax.random.PRNGKey(1)
     for batch_size in [int(b) for b in args.batches.split(",")]:
         batch = jax.tree.map(jnp.asarray, make_batch(batch_size, latent, net_config.crossattn_proj_in_channels))
-        calls = {"student": lambda: student(teacher["net"], teacher, batch, key).block_until_ready(),
-                 **{name: functools.partial(lambda f: f(params, batch, key).block_until_ready(), f)
-                    for name, f in teachers.items()}}
+        calls = {
+            "student": lambda: student(teacher["net"], teacher, batch, key).block_until_ready(),
+            **{
+                name: functools.partial(lambda f: f(params, batch, key).block_until_ready(), f)
+                for name, f in teachers.items()
+            },
+        }
         first = {}
         for name, call in calls.items():
             first[name] = timed(call, 1)[0]
@@ -87,27 +111,43 @@ def run(args) -> dict:
                 times[name] += timed(call, 1)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = min(("teacher_separate", "teacher_batched"), key=med.get)
-        row = {"batch": batch_size, "median_s": med, "first_call_s": first, "faster_teacher": best,
-               "speedup": med[best] / med["student"],
-               "speedup_by_teacher": {k: med[k] / med["student"] for k in teachers}}
+        row = {
+            "batch": batch_size,
+            "median_s": med,
+            "first_call_s": first,
+            "faster_teacher": best,
+            "speedup": med[best] / med["student"],
+            "speedup_by_teacher": {k: med[k] / med["student"] for k in teachers},
+        }
         result["batches"].append(row)
-        print(f"batch {batch_size}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
-              + f"; speed-up {row['speedup']:.1f}x ({best})", flush=True)
+        print(
+            f"batch {batch_size}: "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+            + f"; speed-up {row['speedup']:.1f}x ({best})",
+            flush=True,
+        )
     result["load_average_end"] = load_average()
     return result
 
 
 def markdown(result) -> str:
-    lines = ["| batch | student 4 NFE, ms | teacher 70 NFE separate, ms | teacher 70 NFE batched 2B, ms "
-             "| speed-up (vs faster teacher) | NFE limit |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | student 4 NFE, ms | teacher 70 NFE separate, ms | teacher 70 NFE batched 2B, ms "
+        "| speed-up (vs faster teacher) | NFE limit |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["batches"]:
         m = row["median_s"]
-        lines.append(f"| {row['batch']} | {m['student'] * 1e3:.1f} | {m['teacher_separate'] * 1e3:.1f} | "
-                     f"{m['teacher_batched'] * 1e3:.1f} | {row['speedup']:.1f}x ({row['faster_teacher']}) | "
-                     f"{2 * TEACHER_STEPS / result['student_steps']:.1f}x |")
+        lines.append(
+            f"| {row['batch']} | {m['student'] * 1e3:.1f} | {m['teacher_separate'] * 1e3:.1f} | "
+            f"{m['teacher_batched'] * 1e3:.1f} | {row['speedup']:.1f}x ({row['faster_teacher']}) | "
+            f"{2 * TEACHER_STEPS / result['student_steps']:.1f}x |"
+        )
     lines.append("")
-    lines.append(f"Wall-clock medians of {result['repeats']} calls after warm-up. Load average start "
-                 f"{result['load_average_start']}, end {result['load_average_end']}.")
+    lines.append(
+        f"Wall-clock medians of {result['repeats']} calls after warm-up. Load average start "
+        f"{result['load_average_start']}, end {result['load_average_end']}."
+    )
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ n fwd + 1 fwd/bwd, student update = (n + 2) fwd + 1 fwd/bwd (the same count is u
 some extra work of its own, e.g. the AdaLN modulation per token instead of per frame). The fraction of the
 machine's large-matmul rate divides that by a jitted 2048^3 float32 matmul measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,11 @@ import torch_dmd2  # noqa: E402
 # name -> (overrides of the "tiny" DiT preset, default latent shape C x T x H x W, default batch)
 PRESETS = {
     "tiny": ({}, (16, 4, 8, 8), 32),
-    "small": (dict(model_channels=256, num_blocks=4, num_heads=4, mlp_ratio=4.0, adaln_lora_dim=64),
-              (16, 8, 16, 16), 8),
+    "small": (
+        dict(model_channels=256, num_blocks=4, num_heads=4, mlp_ratio=4.0, adaln_lora_dim=64),
+        (16, 8, 16, 16),
+        8,
+    ),
 }
 TEXT_LEN = 8
 LR, B1, WARMUP = 1e-4, 0.0, 10  # the :tiny training config's optimizer
@@ -98,8 +102,10 @@ def network_flops(net_config, net_params, x, timesteps, context, mask) -> dict:
     def loss(p):
         return jnp.sum(fwd(p) ** 2)
 
-    return {"fwd": _cost_flops(jax.jit(fwd).lower(net_params).compile()),
-            "fwd_bwd": _cost_flops(jax.jit(jax.grad(loss)).lower(net_params).compile())}
+    return {
+        "fwd": _cost_flops(jax.jit(fwd).lower(net_params).compile()),
+        "fwd_bwd": _cost_flops(jax.jit(jax.grad(loss)).lower(net_params).compile()),
+    }
 
 
 def steps_drawing(key, max_steps: int) -> dict[int, int]:
@@ -115,9 +121,11 @@ def steps_drawing(key, max_steps: int) -> dict[int, int]:
 
 def make_batch(batch: int, latent, text_in: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {"latents": rng.standard_normal((batch, *latent)).astype(np.float32),
-            "text": rng.standard_normal((batch, TEXT_LEN, text_in)).astype(np.float32),
-            "num_cond_frames": (np.arange(batch) % 3).astype(np.int32)}  # 0, 1 and 2 conditional frames
+    return {
+        "latents": rng.standard_normal((batch, *latent)).astype(np.float32),
+        "text": rng.standard_normal((batch, TEXT_LEN, text_in)).astype(np.float32),
+        "num_cond_frames": (np.arange(batch) % 3).astype(np.int32),
+    }  # 0, 1 and 2 conditional frames
 
 
 class JaxRunner:
@@ -139,14 +147,16 @@ class JaxRunner:
         jax.block_until_ready((self.state, metrics))
         got = int(metrics[f"{update}/sim_steps"])
         if got != n:
-            raise RuntimeError(f"dmd2.{update}_update drew n={got}, expected {n}: its key layout changed; "
-                               "update steps_drawing()")
+            raise RuntimeError(
+                f"dmd2.{update}_update drew n={got}, expected {n}: its key layout changed; update steps_drawing()"
+            )
 
 
 class TorchRunner:
     def __init__(self, net_config, params, batch, compile: bool):
-        self.dmd = torch_dmd2.DMD2(net_config, params, torch_dmd2.Hparams(lr=LR, betas=(B1, 0.999), warmup=WARMUP),
-                                   compile=compile)
+        self.dmd = torch_dmd2.DMD2(
+            net_config, params, torch_dmd2.Hparams(lr=LR, betas=(B1, 0.999), warmup=WARMUP), compile=compile
+        )
         self.batch = {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def __call__(self, update: str, n: int):
@@ -177,36 +187,60 @@ def run(args) -> dict:
     batch_size = args.batch or default_batch
     sim_steps = [int(v) for v in args.sim_steps.split(",")]
     versions = {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    result = {"preset": args.preset, "net_config": dataclasses.asdict(net_config), "latent": latent,
-              "batch": batch_size, "text_len": TEXT_LEN, "sim_steps": sim_steps, "steps": args.steps,
-              "warmup": args.warmup, "versions": versions, "cpus": os.cpu_count(),
-              "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-              "load_average_start": load_average()}
-    print(f"# step speed: preset {args.preset} (D={net_config.model_channels}, {net_config.num_blocks} blocks, "
-          f"{net_config.num_heads} heads, attention={net_config.attention}), batch {batch_size}, latent "
-          f"{'x'.join(map(str, latent))}; load average {result['load_average_start']}", flush=True)
+    result = {
+        "preset": args.preset,
+        "net_config": dataclasses.asdict(net_config),
+        "latent": latent,
+        "batch": batch_size,
+        "text_len": TEXT_LEN,
+        "sim_steps": sim_steps,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "versions": versions,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_start": load_average(),
+    }
+    print(
+        f"# step speed: preset {args.preset} (D={net_config.model_channels}, {net_config.num_blocks} blocks, "
+        f"{net_config.num_heads} heads, attention={net_config.attention}), batch {batch_size}, latent "
+        f"{'x'.join(map(str, latent))}; load average {result['load_average_start']}",
+        flush=True,
+    )
 
     params = networks.init_params(net_config, jax.random.PRNGKey(0))
     batch = make_batch(batch_size, latent, net_config.crossattn_proj_in_channels)
     result["matmul"] = matmul_rate()
     peak = result["matmul"]["jax_flops_per_s"]
-    print(f"matmul 2048^3 f32: jax {peak / 1e9:.1f} GFLOP/s, torch "
-          f"{result['matmul']['torch_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    print(
+        f"matmul 2048^3 f32: jax {peak / 1e9:.1f} GFLOP/s, torch "
+        f"{result['matmul']['torch_flops_per_s'] / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
 
-    runners = {"jax": JaxRunner(net_config, params, batch),
-               "torch_eager": TorchRunner(net_config, params, batch, compile=False)}
+    runners = {
+        "jax": JaxRunner(net_config, params, batch),
+        "torch_eager": TorchRunner(net_config, params, batch, compile=False),
+    }
     if not args.no_compile:
         runners["torch_compile"] = TorchRunner(net_config, params, batch, compile=True)
     teacher = runners["jax"].teacher
     b = jax.tree.map(jnp.asarray, batch)
-    mask = jnp.broadcast_to((jnp.arange(latent[1]) < b["num_cond_frames"][:, None]).astype(jnp.float32)
-                            [:, None, :, None, None], (batch_size, 1, *latent[1:]))
+    mask = jnp.broadcast_to(
+        (jnp.arange(latent[1]) < b["num_cond_frames"][:, None]).astype(jnp.float32)[:, None, :, None, None],
+        (batch_size, 1, *latent[1:]),
+    )
     context = networks.project_text(net_config, params, b["text"])
-    flops = network_flops(net_config, teacher["net"], b["latents"], jnp.full((batch_size, latent[1]), 0.5), context,
-                          mask)
+    flops = network_flops(
+        net_config, teacher["net"], b["latents"], jnp.full((batch_size, latent[1]), 0.5), context, mask
+    )
     result["network_flops"] = flops
-    print(f"network call at batch {batch_size}: fwd {flops['fwd'] / 1e9:.2f} GFLOP, fwd+bwd "
-          f"{flops['fwd_bwd'] / 1e9:.2f} GFLOP", flush=True)
+    print(
+        f"network call at batch {batch_size}: fwd {flops['fwd'] / 1e9:.2f} GFLOP, fwd+bwd "
+        f"{flops['fwd_bwd'] / 1e9:.2f} GFLOP",
+        flush=True,
+    )
 
     rows, failed, first_call = [], {}, {}
     for update in ("critic", "student"):
@@ -226,14 +260,23 @@ def run(args) -> dict:
             for _ in range(args.steps):
                 for name in active:
                     times[name] += timed(lambda: runners[name](update, n), 1)
-            row = {"update": update, "n": n, "flops": update_flops(update, n, flops),
-                   "median_s": {k: statistics.median(v) for k, v in times.items()},
-                   "min_s": {k: min(v) for k, v in times.items()}}
+            row = {
+                "update": update,
+                "n": n,
+                "flops": update_flops(update, n, flops),
+                "median_s": {k: statistics.median(v) for k, v in times.items()},
+                "min_s": {k: min(v) for k, v in times.items()},
+            }
             rows.append(row)
-            print(f"{update} n={n}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["median_s"].items()),
-                  flush=True)
-    result.update(rows=rows, torch_compile_error=failed.get("torch_compile"),
-                  first_call_s={k: v[0] for k, v in first_call.items()}, load_average_end=load_average())
+            print(
+                f"{update} n={n}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["median_s"].items()), flush=True
+            )
+    result.update(
+        rows=rows,
+        torch_compile_error=failed.get("torch_compile"),
+        first_call_s={k: v[0] for k, v in first_call.items()},
+        load_average_end=load_average(),
+    )
     result["summary"] = summarize(rows, list(runners), failed, flops, net_config, peak)
     return result
 
@@ -253,8 +296,13 @@ def summarize(rows, impls, failed, flops, net_config, peak) -> list[dict]:
         out.append(means[update])
     if means:
         crit, stud = means["critic"], means["student"]
-        out.append(dict(label="iteration (4 critic : 1 student)", flops=(4 * crit["flops"] + stud["flops"]) / 5,
-                        s={k: (4 * crit["s"][k] + stud["s"][k]) / 5 for k in crit["s"]}))
+        out.append(
+            dict(
+                label="iteration (4 critic : 1 student)",
+                flops=(4 * crit["flops"] + stud["flops"]) / 5,
+                s={k: (4 * crit["s"][k] + stud["s"][k]) / 5 for k in crit["s"]},
+            )
+        )
     for row in out:
         row["matmul_fraction"] = {k: row["flops"] / v / peak for k, v in row["s"].items()}
         row["jax_speed_over"] = {k: v / row["s"]["jax"] for k, v in row["s"].items() if k != "jax"}
@@ -263,8 +311,10 @@ def summarize(rows, impls, failed, flops, net_config, peak) -> list[dict]:
 
 def markdown(result) -> str:
     impls = ["jax", "torch_eager", "torch_compile"]
-    head = ("| update | GFLOP | JAX ms | eager ms | compile ms | JAX speed / eager | JAX speed / compile "
-            "| JAX % mm | eager % mm | compile % mm |")
+    head = (
+        "| update | GFLOP | JAX ms | eager ms | compile ms | JAX speed / eager | JAX speed / compile "
+        "| JAX % mm | eager % mm | compile % mm |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
     def ms(row, k):
@@ -277,17 +327,23 @@ def markdown(result) -> str:
         return f"{100 * row['matmul_fraction'][k]:.0f}%" if k in row["matmul_fraction"] else "n/a"
 
     for row in result["summary"]:
-        lines.append(f"| {row['label']} | {row['flops'] / 1e9:.2f} | " + " | ".join(ms(row, k) for k in impls)
-                     + f" | {ratio(row, 'torch_eager')} | {ratio(row, 'torch_compile')} | "
-                     + " | ".join(frac(row, k) for k in impls) + " |")
+        lines.append(
+            f"| {row['label']} | {row['flops'] / 1e9:.2f} | "
+            + " | ".join(ms(row, k) for k in impls)
+            + f" | {ratio(row, 'torch_eager')} | {ratio(row, 'torch_compile')} | "
+            + " | ".join(frac(row, k) for k in impls)
+            + " |"
+        )
     mm = result["matmul"]
     lines.append("")
-    lines.append(f"JAX speed / X = X's time / JAX's time (> 1: JAX faster). % mm = model FLOPs / time / the "
-                 f"2048^3 f32 matmul rate measured in this run ({mm['jax_flops_per_s'] / 1e9:.1f} GFLOP/s in JAX, "
-                 f"{mm['torch_flops_per_s'] / 1e9:.1f} in torch). First call (compile) s: "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in result["first_call_s"].items())
-                 + f". Load average start {result['load_average_start']}, end {result['load_average_end']} "
-                 f"on {result['cpus']} CPUs.")
+    lines.append(
+        f"JAX speed / X = X's time / JAX's time (> 1: JAX faster). % mm = model FLOPs / time / the "
+        f"2048^3 f32 matmul rate measured in this run ({mm['jax_flops_per_s'] / 1e9:.1f} GFLOP/s in JAX, "
+        f"{mm['torch_flops_per_s'] / 1e9:.1f} in torch). First call (compile) s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["first_call_s"].items())
+        + f". Load average start {result['load_average_start']}, end {result['load_average_end']} "
+        f"on {result['cpus']} CPUs."
+    )
     if result["torch_compile_error"]:
         lines.append(f"torch.compile: n/a ({result['torch_compile_error']})")
     return "\n".join(lines)

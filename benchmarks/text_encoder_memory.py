@@ -14,6 +14,7 @@ On the CPU backend a bfloat16 figure overstates an accelerator's: XLA:CPU has no
 copy of each device's bf16 weight shards (~2x its parameter bytes, in "temp"); `--dtype float32` has no such
 copies (its temp is activations only), so accelerator bf16 ~ bf16 arguments + output + the float32 run's temp.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     # Before jax initialises its backends.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.devices}")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
@@ -47,12 +49,15 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype)
     mesh = sharding.make_mesh({"data": 1, "fsdp": args.devices})
     shapes = qwen2.param_shapes(cfg, dtype)
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                          sharding.param_sharding(shapes, mesh))
+    params = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding.param_sharding(shapes, mesh)
+    )
     ids = jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32, sharding=sharding.batch_sharding(mesh))
     width = cfg.num_layers * cfg.hidden_size
-    proj = {"w": jax.ShapeDtypeStruct((width, 1024), dtype, sharding=NamedSharding(mesh, P("fsdp", None))),
-            "b": jax.ShapeDtypeStruct((1024,), dtype, sharding=NamedSharding(mesh, P()))}
+    proj = {
+        "w": jax.ShapeDtypeStruct((width, 1024), dtype, sharding=NamedSharding(mesh, P("fsdp", None))),
+        "b": jax.ShapeDtypeStruct((1024,), dtype, sharding=NamedSharding(mesh, P())),
+    }
     out_sharding = sharding.batch_sharding(mesh)
 
     def embed(params, ids):
@@ -64,20 +69,37 @@ def main(argv=None) -> int:
 
     n_params = sum(s.size for s in jax.tree.leaves(shapes))
     result = {
-        "model": "Reason1-7B language model (Qwen2.5-VL-7B text)", "params": n_params, "dtype": args.dtype,
-        "devices": args.devices, "mesh": dict(mesh.shape), "batch": args.batch, "length": args.length,
-        "embedding_width": width, "platform": jax.devices()[0].platform,
+        "model": "Reason1-7B language model (Qwen2.5-VL-7B text)",
+        "params": n_params,
+        "dtype": args.dtype,
+        "devices": args.devices,
+        "mesh": dict(mesh.shape),
+        "batch": args.batch,
+        "length": args.length,
+        "embedding_width": width,
+        "platform": jax.devices()[0].platform,
         "param_bytes_per_device_ideal": n_params * dtype.itemsize // args.devices,
     }
     rows = {"embed": (embed, (params, ids)), "embed_project": (embed_project, (params, proj, ids))}
     for name, (fn, fn_args) in rows.items():
         compiled = jax.jit(fn, out_shardings=out_sharding).lower(*fn_args).compile()
         mem = compiled.memory_analysis()
-        row = {k: int(getattr(mem, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                  "temp_size_in_bytes", "alias_size_in_bytes",
-                                                  "generated_code_size_in_bytes")}
-        row["total_bytes"] = (row["argument_size_in_bytes"] + row["output_size_in_bytes"]
-                              + row["temp_size_in_bytes"] - row["alias_size_in_bytes"])
+        row = {
+            k: int(getattr(mem, k))
+            for k in (
+                "argument_size_in_bytes",
+                "output_size_in_bytes",
+                "temp_size_in_bytes",
+                "alias_size_in_bytes",
+                "generated_code_size_in_bytes",
+            )
+        }
+        row["total_bytes"] = (
+            row["argument_size_in_bytes"]
+            + row["output_size_in_bytes"]
+            + row["temp_size_in_bytes"]
+            - row["alias_size_in_bytes"]
+        )
         row["total_GiB"] = round(row["total_bytes"] / 2**30, 3)
         result[name] = row
     text = json.dumps(result, indent=2)

@@ -7,6 +7,7 @@ steps without gradient), DMD loss against the guided teacher, critic (fake-score
 clip and warm-up, skip on non-finite, power EMA of the student. tests/test_torch_dmd2.py checks that its losses,
 denoiser and backward simulation equal the JAX ones on the same inputs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,9 @@ import torch
 
 from trigflow_distill.networks import state_dict as sdmap
 
-TAU_MIN = 1e-6                 # critic weight 1 / sin^2(tau) guard, and the tau sampling band
-LAMBDA_FLOOR = 1e-5            # DMD normaliser floor
-TAU_COND = math.atan(1e-4)     # conditional frames are shown to the net at sigma = 1e-4
+TAU_MIN = 1e-6  # critic weight 1 / sin^2(tau) guard, and the tau sampling band
+LAMBDA_FLOOR = 1e-5  # DMD normaliser floor
+TAU_COND = math.atan(1e-4)  # conditional frames are shown to the net at sigma = 1e-4
 
 
 class NearestResize:
@@ -80,6 +81,7 @@ def jax_to_numpy(tree):
 # ---------------------------------------------------------------------------------------------------------------
 # TrigFlow (docs/algorithm.md §1-3)
 
+
 def coefficients(tau, scaling="rectified_flow", sigma_data=1.0):
     """(c_skip, c_out, c_in, c_noise) of a tau tensor; x0 = c_skip x_tau + c_out net(c_in x_tau, c_noise)."""
     cos, sin = torch.cos(tau), torch.sin(tau)
@@ -120,9 +122,11 @@ def renoise(x0, eps, tau_b, sigma_data=1.0):
 # ---------------------------------------------------------------------------------------------------------------
 # Video2World denoiser and samplers
 
+
 @dataclasses.dataclass
 class Cond:
     """Per-batch conditioning: GT latents, condition mask (B,1,T,H,W), projected cond / uncond contexts."""
+
     gt: torch.Tensor
     mask: torch.Tensor
     context: torch.Tensor
@@ -150,8 +154,14 @@ def denoise(model, x_tau, tau_b, context, cond: Cond, scaling="rectified_flow", 
     net_in = mask * cond.gt / sigma_data + (1.0 - mask) * c_in * x_tau
     cond_noise = coefficients(torch.tensor(TAU_COND), scaling, sigma_data)[3]
     c_noise_bt = torch.where(mask[:, 0, :, 0, 0] > 0.5, cond_noise, c_noise.reshape(b, 1).expand(b, t))
-    out = model(net_in, c_noise_bt.reshape(b, 1, t, 1, 1), context, condition_mask=mask,
-                padding_mask=torch.zeros(1, 1, h, w), return_dict=False)[0]
+    out = model(
+        net_in,
+        c_noise_bt.reshape(b, 1, t, 1, 1),
+        context,
+        condition_mask=mask,
+        padding_mask=torch.zeros(1, 1, h, w),
+        return_dict=False,
+    )[0]
     return mask * cond.gt + (1.0 - mask) * (c_skip * x_tau + c_out * out)
 
 
@@ -160,14 +170,19 @@ def backward_simulation(x0_fn, eps, n, taus, sigma_data=1.0, with_grad=True):
     x = eps
     with torch.no_grad():
         for j in range(n - 1):
-            x = renoise(x0_fn(x, torch.full((eps.shape[0],), taus[j])), eps,
-                        torch.full((eps.shape[0],), taus[j + 1]), sigma_data)
+            x = renoise(
+                x0_fn(x, torch.full((eps.shape[0],), taus[j])),
+                eps,
+                torch.full((eps.shape[0],), taus[j + 1]),
+                sigma_data,
+            )
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         return x0_fn(x, torch.full((eps.shape[0],), taus[n - 1]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses (docs/algorithm.md §4-5)
+
 
 def cfg_x0(x0_cond, x0_uncond, guidance):
     return x0_uncond + guidance * (x0_cond - x0_uncond)
@@ -204,6 +219,7 @@ def critic_loss(g_x0, x0_fake, tau_b):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer and EMA (docs/algorithm.md §6)
+
 
 def lr_multiplier(n, warmup=100, max_steps=400000):
     """1e-6 -> 0.99 linearly over `warmup` updates, then linearly down to 0.4 at `max_steps` (held after)."""
@@ -257,8 +273,9 @@ class DMD2:
 
     def _optimizer(self, model):
         hp = self.hp
-        return torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.adam_eps,
-                                 weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(
+            model.parameters(), lr=hp.lr, betas=hp.betas, eps=hp.adam_eps, weight_decay=hp.weight_decay
+        )
 
     def x0_fn(self, name, cond: Cond, context=None):
         hp = self.hp
@@ -278,8 +295,11 @@ class DMD2:
         x_d = renoise(g_x0.detach(), eps_d, tau_d, self.hp.sigma_data)
         with torch.no_grad():
             x0_fake = self.x0_fn("critic", cond)(x_d, tau_d)
-            x0_teacher = cfg_x0(self.x0_fn("teacher", cond)(x_d, tau_d),
-                                self.x0_fn("teacher", cond, cond.uncond_context)(x_d, tau_d), self.hp.guidance)
+            x0_teacher = cfg_x0(
+                self.x0_fn("teacher", cond)(x_d, tau_d),
+                self.x0_fn("teacher", cond, cond.uncond_context)(x_d, tau_d),
+                self.hp.guidance,
+            )
         return dmd_loss(g_x0, x0_fake, x0_teacher)
 
     def _draws(self, shape):
@@ -318,5 +338,9 @@ class DMD2:
             with torch.no_grad():
                 for e, s in zip(self.ema.parameters(), self.student.parameters()):
                     e.lerp_(s, 1.0 - beta)
-        return {"student/loss": loss.item(), "student/grad_norm": norm, "student/skipped": float(not ok),
-                "student/lambda": float(aux["lambda_b"].mean())}
+        return {
+            "student/loss": loss.item(),
+            "student/grad_norm": norm,
+            "student/skipped": float(not ok),
+            "student/lambda": float(aux["lambda_b"].mean()),
+        }

@@ -13,6 +13,7 @@ release size, nothing executed: arguments (weights + input), output, and XLA's t
 (an upper bound that ignores buffer sharing with the arguments). On CPU the estimate is for the CPU backend's
 buffer assignment; on an accelerator run it there for that chip's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,27 @@ def memory(args) -> dict:
     t_lat = 1 + (t - 1) // 4
     video = jax.ShapeDtypeStruct((1, 3, t, h, w), jnp.float32)
     latents = jax.ShapeDtypeStruct((1, cfg.z_dim, t_lat, h // 8, w // 8), jnp.float32)
-    out = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "dim": args.dim,
-           "dtype": args.dtype, "clip": f"{t}x{h}x{w}", "latent": f"{t_lat}x{h // 8}x{w // 8}"}
+    out = {
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.default_backend(),
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "clip": f"{t}x{h}x{w}",
+        "latent": f"{t_lat}x{h // 8}x{w // 8}",
+    }
     for name, fn, x in (("encode", vae._encode, video), ("decode", vae._decode, latents)):
         start = time.perf_counter()
         compiled = fn.lower(cfg, params, x, dtype.type).compile()
         m = compiled.memory_analysis()
         peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-        out[name] = {"args_gib": _gib(m.argument_size_in_bytes), "output_gib": _gib(m.output_size_in_bytes),
-                     "temp_gib": _gib(m.temp_size_in_bytes), "peak_gib": _gib(peak),
-                     "fits_16gib": peak < 16 * 2**30, "compile_s": round(time.perf_counter() - start, 1)}
+        out[name] = {
+            "args_gib": _gib(m.argument_size_in_bytes),
+            "output_gib": _gib(m.output_size_in_bytes),
+            "temp_gib": _gib(m.temp_size_in_bytes),
+            "peak_gib": _gib(peak),
+            "fits_16gib": peak < 16 * 2**30,
+            "compile_s": round(time.perf_counter() - start, 1),
+        }
     return out
 
 
@@ -92,9 +104,13 @@ def speed(args) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     frames = args.batch * args.frames
     return {
-        "device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "dim": args.dim,
-        "dtype": args.dtype, "clip": f"{args.batch}x{args.frames}x{args.height}x{args.width}",
-        "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.default_backend(),
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "clip": f"{args.batch}x{args.frames}x{args.height}x{args.width}",
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
         **{f"{k}_s": round(v, 3) for k, v in med.items()},
         **{f"{k}_fps": round(frames / v, 2) for k, v in med.items()},
         "encode_speedup": round(med["torch_encode"] / med["jax_encode"], 2),

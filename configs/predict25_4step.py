@@ -12,6 +12,7 @@ Tiny CPU demo (the shipped toy teacher, synthetic toy-world data, ends with an e
 
 Any field can be overridden with --config.<field>=<value>; unknown fields are rejected.
 """
+
 import os
 
 import ml_collections
@@ -25,8 +26,9 @@ TINY_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def get_config(arg: str = ""):
     """Returns the config; `arg` is "" (real 2B recipe) or "tiny" (CPU demo)."""
     if arg not in ("", "tiny"):
-        raise ValueError(f"Unknown config variant {arg!r}: use configs/predict25_4step.py or "
-                         "configs/predict25_4step.py:tiny")
+        raise ValueError(
+            f"Unknown config variant {arg!r}: use configs/predict25_4step.py or configs/predict25_4step.py:tiny"
+        )
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 30_000
@@ -42,21 +44,21 @@ def get_config(arg: str = ""):
     # Teacher: a native Cosmos .pt (net. / net_ema. prefix) or a diffusers folder, converted once at start-up.
     c.teacher = ml_collections.ConfigDict()
     c.teacher.path = ""
-    c.teacher.cache_dir = ""            # "" = <workdir>/teacher_cache
+    c.teacher.cache_dir = ""  # "" = <workdir>/teacher_cache
     c.teacher.scaling = "rectified_flow"
     c.teacher.sigma_data = 1.0
-    c.teacher.dtype = "bfloat16"        # storage dtype of the frozen teacher params
+    c.teacher.dtype = "bfloat16"  # storage dtype of the frozen teacher params
 
     # Network options (architecture is inferred from the teacher checkpoint).
     c.net = ml_collections.ConfigDict()
-    c.net.dtype = "bfloat16"            # compute dtype; master weights and optimizer states stay fp32
-    c.net.remat = "full"                # per-block jax.checkpoint: none | full | dots_saveable | save_attention_out
+    c.net.dtype = "bfloat16"  # compute dtype; master weights and optimizer states stay fp32
+    c.net.remat = "full"  # per-block jax.checkpoint: none | full | dots_saveable | save_attention_out
     c.net.attention = "blockwise"
-    c.net.attention_block_size = 512    # keys per step of the blockwise attention
+    c.net.attention_block_size = 512  # keys per step of the blockwise attention
 
     # DMD2 (docs/algorithm.md §3-7).
     c.distill = ml_collections.ConfigDict()
-    c.distill.guidance = 4.0            # standard CFG: x0_u + s (x0_c - x0_u); reference w=3 is s=4
+    c.distill.guidance = 4.0  # standard CFG: x0_u + s (x0_c - x0_u); reference w=3 is s=4
     c.distill.student_update_freq = 5
     c.distill.tangent_warmup = 1
     c.distill.num_student_steps = 4
@@ -64,7 +66,7 @@ def get_config(arg: str = ""):
     c.distill.cond_frame_probs = COND_FRAME_PROBS  # P(N=0), P(N=1), P(N=2) conditional latent frames
     c.distill.replace_gt_timesteps = True
     c.distill.ema_rate = 0.1
-    c.distill.ema_start = 0             # student updates before the power EMA starts averaging (reference: 0)
+    c.distill.ema_start = 0  # student updates before the power EMA starts averaging (reference: 0)
     # DMD lambda per (sample, chunk of T/K latent frames). The released 2B student was trained with 4 context-
     # parallel shards of 6 frames, each computing its own lambda: 4 reproduces that; 1 = per sample (§4, §13).
     c.distill.lambda_frame_chunks = 1
@@ -72,28 +74,33 @@ def get_config(arg: str = ""):
     # The method (docs/algorithm.md §14): "dmd2" (§4-6) or "rcm" (sCM on the batch's real latents, regularised by
     # DMD2; same critic). distill.rcm holds the reference's rCM constants (NVlabs/rcm, Wan2.1 1.3B run).
     c.distill.method = "dmd2"
-    c.distill.rcm = ml_collections.ConfigDict(dict(
-            loss_scale=100.0,        # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
-            dmd_weight=1.0,          # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-            tangent_warmup=1000,     # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
-            tangent_norm_eps=0.1,    # g / (||g|| + eps)
-            p_mean=-0.8, p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
+    c.distill.rcm = ml_collections.ConfigDict(
+        dict(
+            loss_scale=100.0,  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
+            dmd_weight=1.0,  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
+            tangent_warmup=1000,  # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
+            tangent_norm_eps=0.1,  # g / (||g|| + eps)
+            p_mean=-0.8,
+            p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
             frame_noise_scale=True,  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
             jvp_attention="einsum",  # JVP-pass attention when net.attention has no forward mode (blockwise, splash)
-    ))
+        )
+    )
 
-    c.student_optim = ml_collections.ConfigDict(dict(
-            lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000))
-    c.critic_optim = ml_collections.ConfigDict(dict(
-            lr=2e-7, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000))
+    c.student_optim = ml_collections.ConfigDict(
+        dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000)
+    )
+    c.critic_optim = ml_collections.ConfigDict(
+        dict(lr=2e-7, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000)
+    )
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "dir"                 # "dir" (data.py on-disk format) | "toy" | "synthetic"
+    c.data.kind = "dir"  # "dir" (data.py on-disk format) | "toy" | "synthetic"
     c.data.path = ""
-    c.data.batch_size = 8               # global batch
+    c.data.batch_size = 8  # global batch
     c.data.seed = 0
     c.data.latent_shape = (16, 4, 8, 8)  # only for kind="synthetic"
-    c.data.text_shape = (8, 96)          # only for kind="synthetic"
+    c.data.text_shape = (8, 96)  # only for kind="synthetic"
 
     # kind="dir": every sample_every steps the EMA student's samples decoded by this Wan2.1 VAE (local or
     # hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth) into samples/*.mp4, *.gif and TensorBoard; "" = none.
@@ -106,13 +113,14 @@ def get_config(arg: str = ""):
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, seq=0, device_memory_gib=0.0))
 
     # Weights & Biases, next to TensorBoard and metrics.jsonl (off by default; needs `pip install wandb` when on).
-    c.wandb = ml_collections.ConfigDict(dict(
-            enabled=False, project="trigflow-distill", entity="", name="", mode="online"))  # mode: online|offline
+    c.wandb = ml_collections.ConfigDict(
+        dict(enabled=False, project="trigflow-distill", entity="", name="", mode="online")
+    )  # mode: online|offline
 
     c.eval = ml_collections.ConfigDict()
     c.eval.at_end = False
     c.eval.num_samples = 1024
-    c.eval.student_steps = (1, 2, 4)    # student sampler step counts evaluated (toy world)
+    c.eval.student_steps = (1, 2, 4)  # student sampler step counts evaluated (toy world)
 
     if arg == "tiny":
         c.total_steps = 1500
@@ -142,4 +150,3 @@ def get_config(arg: str = ""):
         c.mesh.update(data=-1, fsdp=1, seq=1)  # plain data parallelism
         c.eval.at_end = True
     return c
-

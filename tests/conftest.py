@@ -1,4 +1,5 @@
 """Test-wide set-up: 8 simulated CPU devices (for the sharding tests) and parsed absl flags (grain reads them)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -7,6 +7,7 @@ TensorStore specs (gs:// would go to TensorStore's own GCS driver, which fsspec 
 fake still fail (its per-process OCDBT merge needs CopyRange, which the rewritten specs do not support), so tests that
 train redirect `checkpoint.make_manager` to the fake's folder (see `redirect_checkpoints`).
 """
+
 import functools
 import os
 import re
@@ -45,11 +46,11 @@ def serve_gs(root, monkeypatch) -> None:
         monkeypatch.setitem(registry, name, FakeGCS)
     # etils caches one file system per protocol for the whole process: give this test a fresh cache.
     get_filesystem = epath_backend._FileSystemSpecBackend._get_filesystem
-    monkeypatch.setattr(epath_backend._FileSystemSpecBackend, "_get_filesystem",
-                        functools.lru_cache()(get_filesystem.__wrapped__))
+    monkeypatch.setattr(
+        epath_backend._FileSystemSpecBackend, "_get_filesystem", functools.lru_cache()(get_filesystem.__wrapped__)
+    )
     monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-    monkeypatch.setattr(tensorstore_utils, "_normalize_path",
-                        lambda path: os.path.normpath(local_path(root, path)))
+    monkeypatch.setattr(tensorstore_utils, "_normalize_path", lambda path: os.path.normpath(local_path(root, path)))
 
 
 def redirect_checkpoints(root, monkeypatch) -> None:

@@ -15,6 +15,7 @@ Two choices, both measured while building this test:
 - guidance s = 2: DMD matches the guided denoiser at every noise level, which for strong guidance is not the
   distribution the guided ODE sampler produces (at s = 4 the two differ by far more than the tolerances below).
 """
+
 import functools
 import time
 
@@ -101,8 +102,15 @@ def gmm_condition(algo, key, teacher, batch):
 
 
 # n = 4 always in backward simulation (see the module docstring); it still runs 3 steps without gradient.
-ALGO = dmd2.Algo(net_config=None, sigma_data=SIGMA_DATA, guidance=GUIDANCE, num_student_steps=len(TAUS),
-                 condition=gmm_condition, sim_steps=len(TAUS), renoise_shift=TAU_SHIFT)
+ALGO = dmd2.Algo(
+    net_config=None,
+    sigma_data=SIGMA_DATA,
+    guidance=GUIDANCE,
+    num_student_steps=len(TAUS),
+    condition=gmm_condition,
+    sim_steps=len(TAUS),
+    renoise_shift=TAU_SHIFT,
+)
 
 
 def train(key):
@@ -150,8 +158,11 @@ def component_stats(x, cls):
 def teacher_samples(eps, cls, num_steps):
     class_b = jnp.full((eps.shape[0],), cls)
     return sampling.sample_teacher_cfg(
-        lambda x, t: gmm_x0(x, t, class_b), lambda x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
-        eps, GUIDANCE, num_steps=num_steps,
+        lambda x, t: gmm_x0(x, t, class_b),
+        lambda x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
+        eps,
+        GUIDANCE,
+        num_steps=num_steps,
     )
 
 
@@ -201,11 +212,15 @@ def test_dmd2_student_matches_guided_teacher():
             dmean = np.abs(m - m_ref)[major]
             energy, dw = energy_distance(x, ref), np.abs(w - w_ref).max()
             results[cls, name] = (energy, dw, np.inf if np.isnan(dmean).any() else dmean.max())
-            print(f"class {cls} {name:22s} energy {energy:.4f}  max|dw| {dw:.3f}  "
-                  f"max|dmean| {results[cls, name][2]:.3f}  weights {w.round(3).tolist()}")
-    print(f"train {train_s:.1f} s ({ROUNDS} student + {4 * ROUNDS} critic updates), "
-          f"total {time.perf_counter() - start:.1f} s; student DMD loss mean of first/last 20 updates "
-          f"{float(s_loss[:20].mean()):.3f}/{float(s_loss[-20:].mean()):.3f}")
+            print(
+                f"class {cls} {name:22s} energy {energy:.4f}  max|dw| {dw:.3f}  "
+                f"max|dmean| {results[cls, name][2]:.3f}  weights {w.round(3).tolist()}"
+            )
+    print(
+        f"train {train_s:.1f} s ({ROUNDS} student + {4 * ROUNDS} critic updates), "
+        f"total {time.perf_counter() - start:.1f} s; student DMD loss mean of first/last 20 updates "
+        f"{float(s_loss[:20].mean()):.3f}/{float(s_loss[-20:].mean()):.3f}"
+    )
 
     for cls in range(NUM_CLASSES):
         energy, dw, dmean = results[cls, "student4_ema"]

@@ -1,4 +1,5 @@
 """Attention kernels vs a float64 numpy softmax reference (values and gradients), blockwise memory, seq sharding."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +19,11 @@ def _reference(q, k, v, g):
     o = np.einsum("bhls,bshd->blhd", p, v)
     dp = np.einsum("blhd,bshd->bhls", g, v)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(q.shape[-1])
-    return o, (np.einsum("bhls,bshd->blhd", ds, k), np.einsum("bhls,blhd->bshd", ds, q),
-               np.einsum("bhls,blhd->bshd", p, g))
+    return o, (
+        np.einsum("bhls,bshd->blhd", ds, k),
+        np.einsum("bhls,blhd->bshd", ds, q),
+        np.einsum("bhls,blhd->bshd", p, g),
+    )
 
 
 def _inputs(seed, b, length, num_keys, h, d):
@@ -30,9 +34,14 @@ def _inputs(seed, b, length, num_keys, h, d):
 
 
 SHAPES = [(2, 37, 37, 3, 16), (1, 40, 130, 2, 32), (2, 70, 9, 2, 8)]  # self, cross (S % block != 0), short text
-CASES = [("xla", {}), ("einsum", {}), ("einsum", {"q_block_size": 16}),
-         ("blockwise", {"block_size": 32}), ("blockwise", {"block_size": 512}),
-         ("blockwise", {"block_size": 16, "q_block_size": 24})]
+CASES = [
+    ("xla", {}),
+    ("einsum", {}),
+    ("einsum", {"q_block_size": 16}),
+    ("blockwise", {"block_size": 32}),
+    ("blockwise", {"block_size": 512}),
+    ("blockwise", {"block_size": 16, "q_block_size": 24}),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -67,6 +76,7 @@ def test_splash_kernel_in_interpret_mode_with_padding():
 
 def test_blockwise_fwd_bwd_never_holds_full_score_matrix():
     """Compiled (not run) fwd+bwd temp memory: below one L x S fp32 buffer and linear, not quadratic, in L."""
+
     def temp_bytes(impl, length):
         x = jax.ShapeDtypeStruct((1, length, 1, 64), jnp.float32)
         loss = lambda q, k, v: attn.attention(q, k, v, impl=impl, block_size=512).sum()
@@ -149,8 +159,7 @@ def test_blockwise_backward_memory_is_one_tile_not_one_query_row_block():
     x = jax.ShapeDtypeStruct((1, length, 1, d), jnp.float32)
 
     def temp_bytes(q_block):
-        loss = lambda q, k, v: attn.attention(q, k, v, impl="blockwise", block_size=block,
-                                              q_block_size=q_block).sum()
+        loss = lambda q, k, v: attn.attention(q, k, v, impl="blockwise", block_size=block, q_block_size=q_block).sum()
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
 
     chunked, unchunked = temp_bytes(256), temp_bytes(length)

@@ -1,4 +1,5 @@
 """Checkpoints: bit-exact sharded save/restore with the data position, keep-last-K, incomplete saves ignored."""
+
 import os
 import shutil
 
@@ -16,8 +17,11 @@ LAT, TXT = (16, 2, 2, 2), (3, 4)
 
 def _state(mesh, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    params = {"stack": jax.random.normal(k1, (2, 16, 8)), "w": jax.random.normal(k2, (16, 4)),
-              "scale": jnp.full((7,), 0.1 * (seed + 1), jnp.bfloat16)}
+    params = {
+        "stack": jax.random.normal(k1, (2, 16, 8)),
+        "w": jax.random.normal(k2, (16, 4)),
+        "scale": jnp.full((7,), 0.1 * (seed + 1), jnp.bfloat16),
+    }
     shardings = sharding.param_sharding(params, mesh, min_size=32)
     params = sharding.put_global(jax.tree.map(np.asarray, params), shardings)
     opt = optax.adamw(1e-2)
@@ -97,7 +101,8 @@ def test_incomplete_newer_checkpoint_is_ignored(tmp_path):
     _assert_bit_equal(restored, states[1])
     assert checkpoint.save(resumed, 3, states[0])  # the leftover does not block re-saving that step
     checkpoint.wait_until_finished(resumed)
-    restored, step = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path)),
-                                               checkpoint.abstract_like(states[0]))
+    restored, step = checkpoint.restore_latest(
+        checkpoint.make_manager(str(tmp_path)), checkpoint.abstract_like(states[0])
+    )
     assert step == 3
     _assert_bit_equal(restored, states[0])

@@ -61,31 +61,45 @@ def make_inputs(seed, b, t, h, w, n_cond, per_frame):
 
 def run_diffusers(model, x, ts, text, mask, pad, block_ids=()):
     feats = {}
-    hooks = [model.transformer_blocks[i].register_forward_hook(
-        lambda m, a, out, i=i: feats.__setitem__(i, out.detach().numpy())) for i in block_ids]
+    hooks = [
+        model.transformer_blocks[i].register_forward_hook(
+            lambda m, a, out, i=i: feats.__setitem__(i, out.detach().numpy())
+        )
+        for i in block_ids
+    ]
     b, _, t = x.shape[:3]
     with torch.no_grad():
-        out = model(torch.from_numpy(x), torch.from_numpy(ts).reshape(b, 1, t, 1, 1), torch.from_numpy(text),
-                    fps=None, condition_mask=torch.from_numpy(mask), padding_mask=torch.from_numpy(pad),
-                    return_dict=False)[0]
+        out = model(
+            torch.from_numpy(x),
+            torch.from_numpy(ts).reshape(b, 1, t, 1, 1),
+            torch.from_numpy(text),
+            fps=None,
+            condition_mask=torch.from_numpy(mask),
+            padding_mask=torch.from_numpy(pad),
+            return_dict=False,
+        )[0]
     for hk in hooks:
         hk.remove()
     return out.numpy(), feats
 
 
-@pytest.mark.parametrize("b,t,h,w,n_cond,per_frame,attn", [
-    (1, 1, 4, 4, 0, False, "auto"),
-    (2, 3, 6, 4, 1, True, "blockwise"),  # 18 tokens in key blocks of 8 (padded), 5 context keys
-    (2, 4, 8, 8, 2, True, "xla"),
-])
+@pytest.mark.parametrize(
+    "b,t,h,w,n_cond,per_frame,attn",
+    [
+        (1, 1, 4, 4, 0, False, "auto"),
+        (2, 3, 6, 4, 1, True, "blockwise"),  # 18 tokens in key blocks of 8 (padded), 5 context keys
+        (2, 4, 8, 8, 2, True, "xla"),
+    ],
+)
 def test_parity_with_diffusers(setup, b, t, h, w, n_cond, per_frame, attn):
     params, model = setup
     x, ts, text, mask, pad = make_inputs(b * 100 + t, b, t, h, w, n_cond, per_frame)
     ids = (0, 1) if b == 2 and t == 4 else ()
     ref, ref_feats = run_diffusers(model, x, ts, text, mask, pad, ids)
     config = networks.get_preset("tiny", attention=attn, attention_block_size=8)
-    got = networks.velocity(config, params, x, ts, text, cond_mask_b1thw=mask, padding_mask_b1hw=pad,
-                            return_block_outputs=ids)
+    got = networks.velocity(
+        config, params, x, ts, text, cond_mask_b1thw=mask, padding_mask_b1hw=pad, return_block_outputs=ids
+    )
     got, feats = got if ids else (got, {})
     scale = float(np.std(ref))
     err = float(np.max(np.abs(np.asarray(got) - ref)))
@@ -137,8 +151,15 @@ def test_gradient_parity_with_diffusers_remat_block_outputs(setup):
     hook = model.transformer_blocks[0].register_forward_hook(lambda m, a, out: feats.__setitem__(0, out))
     x_t = torch.from_numpy(x).requires_grad_(True)
     model.zero_grad()
-    out = model(x_t, torch.from_numpy(ts).reshape(1, 1, 2, 1, 1), torch.from_numpy(text), fps=None,
-                condition_mask=torch.from_numpy(mask), padding_mask=torch.from_numpy(pad), return_dict=False)[0]
+    out = model(
+        x_t,
+        torch.from_numpy(ts).reshape(1, 1, 2, 1, 1),
+        torch.from_numpy(text),
+        fps=None,
+        condition_mask=torch.from_numpy(mask),
+        padding_mask=torch.from_numpy(pad),
+        return_dict=False,
+    )[0]
     hook.remove()
     (torch.sum(out * torch.from_numpy(w_out)) + torch.sum(feats[0] * torch.from_numpy(w_feat))).backward()
     ref_sd = sdm.native_from_diffusers({k: p.grad.numpy() for k, p in model.named_parameters()})
@@ -163,11 +184,15 @@ def _random_native(config, seed=0, dtype=ml_dtypes.bfloat16):
 
 def test_native_round_trip_and_diffusers_names():
     native = _random_native(CFG)
-    extras = {"pos_embedder.seq": np.arange(4.0), "accum_video_sample_counter": np.zeros(()),
-              "blocks.0.self_attn.attn_op._extra_state": np.zeros(1)}
+    extras = {
+        "pos_embedder.seq": np.arange(4.0),
+        "accum_video_sample_counter": np.zeros(()),
+        "blocks.0.self_attn.attn_op._extra_state": np.zeros(1),
+    }
     params = sdm.params_from_state_dict({**native, **extras}, CFG)
     assert jax.tree.map(np.shape, params) == jax.tree.map(
-        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple))
+        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
+    )
     back = sdm.state_dict_from_params(params, CFG)
     assert back.keys() == native.keys()
     for k in native:
@@ -219,7 +244,8 @@ def test_state_dict_errors():
 def test_init_params_and_input_errors():
     params = networks.init_params(CFG, jax.random.key(1))
     assert jax.tree.map(np.shape, params) == jax.tree.map(
-        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple))
+        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
+    )
     x, ts, text, mask, pad = make_inputs(1, 1, 2, 4, 4, 0, True)
     v = networks.velocity(CFG, params, x, ts, text)
     assert bool(jnp.all(jnp.isfinite(v))) and float(jnp.std(v)) > 0.1

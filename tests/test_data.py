@@ -1,4 +1,5 @@
 """Data: deterministic order, exact resume, per-process rows, the on-disk format + writer, bad-record errors."""
+
 import json
 import os
 import subprocess
@@ -82,8 +83,11 @@ def test_process_slices_make_the_global_batch():
 
 
 def _arrays(n, rng, c=8):
-    return (rng.normal(size=(n,) + LAT).astype(np.float32), rng.normal(size=(n, 5, c)).astype(np.float32),
-            np.array([0, 1, 2, 0, 1, 2, 0][:n], np.int64))
+    return (
+        rng.normal(size=(n,) + LAT).astype(np.float32),
+        rng.normal(size=(n, 5, c)).astype(np.float32),
+        np.array([0, 1, 2, 0, 1, 2, 0][:n], np.int64),
+    )
 
 
 def test_writer_cli_roundtrip_and_normalize(tmp_path):
@@ -92,12 +96,32 @@ def test_writer_cli_roundtrip_and_normalize(tmp_path):
     for name, arr in (("lat", lat), ("txt", txt), ("nc", nc)):
         np.save(tmp_path / f"{name}.npy", arr)
     out = str(tmp_path / "ds")
-    assert write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"), "--num-cond",
-                       str(tmp_path / "nc.npy"), "--shard-size", "3", "--net", "any", "--out", out]) == 0
+    assert (
+        write_main(
+            [
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--text",
+                str(tmp_path / "txt.npy"),
+                "--num-cond",
+                str(tmp_path / "nc.npy"),
+                "--shard-size",
+                "3",
+                "--net",
+                "any",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     src = data.NpyDirSource(out)
     assert len(src) == 7 and src.text_kind == "raw" and src.spec.fields == ("num_cond_frames",)
     assert sorted(f for f in os.listdir(out) if f.endswith("latents.npy")) == [
-        "shard-00000.latents.npy", "shard-00001.latents.npy", "shard-00002.latents.npy"]
+        "shard-00000.latents.npy",
+        "shard-00001.latents.npy",
+        "shard-00002.latents.npy",
+    ]
     for i in range(7):
         np.testing.assert_array_equal(src[i]["latents"], lat[i])
         np.testing.assert_array_equal(src[i]["text"], txt[i])
@@ -109,16 +133,27 @@ def test_writer_cli_roundtrip_and_normalize(tmp_path):
     _, proj, _ = _arrays(7, rng, c=1024)
     np.save(tmp_path / "proj.npy", proj)
     out2 = str(tmp_path / "ds2")
-    cmd = [sys.executable, "-m", "trigflow_distill.data.write", "--latents", str(tmp_path / "lat.npy"), "--text",
-           str(tmp_path / "proj.npy"), "--normalize", "--out", out2]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trigflow_distill.data.write",
+        "--latents",
+        str(tmp_path / "lat.npy"),
+        "--text",
+        str(tmp_path / "proj.npy"),
+        "--normalize",
+        "--out",
+        out2,
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     src2 = data.NpyDirSource(out2)
     mean = np.array(data.LATENT_MEAN, np.float64)[:, None, None, None]
     std = np.array(data.LATENT_STD, np.float64)[:, None, None, None]
     np.testing.assert_allclose(src2[4]["latents"], (lat[4] - mean) / std, rtol=1e-6, atol=1e-6)
     assert src2.text_kind == "projected" and src2.spec.fields == ()
-    assert write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"),
-                       "--out", out2]) == 1  # refuses to overwrite
+    assert (
+        write_main(["--latents", str(tmp_path / "lat.npy"), "--text", str(tmp_path / "txt.npy"), "--out", out2]) == 1
+    )  # refuses to overwrite
 
 
 def test_writer_rejects_bad_input(tmp_path):
@@ -155,8 +190,10 @@ def test_bad_records_on_read_name_the_record(tmp_path):
             return 4
 
         def __getitem__(self, i):
-            return {"latents": np.zeros(LAT if i != 2 else (16, 3, 4, 5), np.float32),
-                    "text": np.zeros(TXT, np.float32)}
+            return {
+                "latents": np.zeros(LAT if i != 2 else (16, 3, 4, 5), np.float32),
+                "text": np.zeros(TXT, np.float32),
+            }
 
     with pytest.raises(ValueError, match=r"record 2: latents has shape \(16, 3, 4, 5\), expected \(16, 3, 4, 4\)"):
         list(data.make_iterator(WrongShape(), 4, seed=0, num_epochs=1))
@@ -172,9 +209,17 @@ def test_version_1_datasets_still_load(tmp_path):
         np.save(out / f"{shard}.latents.npy", lat[rows])
         np.save(out / f"{shard}.text.npy", txt[rows])
         np.save(out / f"{shard}.num_cond_frames.npy", nc[rows].astype(np.int32))
-    meta = {"format": "trigflow_distill.data/1", "num_records": 5, "latent_shape": list(LAT), "text_shape": [5, 8],
-            "text_kind": "raw", "latents_dtype": "float32", "text_dtype": "float32", "fields": ["num_cond_frames"],
-            "shards": [{"name": "shard-00000", "num_records": 3}, {"name": "shard-00001", "num_records": 2}]}
+    meta = {
+        "format": "trigflow_distill.data/1",
+        "num_records": 5,
+        "latent_shape": list(LAT),
+        "text_shape": [5, 8],
+        "text_kind": "raw",
+        "latents_dtype": "float32",
+        "text_dtype": "float32",
+        "fields": ["num_cond_frames"],
+        "shards": [{"name": "shard-00000", "num_records": 3}, {"name": "shard-00001", "num_records": 2}],
+    }
     (out / "meta.json").write_text(json.dumps(meta))
     src = data.NpyDirSource(str(out))
     assert src.spec == data.RecordSpec(LAT, TXT, ("num_cond_frames",)) and len(src.buckets()) == 1
@@ -192,15 +237,24 @@ def _bucketed_dataset(tmp_path):
     """Two aspect buckets (latent W 4 and 6), three shards; pixel masks in one bucket, latent masks in the other."""
     rng = np.random.default_rng(4)
     w = data.DatasetWriter(str(tmp_path / "ds"))
-    shapes = (("wide", (16, 2, 4, 6), 5, (1, 32, 48)), ("square", (16, 2, 4, 4), 4, (1, 4, 4)),
-              ("wide", (16, 2, 4, 6), 3, (1, 32, 48)))
+    shapes = (
+        ("wide", (16, 2, 4, 6), 5, (1, 32, 48)),
+        ("square", (16, 2, 4, 4), 4, (1, 4, 4)),
+        ("wide", (16, 2, 4, 6), 3, (1, 32, 48)),
+    )
     count = 0
     for bucket, lat, n, pad in shapes:
         mask = np.zeros((n, *pad), np.uint8)
-        mask[:, :, :, -pad[2] // 4:] = 1
+        mask[:, :, :, -pad[2] // 4 :] = 1
         info = [{"caption": f"clip {count + i}", "source": "a.mp4", "frames": [i, i + 9]} for i in range(n)]
-        w.write_shard(rng.normal(size=(n, *lat)).astype(np.float32), rng.normal(size=(n, 5, 8)).astype(np.float32),
-                      bucket=bucket, prompt=np.arange(count, count + n), padding_mask=mask, info=info)
+        w.write_shard(
+            rng.normal(size=(n, *lat)).astype(np.float32),
+            rng.normal(size=(n, 5, 8)).astype(np.float32),
+            bucket=bucket,
+            prompt=np.arange(count, count + n),
+            padding_mask=mask,
+            info=info,
+        )
         count += n
     return data.NpyDirSource(w.close())
 
@@ -252,11 +306,17 @@ def test_bfloat16_text_and_minimal_meta(tmp_path):
     """bfloat16 text (stored as uint16 bits) reads back as float32; meta.json may leave out fields, text_shape
     and padding_mask_shape (read from the first shard's files), as a shard-writing tool may."""
     import ml_dtypes
+
     rng = np.random.default_rng(6)
     lat, txt, _ = _arrays(4, rng)
     w = data.DatasetWriter(str(tmp_path / "ds"), text_kind="projected")
-    w.write_shard(lat, txt.astype(ml_dtypes.bfloat16), bucket=[32, 32], padding_mask=np.ones((4, 1, 32, 32), np.uint8),
-                  info=[{"caption": "c", "video": "v.mp4", "frames": [0, 9], "fps": 24.0}] * 4)
+    w.write_shard(
+        lat,
+        txt.astype(ml_dtypes.bfloat16),
+        bucket=[32, 32],
+        padding_mask=np.ones((4, 1, 32, 32), np.uint8),
+        info=[{"caption": "c", "video": "v.mp4", "frames": [0, 9], "fps": 24.0}] * 4,
+    )
     out = w.close()
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["text_dtype"] == "bfloat16" and meta["shards"][0]["bucket"] == "32x32"

@@ -1,4 +1,5 @@
 """The Video2World denoiser wrapper: padding masks reach the network (docs/algorithm.md §7)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,6 @@
 """The DMD2 method at its edges (docs/algorithm.md §13): EDM teachers, projected-context data, padding masks,
 lambda per frame chunk."""
+
 import functools
 
 import jax
@@ -22,16 +23,23 @@ def teacher():
     # Non-zero AdaLN outputs and projection bias, so every path (and GELU(b)) matters.
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, a: jnp.asarray(0.05 * rng.standard_normal(a.shape), jnp.float32)
-        if "linear_2" in str(p) or "bias" in str(p) else a, params)
+        lambda p, a: (
+            jnp.asarray(0.05 * rng.standard_normal(a.shape), jnp.float32)
+            if "linear_2" in str(p) or "bias" in str(p)
+            else a
+        ),
+        params,
+    )
     return dmd2.split_teacher(params)
 
 
 def _batch(key, text_width=NET.crossattn_proj_in_channels, t=2):
     k = jax.random.split(key, 2)
-    return {"latents": jax.random.normal(k[0], (B, 16, t, 4, 4)),
-            "text": jax.random.normal(k[1], (B, 3, text_width)),
-            "num_cond_frames": jnp.array([0, 1], jnp.int32)}
+    return {
+        "latents": jax.random.normal(k[0], (B, 16, t, 4, 4)),
+        "text": jax.random.normal(k[1], (B, 3, text_width)),
+        "num_cond_frames": jnp.array([0, 1], jnp.int32),
+    }
 
 
 def _state(teacher, tx):
@@ -40,10 +48,12 @@ def _state(teacher, tx):
 
 def _steps(algo, tx, teacher, batch, state):
     """A student update, then a critic update (one compiled function): (state after each)."""
+
     @jax.jit
     def both(state, teacher, batch):
         s1, m1 = dmd2.student_update(algo, tx, optim.EMA_GAMMA, state, teacher, batch)
         return (s1, m1), dmd2.critic_update(algo, tx, s1, teacher, batch)
+
     return both(state, teacher, batch)
 
 
@@ -94,6 +104,7 @@ def _spy(monkeypatch, module, name):
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
+
     monkeypatch.setattr(module, name, spy)
     return calls
 
@@ -121,6 +132,10 @@ def test_lambda_frame_chunks_reaches_the_loss(teacher, monkeypatch):
     config.distill.lambda_frame_chunks = 2
     algo = dmd2.algo_from_config(config, NET)
     tx = optax.sgd(0.1)
-    jax.eval_shape(functools.partial(dmd2.student_update, algo, tx, optim.EMA_GAMMA), _state(teacher, tx), teacher,
-                   _batch(jax.random.PRNGKey(4), t=4))
+    jax.eval_shape(
+        functools.partial(dmd2.student_update, algo, tx, optim.EMA_GAMMA),
+        _state(teacher, tx),
+        teacher,
+        _batch(jax.random.PRNGKey(4), t=4),
+    )
     assert [c.get("lambda_frame_chunks") for c in calls] == [2]

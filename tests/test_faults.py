@@ -3,6 +3,7 @@
 docs/reliability.md lists the guarantees and points at the test of each. The fast tests drive the pieces
 directly (checkpoint.Saver, restore, lock, config checks, CLIs' error paths); the slow ones run main.py.
 """
+
 import json
 import os
 import re
@@ -59,9 +60,13 @@ def test_failed_background_save_stops_naming_last_committed_step(tmp_path, monke
 
     def disk_full():
         raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0": No space left on device')
+
     monkeypatch.setattr(manager, "wait_until_finished", disk_full)
-    with pytest.raises(errors.CheckpointError, match=r"saving checkpoint 2 .* failed \(ValueError: RESOURCE_EXHAUSTED"
-                                                     r".*The last committed checkpoint is step 1 in"):
+    with pytest.raises(
+        errors.CheckpointError,
+        match=r"saving checkpoint 2 .* failed \(ValueError: RESOURCE_EXHAUSTED"
+        r".*The last committed checkpoint is step 1 in",
+    ):
         saver.close()
     assert lines == ["checkpoint saved at step 1"]
 
@@ -71,8 +76,9 @@ def test_unconfirmed_save_is_an_error(tmp_path, monkeypatch):
     saver = checkpoint.Saver(manager, report=lambda m: None)
     saver.save(1, _state(1))
     monkeypatch.setattr(checkpoint.ocp.step, "is_checkpoint_finalized", lambda path: False)
-    with pytest.raises(errors.CheckpointError, match="checkpoint 1 .* was not committed. No checkpoint has been "
-                                                     "committed"):
+    with pytest.raises(
+        errors.CheckpointError, match="checkpoint 1 .* was not committed. No checkpoint has been committed"
+    ):
         saver.close()
 
 
@@ -83,10 +89,14 @@ def test_unwritable_checkpoint_folder_fails_at_once(tmp_path, monkeypatch):
 
     def read_only(directory):
         raise PermissionError(13, "Permission denied", str(directory / ".write-probe"))
+
     monkeypatch.setattr(checkpoint, "check_writable", read_only)
     start = time.perf_counter()
-    with pytest.raises(errors.CheckpointError, match=r"cannot save checkpoint 8 .*Permission denied.*"
-                                                     r"last committed checkpoint is step 7"):
+    with pytest.raises(
+        errors.CheckpointError,
+        match=r"cannot save checkpoint 8 .*Permission denied.*"
+        r"last committed checkpoint is step 7",
+    ):
         saver.save(8, _state(8))
     assert time.perf_counter() - start < 5
     assert manager.all_steps() == []
@@ -106,8 +116,11 @@ def test_non_finite_state_is_never_saved(tmp_path):
     saver.save(1, _state(1))
     bad = _state(2)
     bad["w"] = bad["w"].at[3, 4].set(jnp.nan)
-    with pytest.raises(errors.TrainingStopped, match=r"state of step 2 has non-finite values \(\['w'\]\); it was "
-                                                     r"not saved. The last committed checkpoint is step 1"):
+    with pytest.raises(
+        errors.TrainingStopped,
+        match=r"state of step 2 has non-finite values \(\['w'\]\); it was "
+        r"not saved. The last committed checkpoint is step 1",
+    ):
         saver.save(2, bad)
     assert manager.all_steps() == [1]
 
@@ -131,8 +144,9 @@ def test_restore_falls_back_to_newest_complete_checkpoint(tmp_path, how):
     _damage(ckpts / "3", how)
     lines = []
     manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
-    state, step = checkpoint.restore_latest(manager, checkpoint.abstract_like(_state()), set_aside=True,
-                                            report=lines.append)
+    state, step = checkpoint.restore_latest(
+        manager, checkpoint.abstract_like(_state()), set_aside=True, report=lines.append
+    )
     assert step == 2
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(2)["w"]))
     assert lines[0].startswith(f"checkpoint 3 in {ckpts} does not read back completely (")
@@ -157,8 +171,11 @@ def test_restore_reader_skips_without_renaming(tmp_path):
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     """A wrong target (e.g. another teacher's shapes) fails every checkpoint: refuse, rename nothing."""
     _saved_run(tmp_path, steps=(1, 2))
-    other = {"w": jax.ShapeDtypeStruct((8, 8), jnp.float32), "b": jax.ShapeDtypeStruct((5,), jnp.float32),
-             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    other = {
+        "w": jax.ShapeDtypeStruct((8, 8), jnp.float32),
+        "b": jax.ShapeDtypeStruct((5,), jnp.float32),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     manager = checkpoint.make_manager(str(tmp_path))
     with pytest.raises(errors.CheckpointError, match=r"none of the checkpoints \[2, 1\] .* reads back"):
         checkpoint.restore_latest(manager, other, set_aside=True, report=lambda m: None)
@@ -170,8 +187,11 @@ def test_second_run_is_refused_naming_the_holder(tmp_path):
     first = lock.WorkdirLock(tmp_path)
     assert first.acquire() is None
     start = time.perf_counter()
-    with pytest.raises(errors.WorkdirLocked, match=rf"in use by another run: host {socket.gethostname()} pid "
-                                                   rf"{os.getpid()} \(last heartbeat \d+ s ago\)"):
+    with pytest.raises(
+        errors.WorkdirLocked,
+        match=rf"in use by another run: host {socket.gethostname()} pid "
+        rf"{os.getpid()} \(last heartbeat \d+ s ago\)",
+    ):
         lock.WorkdirLock(tmp_path).acquire()
     assert time.perf_counter() - start < 5
     first.release()
@@ -189,8 +209,9 @@ def _dead_pid():
 
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     pid = _dead_pid()
-    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old",
-                                                       "heartbeat": time.time()}))
+    (tmp_path / lock.LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old", "heartbeat": time.time()})
+    )
     taker = lock.WorkdirLock(tmp_path)
     note = taker.acquire()
     assert note is not None and f"pid {pid}" in note and f"process {pid} is gone" in note
@@ -218,8 +239,9 @@ def test_heartbeat_refreshes_and_a_lost_lock_stops_the_holder(tmp_path):
     assert json.loads((tmp_path / lock.LOCK_NAME).read_text())["heartbeat"] > first
     holder.check()
     # e.g. this run stalled past the stale timeout and another host took over
-    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": "node-2", "pid": 9, "token": "new",
-                                                       "heartbeat": time.time()}))
+    (tmp_path / lock.LOCK_NAME).write_text(
+        json.dumps({"host": "node-2", "pid": 9, "token": "new", "heartbeat": time.time()})
+    )
     time.sleep(0.3)
     with pytest.raises(errors.WorkdirLocked, match="lost the lock .* to host node-2 pid 9"):
         holder.check()
@@ -230,8 +252,9 @@ def test_heartbeat_refreshes_and_a_lost_lock_stops_the_holder(tmp_path):
 def test_racing_takers_of_a_stale_lock_one_wins(tmp_path):
     """Two runs find the same stale lock: the rename-aside + O_EXCL protocol lets exactly one through."""
     pid = _dead_pid()
-    (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old",
-                                                       "heartbeat": time.time()}))
+    (tmp_path / lock.LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": pid, "token": "old", "heartbeat": time.time()})
+    )
     a, b = lock.WorkdirLock(tmp_path), lock.WorkdirLock(tmp_path)
     stale = a._read()
     assert a._set_stale_aside(stale) and a._create_exclusive()
@@ -251,6 +274,7 @@ def _write_inputs(tmp_path, lat_shape=(3, 16, 2, 4, 4), text_shape=(3, 5, 64)):
 
 def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsys):
     from trigflow_distill.data.write import main as write_main
+
     args = _write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "ds")]
     assert write_main(args) == 0
     meta = (tmp_path / "ds" / "meta.json").read_text()
@@ -264,7 +288,10 @@ def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsy
     assert write_main(args + ["--overwrite"]) == 1
     assert "input record 2: latents has 1 non-finite" in capsys.readouterr().err
     assert (tmp_path / "ds" / "meta.json").read_text() == meta and sorted(os.listdir(tmp_path)) == [
-        "ds", "lat.npy", "txt.npy"]
+        "ds",
+        "lat.npy",
+        "txt.npy",
+    ]
     np.save(tmp_path / "lat.npy", np.nan_to_num(bad))
     assert write_main(args + ["--overwrite", "--prompt", str(tmp_path / "p.npy")]) == 1  # missing file: old kept
     np.save(tmp_path / "p.npy", np.arange(3))
@@ -275,16 +302,30 @@ def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsy
     assert "is a file; give a directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("lat_shape, text_shape, net, message", [
-    ((3, 4, 2, 4, 4), (3, 5, 1024), "predict25_2b", r"shape \(3, 4, 2, 4, 4\); the trainer needs \(N, 16, T, H, W\)"),
-    ((3, 16, 2, 5, 4), (3, 5, 1024), "predict25_2b", "spatial size 5x4 is not even"),
-    ((3, 16, 2, 4, 4), (3, 5, 4096), "predict25_2b", r"width 4096; the predict25_2b teacher takes 1024 \(projected\) "
-                                                     r"or 100352 \(raw\)"),
-    ((3, 16, 2, 4, 4), (3, 5, 1024), "tiny", r"width 1024; the tiny teacher takes 64 \(projected\) or 96 \(raw\)"),
-    ((3, 16, 2, 4, 4), (3, 5), "any", r"--text has shape \(3, 5\)"),
-])
+@pytest.mark.parametrize(
+    "lat_shape, text_shape, net, message",
+    [
+        (
+            (3, 4, 2, 4, 4),
+            (3, 5, 1024),
+            "predict25_2b",
+            r"shape \(3, 4, 2, 4, 4\); the trainer needs \(N, 16, T, H, W\)",
+        ),
+        ((3, 16, 2, 5, 4), (3, 5, 1024), "predict25_2b", "spatial size 5x4 is not even"),
+        (
+            (3, 16, 2, 4, 4),
+            (3, 5, 4096),
+            "predict25_2b",
+            r"width 4096; the predict25_2b teacher takes 1024 \(projected\) "
+            r"or 100352 \(raw\)",
+        ),
+        ((3, 16, 2, 4, 4), (3, 5, 1024), "tiny", r"width 1024; the tiny teacher takes 64 \(projected\) or 96 \(raw\)"),
+        ((3, 16, 2, 4, 4), (3, 5), "any", r"--text has shape \(3, 5\)"),
+    ],
+)
 def test_data_writer_checks_shapes_the_trainer_needs(tmp_path, capsys, lat_shape, text_shape, net, message):
     from trigflow_distill.data.write import main as write_main
+
     args = _write_inputs(tmp_path, lat_shape, text_shape) + ["--net", net, "--out", str(tmp_path / "ds")]
     assert write_main(args) == 1
     err = capsys.readouterr().err
@@ -296,16 +337,20 @@ def test_data_writer_checks_shapes_the_trainer_needs(tmp_path, capsys, lat_shape
 def test_data_writer_tells_text_kind_from_width(tmp_path):
     from trigflow_distill import data
     from trigflow_distill.data.write import main as write_main
+
     assert write_main(_write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "p")]) == 0
     assert data.NpyDirSource(str(tmp_path / "p")).text_kind == "projected"  # 64 = the tiny projection's width
-    assert write_main(_write_inputs(tmp_path, text_shape=(3, 5, 96)) + ["--net", "tiny", "--out",
-                                                                        str(tmp_path / "r")]) == 0
+    assert (
+        write_main(_write_inputs(tmp_path, text_shape=(3, 5, 96)) + ["--net", "tiny", "--out", str(tmp_path / "r")])
+        == 0
+    )
     assert data.NpyDirSource(str(tmp_path / "r")).text_kind == "raw"
 
 
 # ------------------------------------------------------------------------------------------- config and workdir
 def _tiny_config(teacher_path, **overrides):
     import predict25_4step  # configs/ is on the pytest pythonpath
+
     c = predict25_4step.get_config("tiny")
     c.teacher.path = str(teacher_path)
     c.update(total_steps=6, log_every=1, checkpoint_every=2, sample_every=0)
@@ -319,6 +364,7 @@ def _tiny_config(teacher_path, **overrides):
 @pytest.fixture(scope="module")
 def teacher_pt(tmp_path_factory):
     from trigflow_distill import convert, networks
+
     net = networks.get_preset("tiny", num_blocks=2)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
@@ -327,43 +373,54 @@ def teacher_pt(tmp_path_factory):
 
 def _toy_source(config):
     from trigflow_distill import data_kinds
+
     return data_kinds.get(config).open(config)[0]
 
 
 def test_nan_learning_rate_is_refused(teacher_pt):
     from trigflow_distill import run
+
     with pytest.raises(ValueError, match=r"config.student_optim.lr=nan must be a finite number >= 0"):
         run.validate_config(_tiny_config(teacher_pt, **{"student_optim.lr": float("nan")}))
     with pytest.raises(ValueError, match=r"config.critic_optim.eps=-1.0 must be a finite number >= 0"):
         run.validate_config(_tiny_config(teacher_pt, **{"critic_optim.eps": -1.0}))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("total_steps", 0, "config.total_steps=0 must be >= 1"),
-    ("log_every", -5, "config.log_every=-5 must be >= 1"),
-    ("checkpoint_every", 0, "config.checkpoint_every=0 must be >= 1"),
-    ("sample_every", -1, "config.sample_every=-1 must be >= 0"),
-    ("data.batch_size", 0, "config.data.batch_size=0 must be >= 1"),
-    ("distill.ema_rate", float("inf"), "config.distill.ema_rate=inf must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("total_steps", 0, "config.total_steps=0 must be >= 1"),
+        ("log_every", -5, "config.log_every=-5 must be >= 1"),
+        ("checkpoint_every", 0, "config.checkpoint_every=0 must be >= 1"),
+        ("sample_every", -1, "config.sample_every=-1 must be >= 0"),
+        ("data.batch_size", 0, "config.data.batch_size=0 must be >= 1"),
+        ("distill.ema_rate", float("inf"), "config.distill.ema_rate=inf must be a finite number > 0"),
+    ],
+)
 def test_bad_config_values_are_rejected(teacher_pt, field, value, message):
     from trigflow_distill import run
+
     with pytest.raises(ValueError, match=re.escape(message)):
         run.validate_config(_tiny_config(teacher_pt, **{field: value}))
 
 
 def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
     from trigflow_distill import run
+
     assert run.resume_config(_tiny_config(teacher_pt), tmp_path) is None
     saved = (tmp_path / "config.json").read_text()
     changed = _tiny_config(teacher_pt, **{"data.batch_size": 8, "student_optim.lr": 1e-3})
-    with pytest.raises(ValueError, match=r"another config.* Changed: data.batch_size: 4 -> 8; student_optim.lr: "
-                                         r"0.0001 -> 0.001\. .*--config.allow_config_change=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"another config.* Changed: data.batch_size: 4 -> 8; student_optim.lr: "
+        r"0.0001 -> 0.001\. .*--config.allow_config_change=True",
+    ):
         run.resume_config(changed, tmp_path)
     assert (tmp_path / "config.json").read_text() == saved and os.listdir(tmp_path) == ["config.json"]
     # how long and how often may change: accepted, the previous config kept beside the new one
-    note = run.resume_config(_tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}),
-                             tmp_path)
+    note = run.resume_config(
+        _tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}), tmp_path
+    )
     assert "only fields a resume may change" in note
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 100
     kept = [n for n in os.listdir(tmp_path) if n.startswith("config.") and n != "config.json"]
@@ -372,9 +429,9 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
 
 def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
     from trigflow_distill import run
+
     run.resume_config(_tiny_config(teacher_pt), tmp_path)
-    note = run.resume_config(_tiny_config(teacher_pt, allow_config_change=True, **{"critic_optim.lr": 5e-4}),
-                             tmp_path)
+    note = run.resume_config(_tiny_config(teacher_pt, allow_config_change=True, **{"critic_optim.lr": 5e-4}), tmp_path)
     assert "critic_optim.lr: 0.0002 -> 0.0005" in note
     versions = sorted(n for n in os.listdir(tmp_path) if n.startswith("config"))
     assert len(versions) == 2 and "config.json" in versions
@@ -384,6 +441,7 @@ def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
 
 def test_resume_with_another_teacher_is_refused_before_anything_is_written(teacher_pt, tmp_path):
     from trigflow_distill import run, train
+
     run.resume_config(_tiny_config(teacher_pt), tmp_path)
     before = (tmp_path / "config.json").read_text()
     other = tmp_path.parent / "other_teacher.pt"
@@ -397,18 +455,21 @@ def test_resume_with_another_teacher_is_refused_before_anything_is_written(teach
 
 def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):
     from trigflow_distill import train
+
     (tmp_path / "config.json").write_text('{"seed": 0, "total_st')
     config = _tiny_config(teacher_pt)
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))} is corrupted \("):
         train.train(config, str(tmp_path), _toy_source(config))
     assert (tmp_path / "config.json").read_text() == '{"seed": 0, "total_st'
     from trigflow_distill import run
+
     with pytest.raises(ValueError, match=r"config.json is corrupted"):  # export / evaluate / generate read it too
         run.read_config(tmp_path)
 
 
 def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch):
     from trigflow_distill import train
+
     config = _tiny_config(teacher_pt)
     source = _toy_source(config)
     (tmp_path / "file").write_text("x")
@@ -419,6 +480,7 @@ def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch)
 
     def read_only(self):
         raise PermissionError(13, "Permission denied", str(self.path))
+
     monkeypatch.setattr(lock.WorkdirLock, "acquire", read_only)
     with pytest.raises(ValueError, match=r"--workdir .*ro is not writable \(\[Errno 13\] Permission denied"):
         train.train(config, str(tmp_path / "ro"), source)
@@ -426,6 +488,7 @@ def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch)
 
 def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
     from trigflow_distill import train
+
     holder = lock.WorkdirLock(tmp_path)
     holder.acquire()
     config = _tiny_config(teacher_pt)
@@ -440,17 +503,28 @@ def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
 def test_misspelled_mesh_axis_is_refused():
     """`dict(dta=-1, fsdp=1, seq=1)` used to train with every device computing the same full batch."""
     from trigflow_distill import sharding
+
     with pytest.raises(ValueError, match="unknown mesh axis 'dta'"):
         sharding.make_mesh(dict(dta=-1, fsdp=1, seq=1))
 
 
 # --------------------------------------------------------------------------------------------- main.py end to end
 def _main_cmd(workdir, teacher, *extra, steps=6):
-    return [sys.executable, os.path.join(ROOT, "main.py"),
-            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"), f"--workdir={workdir}",
-            f"--config.teacher.path={teacher}", f"--config.total_steps={steps}", "--config.checkpoint_every=2",
-            "--config.data.batch_size=4", "--config.log_every=1", "--config.sample_every=0",
-            "--config.eval.at_end=False", "--config.mesh.data=1", *extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+        f"--workdir={workdir}",
+        f"--config.teacher.path={teacher}",
+        f"--config.total_steps={steps}",
+        "--config.checkpoint_every=2",
+        "--config.data.batch_size=4",
+        "--config.log_every=1",
+        "--config.sample_every=0",
+        "--config.eval.at_end=False",
+        "--config.mesh.data=1",
+        *extra,
+    ]
 
 
 def _env():
@@ -467,25 +541,31 @@ def _one_line_error(out, fragment):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, fragment", [
-    ("missing config file", "No such file or directory: 'configs/nope.py'"),
-    ("unknown field", "--config.no_such_field: the config has no field 'no_such_field'"),
-    ("mistyped value", "--config.seed=abc: invalid literal for int()"),
-    ("total_steps 0", "config.total_steps=0 must be >= 1"),
-    ("log_every 0", "config.log_every=0 must be >= 1"),
-    ("nan lr", "config.student_optim.lr=nan must be a finite number >= 0"),
-    ("workdir is a file", "is a file; give a directory"),
-    ("corrupted config.json", "config.json is corrupted"),
-    ("misspelled mesh axis in a config file", "unknown mesh axis 'dta'"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing config file", "No such file or directory: 'configs/nope.py'"),
+        ("unknown field", "--config.no_such_field: the config has no field 'no_such_field'"),
+        ("mistyped value", "--config.seed=abc: invalid literal for int()"),
+        ("total_steps 0", "config.total_steps=0 must be >= 1"),
+        ("log_every 0", "config.log_every=0 must be >= 1"),
+        ("nan lr", "config.student_optim.lr=nan must be a finite number >= 0"),
+        ("workdir is a file", "is a file; give a directory"),
+        ("corrupted config.json", "config.json is corrupted"),
+        ("misspelled mesh axis in a config file", "unknown mesh axis 'dta'"),
+    ],
+)
 def test_main_py_errors_are_one_line(teacher_pt, tmp_path, case, fragment):
     workdir = tmp_path / "run"
     cmd = _main_cmd(workdir, teacher_pt)
     if case == "missing config file":
         cmd[2] = "--config=configs/nope.py"
-    extra = {"unknown field": ["--config.no_such_field=1"], "mistyped value": ["--config.seed=abc"],
-             "log_every 0": ["--config.log_every=0"],
-             "nan lr": ["--config.student_optim.lr=nan"]}.get(case, [])
+    extra = {
+        "unknown field": ["--config.no_such_field=1"],
+        "mistyped value": ["--config.seed=abc"],
+        "log_every 0": ["--config.log_every=0"],
+        "nan lr": ["--config.student_optim.lr=nan"],
+    }.get(case, [])
     if case == "workdir is a file":
         workdir.write_text("x")
     if case == "corrupted config.json":
@@ -500,7 +580,8 @@ def test_main_py_errors_are_one_line(teacher_pt, tmp_path, case, fragment):
             f"spec = importlib.util.spec_from_file_location('base', {base!r})\n"
             "base = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(base)\n\n\n"
             "def get_config():\n    c = base.get_config('tiny')\n"
-            "    c.mesh = ml_collections.ConfigDict(dict(dta=-1, fsdp=1, seq=1))\n    return c\n")
+            "    c.mesh = ml_collections.ConfigDict(dict(dta=-1, fsdp=1, seq=1))\n    return c\n"
+        )
         cmd = [a for a in cmd if not a.startswith("--config.mesh.")]
         cmd[2] = f"--config={config_file}"
     out = subprocess.run(cmd + extra, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -512,24 +593,28 @@ def test_second_main_py_on_a_workdir_is_refused(teacher_pt, tmp_path):
     """Two runs on one workdir: the second exits 1 at once naming the first; after a kill -9 the lock is taken over
     and the run resumes."""
     workdir = tmp_path / "run"
-    first = subprocess.Popen(_main_cmd(workdir, teacher_pt, steps=100000), env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _main_cmd(workdir, teacher_pt, steps=100000), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         while not (workdir / "checkpoints" / "2").is_dir() and time.time() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended early"
-        second = subprocess.run(_main_cmd(workdir, teacher_pt), env=_env(), capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(_main_cmd(workdir, teacher_pt), env=_env(), capture_output=True, text=True, timeout=300)
         _one_line_error(second, f"in use by another run: host {socket.gethostname()} pid {first.pid}")
     finally:
         first.kill()
         first.wait()
-    resumed = subprocess.run(_main_cmd(workdir, teacher_pt, steps=4), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        _main_cmd(workdir, teacher_pt, steps=4), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"took over the stale lock {workdir / lock.LOCK_NAME} of host {socket.gethostname()} pid {first.pid}" \
-        in resumed.stdout and "Resumed from" in resumed.stdout
+    assert (
+        f"took over the stale lock {workdir / lock.LOCK_NAME} of host {socket.gethostname()} pid {first.pid}"
+        in resumed.stdout
+        and "Resumed from" in resumed.stdout
+    )
     assert not (workdir / lock.LOCK_NAME).exists()
 
 
@@ -538,16 +623,28 @@ def test_overflowing_parameters_are_never_saved(teacher_pt, tmp_path):
     """lr=1e39 is a finite config value but inf in float32: the gradients stay finite, the parameters do not. The
     run stops at the next save naming the last good checkpoint; no checkpoint holds a non-finite value."""
     workdir = tmp_path / "run"
-    good = subprocess.run(_main_cmd(workdir, teacher_pt, steps=2), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    good = subprocess.run(
+        _main_cmd(workdir, teacher_pt, steps=2), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert good.returncode == 0 and "checkpoint saved at step 2" in good.stdout, good.stderr[-2000:]
-    bad = subprocess.run(_main_cmd(workdir, teacher_pt, "--config.student_optim.lr=1e39",
-                                   "--config.critic_optim.lr=1e39", "--config.allow_config_change=True",
-                                   "--config.max_consecutive_skips=1000"),
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        _main_cmd(
+            workdir,
+            teacher_pt,
+            "--config.student_optim.lr=1e39",
+            "--config.critic_optim.lr=1e39",
+            "--config.allow_config_change=True",
+            "--config.max_consecutive_skips=1000",
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = _one_line_error(bad, "the train state of step 4 has non-finite values")
     assert f"The last committed checkpoint is step 2 in {workdir / 'checkpoints'}" in line
     import orbax.checkpoint as ocp
+
     steps = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
     assert steps == [2]
     state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")

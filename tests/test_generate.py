@@ -1,5 +1,6 @@
 """generate CLI with tiny random nets: mp4s for text, image and video conditioning, kept conditional frames, parity
 of the student and teacher paths with sampling.sample_student / sample_teacher_cfg, the --workdir path, errors."""
+
 import dataclasses
 import functools
 import json
@@ -17,7 +18,7 @@ from trigflow_distill.networks import wan_vae
 NET = networks.get_preset("tiny")  # text projection 96 -> 64: the tiny encoder below gives 2 x 48 features
 VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
 SIZE = (64, 32)  # --size 64x32: latents 8 x 4
-FRAMES = 9       # 3 latent frames
+FRAMES = 9  # 3 latent frames
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,26 @@ def _run(assets, out, *extra, model=("--student", "student.pt")):
     """generate.main with the tiny assets; `model` is (flag, file in the assets folder or any other value)."""
     d = assets["dir"]
     source = d / model[1] if (d / model[1]).exists() else model[1]
-    argv = [model[0], str(source), "--vae", str(d / "vae.pth"),
-            "--text-encoder", str(d / "te"), "--size", f"{SIZE[0]}x{SIZE[1]}", "--num-frames", str(FRAMES),
-            "--dtype", "float32", "--text-encoder-dtype", "float32", "--save-latents", "--out", str(out), *extra]
+    argv = [
+        model[0],
+        str(source),
+        "--vae",
+        str(d / "vae.pth"),
+        "--text-encoder",
+        str(d / "te"),
+        "--size",
+        f"{SIZE[0]}x{SIZE[1]}",
+        "--num-frames",
+        str(FRAMES),
+        "--dtype",
+        "float32",
+        "--text-encoder-dtype",
+        "float32",
+        "--save-latents",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert generate.main(argv) == 0
     return json.loads((out / "generate.json").read_text())
 
@@ -130,8 +148,9 @@ def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, t
     assert padding.any() and report["settings"]["cond_latent_frames"] == 1
     got = _latents(tmp_path, report, 0)
     np.testing.assert_array_equal(got[:, :1], latents[0])  # Video2World keeps the conditional latent frame
-    np.testing.assert_allclose(got, _reference(assets, assets["student"], ["a red car"], 0, gt, mask, padding)[0],
-                               atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(
+        got, _reference(assets, assets["student"], ["a red car"], 0, gt, mask, padding)[0], atol=2e-4, rtol=2e-4
+    )
     # The decoder is causal: decoding the input latent alone or followed by zeros gives the same first frame.
     decoded_in = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :1]
     decoded_out = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], got[None]))
@@ -142,8 +161,9 @@ def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, t
 
 
 def test_video_conditioning_keeps_two_latent_frames(assets, tmp_path):
-    report = _run(assets, tmp_path, "--prompt", "a boat", "--video", str(assets["dir"] / "clip.mp4"),
-                  "--cond-frames", "2")
+    report = _run(
+        assets, tmp_path, "--prompt", "a boat", "--video", str(assets["dir"] / "clip.mp4"), "--cond-frames", "2"
+    )
     clip, _ = video.read_video(assets["dir"] / "clip.mp4")
     gt, _, _, latents = _encoded(assets, clip[-5:])  # the last 1 + 4 frames are 2 latent frames
     got = _latents(tmp_path, report, 0)
@@ -157,8 +177,17 @@ def test_video_conditioning_keeps_two_latent_frames(assets, tmp_path):
 
 
 def test_teacher_matches_sample_teacher_cfg(assets, tmp_path):
-    report = _run(assets, tmp_path, "--prompt", "a red car", "--teacher-steps", "2", "--guidance", "3",
-                  model=("--teacher", "teacher.pt"))
+    report = _run(
+        assets,
+        tmp_path,
+        "--prompt",
+        "a red car",
+        "--teacher-steps",
+        "2",
+        "--guidance",
+        "3",
+        model=("--teacher", "teacher.pt"),
+    )
     assert report["nfe"] == 4 and report["model"]["kind"] == "teacher"
     want = _reference(assets, assets["teacher"], ["a red car"], 0, *_no_cond(), teacher_steps=2, guidance=3.0)
     np.testing.assert_allclose(_latents(tmp_path, report, 0), want[0], atol=2e-4, rtol=2e-4)
@@ -167,8 +196,12 @@ def test_teacher_matches_sample_teacher_cfg(assets, tmp_path):
 def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, monkeypatch):
     import ml_collections
 
-    config = ml_collections.ConfigDict({"teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
-                                        "distill": {"timestep_shift": 5.0, "num_student_steps": 4}})
+    config = ml_collections.ConfigDict(
+        {
+            "teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
+            "distill": {"timestep_shift": 5.0, "num_student_steps": 4},
+        }
+    )
     calls = []
 
     def load_student(workdir, which="ema", **net_overrides):
@@ -182,17 +215,34 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
     np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing_model", "student.pt: no such file"),
-    ("bad_image", "--image .*cannot read the image"),
-    ("frames", "--num-frames 6: the VAE needs 1 \\+ 4k frames"),
-    ("empty_prompts", "--prompts .*no prompts"),
-    ("steps", "--steps 5: the student takes 1 to 4 steps"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_model", "student.pt: no such file"),
+        ("bad_image", "--image .*cannot read the image"),
+        ("frames", "--num-frames 6: the VAE needs 1 \\+ 4k frames"),
+        ("empty_prompts", "--prompts .*no prompts"),
+        ("steps", "--steps 5: the student takes 1 to 4 steps"),
+    ],
+)
 def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
     d = assets["dir"]
-    argv = ["--student", str(d / "student.pt"), "--vae", str(d / "vae.pth"), "--text-encoder", str(d / "te"),
-            "--prompt", "a car", "--out", str(tmp_path / "out"), "--size", "64x32", "--num-frames", "5"]
+    argv = [
+        "--student",
+        str(d / "student.pt"),
+        "--vae",
+        str(d / "vae.pth"),
+        "--text-encoder",
+        str(d / "te"),
+        "--prompt",
+        "a car",
+        "--out",
+        str(tmp_path / "out"),
+        "--size",
+        "64x32",
+        "--num-frames",
+        "5",
+    ]
     if case == "missing_model":
         argv[1] = str(tmp_path / "student.pt")
     elif case == "bad_image":

@@ -1,5 +1,6 @@
 """The layering rule: the method (dmd2) loads no system packages and no toy world, the trainer no toy world; no
 sys.path edits; the data-kind registry hands the trainer its source and sample writer from the config."""
+
 import pathlib
 import subprocess
 import sys
@@ -16,8 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _loaded_after_import(module: str) -> list[str]:
-    code = (f"import sys, {module}; heavy = {HEAVY!r}; "
-            "print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + '.')}))")
+    code = (
+        f"import sys, {module}; heavy = {HEAVY!r}; "
+        "print(sorted({h for h in heavy for m in sys.modules if m == h or m.startswith(h + '.')}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return eval(out.stdout.strip().splitlines()[-1])
@@ -32,8 +35,12 @@ def test_trainer_does_not_import_the_toy_world():
 
 
 def test_no_sys_path_edits():
-    offenders = [str(p.relative_to(ROOT)) for d in ("tests", "trigflow_distill", "benchmarks")
-                 for p in (ROOT / d).rglob("*.py") if p.name != "test_layout.py" and "sys.path.insert" in p.read_text()]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for d in ("tests", "trigflow_distill", "benchmarks")
+        for p in (ROOT / d).rglob("*.py")
+        if p.name != "test_layout.py" and "sys.path.insert" in p.read_text()
+    ]
     assert offenders == [], offenders
 
 

@@ -1,4 +1,5 @@
 """DMD2 generator and critic losses against float64 numpy versions of the reference formulas."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

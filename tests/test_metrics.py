@@ -1,5 +1,6 @@
 """metrics.Writer: JSONL + TensorBoard contents, pictures and videos, the optional W&B writer (a fake `wandb` module:
 no real install), remote workdirs (a fake gs://)."""
+
 import importlib.abc
 import io
 import json
@@ -27,8 +28,8 @@ def read_events(folder) -> list:
         data = open(os.path.join(folder, name), "rb").read()
         pos = 0
         while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]))
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
             pos += 12 + n + 4
     return events
 
@@ -39,8 +40,9 @@ def summaries(folder) -> dict:
 
 
 def wandb_config(**kw):
-    return ml_collections.ConfigDict(dict(dict(enabled=True, project="proj", entity="", name="run1", mode="offline"),
-                                          **kw))
+    return ml_collections.ConfigDict(
+        dict(dict(enabled=True, project="proj", entity="", name="run1", mode="offline"), **kw)
+    )
 
 
 class FakeWandb(types.ModuleType):
@@ -82,8 +84,9 @@ def fake_wandb(monkeypatch):
 
 
 def test_scalars_pictures_and_videos(tmp_path, fake_wandb, capsys):
-    writer = metrics.Writer(str(tmp_path), total_steps=10, tokens_per_step=100, wandb_config=wandb_config(),
-                            run_config={"seed": 0})
+    writer = metrics.Writer(
+        str(tmp_path), total_steps=10, tokens_per_step=100, wandb_config=wandb_config(), run_config={"seed": 0}
+    )
     writer.write(1, {"student/loss": 0.5})
     writer.write(3, {"student/loss": 0.25, "critic/loss": 2.0})
     rng = np.random.default_rng(0)
@@ -109,15 +112,26 @@ def test_scalars_pictures_and_videos(tmp_path, fake_wandb, capsys):
     np.testing.assert_array_equal(np.asarray(gif.convert("RGB")), video[1, 2])
 
     init, *logs, finish = fake_wandb.calls
-    assert init == ("init", dict(project="proj", entity=None, name="run1", mode="offline", id="abc123",
-                                 resume="allow", dir=str(tmp_path), config={"seed": 0}))
+    assert init == (
+        "init",
+        dict(
+            project="proj",
+            entity=None,
+            name="run1",
+            mode="offline",
+            id="abc123",
+            resume="allow",
+            dir=str(tmp_path),
+            config={"seed": 0},
+        ),
+    )
     assert finish == ("finish",)
     assert logs[0] == ("log", {"student/loss": 0.5}, 1)
     assert logs[1][1]["critic/loss"] == 2.0 and logs[1][2] == 3
-    (name, images), = logs[2][1].items()
+    ((name, images),) = logs[2][1].items()
     assert name == "samples" and logs[2][2] == 3
     np.testing.assert_array_equal(images[0].data, grid)
-    (name, videos), = logs[3][1].items()
+    ((name, videos),) = logs[3][1].items()
     assert name == "clips" and len(videos) == 2 and videos[0].format == "gif"
     assert videos[1].data == tb[("clips/1", 3)].image.encoded_image_string
     assert (tmp_path / "wandb_run_id").read_text() == "abc123"
@@ -191,12 +205,13 @@ def test_toy_sample_writer_sends_its_grid(tmp_path, fake_wandb):
     x = np.stack([r["latents"] for r in records])
     (tmp_path / "samples").mkdir()
     writer = metrics.Writer(str(tmp_path), 10, 1, wandb_config=wandb_config())
-    write_samples(x, {"prompt": np.stack([r["prompt"] for r in records])}, str(tmp_path / "samples" / "0000007.png"),
-                  writer)
+    write_samples(
+        x, {"prompt": np.stack([r["prompt"] for r in records])}, str(tmp_path / "samples" / "0000007.png"), writer
+    )
     writer.close()
     png = np.asarray(Image.open(tmp_path / "samples" / "0000007.png").convert("RGB"))
     tb = Image.open(io.BytesIO(summaries(tmp_path / "tensorboard")[("samples", 7)].image.encoded_image_string))
     np.testing.assert_array_equal(np.asarray(tb.convert("RGB")), png)
-    (_, data, step), = [c for c in fake_wandb.calls if c[0] == "log"]
+    ((_, data, step),) = [c for c in fake_wandb.calls if c[0] == "log"]
     assert step == 7
     np.testing.assert_array_equal(data["samples"][0].data, png)

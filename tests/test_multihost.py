@@ -3,6 +3,7 @@
 Same mesh (data 2 x fsdp 4) and global batch in both layouts: the trained states must agree, checkpoints must
 resume across the two layouts, and a killed process must stop its peer within a bounded time.
 """
+
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow  # multi-process main.py runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, LOG_EVERY = 4, 2, 2  # student steps at 0 only (freq 5); few steps: gloo on loopback is slow
-HEARTBEAT_S = 15   # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here
+HEARTBEAT_S = 15  # TRIGFLOW_HEARTBEAT_TIMEOUT_S of the runs here
 LOST_BOUND_S = 60  # a survivor must have stopped within this many seconds of its peer being killed
 RUN_TIMEOUT_S = 600
 
@@ -39,20 +40,36 @@ def shared(tmp_path_factory):
 
 
 def _args(workdir, shared):
-    return [sys.executable, os.path.join(ROOT, "main.py"),
-            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"), f"--workdir={workdir}",
-            f"--config.teacher.path={shared / 'teacher.pt'}", f"--config.teacher.cache_dir={shared / 'teacher_cache'}",
-            f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}", "--config.keep_checkpoints=5",
-            "--config.data.batch_size=8", f"--config.log_every={LOG_EVERY}", "--config.sample_every=0",
-            "--config.eval.at_end=False", "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.seq=1"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+        f"--workdir={workdir}",
+        f"--config.teacher.path={shared / 'teacher.pt'}",
+        f"--config.teacher.cache_dir={shared / 'teacher_cache'}",
+        f"--config.total_steps={STEPS}",
+        f"--config.checkpoint_every={EVERY}",
+        "--config.keep_checkpoints=5",
+        "--config.data.batch_size=8",
+        f"--config.log_every={LOG_EVERY}",
+        "--config.sample_every=0",
+        "--config.eval.at_end=False",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=4",
+        "--config.mesh.seq=1",
+    ]
 
 
 def _env(shared, devices):
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               TRIGFLOW_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
-               # Runs of the same layout compile the same programs: compile them once.
-               JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TRIGFLOW_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S),
+        # Runs of the same layout compile the same programs: compile them once.
+        JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     return env
 
 
@@ -110,8 +127,9 @@ def _state(workdir, step=STEPS):
     path = os.path.join(workdir, "checkpoints", str(step), "state")
     with ocp.StandardCheckpointer() as ckpt:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              ckpt.metadata(path).item_metadata.tree)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.metadata(path).item_metadata.tree
+        )
         return jax.tree.map(np.asarray, ckpt.restore(path, target))
 
 
@@ -120,14 +138,16 @@ def _assert_states_close(ref, got):
     flat_ref, flat_got = jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree_util.tree_flatten_with_path(got)[0]
     assert [p for p, _ in flat_ref] == [p for p, _ in flat_got]
     for (path, a), (_, b) in zip(flat_ref, flat_got):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def _resume_from(source_workdir, workdir):
     """A fresh workdir holding only checkpoint EVERY of `source_workdir`."""
-    shutil.copytree(os.path.join(source_workdir, "checkpoints", str(EVERY)),
-                    os.path.join(workdir, "checkpoints", str(EVERY)))
+    shutil.copytree(
+        os.path.join(source_workdir, "checkpoints", str(EVERY)), os.path.join(workdir, "checkpoints", str(EVERY))
+    )
 
 
 @pytest.fixture(scope="module")

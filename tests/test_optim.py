@@ -1,4 +1,5 @@
 """Optimizer chain against a numpy AdamW (torch.optim.AdamW semantics); power EMA constants."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

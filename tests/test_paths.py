@@ -5,6 +5,7 @@ named after the URL; export reads the run from gs:// and writes to gs://; datase
 Orbax saves cannot be served by the fake (see remote_fs), so the job's CheckpointManager is pointed at the fake's
 folder for gs://bucket/run/checkpoints; Orbax *reads* (export's partial restore) do go through gs://.
 """
+
 import json
 import os
 

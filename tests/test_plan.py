@@ -1,5 +1,6 @@
 """The memory/FLOP plan: the CLI's JSON schema and sane numbers for the tiny config; argument parsing errors; the
 automatic mesh (memplan): a deterministic choice that fits, the refusal naming a mesh that would, axis names."""
+
 import dataclasses
 import json
 import os
@@ -20,8 +21,18 @@ KEYS = {"argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "flops"}
 @pytest.mark.slow
 def test_plan_cli_json_for_the_tiny_config():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the plan sets its own device count
-    cmd = [sys.executable, "-m", "trigflow_distill.plan", "--config=configs/predict25_4step.py:tiny", "--net=tiny",
-           "--mesh=data:1,fsdp:2,seq:2", "--frames=5", "--height=32", "--width=48", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trigflow_distill.plan",
+        "--config=configs/predict25_4step.py:tiny",
+        "--net=tiny",
+        "--mesh=data:1,fsdp:2,seq:2",
+        "--frames=5",
+        "--height=32",
+        "--width=48",
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,16 +76,22 @@ def test_mesh_auto_picks_the_best_ranked_mesh_that_fits(tmp_path):
     assert memplan.candidates(4, 3, net.num_heads) == [{"data": 1, "fsdp": 1, "seq": 4}]  # data x fsdp | batch
     devices = jax.devices()[:2]
     found = memplan.candidates(2, 2, net.num_heads)
-    assert found == [{"data": 2, "fsdp": 1, "seq": 1}, {"data": 1, "fsdp": 2, "seq": 1},
-                     {"data": 1, "fsdp": 1, "seq": 2}]
+    assert found == [
+        {"data": 2, "fsdp": 1, "seq": 1},
+        {"data": 1, "fsdp": 2, "seq": 1},
+        {"data": 1, "fsdp": 1, "seq": 2},
+    ]
     text = (TEXT_LEN, net.crossattn_emb_channels)
     top = memplan.argument_bytes(config, net, sharding.make_mesh(found[0], devices=devices), LATENT, text, 2)
     config.mesh.device_memory_gib = (top - 1) / memplan.GIB  # the data-parallel mesh's arguments alone do not fit
     lines = []
     mesh = memplan.run_mesh(config, net, LATENT, TEXT_LEN, 2, str(tmp_path), devices, log=lines.append)
     chosen = {a: mesh.shape[a] for a in sharding.MESH_AXES}
-    assert chosen != found[0] and lines == [lines[0]] and lines[0].startswith(
-        f"mesh auto: {memplan.format_mesh(chosen)} on 2 devices")
+    assert (
+        chosen != found[0]
+        and lines == [lines[0]]
+        and lines[0].startswith(f"mesh auto: {memplan.format_mesh(chosen)} on 2 devices")
+    )
     cached = json.loads((tmp_path / memplan.CACHE_FILE).read_text())
     assert cached["mesh"] == chosen and set(cached["estimates"]) == {"student", "critic"}
     assert all(e["total_bytes"] <= top - 1 for e in cached["estimates"].values())
@@ -83,10 +100,15 @@ def test_mesh_auto_picks_the_best_ranked_mesh_that_fits(tmp_path):
     # fixed sizes are kept; every size given means no search at all
     config.mesh.update(seq=2)
     assert memplan.candidates(4, 4, net.num_heads, sharding.mesh_request(config.mesh)) == [
-        {"data": 2, "fsdp": 1, "seq": 2}, {"data": 1, "fsdp": 2, "seq": 2}]
+        {"data": 2, "fsdp": 1, "seq": 2},
+        {"data": 1, "fsdp": 2, "seq": 2},
+    ]
     config.mesh.update(data=1, fsdp=-1, seq=1)
     assert dict(memplan.run_mesh(config, net, LATENT, TEXT_LEN, 4, None, jax.devices()[:4]).shape) == {
-        "data": 1, "fsdp": 4, "seq": 1}
+        "data": 1,
+        "fsdp": 4,
+        "seq": 1,
+    }
 
 
 @pytest.mark.slow
@@ -97,18 +119,21 @@ def test_mesh_auto_choice_is_deterministic():
     found = memplan.candidates(2, 2, net.num_heads)
     memory = memplan.argument_bytes(config, net, sharding.make_mesh(found[0], devices=devices), LATENT, text, 2) - 1
     logs = [[], []]
-    first, second = (memplan.choose_mesh(config, net, devices, LATENT, text, 2, memory, log=log.append)
-                     for log in logs)
+    first, second = (memplan.choose_mesh(config, net, devices, LATENT, text, 2, memory, log=log.append) for log in logs)
     assert first == second and logs[0] == logs[1] and first[0] != found[0]
-    assert {line.split(": ", 1)[0] for line in logs[0]} == {f"mesh {memplan.format_mesh(m)}"
-                                                            for m in found[:found.index(first[0]) + 1]}
+    assert {line.split(": ", 1)[0] for line in logs[0]} == {
+        f"mesh {memplan.format_mesh(m)}" for m in found[: found.index(first[0]) + 1]
+    }
 
 
 def test_mesh_auto_refuses_clearly_when_nothing_fits():
     config, net = _tiny_auto(batch=2)
     devices = jax.devices()[:2]
-    with pytest.raises(ValueError, match=r"no mesh of 2 devices fits in 0\.00 GiB per device at global batch 2 "
-                                         r"\(the smallest plan, data:1,fsdp:1,seq:2, needs .* lower data\.batch_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"no mesh of 2 devices fits in 0\.00 GiB per device at global batch 2 "
+        r"\(the smallest plan, data:1,fsdp:1,seq:2, needs .* lower data\.batch_size",
+    ):
         memplan.choose_mesh(config, net, devices, LATENT, (TEXT_LEN, net.crossattn_emb_channels), 2, 1024)
     # the smallest mesh that would fit, by scaling the smallest plan: 60 GiB on 8 devices -> 15 GiB on 32
     message = memplan._refusal(8, 8, 16, 16 * memplan.GIB, 60 * memplan.GIB, {"data": 1, "fsdp": 8, "seq": 1})

@@ -1,5 +1,6 @@
 """prepare: synthetic videos (two aspect ratios, a corrupt one, a too-short one) + tiny random VAE, text encoder and
 teacher -> a dataset whose records match an independent recomputation; resume, refusal, report; then training."""
+
 import json
 import os
 import socket
@@ -17,8 +18,13 @@ from trigflow_distill.networks import wan_vae
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 5
 VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
-CAPTIONS = {"wide_a.mp4": "a red car drives", "wide_b.mp4": "a blue boat sails", "square_a.mp4": "a cat sleeps",
-            "bad.mp4": "noise", "short.mp4": "too short"}
+CAPTIONS = {
+    "wide_a.mp4": "a red car drives",
+    "wide_b.mp4": "a blue boat sails",
+    "square_a.mp4": "a cat sleeps",
+    "bad.mp4": "noise",
+    "short.mp4": "too short",
+}
 SIDECAR = ("square_b", "a dog runs")  # caption from square_b.txt, not the JSONL
 
 
@@ -57,16 +63,49 @@ def sources(tmp_path_factory):
     teacher_path = root / "teacher.pt"
     teacher = networks.init_params(net, jax.random.key(1))
     convert.export_torch(teacher, net, teacher_path, dtype=np.float32)
-    return dict(root=root, videos=videos, captions=captions, vae=vae_path, text=text_path, teacher=teacher_path,
-                net=net, teacher_params=teacher)
+    return dict(
+        root=root,
+        videos=videos,
+        captions=captions,
+        vae=vae_path,
+        text=text_path,
+        teacher=teacher_path,
+        net=net,
+        teacher_params=teacher,
+    )
 
 
 def _args(s, out, *extra):
-    return ["--videos", str(s["videos"]), "--captions", str(s["captions"]), "--vae", str(s["vae"]),
-            "--text-encoder", str(s["text"]), "--teacher", str(s["teacher"]), "--out", str(out),
-            "--resolution", "256", "--frames", str(FRAMES), "--clips-per-video", "2", "--shard-videos", "3",
-            "--text-dtype", "float32", "--batch-size", "2", "--devices", "1", "--no-progress",
-            *extra]
+    return [
+        "--videos",
+        str(s["videos"]),
+        "--captions",
+        str(s["captions"]),
+        "--vae",
+        str(s["vae"]),
+        "--text-encoder",
+        str(s["text"]),
+        "--teacher",
+        str(s["teacher"]),
+        "--out",
+        str(out),
+        "--resolution",
+        "256",
+        "--frames",
+        str(FRAMES),
+        "--clips-per-video",
+        "2",
+        "--shard-videos",
+        "3",
+        "--text-dtype",
+        "float32",
+        "--batch-size",
+        "2",
+        "--devices",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +155,7 @@ def test_records_match_an_independent_recomputation(sources, dataset):
     _, rows = _records(dataset)
     rec, info = next(r for r in rows if r[1]["source"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
     frames, _ = video.read_video(info["source"])
-    pixels, mask = video.resize_and_pad(frames[4:4 + FRAMES], (256, 256))
+    pixels, mask = video.resize_and_pad(frames[4 : 4 + FRAMES], (256, 256))
     cfg, params = vae.load(sources["vae"])
     np.testing.assert_allclose(rec["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
     np.testing.assert_array_equal(rec["padding_mask"], mask)
@@ -125,7 +164,7 @@ def test_records_match_an_independent_recomputation(sources, dataset):
     raw = text_encoder.embed(tcfg, tparams, text_encoder.tokenize(sources["text"], [SIDECAR[1]]))
     want = networks.project_text(sources["net"], sources["teacher_params"], raw)[0]
     want_bf16 = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
-    assert np.abs(rec["text"] - want_bf16).max() <= 2 ** -8 * np.abs(want_bf16).max()  # one bfloat16 rounding
+    assert np.abs(rec["text"] - want_bf16).max() <= 2**-8 * np.abs(want_bf16).max()  # one bfloat16 rounding
 
 
 def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
@@ -177,8 +216,17 @@ def test_clip_starts():
 def test_batches_are_split_over_the_devices(sources):
     """8 devices: the same latents and context as one device (conftest simulates 8 CPU devices)."""
     assert len(jax.local_devices()) == 8
-    one, eight = (prepare.Encoders(str(sources["vae"]), str(sources["text"]), str(sources["teacher"]),
-                                   text_dtype="float32", num_devices=n, keep_raw_text=n == 1) for n in (1, 8))
+    one, eight = (
+        prepare.Encoders(
+            str(sources["vae"]),
+            str(sources["text"]),
+            str(sources["teacher"]),
+            text_dtype="float32",
+            num_devices=n,
+            keep_raw_text=n == 1,
+        )
+        for n in (1, 8)
+    )
     frames = np.random.default_rng(0).integers(0, 256, (3, 1, 16, 24, 3), dtype=np.uint8)  # 3 clips, padded to 8
     z8 = eight.latents(frames, 8)
     assert z8.shape == (3, 16, 1, 2, 3)
@@ -197,10 +245,21 @@ def test_twenty_training_steps_on_the_prepared_set(sources, dataset, tmp_path):
     """main.py trains on the prepared set (two buckets, projected bf16 context, padding masks): finite losses."""
     workdir = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    cmd = [sys.executable, "main.py", "--config=configs/predict25_4step.py:tiny", f"--workdir={workdir}",
-           f"--config.teacher.path={sources['teacher']}", "--config.data.kind=dir", f"--config.data.path={dataset}",
-           "--config.data.batch_size=2", "--config.total_steps=20", "--config.log_every=5",
-           "--config.checkpoint_every=20", "--config.sample_every=0", "--config.eval.at_end=False"]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--config=configs/predict25_4step.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.teacher.path={sources['teacher']}",
+        "--config.data.kind=dir",
+        f"--config.data.path={dataset}",
+        "--config.data.batch_size=2",
+        "--config.total_steps=20",
+        "--config.log_every=5",
+        "--config.checkpoint_every=20",
+        "--config.sample_every=0",
+        "--config.eval.at_end=False",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -217,11 +276,30 @@ def test_two_processes_write_the_same_records(sources, dataset, tmp_path):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-m", "trigflow_distill.prepare", *_args(sources, out),
-                               "--shard-videos", "2", "--coordinator-address", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trigflow_distill.prepare",
+                *_args(sources, out),
+                "--shard-videos",
+                "2",
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]

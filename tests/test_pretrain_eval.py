@@ -1,4 +1,5 @@
 """Teacher pretraining objective and the evaluation harness, on a mini DiT (fast)."""
+
 import json
 import math
 import os
@@ -11,8 +12,15 @@ import pytest
 from trigflow_distill import denoiser, networks, toy
 from trigflow_distill.toy import evaluate, pretrain
 
-METRICS = {"prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
-           "cond_consistency"}
+METRICS = {
+    "prompt_accuracy",
+    "motion_accuracy",
+    "amplitude_ratio",
+    "diversity",
+    "fd_hand",
+    "fd_proj",
+    "cond_consistency",
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +30,16 @@ def world():
 
 @pytest.fixture(scope="module")
 def mini_config(world):
-    return networks.get_preset("tiny", model_channels=32, num_blocks=1, num_heads=2, mlp_ratio=2.0,
-                               adaln_lora_dim=8, crossattn_emb_channels=16,
-                               crossattn_proj_in_channels=world.config.text_width)
+    return networks.get_preset(
+        "tiny",
+        model_channels=32,
+        num_blocks=1,
+        num_heads=2,
+        mlp_ratio=2.0,
+        adaln_lora_dim=8,
+        crossattn_emb_channels=16,
+        crossattn_proj_in_channels=world.config.text_width,
+    )
 
 
 def test_velocity_loss_matches_direct_velocity(world, mini_config):
@@ -36,8 +51,9 @@ def test_velocity_loss_matches_direct_velocity(world, mini_config):
     t_b = jnp.array([0.9, 0.5, 0.2, 0.05], jnp.float32)
     eps = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
     tau_b = jnp.arctan2(t_b, 1 - t_b)
-    loss = jax.jit(pretrain.velocity_loss, static_argnums=0)(mini_config, params, x0, data["text"], num_cond,
-                                                                tau_b, eps)
+    loss = jax.jit(pretrain.velocity_loss, static_argnums=0)(
+        mini_config, params, x0, data["text"], num_cond, tau_b, eps
+    )
 
     @jax.jit
     def direct(params):
@@ -55,8 +71,9 @@ def test_velocity_loss_matches_direct_velocity(world, mini_config):
 
 @pytest.mark.slow
 def test_pretraining_lowers_the_loss(world, mini_config):
-    _, ema, losses = pretrain.pretrain(world, mini_config, steps=60, batch_size=8, lr=3e-3, log_every=20,
-                                       log=lambda s: None)
+    _, ema, losses = pretrain.pretrain(
+        world, mini_config, steps=60, batch_size=8, lr=3e-3, log_every=20, log=lambda s: None
+    )
     assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15])
     assert jax.tree.structure(ema) == jax.tree.structure(networks.init_params(mini_config, jax.random.PRNGKey(0)))
@@ -65,21 +82,46 @@ def test_pretraining_lowers_the_loss(world, mini_config):
 @pytest.mark.slow
 def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
     teacher = networks.init_params(mini_config, jax.random.PRNGKey(0))
-    student = {k: v for k, v in teacher.items() if k != "crossattn_proj"}   # as the trainer keeps it
+    student = {k: v for k, v in teacher.items() if k != "crossattn_proj"}  # as the trainer keeps it
     out = tmp_path / "eval"
     n = 32
-    result = evaluate.evaluate(world, mini_config, teacher, {"student_ema": student, "student": teacher}, str(out),
-                               num_samples=n, batch_size=24, guidance=3.0, log=lambda s: None)
+    result = evaluate.evaluate(
+        world,
+        mini_config,
+        teacher,
+        {"student_ema": student, "student": teacher},
+        str(out),
+        num_samples=n,
+        batch_size=24,
+        guidance=3.0,
+        log=lambda s: None,
+    )
 
     with open(out / "eval.json") as f:
         on_disk = json.load(f)
     assert on_disk == result and set(on_disk) == {"samplers", "floor"}
     rows = [(r["name"], r["steps"], r["guidance"], r["nfe"]) for r in on_disk["samplers"]]
-    assert rows == [("teacher", 2, 3.0, 4), ("teacher", 4, None, 4), ("teacher", 4, 3.0, 8), ("teacher", 8, 3.0, 16),
-                    ("teacher", 16, 3.0, 32), ("teacher", 35, 3.0, 70), ("teacher", 35, None, 35),
-                    ("student_ema", 1, None, 1), ("student_ema", 2, None, 2), ("student_ema", 4, None, 4),
-                    ("student", 1, None, 1), ("student", 2, None, 2), ("student", 4, None, 4),
-                    ("data", 0, None, 0, )]
+    assert rows == [
+        ("teacher", 2, 3.0, 4),
+        ("teacher", 4, None, 4),
+        ("teacher", 4, 3.0, 8),
+        ("teacher", 8, 3.0, 16),
+        ("teacher", 16, 3.0, 32),
+        ("teacher", 35, 3.0, 70),
+        ("teacher", 35, None, 35),
+        ("student_ema", 1, None, 1),
+        ("student_ema", 2, None, 2),
+        ("student_ema", 4, None, 4),
+        ("student", 1, None, 1),
+        ("student", 2, None, 2),
+        ("student", 4, None, 4),
+        (
+            "data",
+            0,
+            None,
+            0,
+        ),
+    ]
     for r in on_disk["samplers"]:
         assert set(r) == {"name", "steps", "guidance", "nfe", "seconds_per_sample", "metrics"}
         assert set(r["metrics"]) == METRICS
@@ -102,8 +144,17 @@ def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
     assert os.path.getsize(out / "quality_vs_nfe.png") > 0  # FDs against NFE, beside eval.json
     table = evaluate.format_markdown(result).splitlines()
     assert len(table) == 2 + len(rows) + 1 and table[2].startswith("| teacher | 2 | 3 | 4 |")
-    for label in ("teacher35_cfg3", "teacher35", "teacher4_cfg3", "teacher2_cfg3", "teacher4", "student_ema1",
-                  "student_ema4", "student2", "data"):
+    for label in (
+        "teacher35_cfg3",
+        "teacher35",
+        "teacher4_cfg3",
+        "teacher2_cfg3",
+        "teacher4",
+        "student_ema1",
+        "student_ema4",
+        "student2",
+        "data",
+    ):
         for ext in ("png", "gif"):
             assert os.path.getsize(out / f"{label}.{ext}") > 0
 

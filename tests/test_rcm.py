@@ -1,5 +1,6 @@
 """rCM (docs/algorithm.md §14): the JVP through the DiT, the sCM tangent identities, the update's skip logic and
 determinism, the config dispatch, and (slow) rCM versus DMD2 on the analytic Gaussian-mixture teacher."""
+
 import dataclasses
 import functools
 import math
@@ -33,9 +34,11 @@ def _tiny_world(attention="einsum"):
 
 def _velocity_fn(net, params, ctx, gt, mask):
     """F(x_tau, tau_b): the TrigFlow velocity of the tiny DiT through the Video2World denoiser."""
+
     def f(x, tau_b):
         x0 = denoiser.denoise(net, params, x, tau_b, ctx, gt, mask)
         return rcm.f_from_x0(x, x0, trigflow.expand_tau(tau_b, x.ndim))
+
     return f
 
 
@@ -79,7 +82,7 @@ def test_forward_over_reverse_and_linearize_agree_with_jvp():
 
 
 def test_blockwise_net_gets_forward_mode_attention_for_the_tangent():
-    """"blockwise" attention has a custom VJP, so jax.jvp cannot enter it; the rCM tangent pass swaps in
+    """ "blockwise" attention has a custom VJP, so jax.jvp cannot enter it; the rCM tangent pass swaps in
     `jvp_attention` and gives the same F and dF as an einsum net (fp32, 1e-5)."""
     net, params, x, tau_b, ctx, gt, mask = _tiny_world("blockwise")
     f_block = _velocity_fn(net, params, ctx, gt, mask)
@@ -174,8 +177,15 @@ def gmm_batch(key, batch_size):
 
 def gmm_algo(**overrides):
     """RcmAlgo on the analytic world (as test_analytic_distill.ALGO: n = 4, tau_D shift 1, guidance 2)."""
-    kw = dict(net_config=None, sigma_data=world.SIGMA_DATA, guidance=world.GUIDANCE, num_student_steps=4,
-              condition=world.gmm_condition, sim_steps=4, renoise_shift=world.TAU_SHIFT)
+    kw = dict(
+        net_config=None,
+        sigma_data=world.SIGMA_DATA,
+        guidance=world.GUIDANCE,
+        num_student_steps=4,
+        condition=world.gmm_condition,
+        sim_steps=4,
+        renoise_shift=world.TAU_SHIFT,
+    )
     return rcm.RcmAlgo(**{**kw, **overrides})
 
 
@@ -249,8 +259,7 @@ def train_rcm(key, rounds=world.ROUNDS):
     def run(state, keys_r5):
         def one_round(state, keys_5):  # 1 student : 4 critic updates, as world.train
             state, metrics = student_step(state, teacher, gmm_batch(keys_5[0], world.BATCH))
-            state, _ = jax.lax.scan(lambda s, k: critic_step(s, teacher, gmm_batch(k, world.BATCH)), state,
-                                    keys_5[1:])
+            state, _ = jax.lax.scan(lambda s, k: critic_step(s, teacher, gmm_batch(k, world.BATCH)), state, keys_5[1:])
             return state, metrics["student/loss"]
 
         return jax.lax.scan(one_round, state, keys_r5)
@@ -272,8 +281,10 @@ def test_rcm_student_at_least_as_close_to_the_teacher_as_dmd2():
         keys = jax.random.split(jax.random.key(1), 3)
         eps_ref, _, eps_test = (jax.random.normal(jax.random.fold_in(k, cls), (2000, 2)) for k in keys)
         ref = np.asarray(world.teacher_samples(eps_ref, cls, 35), np.float64)
-        energy = {name: world.energy_distance(np.asarray(world.student_samples(p, eps_test, cls), np.float64), ref)
-                  for name, p in (("dmd2", dmd2_ema), ("rcm", rcm_ema))}
+        energy = {
+            name: world.energy_distance(np.asarray(world.student_samples(p, eps_test, cls), np.float64), ref)
+            for name, p in (("dmd2", dmd2_ema), ("rcm", rcm_ema))
+        }
         print(f"class {cls} energy distance to the teacher: dmd2 {energy['dmd2']:.4f} rcm {energy['rcm']:.4f}")
         assert energy["rcm"] < world.MAX_ENERGY and energy["rcm"] <= 1.1 * energy["dmd2"], (cls, energy)
 
@@ -310,8 +321,11 @@ def test_rcm_update_on_the_tiny_dit_with_blockwise_attention():
     tx = optim.make_optimizer(1e-3, warmup=2)
     state = dmd2.init_state(teacher, tx, tx, seed=0)
     k = jax.random.split(jax.random.PRNGKey(1), 2)
-    batch = {"latents": jax.random.normal(k[0], SHAPE), "text": jax.random.normal(k[1], (2, 5, 96)),
-             "num_cond_frames": jnp.array([0, 1], jnp.int32)}
+    batch = {
+        "latents": jax.random.normal(k[0], SHAPE),
+        "text": jax.random.normal(k[1], (2, 5, 96)),
+        "num_cond_frames": jnp.array([0, 1], jnp.int32),
+    }
     student = jax.jit(functools.partial(rcm.rcm_student_update, algo, tx, optim.EMA_GAMMA))
     state, m0 = student(state, teacher, batch)
     state, m1 = student(state, teacher, batch)

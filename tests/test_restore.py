@@ -1,6 +1,7 @@
 """Inference restores: only the EMA student (or the raw one) is read from a run's checkpoint, onto the host or
 sharded over the devices; it equals the same subtree of a full TrainState restore; peak host RSS stays at about the
 EMA's size while a full restore needs the whole state."""
+
 import json
 import os
 import subprocess
@@ -47,11 +48,18 @@ def workdir(tmp_path_factory):
 
     student_tx, critic_tx = dmd2.make_optimizers(config)
     student, critic = copy(), copy()
-    state = dmd2.TrainState(step=np.int32(4), key=np.zeros(2, np.uint32), student=student,
-                            student_opt=zeros_like_opt_state(student_tx, student), student_ema=copy(),
-                            student_updates=np.int32(1), critic=critic,
-                            critic_opt=zeros_like_opt_state(critic_tx, critic), consecutive_skips=np.int32(0),
-                            total_skips=np.int32(0))
+    state = dmd2.TrainState(
+        step=np.int32(4),
+        key=np.zeros(2, np.uint32),
+        student=student,
+        student_opt=zeros_like_opt_state(student_tx, student),
+        student_ema=copy(),
+        student_updates=np.int32(1),
+        critic=critic,
+        critic_opt=zeros_like_opt_state(critic_tx, critic),
+        consecutive_skips=np.int32(0),
+        total_skips=np.int32(0),
+    )
     manager = checkpoint.make_manager(str(workdir), save_interval_steps=4)
     checkpoint.save(manager, 4, state)
     checkpoint.wait_until_finished(manager)
@@ -81,13 +89,16 @@ def test_sharded_restore(workdir):
     expected = sharding.param_sharding(ema, mesh)
     for x, s in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
         assert isinstance(x, jax.Array) and x.sharding == s
-    assert any(len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated
-               for x in jax.tree.leaves(ema))  # some leaves really are split over the devices
+    assert any(
+        len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated for x in jax.tree.leaves(ema)
+    )  # some leaves really are split over the devices
     _tree_equal(ema, state.student_ema)
     _, _, params = run.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
     proj = jax.tree.leaves(params["crossattn_proj"])
-    assert all(isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == len(jax.devices())
-               for x in proj)
+    assert all(
+        isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == len(jax.devices())
+        for x in proj
+    )
 
 
 def test_load_student(workdir):
@@ -140,8 +151,15 @@ def _peak_rss(workdir, names, group_bytes=1 << 30):
     # the same way.
     env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(workdir), names, str(group_bytes)], env=env,
-                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(workdir), names, str(group_bytes)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,8 +170,14 @@ def test_peak_host_rss_is_the_ema_not_the_state(tmp_path):
     leaf = 4 << 20  # float32 elements per leaf
     rng = np.random.default_rng(0)
     tree = lambda: {f"w{i}": rng.standard_normal(leaf, np.float32) for i in range(4)}  # noqa: E731
-    state = {"student": tree(), "student_ema": tree(), "critic": tree(), "student_opt": [tree(), tree()],
-             "critic_opt": [tree(), tree()], "step": np.int32(8)}
+    state = {
+        "student": tree(),
+        "student_ema": tree(),
+        "critic": tree(),
+        "student_opt": [tree(), tree()],
+        "critic_opt": [tree(), tree()],
+        "step": np.int32(8),
+    }
     manager = checkpoint.make_manager(str(tmp_path), save_interval_steps=8)
     checkpoint.save(manager, 8, jax.tree.map(jax.numpy.asarray, state))
     checkpoint.wait_until_finished(manager)
@@ -162,8 +186,10 @@ def test_peak_host_rss_is_the_ema_not_the_state(tmp_path):
     ema = _peak_rss(tmp_path, "student_ema", group_bytes=leaf_bytes)
     full = _peak_rss(tmp_path, ",".join(state))
     ema_growth, full_growth = ema["peak"] - ema["base"], full["peak"] - full["base"]
-    print(f"peak RSS growth: EMA only {ema_growth / 2**20:.1f} MiB (read {ema['read'] / 2**20:.0f} MiB), "
-          f"full state {full_growth / 2**20:.1f} MiB (read {full['read'] / 2**20:.0f} MiB)")
+    print(
+        f"peak RSS growth: EMA only {ema_growth / 2**20:.1f} MiB (read {ema['read'] / 2**20:.0f} MiB), "
+        f"full state {full_growth / 2**20:.1f} MiB (read {full['read'] / 2**20:.0f} MiB)"
+    )
     assert ema["read"] == tree_bytes and full["read"] == 7 * tree_bytes + 4
     assert ema_growth < tree_bytes + 2 * leaf_bytes + (24 << 20)  # + TensorStore / Orbax fixed overhead
     assert full_growth > 6 * tree_bytes

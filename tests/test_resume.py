@@ -1,4 +1,5 @@
 """main.py end to end: a run killed with SIGKILL and resumed equals an uninterrupted run, bit for bit."""
+
 import json
 import os
 import signal
@@ -28,11 +29,20 @@ def teacher_pt(tmp_path_factory):
 
 
 def _cmd(workdir, teacher):
-    return [sys.executable, os.path.join(ROOT, "main.py"),
-            "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
-            f"--workdir={workdir}", f"--config.teacher.path={teacher}", f"--config.total_steps={STEPS}",
-            f"--config.checkpoint_every={EVERY}", "--config.data.batch_size=4", "--config.log_every=4",
-            "--config.sample_every=0", "--config.eval.at_end=False", "--config.mesh.data=1"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
+        f"--workdir={workdir}",
+        f"--config.teacher.path={teacher}",
+        f"--config.total_steps={STEPS}",
+        f"--config.checkpoint_every={EVERY}",
+        "--config.data.batch_size=4",
+        "--config.log_every=4",
+        "--config.sample_every=0",
+        "--config.eval.at_end=False",
+        "--config.mesh.data=1",
+    ]
 
 
 def _env():
@@ -71,8 +81,9 @@ def test_run_ends_with_the_evaluation(ref_run):
 def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_run, tmp_path):
     ref_dir, run_dir = ref_run[0], tmp_path / "run"
 
-    proc = subprocess.Popen(_cmd(run_dir, teacher_pt), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        _cmd(run_dir, teacher_pt), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first_ckpt = run_dir / "checkpoints" / str(EVERY)
     for line in proc.stdout:  # kill -9 as soon as the first checkpoint is complete on disk
         if line.startswith(f"checkpoint saved at step {EVERY}"):
@@ -85,8 +96,9 @@ def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_run, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run_dir / "checkpoints" / str(STEPS)).exists()
 
-    resumed = subprocess.run(_cmd(run_dir, teacher_pt), env=_env(), check=True, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        _cmd(run_dir, teacher_pt), env=_env(), check=True, capture_output=True, text=True, timeout=600
+    )
     assert "Resumed from" in resumed.stdout, resumed.stdout
     ref, got = _final_state(ref_dir), _final_state(run_dir)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
@@ -95,9 +107,12 @@ def test_kill_and_resume_equals_uninterrupted(teacher_pt, ref_run, tmp_path):
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"),
-           "--config=" + os.path.join(ROOT, "configs/predict25_4step.py"),
-           f"--workdir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
+        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py"),
+        f"--workdir={tmp_path}",
+    ]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     assert "config.teacher.path is empty" in out.stderr and "Traceback" not in out.stderr
@@ -114,8 +129,14 @@ def test_export_student_loads_in_torch(ref_run, tmp_path):
     ref_dir = ref_run[0]
     torch = pytest.importorskip("torch")
     out = tmp_path / "student.pt"
-    subprocess.run([sys.executable, "-m", "trigflow_distill.export", f"--workdir={ref_dir}", f"--out={out}"],
-                   env=_env(), check=True, capture_output=True, timeout=300, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "trigflow_distill.export", f"--workdir={ref_dir}", f"--out={out}"],
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     sd = torch.load(out, weights_only=True)
     assert "net.crossattn_proj.0.weight" in sd and all(k.startswith("net.") for k in sd)
     ema = _final_state(ref_dir)["student_ema"]
@@ -125,8 +146,12 @@ def test_export_student_loads_in_torch(ref_run, tmp_path):
 
 def test_diverging_run_stops_with_a_clear_message(teacher_pt, tmp_path):
     """Absurd learning rates blow the nets up: non-finite updates are skipped, then the run stops, exit code 1."""
-    cmd = _cmd(tmp_path, teacher_pt) + ["--config.student_optim.lr=1e30", "--config.critic_optim.lr=1e30",
-                                        "--config.max_consecutive_skips=3", "--config.log_every=1"]
+    cmd = _cmd(tmp_path, teacher_pt) + [
+        "--config.student_optim.lr=1e30",
+        "--config.critic_optim.lr=1e30",
+        "--config.max_consecutive_skips=3",
+        "--config.log_every=1",
+    ]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "consecutive updates had a non-finite loss or gradient" in out.stderr and "Traceback" not in out.stderr

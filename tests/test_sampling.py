@@ -1,4 +1,5 @@
 """Student schedule and sampler, backward simulation, CFG teacher sampler."""
+
 import math
 
 import jax
@@ -140,8 +141,9 @@ def test_teacher_sampler_follows_the_exact_flow_of_gaussian_data(sigma_data):
     errors = []
     for num_steps in (35, 350):  # Euler is first order: 10x the steps, ~10x smaller error
         out = jax.jit(
-            lambda e, k=num_steps: sampling.sample_teacher_cfg(x0_fn, None, e, None, k, shift=1.0,
-                                                               sigma_data=sigma_data)
+            lambda e, k=num_steps: sampling.sample_teacher_cfg(
+                x0_fn, None, e, None, k, shift=1.0, sigma_data=sigma_data
+            )
         )(eps)
         errors.append(float(jnp.max(jnp.abs(out - exact))))
     assert errors[1] < 0.01 and errors[1] < errors[0] / 6, errors

@@ -1,5 +1,6 @@
 """Sequence parallelism (tokens sharded over the `seq` mesh axis) and remat policies: same numbers as the plain
 single-device network and update steps, including frame sizes whose token count does not divide the axis."""
+
 import functools
 
 import jax
@@ -23,29 +24,33 @@ def _inputs(key, b, t, h, w, config=NET):
 
 
 def _velocity(config, mesh, params, x, tau, text, mask):
-    out, feats = networks.velocity(config, params, x, tau, text, cond_mask_b1thw=mask, return_block_outputs=(0,),
-                                   mesh=mesh)
+    out, feats = networks.velocity(
+        config, params, x, tau, text, cond_mask_b1thw=mask, return_block_outputs=(0,), mesh=mesh
+    )
     return out, feats[0]
 
 
-@pytest.mark.parametrize("mesh_cfg,batch,thw", [
-    ({"data": 1, "fsdp": 2, "seq": 4}, 2, (1, 4, 4)),   # 4 tokens per frame: divides
-    ({"data": 1, "fsdp": 2, "seq": 4}, 2, (3, 6, 6)),   # 9 per frame, 27 in all: padded to 12 per frame
-    ({"data": 1, "fsdp": 1, "seq": 8}, 1, (2, 6, 4)),   # 6 per frame on 8 devices: padded to 8
-])
+@pytest.mark.parametrize(
+    "mesh_cfg,batch,thw",
+    [
+        ({"data": 1, "fsdp": 2, "seq": 4}, 2, (1, 4, 4)),  # 4 tokens per frame: divides
+        ({"data": 1, "fsdp": 2, "seq": 4}, 2, (3, 6, 6)),  # 9 per frame, 27 in all: padded to 12 per frame
+        ({"data": 1, "fsdp": 1, "seq": 8}, 1, (2, 6, 4)),  # 6 per frame on 8 devices: padded to 8
+    ],
+)
 def test_seq_sharded_network_equals_unsharded(mesh_cfg, batch, thw):
     params = networks.init_params(NET, jax.random.PRNGKey(0))
     # non-zero AdaLN outputs so every sub-layer contributes (init_params zeroes the last modulation layers)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, a: 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), a.shape) if "linear_2" in str(p)
-        else a, params)
+        lambda p, a: 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), a.shape) if "linear_2" in str(p) else a,
+        params,
+    )
     inputs = _inputs(jax.random.PRNGKey(1), batch, *thw)
     ref_out, ref_feat = jax.jit(functools.partial(_velocity, NET, None))(params, *inputs)
 
     mesh = sharding.make_mesh(mesh_cfg)
     p_sh = sharding.param_sharding(params, mesh, min_size=256)
-    fn = jax.jit(functools.partial(_velocity, NET, mesh),
-                 in_shardings=(p_sh,) + (sharding.batch_sharding(mesh),) * 4)
+    fn = jax.jit(functools.partial(_velocity, NET, mesh), in_shardings=(p_sh,) + (sharding.batch_sharding(mesh),) * 4)
     compiled = fn.lower(params, *inputs).compile()
     assert "all-gather" in compiled.as_text()  # K/V really are gathered over the seq axis
     out, feat = compiled(sharding.put_global(params, p_sh), *inputs)
@@ -85,8 +90,10 @@ def _two_updates(mesh, thw, batch_size):
     student_tx, critic_tx = optim.make_optimizer(1e-3, warmup=1), optim.make_optimizer(1e-3, warmup=1)
     init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
-    batch = {"latents": jax.random.normal(k1, (batch_size, 16) + thw, jnp.float32),
-             "text": jax.random.normal(k2, (batch_size, TEXT_LEN, net.crossattn_proj_in_channels), jnp.float32)}
+    batch = {
+        "latents": jax.random.normal(k1, (batch_size, 16) + thw, jnp.float32),
+        "text": jax.random.normal(k2, (batch_size, TEXT_LEN, net.crossattn_proj_in_channels), jnp.float32),
+    }
     shardings = None
     if mesh is not None:
         teacher_sh = sharding.param_sharding(teacher, mesh, min_size=256)

@@ -1,4 +1,5 @@
 """Mesh / sharding rules, and a sharded training step equal to the unsharded one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,12 +26,12 @@ def test_make_mesh_fill_and_errors():
 
 def test_param_spec_rule():
     spec = sharding.param_spec
-    assert spec((64, 128), 4, min_size=0) == P(None, "fsdp")          # largest divisible dim
-    assert spec((30, 64), 4, min_size=0) == P(None, "fsdp")           # 30 does not divide
+    assert spec((64, 128), 4, min_size=0) == P(None, "fsdp")  # largest divisible dim
+    assert spec((30, 64), 4, min_size=0) == P(None, "fsdp")  # 30 does not divide
     assert spec((8, 16, 12), 4, min_size=0) == P(None, "fsdp", None)  # stacked: never the layer dim if avoidable
-    assert spec((8, 6, 10), 4, min_size=0) == P("fsdp", None, None)   # ... unless only it divides
+    assert spec((8, 6, 10), 4, min_size=0) == P("fsdp", None, None)  # ... unless only it divides
     assert spec((30, 7), 4, min_size=0) == P()
-    assert spec((64, 128), 4, min_size=1 << 20) == P()                 # small -> replicated
+    assert spec((64, 128), 4, min_size=1 << 20) == P()  # small -> replicated
     assert spec((64, 128), 1, min_size=0) == P()
 
 
@@ -71,8 +72,12 @@ def _run(mesh, params_host, batches, optimizer):
         return optax.apply_updates(params, updates), opt_state, loss
 
     bs = sharding.batch_sharding(mesh)
-    step = jax.jit(step, in_shardings=(shardings, opt_shardings, bs),
-                   out_shardings=(shardings, opt_shardings, sharding.replicated(mesh)), donate_argnums=(0, 1))
+    step = jax.jit(
+        step,
+        in_shardings=(shardings, opt_shardings, bs),
+        out_shardings=(shardings, opt_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
     losses = []
     for b in batches:
         rows = sharding.local_batch_slice(len(b["x"]), mesh)

@@ -1,5 +1,6 @@
 """Reason1 text encoder (docs/algorithm.md §11): parity with transformers' Qwen2.5-VL, checkpoint layouts, the chat
 template's token layout, and the CLI."""
+
 import json
 import os
 
@@ -34,8 +35,9 @@ def full_concat_reference(hidden_states):
     """FULL_CONCAT from transformers' output_hidden_states, written with torch as the reference does."""
     import torch
 
-    return torch.cat([(h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8)
-                      for h in hidden_states[1:]], dim=-1).numpy()
+    return torch.cat(
+        [(h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8) for h in hidden_states[1:]], dim=-1
+    ).numpy()
 
 
 @pytest.mark.torch
@@ -46,12 +48,24 @@ def test_embed_matches_transformers_qwen2_5_vl(tmp_path):
 
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=300, rope_theta=1e6, rms_norm_eps=1e-6,
-                         max_position_embeddings=1024, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         bos_token_id=None, eos_token_id=None),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[0]))
+        text_config=dict(
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=300,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]
+        ),
+    )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     with torch.no_grad():  # the init has zero biases and unit norm weights: perturb them all
         for name, p in model.named_parameters():
@@ -66,8 +80,16 @@ def test_embed_matches_transformers_qwen2_5_vl(tmp_path):
     ref = full_concat_reference(out.hidden_states)
 
     cfg, params = text_encoder.load(tmp_path, dtype="float32")
-    assert cfg == qwen2.Qwen2Config(vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                                    intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1e6)
+    assert cfg == qwen2.Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+    )
     got = np.asarray(jax.jit(text_encoder.embed, static_argnums=0)(cfg, params, ids.numpy()))
     assert got.shape == (2, 96, 3 * 64) and got.dtype == np.float32
     err = np.abs(got - ref).max()
@@ -123,8 +145,7 @@ def test_load_layouts_sharding_and_errors(tmp_path):
     # transformers 5.x in-memory names, sharded files with an index, nested text_config, ignored vision/lm_head.
     extra = {"visual.blocks.0.attn.qkv.weight": np.zeros((3, 3), np.float32), "lm_head.weight": np.zeros((2, 2))}
     other = tmp_path / "lm_prefix"
-    _rewrite(src, other, lambda k: k.replace("model.", "model.language_model.", 1), shards=3,
-             config=_nest_text_config)
+    _rewrite(src, other, lambda k: k.replace("model.", "model.language_model.", 1), shards=3, config=_nest_text_config)
     save_file(extra, os.path.join(other, "extra.safetensors"))
     index = json.loads((other / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(extra, "extra.safetensors"))
@@ -143,8 +164,11 @@ def test_load_layouts_sharding_and_errors(tmp_path):
     # Missing and unknown keys are listed.
     bad = tmp_path / "bad"
     _rewrite(src, bad, lambda k: k.replace("layers.1.mlp.up_proj", "layers.1.mlp.upper_proj"))
-    with pytest.raises(ValueError, match=r"missing model\.layers\.1\.mlp\.up_proj\.weight; unknown "
-                                         r"model\.layers\.1\.mlp\.upper_proj\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing model\.layers\.1\.mlp\.up_proj\.weight; unknown "
+        r"model\.layers\.1\.mlp\.upper_proj\.weight",
+    ):
         text_encoder.load(bad, dtype="float32")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         text_encoder.load(tmp_path, dtype="float32")
@@ -159,27 +183,31 @@ def test_tokenize_template_layout_padding_and_truncation(tmp_path):
 
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     tid = tok.token_to_id
-    expected = ([tid("<|im_start|>"), tid("system"), tid("\n")] + [tid(w) for w in SYSTEM_WORDS]
-                + [tid("."), tid("<|im_end|>"), tid("\n"), tid("<|im_start|>"), tid("user"), tid("\n")]
-                + [tid(w) for w in words] + [tid("<|im_end|>"), tid("\n")])
+    expected = (
+        [tid("<|im_start|>"), tid("system"), tid("\n")]
+        + [tid(w) for w in SYSTEM_WORDS]
+        + [tid("."), tid("<|im_end|>"), tid("\n"), tid("<|im_start|>"), tid("user"), tid("\n")]
+        + [tid(w) for w in words]
+        + [tid("<|im_end|>"), tid("\n")]
+    )
     assert None not in expected and len(set(expected)) > 10
     ids = text_encoder.tokenize(tmp_path, ["a red car", "a car"])
     assert ids.shape == (2, 512) and ids.dtype == np.int32
-    np.testing.assert_array_equal(ids[0, :len(expected)], expected)
-    assert (ids[0, len(expected):] == tid("<|endoftext|>")).all()
-    assert (ids[1, len(expected) - 1:] == tid("<|endoftext|>")).all()  # one word shorter
+    np.testing.assert_array_equal(ids[0, : len(expected)], expected)
+    assert (ids[0, len(expected) :] == tid("<|endoftext|>")).all()
+    assert (ids[1, len(expected) - 1 :] == tid("<|endoftext|>")).all()  # one word shorter
     # A Tokenizer object works too (default pad token).
     np.testing.assert_array_equal(text_encoder.tokenize(tok, "a red car")[0], ids[0])
 
     # Truncation: a caption longer than 512 tokens is cut at 512, the template's start kept.
     long = text_encoder.tokenize(tmp_path, " ".join(["red"] * 600))
     assert long.shape == (1, 512)
-    np.testing.assert_array_equal(long[0, :len(expected) - 5], expected[:-5])
-    assert (long[0, len(expected) - 5:] == tid("red")).all()
+    np.testing.assert_array_equal(long[0, : len(expected) - 5], expected[:-5])
+    assert (long[0, len(expected) - 5 :] == tid("red")).all()
 
     # The pad token comes from tokenizer_config.json, also through a loaded tokenizer.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": {"content": "<|im_end|>"}}))
-    assert (text_encoder.tokenize(tmp_path, "a car")[0, len(expected):] == tid("<|im_end|>")).all()
+    assert (text_encoder.tokenize(tmp_path, "a car")[0, len(expected) :] == tid("<|im_end|>")).all()
     loaded = text_encoder.load_tokenizer(tmp_path)
     np.testing.assert_array_equal(text_encoder.tokenize(loaded, "a car"), text_encoder.tokenize(tmp_path, "a car"))
 
@@ -202,21 +230,32 @@ def test_template_matches_transformers_chat_template(tmp_path):
         {"role": "system", "content": [{"type": "text", "text": text_encoder.SYSTEM_PROMPT}]},
         {"role": "user", "content": [{"type": "text", "text": caption}]},
     ]
-    rendered = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False,
-                                      add_vision_id=False)
+    rendered = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False, add_vision_id=False)
     assert rendered == text_encoder.render(caption)
     ids = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False, add_vision_id=False)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     ours = text_encoder.tokenize(tmp_path, caption)[0]
-    np.testing.assert_array_equal(ours[:len(ids)], ids)
-    assert (ours[len(ids):] == hf.pad_token_id).all()
+    np.testing.assert_array_equal(ours[: len(ids)], ids)
+    assert (ours[len(ids) :] == hf.pad_token_id).all()
 
 
 def test_cli_writes_embedding_and_reports_errors(tmp_path, capsys):
     cfg = text_encoder.write_tiny(tmp_path / "te", num_layers=2, hidden_size=16)
     out = tmp_path / "emb.npy"
-    rc = text_encoder.main(["--text-encoder", str(tmp_path / "te"), "--prompt", "a red car", "--out", str(out),
-                            "--dtype", "float32", "--max-length", "32"])
+    rc = text_encoder.main(
+        [
+            "--text-encoder",
+            str(tmp_path / "te"),
+            "--prompt",
+            "a red car",
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+            "--max-length",
+            "32",
+        ]
+    )
     assert rc == 0
     emb = np.load(out)
     assert emb.shape == (1, 32, cfg.num_layers * cfg.hidden_size)
@@ -230,11 +269,21 @@ def test_cli_writes_embedding_and_reports_errors(tmp_path, capsys):
 
 def test_config_of_released_and_nested_layouts():
     released = {  # the fields of Cosmos-Reason1-7B's config.json (transformers 4.x layout: text settings at the top)
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_act": "silu",
-        "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_hidden_layers": 28,
-        "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "vocab_size": 152064,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "use_sliding_window": False,
-        "sliding_window": 32768, "vision_config": {"depth": 32, "hidden_size": 1280},
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "vocab_size": 152064,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "vision_config": {"depth": 32, "hidden_size": 1280},
     }
     assert text_encoder.config_from_json(released) == qwen2.REASON1_7B
     nested = _nest_text_config({k: v for k, v in released.items() if k != "rope_scaling"})

@@ -1,6 +1,7 @@
 """benchmarks/torch_dmd2.py (the PyTorch speed baseline) computes what trigflow_distill computes, so the step-speed
 benchmark compares like with like: same schedule, coefficients, losses, denoiser, backward simulation, DMD and
 critic losses and gradients on the same inputs and draws."""
+
 import math
 
 import jax
@@ -75,8 +76,9 @@ def nets():
             fan_in = shape[-2] if len(shape) > 1 else 100
             return (0.5 * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
-        return jax.tree_util.tree_map_with_path(leaf, networks.param_shapes(config),
-                                                is_leaf=lambda s: isinstance(s, tuple))
+        return jax.tree_util.tree_map_with_path(
+            leaf, networks.param_shapes(config), is_leaf=lambda s: isinstance(s, tuple)
+        )
 
     teacher = params(0)
     critic = {k: v for k, v in params(1).items() if k != "crossattn_proj"}
@@ -131,9 +133,10 @@ def test_denoiser_simulation_and_update_losses_match(nets):
     assert float(got_c) == pytest.approx(float(want_c), rel=2e-3)
     for model, grads in ((dmd.student, grads_s), (dmd.critic, grads_c)):
         torch_grads = dict(model.named_parameters())
-        for name, jax_leaf in (("proj_out.weight", grads["final_layer"]["linear"]["kernel"]),
-                               ("transformer_blocks.0.attn1.to_q.weight", grads["blocks"]["self_attn"]["q_proj"]
-                                ["kernel"][0])):
+        for name, jax_leaf in (
+            ("proj_out.weight", grads["final_layer"]["linear"]["kernel"]),
+            ("transformer_blocks.0.attn1.to_q.weight", grads["blocks"]["self_attn"]["q_proj"]["kernel"][0]),
+        ):
             got = torch_grads[name].grad.numpy().T
             np.testing.assert_allclose(got, jax_leaf, rtol=0, atol=2e-3 * np.abs(jax_leaf).max(), err_msg=name)
     assert all(p.grad is None for p in dmd.teacher.parameters())

@@ -1,4 +1,5 @@
 """The trainer: what each update may change, non-finite skips, loss decrease, sharded == unsharded, config errors."""
+
 import functools
 
 import jax
@@ -105,8 +106,16 @@ def test_critic_loss_decreases(setup):
     state = jax.tree.map(jnp.array, setup["state"])
 
     def loss_on_fixed_draws(state):  # the update reports the loss before it applies the step
-        return np.mean([float(setup["critic"](jax.tree.map(jnp.array, state).replace(step=jnp.int32(s)),
-                                              setup["teacher"], setup["batch"])[1]["critic/loss"]) for s in range(4)])
+        return np.mean(
+            [
+                float(
+                    setup["critic"](
+                        jax.tree.map(jnp.array, state).replace(step=jnp.int32(s)), setup["teacher"], setup["batch"]
+                    )[1]["critic/loss"]
+                )
+                for s in range(4)
+            ]
+        )
 
     before = loss_on_fixed_draws(state)
     for _ in range(30):
@@ -125,8 +134,13 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
         devices = jax.devices()[: int(np.prod(list(mesh_cfg.values())))]
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
         algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = run.setup(config, str(tmp_path), mesh)
-        fns = dmd2.make_update_fns(algo, stx, ctx, optim.ema_gamma(0.1),
-                                    (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+        fns = dmd2.make_update_fns(
+            algo,
+            stx,
+            ctx,
+            optim.ema_gamma(0.1),
+            (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        )
         state = init(teacher)
         source = toy.RecordSource(toy.make_world())
         records = [source[i] for i in range(BATCH)]

@@ -1,4 +1,5 @@
 """TrigFlow conversions and preconditioning against closed forms written independently in float64 numpy."""
+
 import math
 
 import jax
@@ -158,7 +159,10 @@ def test_edm_c_noise_at_float32_half_pi_is_the_float64_reference(sigma_data):
     np.testing.assert_allclose(np.asarray(c_noise), expected, rtol=1e-6)
     # Just below pi/2 the ordinary formula is kept, and the tau-gradient is finite up to and at pi/2.
     below = np.nextafter(np.float32(math.pi / 2), np.float32(0))
-    np.testing.assert_allclose(float(tf.coefficients(below, "edm", sigma_data)[3]),
-                               0.25 * math.log(sigma_data * math.tan(float(below))), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(tf.coefficients(below, "edm", sigma_data)[3]),
+        0.25 * math.log(sigma_data * math.tan(float(below))),
+        rtol=1e-5,
+    )
     grad = jax.grad(lambda t: jnp.sum(tf.coefficients(t, "edm", sigma_data)[3]))(jnp.asarray(TAU_GRID[1:], jnp.float32))
     assert np.all(np.isfinite(np.asarray(grad)))

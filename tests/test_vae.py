@@ -1,4 +1,5 @@
 """Wan2.1 VAE: parity with diffusers' AutoencoderKLWan, name maps, loading, errors, sharding, bf16, CLI."""
+
 import json
 
 import jax
@@ -35,6 +36,7 @@ def torch_vae(params):
 def _torch_encode(model, x):
     """Reference normalised latent: posterior mean of diffusers' chunked encoder, (mu - mean) / std."""
     import torch
+
     with torch.no_grad():
         mu = model.encode(torch.from_numpy(x)).latent_dist.mean.numpy()
     return (mu - LATENT_MEAN[:, None, None, None]) / LATENT_STD[:, None, None, None]
@@ -43,6 +45,7 @@ def _torch_encode(model, x):
 def _torch_decode(model, z):
     """Reference pixels: diffusers' per-latent-frame decoder loop without its final clamp (the reference's)."""
     import torch
+
     mu = z * LATENT_STD[:, None, None, None] + LATENT_MEAN[:, None, None, None]
     with torch.no_grad():
         model.clear_cache()
@@ -50,8 +53,11 @@ def _torch_decode(model, z):
         frames = []
         for i in range(x.shape[2]):
             model._conv_idx = [0]
-            frames.append(model.decoder(x[:, :, i:i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx,
-                                        first_chunk=i == 0))
+            frames.append(
+                model.decoder(
+                    x[:, :, i : i + 1], feat_cache=model._feat_map, feat_idx=model._conv_idx, first_chunk=i == 0
+                )
+            )
         model.clear_cache()
         return torch.cat(frames, 2).numpy()
 
@@ -109,6 +115,7 @@ def test_name_maps_round_trip_bit_exact(params, torch_vae):
     assert all(np.array_equal(again[k], params[k]) for k in params)
     # diffusers' own native-checkpoint converter agrees with our map
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
     theirs = convert_wan_vae_to_diffusers(native)
     ours = wan_vae.native_to_diffusers(native, CFG)
     assert {k: id(v) for k, v in theirs.items()} == {k: id(v) for k, v in ours.items()}
@@ -121,10 +128,13 @@ def test_load_native_and_diffusers_and_errors(params, tmp_path):
     assert cfg == CFG and all(np.array_equal(loaded[k], params[k]) for k in params)
     torchfile.save(tmp_path / "bf16.pth", {k: v.astype(ml_dtypes.bfloat16) for k, v in native.items()})
     _, loaded16 = vae.load(tmp_path / "bf16.pth")  # bf16 checkpoints load as float32
-    assert all(loaded16[k].dtype == np.float32 and np.array_equal(loaded16[k], params[k].astype(ml_dtypes.bfloat16))
-               for k in params)
+    assert all(
+        loaded16[k].dtype == np.float32 and np.array_equal(loaded16[k], params[k].astype(ml_dtypes.bfloat16))
+        for k in params
+    )
 
     from safetensors.numpy import save_file
+
     folder = tmp_path / "vae_diffusers"
     folder.mkdir()
     save_file(wan_vae.native_to_diffusers(native, CFG), str(folder / "diffusion_pytorch_model.safetensors"))
@@ -185,8 +195,10 @@ def test_batch_sharded_equals_unsharded_and_bf16_close(params):
     z16 = np.asarray(vae.encode(CFG, params, x, dtype=jnp.bfloat16))
     x32, x16 = (np.asarray(vae.decode(CFG, params, want, dtype=d)) for d in ("float32", "bfloat16"))
     enc_err, dec_err = np.abs(z16 - want).max(), np.abs(x16 - x32).max()
-    print(f"\nbf16 vs fp32: encode max abs {enc_err:.3f} (|z| max {np.abs(want).max():.2f}), "
-          f"decode max abs {dec_err:.3f} (|x| max {np.abs(x32).max():.2f})")
+    print(
+        f"\nbf16 vs fp32: encode max abs {enc_err:.3f} (|z| max {np.abs(want).max():.2f}), "
+        f"decode max abs {dec_err:.3f} (|x| max {np.abs(x32).max():.2f})"
+    )
     assert 0 < enc_err < 0.1 * np.abs(want).max() and 0 < dec_err < 0.1 * np.abs(x32).max()
 
 
@@ -196,20 +208,56 @@ def test_cli_round_trip(params, tmp_path, capsys):
     frames[..., 0] = np.linspace(0, 255, 48, dtype=np.uint8)[None, None]
     frames[..., 1] = np.arange(7, dtype=np.uint8)[:, None, None] * 30
     video.write_mp4(tmp_path / "in.mp4", frames, 12)
-    assert vae.main(["encode", str(tmp_path / "in.mp4"), str(tmp_path / "z.npz"), "--vae", str(tmp_path / "vae.pth"),
-                     "--resolution", "256"]) == 0
+    assert (
+        vae.main(
+            [
+                "encode",
+                str(tmp_path / "in.mp4"),
+                str(tmp_path / "z.npz"),
+                "--vae",
+                str(tmp_path / "vae.pth"),
+                "--resolution",
+                "256",
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "z.npz") as data:
         assert data["latents"].shape == (16, 2, 32, 40)  # 5 of the 7 frames (1 + 4k)
         assert data["padding_mask"].shape == (1, 256, 320) and tuple(data["bucket"]) == (320, 256)
         mask = data["padding_mask"][0]  # 36x48 -> 240x320, centred in 256x320: 8 padded rows above and below
         assert mask[:8].all() and mask[-8:].all() and not mask[8:-8].any()
-    assert vae.main(["decode", str(tmp_path / "z.npz"), str(tmp_path / "out.mp4"), "--vae", str(tmp_path / "vae.pth"),
-                     "--fps", "12"]) == 0
+    assert (
+        vae.main(
+            [
+                "decode",
+                str(tmp_path / "z.npz"),
+                str(tmp_path / "out.mp4"),
+                "--vae",
+                str(tmp_path / "vae.pth"),
+                "--fps",
+                "12",
+            ]
+        )
+        == 0
+    )
     out, fps = video.read_video(tmp_path / "out.mp4")
     assert out.shape == (5, 256, 320, 3) and fps == 12
 
-    assert vae.main(["encode", str(tmp_path / "in.mp4"), str(tmp_path / "y.npz"), "--vae", str(tmp_path / "vae.pth"),
-                     "--frames", "6"]) == 1
+    assert (
+        vae.main(
+            [
+                "encode",
+                str(tmp_path / "in.mp4"),
+                str(tmp_path / "y.npz"),
+                "--vae",
+                str(tmp_path / "vae.pth"),
+                "--frames",
+                "6",
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --frames 6")
     assert vae.main(["decode", str(tmp_path / "missing.npz"), str(tmp_path / "o.mp4")]) == 1
     assert "error: " in capsys.readouterr().err

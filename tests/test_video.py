@@ -1,4 +1,5 @@
 """Video I/O (PyAV) and the docs/algorithm.md §12 buckets, resize and padding."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,8 +34,13 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 
 def test_bucket_tables_and_choice():
-    assert video.buckets("720") == {"1:1": (960, 960), "4:3": (960, 704), "3:4": (704, 960), "16:9": (1280, 704),
-                                    "9:16": (704, 1280)}
+    assert video.buckets("720") == {
+        "1:1": (960, 960),
+        "4:3": (960, 704),
+        "3:4": (704, 960),
+        "16:9": (1280, 704),
+        "9:16": (704, 1280),
+    }
     assert video.buckets("480")["16:9"] == (768, 432) and video.buckets("256")["9:16"] == (192, 320)
     assert video.choose_bucket(1920, 1080, "720") == (1280, 704)
     assert video.choose_bucket(1080, 1920, "720") == (704, 1280)
@@ -52,9 +58,9 @@ def test_resize_and_reflection_padding():
     nh, nw = int(48 * 320 / 70 + 0.5), 320  # 219 x 320, pads 18 above, 19 below
     top = (256 - nh) // 2
     assert (top, 256 - nh - top) == (18, 19)
-    assert mask[0, :top].all() and mask[0, top + nh:].all() and not mask[0, top:top + nh].any()
+    assert mask[0, :top].all() and mask[0, top + nh :].all() and not mask[0, top : top + nh].any()
     resized = np.asarray(Image.fromarray(frames[1]).resize((nw, nh), Image.BICUBIC))
-    np.testing.assert_allclose(vid[:, 1, top:top + nh].transpose(1, 2, 0), resized / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(vid[:, 1, top : top + nh].transpose(1, 2, 0), resized / 127.5 - 1, atol=1e-6)
     # reflection about the first and last content rows
     np.testing.assert_array_equal(vid[:, :, top - 5], vid[:, :, top + 5])
     np.testing.assert_array_equal(vid[:, :, top + nh - 1 + 7], vid[:, :, top + nh - 1 - 7])

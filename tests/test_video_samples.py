@@ -1,4 +1,5 @@
 """video_samples: latent samples decoded by a tiny random Wan2.1 VAE into mp4s, a GIF and metrics videos."""
+
 import io
 import os
 import struct
@@ -21,8 +22,8 @@ def _events(path, step=None) -> list:
     """Summary values of a TensorBoard event file (TFRecord framing: length, crc, event, crc), of `step` or all."""
     data, pos, values = open(path, "rb").read(), 0, []
     while pos < len(data):
-        (n,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
         values += [v for v in event.summary.value if step in (None, event.step)]
         pos += 12 + n + 4
     return values
@@ -45,7 +46,7 @@ def test_samples_written_as_mp4_gif_and_metrics_videos(tmp_path):
     samples_writer(samples, {"latents": samples}, str(tmp_path / "samples" / "0000500.png"), writer)
 
     want = np.stack([video.to_uint8(p) for p in np.asarray(vae.decode(CFG, params, samples[:2]))])
-    (step, videos, fps), = writer.calls
+    ((step, videos, fps),) = writer.calls
     assert step == 500 and fps == 8
     # decoded one at a time vs as a batch: a rare rounding difference of one level
     np.testing.assert_allclose(videos["samples/video"].astype(int), want.astype(int), atol=1)
@@ -66,8 +67,11 @@ def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
     convert.export_torch(networks.init_params(net, jax.random.key(0)), net, tmp_path / "teacher.pt")
     torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(wan_vae.init_params(CFG, jax.random.key(1)), CFG))
     rng = np.random.default_rng(0)
-    data.write_dataset(str(tmp_path / "data"), rng.normal(size=(8, 16, 2, 4, 6)).astype(np.float32),
-                       rng.normal(size=(8, 8, 96)).astype(np.float32))
+    data.write_dataset(
+        str(tmp_path / "data"),
+        rng.normal(size=(8, 16, 2, 4, 6)).astype(np.float32),
+        rng.normal(size=(8, 8, 96)).astype(np.float32),
+    )
     config = predict25_4step.get_config("tiny")
     config.data.kind, config.data.path, config.vae.path = "dir", str(tmp_path / "data"), str(tmp_path / "vae.pth")
     config.teacher.path = str(tmp_path / "teacher.pt")
@@ -81,6 +85,10 @@ def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
     samples = tmp_path / "run" / "samples"
     assert sorted(os.listdir(samples)) == ["0000001.gif"] + [f"0000001_{i}.mp4" for i in range(4)]  # max_videos
     assert video.read_video(samples / "0000001_0.mp4")[0].shape == (5, 32, 48, 3)
-    tags = {v.tag for name in os.listdir(tmp_path / "run" / "tensorboard")
-            for v in _events(tmp_path / "run" / "tensorboard" / name, step=1) if v.HasField("image")}
+    tags = {
+        v.tag
+        for name in os.listdir(tmp_path / "run" / "tensorboard")
+        for v in _events(tmp_path / "run" / "tensorboard" / name, step=1)
+        if v.HasField("image")
+    }
     assert tags == {f"samples/video/{i}" for i in range(4)}  # animated GIFs through the run's metrics writer

@@ -10,6 +10,7 @@ can be written before every save (an unwritable folder otherwise stalls Orbax fo
 "checkpoint saved at step N" only once Orbax has committed step N; a failed save raises CheckpointError naming
 the last committed step. `restore_latest` falls back to the newest checkpoint that reads back completely.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,9 @@ def checkpoint_dir(workdir) -> epath.Path:
     return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
 
 
-def make_manager(workdir, max_to_keep: int = 3, save_interval_steps: int = 1,
-                 enable_async: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+    workdir, max_to_keep: int = 3, save_interval_steps: int = 1, enable_async: bool = True
+) -> ocp.CheckpointManager:
     """CheckpointManager over `<workdir>/checkpoints` (created). `save` writes exactly the steps divisible by
     `save_interval_steps` (and any step when JAX reports a preemption, or when forced); leftovers of interrupted
     saves are deleted at start."""
@@ -41,15 +43,20 @@ def make_manager(workdir, max_to_keep: int = 3, save_interval_steps: int = 1,
         raise ValueError(f"max_to_keep ({max_to_keep}) and save_interval_steps ({save_interval_steps}) must be >= 1.")
     policies = ocp.checkpoint_managers
     # Orbax's default policy also saves the first step it sees; saving on the interval only keeps runs regular.
-    when = policies.AnySavePolicy([policies.FixedIntervalPolicy(save_interval_steps),
-                                   policies.PreemptionCheckpointingPolicy()])
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_decision_policy=when, create=True,
-                                           cleanup_tmp_directories=True, enable_async_checkpointing=enable_async)
+    when = policies.AnySavePolicy(
+        [policies.FixedIntervalPolicy(save_interval_steps), policies.PreemptionCheckpointingPolicy()]
+    )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_decision_policy=when,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=enable_async,
+    )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None,
-         force: bool = False) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
     """Save `state` (pytree of jax arrays) and `data_iterator.get_state()` (its position now) as `step`.
 
     Returns whether a save was started (False between `save_interval_steps`). With async checkpointing the
@@ -72,8 +79,10 @@ def _report(message: str) -> None:
         print(message, flush=True)
 
 
-_OS_REASON = re.compile(r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded|"
-                        r"Input/output error|No such file or directory|Too many open files")
+_OS_REASON = re.compile(
+    r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded|"
+    r"Input/output error|No such file or directory|Too many open files"
+)
 
 
 def _short(e: BaseException) -> str:
@@ -102,8 +111,13 @@ def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any = None,
-                   set_aside: bool = False, report: Callable[[str], None] = _report) -> tuple[Any, int]:
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    data_iterator: Any = None,
+    set_aside: bool = False,
+    report: Callable[[str], None] = _report,
+) -> tuple[Any, int]:
     """(state, step) of the newest complete checkpoint that reads back completely, or (None, 0) when there is
     none at all.
 
@@ -127,22 +141,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
                 raise ValueError("it has no data iterator state")
         except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exception for missing/truncated files
             skipped.append(step)
-            report(f"checkpoint {step} in {manager.directory} does not read back completely ({_short(e)}); "
-                   "trying the previous one.")
+            report(
+                f"checkpoint {step} in {manager.directory} does not read back completely ({_short(e)}); "
+                "trying the previous one."
+            )
             continue
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         if skipped:
             if set_aside:
                 _set_aside(manager, skipped)
-            report(f"skipped unreadable checkpoint(s) {skipped}"
-                   + (f", kept as unreadable-<step> in {manager.directory}" if set_aside else "")
-                   + f"; restored step {step}.")
+            report(
+                f"skipped unreadable checkpoint(s) {skipped}"
+                + (f", kept as unreadable-<step> in {manager.directory}" if set_aside else "")
+                + f"; restored step {step}."
+            )
         return restored["state"], int(step)
     if steps:
-        raise CheckpointError(f"none of the checkpoints {steps} in {manager.directory} reads back (see the messages "
-                              "above). If the run's shapes changed (teacher, network), use a new --workdir; "
-                              "otherwise restore the folder from a backup.")
+        raise CheckpointError(
+            f"none of the checkpoints {steps} in {manager.directory} reads back (see the messages "
+            "above). If the run's shapes changed (teacher, network), use a new --workdir; "
+            "otherwise restore the folder from a backup."
+        )
     return None, 0
 
 
@@ -159,8 +179,11 @@ def _finite_leaves(tree):
 
 def non_finite_leaves(state: Any) -> list[str]:
     """Paths of the floating-point leaves of `state` holding a NaN or inf (one small device reduction)."""
-    paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
-             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     ok = jax.device_get(_finite_leaves(state))
     return [p for p, good in zip(paths, ok) if not good]
 
@@ -182,8 +205,9 @@ class Saver:
     step; `report` gets the progress lines.
     """
 
-    def __init__(self, manager: ocp.CheckpointManager, last_committed: int | None = None,
-                 report: Callable[[str], None] = _report):
+    def __init__(
+        self, manager: ocp.CheckpointManager, last_committed: int | None = None, report: Callable[[str], None] = _report
+    ):
         self.manager, self.last_committed, self.report = manager, last_committed, report
         self.pending: int | None = None
         self.directory = epath.Path(manager.directory)
@@ -201,16 +225,20 @@ class Saver:
         bad = non_finite_leaves(state)
         if bad:
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            raise TrainingStopped(f"the train state of step {step} has non-finite values ({shown}); it was not "
-                                  f"saved. {self.last_good()} Lower the learning rates or check the data.")
+            raise TrainingStopped(
+                f"the train state of step {step} has non-finite values ({shown}); it was not "
+                f"saved. {self.last_good()} Lower the learning rates or check the data."
+            )
         try:
             check_writable(self.directory)
             # force: the policy was asked once above (its preemption check is a sync point of all processes)
             started = save(self.manager, step, state, data_iterator, force=True)
         except Exception as e:  # noqa: BLE001 - any storage failure ends the run the same way
-            raise CheckpointError(f"cannot save checkpoint {step} in {self.directory} ({_short(e)}). "
-                                  f"{self.last_good()} Free disk space or fix the folder's permissions, then "
-                                  "re-run the same command to resume.") from e
+            raise CheckpointError(
+                f"cannot save checkpoint {step} in {self.directory} ({_short(e)}). "
+                f"{self.last_good()} Free disk space or fix the folder's permissions, then "
+                "re-run the same command to resume."
+            ) from e
         if started:
             self.pending = step
         return started
@@ -229,12 +257,16 @@ class Saver:
             self.manager.wait_until_finished()
             committed = ocp.step.is_checkpoint_finalized(self.directory / str(step))
         except Exception as e:  # noqa: BLE001 - TensorStore/OS errors of the background write
-            raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed ({_short(e)}). "
-                                  f"{self.last_good()} Free disk space or fix the folder's permissions, then "
-                                  "re-run the same command to resume.") from e
+            raise CheckpointError(
+                f"saving checkpoint {step} in {self.directory} failed ({_short(e)}). "
+                f"{self.last_good()} Free disk space or fix the folder's permissions, then "
+                "re-run the same command to resume."
+            ) from e
         if not committed:
-            raise CheckpointError(f"checkpoint {step} in {self.directory} was not committed. {self.last_good()} "
-                                  "Re-run the same command to resume.")
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} was not committed. {self.last_good()} "
+                "Re-run the same command to resume."
+            )
         self.last_committed = step
         self.report(f"checkpoint saved at step {step}")
 

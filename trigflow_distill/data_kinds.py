@@ -1,6 +1,7 @@
 """config.data.kind -> what the trainer gets for it: the record source, an optional sample writer and an optional
 evaluation of the finished run. main.py picks from here, so the trainer never imports a particular data set.
 """
+
 import os
 from typing import Callable, NamedTuple
 
@@ -23,13 +24,18 @@ def _toy(config):
         if writer is not None:  # the same grid to TensorBoard / W&B; the file is named after the step
             step = int(os.path.splitext(os.path.basename(path))[0])
             writer.write_images(step, {"samples": toy.grid_image(world, x_bcthw, batch["prompt"], per_prompt=2)})
+
     return toy.RecordSource(world, seed=config.data.seed), write_samples
 
 
 def _synthetic(config):
-    return data.make_synthetic_source(4096, tuple(config.data.latent_shape), tuple(config.data.text_shape),
-                                      seed=config.data.seed,
-                                      num_cond_probs=tuple(config.distill.cond_frame_probs)), None
+    return data.make_synthetic_source(
+        4096,
+        tuple(config.data.latent_shape),
+        tuple(config.data.text_shape),
+        seed=config.data.seed,
+        num_cond_probs=tuple(config.distill.cond_frame_probs),
+    ), None
 
 
 def _dir(config):

@@ -5,6 +5,7 @@ Every network call of the algorithm (student, teacher, critic) goes through `den
 coefficients turn the velocity network into an x0 predictor, and the first N latent frames of each sample
 are replaced by the ground truth (input side and output side) with their own small timestep.
 """
+
 import math
 from collections.abc import Sequence
 
@@ -32,8 +33,21 @@ def cond_mask(num_cond_b, x_bcthw_shape):
     return jnp.broadcast_to(mask, (num_cond_b.shape[0], 1, t, h, w))
 
 
-def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_b1thw, *,
-            scaling="rectified_flow", sigma_data=1.0, replace_gt_timesteps=True, padding_mask_b1hw=None, mesh=None):
+def denoise(
+    net_config,
+    params,
+    x_tau_bcthw,
+    tau_b,
+    context_bld,
+    gt_bcthw,
+    mask_b1thw,
+    *,
+    scaling="rectified_flow",
+    sigma_data=1.0,
+    replace_gt_timesteps=True,
+    padding_mask_b1hw=None,
+    mesh=None,
+):
     """x0 prediction of a velocity/denoiser network at TrigFlow time tau_b (B,), with GT conditional frames.
 
     `padding_mask_b1hw`: 1 on padded pixels, (B or 1, 1, H_px, W_px) at pixel or (B or 1, 1, H, W) at latent
@@ -56,7 +70,15 @@ def denoise(net_config, params, x_tau_bcthw, tau_b, context_bld, gt_bcthw, mask_
         frame_is_cond_bt = mask_b1thw[:, 0, :, 0, 0] > 0.5
         c_noise_bt = jnp.where(frame_is_cond_bt, cond_noise, c_noise_bt)
 
-    out = networks.velocity(net_config, params, net_in, c_noise_bt, context_bld, cond_mask_b1thw=mask_b1thw,
-                            padding_mask_b1hw=padding_mask_b1hw, mesh=mesh)
+    out = networks.velocity(
+        net_config,
+        params,
+        net_in,
+        c_noise_bt,
+        context_bld,
+        cond_mask_b1thw=mask_b1thw,
+        padding_mask_b1hw=padding_mask_b1hw,
+        mesh=mesh,
+    )
     x0 = c_skip * x_tau + c_out * out.astype(jnp.float32)
     return mask_b1thw * gt + (1.0 - mask_b1thw) * x0

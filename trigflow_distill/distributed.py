@@ -13,6 +13,7 @@ A lost process stops the others: JAX's coordination service notices its missing 
 id of the lost task; a lost process 0 (the coordinator) is noticed at once ("Socket closed"). Restarting all
 processes resumes from the last complete checkpoint.
 """
+
 import os
 
 import jax
@@ -37,8 +38,9 @@ def _env_int(name: str):
         raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None, timeout_s: int = 300,
-               heartbeat_timeout_s=None):
+def initialize(
+    coordinator_address=None, num_processes=None, process_id=None, timeout_s: int = 300, heartbeat_timeout_s=None
+):
     """Joins the process group if this run spans several processes; a no-op for a single process.
 
     Call it before anything touches the JAX backend (jax.devices(), any computation). `heartbeat_timeout_s`
@@ -58,20 +60,31 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, ti
     explicit = (coordinator_address, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise ValueError("Multi-host needs all of --coordinator_address, --num_processes and --process_id "
-                             f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r}).")
+            raise ValueError(
+                "Multi-host needs all of --coordinator_address, --num_processes and --process_id "
+                f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})."
+            )
         if num_processes == 1:
             return
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
     elif _cluster_detected():
         jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s)
     else:
         return
-    logging.info("process %d of %d joined (%d of %d devices local); a process silent for %d s stops all others.",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-                 heartbeat_timeout_s)
+    logging.info(
+        "process %d of %d joined (%d of %d devices local); a process silent for %d s stops all others.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        heartbeat_timeout_s,
+    )
 
 
 def is_main_process() -> bool:

@@ -5,6 +5,7 @@ projection); the teacher sits beside the TrainState, never in an optimizer. Ever
 fold_in(state.key, state.step), so a run is a pure function of (config, data, step) and resumes exactly.
 Nothing here opens files: `run.py` builds these pieces from a config, `train.py` loops over them.
 """
+
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
@@ -20,27 +21,28 @@ from trigflow_distill.recipe import COND_FRAME_PROBS
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array              # () int32, iterations done
-    key: jax.Array               # (2,) uint32 seed key; per-step keys are fold_in(key, step)
-    student: Any                 # trainable student params (fp32)
+    step: jax.Array  # () int32, iterations done
+    key: jax.Array  # (2,) uint32 seed key; per-step keys are fold_in(key, step)
+    student: Any  # trainable student params (fp32)
     student_opt: Any
     student_ema: Any
-    student_updates: jax.Array   # () int32, counts the EMA's n
+    student_updates: jax.Array  # () int32, counts the EMA's n
     critic: Any
     critic_opt: Any
     consecutive_skips: jax.Array  # () int32, non-finite updates in a row
-    total_skips: jax.Array       # () int32
+    total_skips: jax.Array  # () int32
 
 
 class Conditioning(NamedTuple):
     """What one batch conditions on, as the denoisers the updates call (docs/algorithm.md §7)."""
-    shape: tuple                 # shape of the generated samples, e.g. (B,16,T,H,W)
-    x0_fn: Callable              # (params, x_tau, tau_b) -> x0 with the batch's conditioning
-    x0_uncond_fn: Callable       # the same with the unconditional (all-zero) text
+
+    shape: tuple  # shape of the generated samples, e.g. (B,16,T,H,W)
+    x0_fn: Callable  # (params, x_tau, tau_b) -> x0 with the batch's conditioning
+    x0_uncond_fn: Callable  # the same with the unconditional (all-zero) text
 
 
 def text_width_kind(net_config, teacher, width: int) -> str:
-    """"raw" if text of this width goes through the teacher's frozen projection, "projected" if it is already the
+    """ "raw" if text of this width goes through the teacher's frozen projection, "projected" if it is already the
     context the networks take (a dataset of projected context, docs/algorithm.md §7, §13); a ValueError naming the
     widths otherwise. Equal projection input and output widths count as raw."""
     proj = teacher["text_proj"]
@@ -48,10 +50,15 @@ def text_width_kind(net_config, teacher, width: int) -> str:
     for kind, w in widths.items():
         if width == w:
             return kind
-    takes = (f"{widths['raw']} (raw Cosmos-Reason1 embeddings, which its text projection maps to "
-             f"{widths['projected']}) or " if proj is not None else "") + f"{widths['projected']} (projected context)"
-    raise ValueError(f"the data's text embeddings are {width} wide, but this teacher takes {takes}; write the data for "
-                     "this teacher (python -m trigflow_distill.data.write --net=...).")
+    takes = (
+        f"{widths['raw']} (raw Cosmos-Reason1 embeddings, which its text projection maps to {widths['projected']}) or "
+        if proj is not None
+        else ""
+    ) + f"{widths['projected']} (projected context)"
+    raise ValueError(
+        f"the data's text embeddings are {width} wide, but this teacher takes {takes}; write the data for "
+        "this teacher (python -m trigflow_distill.data.write --net=...)."
+    )
 
 
 def contexts(algo: "Algo", teacher, text_bld):
@@ -63,8 +70,10 @@ def contexts(algo: "Algo", teacher, text_bld):
     if proj is None:
         return text_bld, jnp.zeros_like(text_bld)
     if kind == "raw":
+
         def project(text):
             return networks.project_text(algo.net_config, {"crossattn_proj": proj}, text)
+
         return project(text_bld), project(jnp.zeros_like(text_bld))
     uncond = jax.nn.gelu(proj["bias"].astype(jnp.float32), approximate=False)
     return text_bld.astype(jnp.float32), jnp.broadcast_to(uncond, text_bld.shape)
@@ -84,9 +93,21 @@ def video2world(algo: "Algo", key, teacher, batch) -> Conditioning:
 
     def x0_fn_for(context):
         def fn(params, x_tau, tau_b):
-            return denoiser.denoise(algo.net_config, params, x_tau, tau_b, context, gt, mask, scaling=algo.scaling,
-                                    sigma_data=algo.sigma_data, replace_gt_timesteps=algo.replace_gt_timesteps,
-                                    padding_mask_b1hw=padding_mask, mesh=algo.mesh)
+            return denoiser.denoise(
+                algo.net_config,
+                params,
+                x_tau,
+                tau_b,
+                context,
+                gt,
+                mask,
+                scaling=algo.scaling,
+                sigma_data=algo.sigma_data,
+                replace_gt_timesteps=algo.replace_gt_timesteps,
+                padding_mask_b1hw=padding_mask,
+                mesh=algo.mesh,
+            )
+
         return fn
 
     cond, uncond = contexts(algo, teacher, batch["text"])
@@ -96,6 +117,7 @@ def video2world(algo: "Algo", key, teacher, batch) -> Conditioning:
 @dataclasses.dataclass(frozen=True)
 class Algo:
     """The static (hashable) part of the algorithm that the update functions close over."""
+
     net_config: Any
     scaling: str = "rectified_flow"
     sigma_data: float = 1.0
@@ -109,32 +131,54 @@ class Algo:
     mesh: Any = None  # jax Mesh the update runs on; a `seq` axis > 1 sequence-shards the networks' activations
     # (algo, key, teacher, batch) -> Conditioning; other data (e.g. the analytic test's 2-D mixture) plug in here.
     condition: Callable = video2world
-    sim_steps: int | None = None       # None: backward simulation from n ~ U{1..num_student_steps}; else n fixed
+    sim_steps: int | None = None  # None: backward simulation from n ~ U{1..num_student_steps}; else n fixed
     renoise_shift: float | None = None  # time shift of the critic/teacher time tau_D; None: timestep_shift
 
 
 def algo_from_config(config, net_config, mesh=None) -> Algo:
     d, t = config.distill, config.teacher
-    return Algo(net_config=net_config, mesh=mesh, scaling=t.scaling, sigma_data=float(t.sigma_data),
-                guidance=float(d.guidance), num_student_steps=int(d.num_student_steps),
-                timestep_shift=float(d.timestep_shift), cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
-                replace_gt_timesteps=bool(d.replace_gt_timesteps),
-                lambda_frame_chunks=int(d.get("lambda_frame_chunks", 1)), ema_start=int(d.get("ema_start", 0)))
+    return Algo(
+        net_config=net_config,
+        mesh=mesh,
+        scaling=t.scaling,
+        sigma_data=float(t.sigma_data),
+        guidance=float(d.guidance),
+        num_student_steps=int(d.num_student_steps),
+        timestep_shift=float(d.timestep_shift),
+        cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
+        replace_gt_timesteps=bool(d.replace_gt_timesteps),
+        lambda_frame_chunks=int(d.get("lambda_frame_chunks", 1)),
+        ema_start=int(d.get("ema_start", 0)),
+    )
 
 
 def net_options(config_net, **overrides) -> dict:
     """The DiTConfig compute options of config.net (dtype, remat, attention, attention_block_size), `overrides`
     on top. The one place these options reach the network: training, plan and evaluation all pass through here."""
-    options = dict(dtype=config_net.dtype, remat=config_net.remat, attention=config_net.attention,
-                   attention_block_size=int(config_net.get("attention_block_size", 512)))
+    options = dict(
+        dtype=config_net.dtype,
+        remat=config_net.remat,
+        attention=config_net.attention,
+        attention_block_size=int(config_net.get("attention_block_size", 512)),
+    )
     return {**options, **overrides}
 
 
 def make_optimizers(config):
     """(student_tx, critic_tx) from the config's optimizer sections (docs/algorithm.md §6)."""
+
     def one(o):
-        return optim.make_optimizer(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                                    clip_norm=o.clip_norm, warmup=o.warmup, max_steps=o.decay_steps)
+        return optim.make_optimizer(
+            o.lr,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            clip_norm=o.clip_norm,
+            warmup=o.warmup,
+            max_steps=o.decay_steps,
+        )
+
     return one(config.student_optim), one(config.critic_optim)
 
 
@@ -147,13 +191,24 @@ def split_teacher(params):
 def init_state(teacher, student_tx, critic_tx, seed: int) -> TrainState:
     """Student, EMA and critic all start as fp32 copies of the teacher net (docs/algorithm.md §6). Jit it with
     out_shardings."""
+
     def f32_copy():
         return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), teacher["net"])
+
     student, ema, critic = f32_copy(), f32_copy(), f32_copy()
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, key=jax.random.PRNGKey(seed), student=student,
-                      student_opt=student_tx.init(student), student_ema=ema, student_updates=zero,
-                      critic=critic, critic_opt=critic_tx.init(critic), consecutive_skips=zero, total_skips=zero)
+    return TrainState(
+        step=zero,
+        key=jax.random.PRNGKey(seed),
+        student=student,
+        student_opt=student_tx.init(student),
+        student_ema=ema,
+        student_updates=zero,
+        critic=critic,
+        critic_opt=critic_tx.init(critic),
+        consecutive_skips=zero,
+        total_skips=zero,
+    )
 
 
 def _num_sim_steps(algo: Algo, key):
@@ -184,6 +239,7 @@ def _apply_or_skip(tx, params, opt_state, grads, ok):
 
     def keep(new, old):
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
     return keep(new_params, params), keep(new_opt, opt_state)
 
 
@@ -211,8 +267,13 @@ def critic_update(algo: Algo, critic_tx, state: TrainState, teacher, batch):
     ok = jnp.isfinite(loss) & _all_finite(grads)
     critic, critic_opt = _apply_or_skip(critic_tx, state.critic, state.critic_opt, grads, ok)
     new_state = state.replace(step=state.step + 1, critic=critic, critic_opt=critic_opt, **_skip_counters(state, ok))
-    metrics = {"critic/loss": loss, "critic/grad_norm": optax.tree.norm(grads), "critic/skipped": 1.0 - ok,
-               "critic/sim_steps": n, "critic/tau": jnp.mean(tau_d)}
+    metrics = {
+        "critic/loss": loss,
+        "critic/grad_norm": optax.tree.norm(grads),
+        "critic/skipped": 1.0 - ok,
+        "critic/sim_steps": n,
+        "critic/tau": jnp.mean(tau_d),
+    }
     return new_state, metrics
 
 
@@ -230,10 +291,15 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
         g_x0 = sampling.backward_simulation(cond.x0_fn, student, eps_g, n, taus, algo.sigma_data, with_grad=True)
         x_d, tau_d = _renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
-        x0_teacher = losses.cfg_x0(cond.x0_fn(teacher["net"], x_d, tau_d),
-                                   cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance)
-        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_teacher),
-                                    lambda_frame_chunks=algo.lambda_frame_chunks)
+        x0_teacher = losses.cfg_x0(
+            cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance
+        )
+        loss, aux = losses.dmd_loss(
+            g_x0,
+            jax.lax.stop_gradient(x0_fake),
+            jax.lax.stop_gradient(x0_teacher),
+            lambda_frame_chunks=algo.lambda_frame_chunks,
+        )
         return loss, (aux, tau_d)
 
     (loss, (aux, tau_d)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
@@ -244,11 +310,23 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
     new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
     updates = state.student_updates + ok.astype(jnp.int32)
     ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
-    new_state = state.replace(step=state.step + 1, student=student, student_opt=student_opt, student_ema=ema,
-                              student_updates=updates, **_skip_counters(state, ok))
-    metrics = {"student/loss": loss, "student/grad_norm": optax.tree.norm(grads), "student/skipped": 1.0 - ok,
-               "student/sim_steps": n, "student/tau": jnp.mean(tau_d),
-               "student/lambda": jnp.mean(aux["lambda_b"]), "student/nan_samples": jnp.sum(aux["nan_b"])}
+    new_state = state.replace(
+        step=state.step + 1,
+        student=student,
+        student_opt=student_opt,
+        student_ema=ema,
+        student_updates=updates,
+        **_skip_counters(state, ok),
+    )
+    metrics = {
+        "student/loss": loss,
+        "student/grad_norm": optax.tree.norm(grads),
+        "student/skipped": 1.0 - ok,
+        "student/sim_steps": n,
+        "student/tau": jnp.mean(tau_d),
+        "student/lambda": jnp.mean(aux["lambda_b"]),
+        "student/nan_samples": jnp.sum(aux["nan_b"]),
+    }
     return new_state, metrics
 
 
@@ -276,10 +354,18 @@ def state_shardings(abstract_state: TrainState, student_tx, critic_tx, mesh):
     """TrainState of NamedShardings: params, EMA and Adam moments FSDP-sharded alike; scalars replicated."""
     p_sh = sharding.param_sharding(abstract_state.student, mesh)
     repl = sharding.replicated(mesh)
-    return TrainState(step=repl, key=repl, student=p_sh, student_ema=p_sh, critic=p_sh,
-                      student_opt=sharding.opt_state_sharding(student_tx, abstract_state.student, p_sh, mesh),
-                      critic_opt=sharding.opt_state_sharding(critic_tx, abstract_state.critic, p_sh, mesh),
-                      student_updates=repl, consecutive_skips=repl, total_skips=repl)
+    return TrainState(
+        step=repl,
+        key=repl,
+        student=p_sh,
+        student_ema=p_sh,
+        critic=p_sh,
+        student_opt=sharding.opt_state_sharding(student_tx, abstract_state.student, p_sh, mesh),
+        critic_opt=sharding.opt_state_sharding(critic_tx, abstract_state.critic, p_sh, mesh),
+        student_updates=repl,
+        consecutive_skips=repl,
+        total_skips=repl,
+    )
 
 
 def student_samples(algo: Algo, params, teacher, batch, key):

@@ -3,6 +3,7 @@
 Bad input raises the builtin ValueError / FileNotFoundError / FileExistsError (see the project's code rules); a
 run that cannot go on raises one of the `Error` subclasses below. Every message names the problem and the fix.
 """
+
 from __future__ import annotations
 
 import sys

@@ -9,6 +9,7 @@ Only the exported student is read from the checkpoint (`run.load_student`: a par
 optimizer state), so exporting a 2B run reads 8.2 GB of fp32 weights, not the whole ~56 GB TrainState. Workdir and
 output may be local or remote (gs://, through etils.epath); an existing output is replaced only with --overwrite.
 """
+
 import argparse
 import sys
 import time
@@ -27,8 +28,11 @@ def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = T
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m " + __spec__.name if __spec__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint is exported)")
     parser.add_argument("--out", required=True, help="output .pt file (torch) or folder (diffusers)")
     parser.add_argument("--format", default="torch", choices=("torch", "diffusers"))
@@ -40,8 +44,10 @@ def main(argv=None) -> int:
         export_student(args.workdir, args.out, args.format, use_ema=not args.raw, overwrite=args.overwrite)
     except errors.CLI_ERRORS as e:
         return errors.fail(e)
-    print(f"exported the {'raw' if args.raw else 'EMA'} student of {args.workdir} to {args.out} "
-          f"({args.format}) in {time.perf_counter() - start:.1f}s")
+    print(
+        f"exported the {'raw' if args.raw else 'EMA'} student of {args.workdir} to {args.out} "
+        f"({args.format}) in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ contact_sheet.png (a few frames per prompt), generate.json (settings, NFE, timin
 The initial noise of prompt i is normal(fold_in(key(seed), i)): a video does not depend on the batch size or the
 number of devices. Batches are split over all local devices (data parallel); the last one is padded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,8 @@ TEXT_ENCODER_SOURCE = "hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58d
 VAE_SOURCE = vae.DEFAULT_SOURCE
 # Predict2.5 constants for checkpoints that carry no run config (docs/algorithm.md §1, §3).
 _PREDICT25 = dict(scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4)
-_SHEET_FRAMES = 4      # frames per prompt on the contact sheet
-_SHEET_WIDTH = 256     # width of one contact-sheet frame
+_SHEET_FRAMES = 4  # frames per prompt on the contact sheet
+_SHEET_WIDTH = 256  # width of one contact-sheet frame
 _CAPTION_HEIGHT = 14
 
 
@@ -71,6 +72,7 @@ _CAPTION_HEIGHT = 14
 class Sampler:
     """How latents are sampled (static under jit). kind "student": `steps` evaluations on the first `steps` times
     of the `train_steps`-step schedule; kind "teacher": `steps` Euler steps in RF time with CFG `guidance`."""
+
     net_config: DiTConfig
     kind: str
     steps: int
@@ -90,18 +92,20 @@ class Sampler:
 
 class Model(NamedTuple):
     """A loaded network: params without the text projection, the frozen projection, and what it came from."""
+
     net_config: DiTConfig
     params: dict
-    text_proj: dict          # {"kernel": (Cin, D), "bias": (D,)}
-    defaults: dict           # scaling, sigma_data, shift, train_steps
+    text_proj: dict  # {"kernel": (Cin, D), "bias": (D,)}
+    defaults: dict  # scaling, sigma_data, shift, train_steps
     description: str
 
 
 class Conditioning(NamedTuple):
     """What every sample of a run is conditioned on besides its text (docs/algorithm.md §7, §12)."""
+
     bucket_wh: tuple[int, int]
-    gt_1cthw: np.ndarray      # encoded conditional latent frames, zeros after them
-    mask_11thw: np.ndarray    # 1 on the conditional latent frames
+    gt_1cthw: np.ndarray  # encoded conditional latent frames, zeros after them
+    mask_11thw: np.ndarray  # 1 on the conditional latent frames
     padding_11hw: np.ndarray  # pixel padding mask of the bucket, 1 on padded pixels
     num_cond: int
 
@@ -111,8 +115,7 @@ def initial_noise(seed: int, index: int, shape) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
 
 
-def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, mask_b1thw, padding_b1hw,
-                   eps_bcthw):
+def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, mask_b1thw, padding_b1hw, eps_bcthw):
     """Latents x0 (B, C, T, H, W) from noise eps: the k-step student (sampling.sample_student) or the CFG teacher
     (sampling.sample_teacher_cfg), every network call through denoiser.denoise with the conditional frames.
 
@@ -125,9 +128,19 @@ def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, 
 
     def x0_fn(context):
         def fn(x_tau, tau_b):
-            return denoiser.denoise(sampler.net_config, params, x_tau, tau_b, context, gt, mask,
-                                    scaling=sampler.scaling, sigma_data=sampler.sigma_data,
-                                    padding_mask_b1hw=padding_b1hw)
+            return denoiser.denoise(
+                sampler.net_config,
+                params,
+                x_tau,
+                tau_b,
+                context,
+                gt,
+                mask,
+                scaling=sampler.scaling,
+                sigma_data=sampler.sigma_data,
+                padding_mask_b1hw=padding_b1hw,
+            )
+
         return fn
 
     if sampler.kind == "student":
@@ -135,8 +148,15 @@ def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, 
         x0 = sampling.sample_student(x0_fn(context_bld), eps_bcthw, taus, sampler.sigma_data)
     else:
         uncond = jnp.broadcast_to(uncond_bld, context_bld.shape)
-        x0 = sampling.sample_teacher_cfg(x0_fn(context_bld), x0_fn(uncond), eps_bcthw, sampler.guidance,
-                                         sampler.steps, sampler.shift, sampler.sigma_data)
+        x0 = sampling.sample_teacher_cfg(
+            x0_fn(context_bld),
+            x0_fn(uncond),
+            eps_bcthw,
+            sampler.guidance,
+            sampler.steps,
+            sampler.shift,
+            sampler.sigma_data,
+        )
     return mask * gt + (1.0 - mask) * x0
 
 
@@ -172,17 +192,20 @@ def read_prompts(path: str) -> list[str]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object or prompt per line") \
-                    from None
+                raise ValueError(
+                    f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object or prompt per line"
+                ) from None
             text = record.get("prompt", record.get("caption"))
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: no non-empty \"prompt\" or \"caption\" string")
+                raise ValueError(f'{path}:{n}: no non-empty "prompt" or "caption" string')
             text = text.strip()
         if text:
             prompts.append(text)
     if not prompts:
-        raise ValueError(f"--prompts {path}: the file has no prompts (write one per line, or JSONL with a "
-                         "\"prompt\" or \"caption\" field)")
+        raise ValueError(
+            f"--prompts {path}: the file has no prompts (write one per line, or JSONL with a "
+            '"prompt" or "caption" field)'
+        )
     return prompts
 
 
@@ -208,8 +231,9 @@ def conditioning_frames(args) -> np.ndarray | None:
     frames, _ = video.read_video(args.video)
     need = 1 + 4 * (args.cond_frames - 1)
     if len(frames) < need:
-        raise ValueError(f"--video {args.video}: has {len(frames)} frames, --cond-frames {args.cond_frames} needs "
-                         f"the last {need}")
+        raise ValueError(
+            f"--video {args.video}: has {len(frames)} frames, --cond-frames {args.cond_frames} needs the last {need}"
+        )
     return frames[-need:]
 
 
@@ -225,8 +249,9 @@ def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
     return table["16:9"]
 
 
-def make_conditioning(vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape,
-                      dtype: str = "float32") -> Conditioning:
+def make_conditioning(
+    vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape, dtype: str = "float32"
+) -> Conditioning:
     """Encodes the conditioning frames into the first latent frames of a (1, C, T, h, w) ground truth."""
     c, t, h, w = latent_shape
     bw, bh = bucket_wh
@@ -248,8 +273,10 @@ def make_conditioning(vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh,
 
 def _params_and_proj(params: dict, where: str) -> tuple[dict, dict]:
     if "crossattn_proj" not in params:
-        raise ValueError(f"{where}: the checkpoint has no crossattn_proj (text projection); generate needs a complete "
-                         "Cosmos DiT (export students with `python -m trigflow_distill.export`)")
+        raise ValueError(
+            f"{where}: the checkpoint has no crossattn_proj (text projection); generate needs a complete "
+            "Cosmos DiT (export students with `python -m trigflow_distill.export`)"
+        )
     return {k: v for k, v in params.items() if k != "crossattn_proj"}, params["crossattn_proj"]
 
 
@@ -269,8 +296,12 @@ def load_workdir(workdir: str, **net_options) -> Model:
     frozen text projection."""
     config, net_config, params = run.load_student(workdir, which="ema", **net_options)
     params, proj = _params_and_proj(jax.tree.map(np.asarray, jax.device_get(params)), f"{workdir} (EMA student)")
-    defaults = dict(scaling=config.teacher.scaling, sigma_data=float(config.teacher.sigma_data),
-                    shift=float(config.distill.timestep_shift), train_steps=int(config.distill.num_student_steps))
+    defaults = dict(
+        scaling=config.teacher.scaling,
+        sigma_data=float(config.teacher.sigma_data),
+        shift=float(config.distill.timestep_shift),
+        train_steps=int(config.distill.num_student_steps),
+    )
     return Model(net_config, params, proj, defaults, f"{workdir} (EMA student)")
 
 
@@ -281,15 +312,22 @@ def load_model(args) -> tuple[Model, Sampler]:
     else:
         model = load_checkpoint(args.student or args.teacher, **options)
     d = model.defaults
-    common = dict(net_config=model.net_config, shift=d["shift"], scaling=d["scaling"], sigma_data=d["sigma_data"],
-                  train_steps=d["train_steps"])
+    common = dict(
+        net_config=model.net_config,
+        shift=d["shift"],
+        scaling=d["scaling"],
+        sigma_data=d["sigma_data"],
+        train_steps=d["train_steps"],
+    )
     if args.teacher:
         sampler = Sampler(kind="teacher", steps=args.teacher_steps, guidance=args.guidance, **common)
     else:
         steps = 4 if args.steps is None else args.steps
         if not 1 <= steps <= d["train_steps"]:
-            raise ValueError(f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
-                             "of its training schedule)")
+            raise ValueError(
+                f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
+                "of its training schedule)"
+            )
         sampler = Sampler(kind="student", steps=steps, **common)
     return model, sampler
 
@@ -341,25 +379,28 @@ def _devices_for(batch_size: int) -> list:
     return devices[:n]
 
 
-def encode_prompts(src: str, prompts: list[str], batch_size: int, devices, model: Model,
-                   dtype: str = "bfloat16") -> np.ndarray:
+def encode_prompts(
+    src: str, prompts: list[str], batch_size: int, devices, model: Model, dtype: str = "bfloat16"
+) -> np.ndarray:
     """Projected contexts (N, L, D) float32 of the prompts, in batches split over `devices` (FSDP text encoder
     in `dtype`)."""
     mesh = sharding.make_mesh({"fsdp": -1}, devices)
     te_cfg, te_params = text_encoder.load(src, dtype, mesh=mesh)
     expected = model.text_proj["kernel"].shape[0]
     if te_cfg.num_layers * te_cfg.hidden_size != expected:
-        raise ValueError(f"--text-encoder {src}: gives {te_cfg.num_layers} x {te_cfg.hidden_size} = "
-                         f"{te_cfg.num_layers * te_cfg.hidden_size} features, the model's text projection takes "
-                         f"{expected}; use the model's own text encoder (Cosmos-Reason1-7B for Predict2.5)")
+        raise ValueError(
+            f"--text-encoder {src}: gives {te_cfg.num_layers} x {te_cfg.hidden_size} = "
+            f"{te_cfg.num_layers * te_cfg.hidden_size} features, the model's text projection takes "
+            f"{expected}; use the model's own text encoder (Cosmos-Reason1-7B for Predict2.5)"
+        )
     tok = text_encoder.load_tokenizer(src)
     proj = jax.device_put(model.text_proj, sharding.replicated(mesh))
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         ids = text_encoder.tokenize(tok, chunk + [chunk[-1]] * (batch_size - len(chunk)))
         ids = jax.device_put(ids, sharding.batch_sharding(mesh))
-        out.append(np.asarray(_context(te_cfg, te_params, ids, model.net_config, proj))[:len(chunk)])
+        out.append(np.asarray(_context(te_cfg, te_params, ids, model.net_config, proj))[: len(chunk)])
     return np.concatenate(out)
 
 
@@ -378,12 +419,18 @@ def generate(args) -> dict:
     vae_cfg, vae_params = vae.load(args.vae)
     timings["load_s"] = time.perf_counter() - t
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
-    latent_shape = (model.net_config.in_channels, t_lat, bucket[1] // vae_cfg.space_factor,
-                    bucket[0] // vae_cfg.space_factor)
+    latent_shape = (
+        model.net_config.in_channels,
+        t_lat,
+        bucket[1] // vae_cfg.space_factor,
+        bucket[0] // vae_cfg.space_factor,
+    )
     cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape, args.vae_dtype)
     if cond.num_cond >= t_lat:
-        raise ValueError(f"--num-frames {args.num_frames} gives {t_lat} latent frames, all of them conditional "
-                         f"({cond.num_cond}); ask for more frames")
+        raise ValueError(
+            f"--num-frames {args.num_frames} gives {t_lat} latent frames, all of them conditional "
+            f"({cond.num_cond}); ask for more frames"
+        )
 
     batch_size = min(args.batch_size or jax.local_device_count(), len(prompts))
     devices = _devices_for(batch_size)
@@ -405,8 +452,9 @@ def generate(args) -> dict:
             idx = list(range(start, min(start + batch_size, len(prompts))))
             pad_idx = idx + [idx[-1]] * (batch_size - len(idx))
             context = jax.device_put(contexts[pad_idx], split)
-            eps = jax.device_put(np.stack([np.asarray(initial_noise(args.seed, i, latent_shape)) for i in pad_idx]),
-                                 split)
+            eps = jax.device_put(
+                np.stack([np.asarray(initial_noise(args.seed, i, latent_shape)) for i in pad_idx]), split
+            )
             t = time.perf_counter()
             latents = _sample_jit(sampler, params, context, uncond, gt, mask, padding, eps).block_until_ready()
             t_sample = time.perf_counter() - t
@@ -419,8 +467,13 @@ def generate(args) -> dict:
                 frames_u8 = video.to_uint8(pixels[j])
                 video.write_mp4(out / f"{name}.mp4", frames_u8, args.fps)
                 if args.save_latents:
-                    _write_npz(out / f"{name}.npz", latents=latents[j], padding_mask=cond.padding_11hw[0],
-                               bucket=np.array(bucket, np.int32), fps=np.float32(args.fps))
+                    _write_npz(
+                        out / f"{name}.npz",
+                        latents=latents[j],
+                        padding_mask=cond.padding_11hw[0],
+                        bucket=np.array(bucket, np.int32),
+                        fps=np.float32(args.fps),
+                    )
                 sheet_rows.append((prompts[i], frames_u8))
                 videos.append({"prompt": prompts[i], "file": f"{name}.mp4", "noise_index": i})
             batches.append({"videos": len(idx), "sampling_s": t_sample, "decoding_s": t_decode})
@@ -437,17 +490,33 @@ def generate(args) -> dict:
         "model": {"kind": sampler.kind, "source": model.description},
         "nfe": sampler.nfe,
         "settings": {
-            "steps": sampler.steps, "guidance": sampler.guidance if sampler.kind == "teacher" else None,
-            "seed": args.seed, "num_frames": args.num_frames, "resolution": args.resolution,
-            "bucket_wh": list(bucket), "latent_shape": list(latent_shape), "cond_latent_frames": cond.num_cond,
-            "image": args.image, "video": args.video, "fps": args.fps, "dtype": args.dtype,
-            "text_encoder_dtype": args.text_encoder_dtype, "vae_dtype": args.vae_dtype, "batch_size": batch_size,
-            "devices": len(devices), "vae": args.vae, "text_encoder": args.text_encoder,
-            "schedule_shift": sampler.shift, "scaling": sampler.scaling,
+            "steps": sampler.steps,
+            "guidance": sampler.guidance if sampler.kind == "teacher" else None,
+            "seed": args.seed,
+            "num_frames": args.num_frames,
+            "resolution": args.resolution,
+            "bucket_wh": list(bucket),
+            "latent_shape": list(latent_shape),
+            "cond_latent_frames": cond.num_cond,
+            "image": args.image,
+            "video": args.video,
+            "fps": args.fps,
+            "dtype": args.dtype,
+            "text_encoder_dtype": args.text_encoder_dtype,
+            "vae_dtype": args.vae_dtype,
+            "batch_size": batch_size,
+            "devices": len(devices),
+            "vae": args.vae,
+            "text_encoder": args.text_encoder,
+            "schedule_shift": sampler.shift,
+            "scaling": sampler.scaling,
         },
         "seconds_per_video": per_video,
-        "seconds_per_video_note": ("sampling + decoding, batches after the first (which compiles)" if batches[1:]
-                                   else "sampling + decoding of the only batch, including compilation"),
+        "seconds_per_video_note": (
+            "sampling + decoding, batches after the first (which compiles)"
+            if batches[1:]
+            else "sampling + decoding of the only batch, including compilation"
+        ),
         "timings": timings,
         "batches": batches,
         "videos": videos,
@@ -479,8 +548,10 @@ def _check_args(args) -> None:
     args.cond_frames = 1 if args.cond_frames is None else args.cond_frames
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
         k = max(0, (args.num_frames - 1) // 4)
-        raise ValueError(f"--num-frames {args.num_frames}: the VAE needs 1 + 4k frames (e.g. 93, 29, 5); use "
-                         f"{1 + 4 * k} or {5 + 4 * k}")
+        raise ValueError(
+            f"--num-frames {args.num_frames}: the VAE needs 1 + 4k frames (e.g. 93, 29, 5); use "
+            f"{1 + 4 * k} or {5 + 4 * k}"
+        )
     if args.teacher and args.teacher_steps < 1:
         raise ValueError(f"--teacher-steps {args.teacher_steps}: must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -490,14 +561,17 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trigflow_distill.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trigflow_distill.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", help="training run: its latest checkpoint's EMA student")
     model.add_argument("--student", help="native Cosmos student .pt or diffusers folder (local or hf://)")
     model.add_argument("--teacher", help="native Cosmos teacher .pt or diffusers folder, sampled with CFG")
     parser.add_argument("--prompt", action="append", help="text prompt (repeat for several)")
-    parser.add_argument("--prompts", help="file: one prompt per line, or JSONL with a \"prompt\"/\"caption\" field")
+    parser.add_argument("--prompts", help='file: one prompt per line, or JSONL with a "prompt"/"caption" field')
     cond = parser.add_mutually_exclusive_group()
     cond.add_argument("--image", help="first frame (1 conditional latent frame)")
     cond.add_argument("--video", help="video whose last 1 + 4(N-1) frames become N conditional latent frames")
@@ -508,23 +582,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-frames", type=int, default=93, help="video frames, 1 + 4k (default 93)")
     parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (default 720)")
-    parser.add_argument("--aspect", choices=tuple(video.buckets("720")),
-                        help="bucket aspect (default: the image/video's nearest, else 16:9)")
-    parser.add_argument("--size", type=_size, metavar="WxH",
-                        help="explicit frame size, multiples of 16, instead of a bucket (quick tests; the 2B models "
-                             "know only the buckets)")
+    parser.add_argument(
+        "--aspect",
+        choices=tuple(video.buckets("720")),
+        help="bucket aspect (default: the image/video's nearest, else 16:9)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_size,
+        metavar="WxH",
+        help="explicit frame size, multiples of 16, instead of a bucket (quick tests; the 2B models "
+        "know only the buckets)",
+    )
     parser.add_argument("--fps", type=float, default=16.0, help="frame rate of the written mp4s (default 16)")
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
     parser.add_argument("--vae", default=VAE_SOURCE, help=f"Wan2.1 VAE (default {VAE_SOURCE})")
-    parser.add_argument("--text-encoder", default=TEXT_ENCODER_SOURCE,
-                        help=f"Reason1 text encoder folder (default {TEXT_ENCODER_SOURCE})")
+    parser.add_argument(
+        "--text-encoder",
+        default=TEXT_ENCODER_SOURCE,
+        help=f"Reason1 text encoder folder (default {TEXT_ENCODER_SOURCE})",
+    )
     parser.add_argument("--batch-size", type=int, help="videos per sampling call (default: the local device count)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="DiT compute dtype (default bfloat16)")
-    parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"),
-                        help="VAE compute dtype (default float32; bfloat16 needs about half the activation memory)")
-    parser.add_argument("--text-encoder-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                        help="text encoder weights and compute dtype (default bfloat16, as the reference)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="DiT compute dtype (default bfloat16)"
+    )
+    parser.add_argument(
+        "--vae-dtype",
+        default="float32",
+        choices=("bfloat16", "float32"),
+        help="VAE compute dtype (default float32; bfloat16 needs about half the activation memory)",
+    )
+    parser.add_argument(
+        "--text-encoder-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="text encoder weights and compute dtype (default bfloat16, as the reference)",
+    )
     parser.add_argument("--attention", default="auto", choices=IMPLS, help="attention implementation (default auto)")
     parser.add_argument("--save-latents", action="store_true", help="also write NAME.npz with the latents")
     args = parser.parse_args(argv)
@@ -533,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         report = generate(args)
     except errors.CLI_ERRORS as e:
         return errors.fail(e)
-    print(f"wrote {len(report['videos'])} video(s) to {args.out}: {report['model']['kind']}, NFE {report['nfe']}, "
-          f"{report['seconds_per_video']:.2f} s/video (sampling + decoding)")
+    print(
+        f"wrote {len(report['videos'])} video(s) to {args.out}: {report['model']['kind']}, NFE {report['nfe']}, "
+        f"{report['seconds_per_video']:.2f} s/video (sampling + decoding)"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ find the same stale lock cannot both win. Object stores (gs://) have no exclusiv
 written, re-read after a settle time, and the holder re-checks its token at every heartbeat and before every
 save (`check`), so a run that lost a race stops before it writes a checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,13 @@ class WorkdirLock:
             stale_after_s = float(os.environ.get("TRIGFLOW_LOCK_STALE_S", DEFAULT_STALE_AFTER_S))
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         pid = os.getpid()
-        self.me = {"host": socket.gethostname(), "pid": pid, "pid_start": _proc_start(pid),
-                   "token": uuid.uuid4().hex, "started": time.time()}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": _proc_start(pid),
+            "token": uuid.uuid4().hex,
+            "started": time.time(),
+        }
         self.lost: dict | None = None  # the holder that replaced us, if any
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,8 +106,9 @@ class WorkdirLock:
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f} s (> {self.stale_after_s:.0f} s)"
-        if holder.get("host") == self.me["host"] and not _pid_alive(int(holder.get("pid", -1)),
-                                                                     holder.get("pid_start")):
+        if holder.get("host") == self.me["host"] and not _pid_alive(
+            int(holder.get("pid", -1)), holder.get("pid_start")
+        ):
             return f"process {holder.get('pid')} is gone"
         return None
 
@@ -184,7 +191,8 @@ class WorkdirLock:
         return WorkdirLocked(
             f"{self.path.parent} is in use by another run: {describe(holder)}. Wait for it to end or use another "
             f"--workdir; a lock whose process is gone (same host) or without heartbeat for "
-            f"{self.stale_after_s:.0f} s is taken over automatically (lock file: {self.path}).")
+            f"{self.stale_after_s:.0f} s is taken over automatically (lock file: {self.path})."
+        )
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
@@ -210,8 +218,10 @@ class WorkdirLock:
     def check(self) -> None:
         """Raise WorkdirLocked if another run has taken the lock over (e.g. after a long stall of this one)."""
         if self.lost is not None:
-            raise WorkdirLocked(f"this run lost the lock {self.path} to {describe(self.lost)}; stopping so that "
-                                "only one run writes the workdir.")
+            raise WorkdirLocked(
+                f"this run lost the lock {self.path} to {describe(self.lost)}; stopping so that "
+                "only one run writes the workdir."
+            )
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock if it is still ours."""

@@ -1,4 +1,5 @@
 """DMD2 losses in TrigFlow (docs/algorithm.md §4-5): generator (distribution matching), critic, optional GAN terms."""
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -24,10 +25,13 @@ def _chunk_lambda(err, num_chunks):
         lambda_bk = jnp.maximum(jnp.mean(err, axis=_sample_axes(err)), LAMBDA_FLOOR)[:, None]
         return lambda_bk, expand_tau(lambda_bk[:, 0], err.ndim)
     if num_chunks < 1 or err.ndim < 3 or err.shape[2] % num_chunks:
-        raise ValueError(f"lambda_frame_chunks={num_chunks} must be >= 1 and divide the latent frames (axis 2) of "
-                         f"inputs shaped {err.shape}")
-    lambda_bk = jnp.maximum(jnp.mean(rearrange(err, "b c (k t) ... -> b k (c t ...)", k=num_chunks), axis=-1),
-                            LAMBDA_FLOOR)
+        raise ValueError(
+            f"lambda_frame_chunks={num_chunks} must be >= 1 and divide the latent frames (axis 2) of "
+            f"inputs shaped {err.shape}"
+        )
+    lambda_bk = jnp.maximum(
+        jnp.mean(rearrange(err, "b c (k t) ... -> b k (c t ...)", k=num_chunks), axis=-1), LAMBDA_FLOOR
+    )
     lambda_bt = jnp.repeat(lambda_bk, err.shape[2] // num_chunks, axis=1)
     return lambda_bk, lambda_bt.reshape(lambda_bt.shape[:1] + (1,) + lambda_bt.shape[1:] + (1,) * (err.ndim - 3))
 
@@ -59,8 +63,13 @@ def dmd_loss(g_x0, x0_fake, x0_teacher, lambda_frame_chunks=1):
     x0_fake, x0_teacher = safe(x0_fake), safe(x0_teacher)
     loss_b, lambda_bk, g = per_sample(safe(g_x0))
     loss_b = jnp.where(nan_b, 0.0, loss_b)
-    aux = {"lambda_b": jnp.mean(lambda_bk, axis=1), "lambda_bk": lambda_bk,
-           "grad_norm_b": jnp.mean(jnp.abs(g), axis=axes), "loss_b": loss_b, "nan_b": nan_b}
+    aux = {
+        "lambda_b": jnp.mean(lambda_bk, axis=1),
+        "lambda_bk": lambda_bk,
+        "grad_norm_b": jnp.mean(jnp.abs(g), axis=axes),
+        "loss_b": loss_b,
+        "nan_b": nan_b,
+    }
     return jnp.mean(loss_b), aux
 
 

@@ -8,6 +8,7 @@ whose compile-only plan fits the per-device memory; `run_mesh` does that at the 
 and caches it in the workdir. On simulated CPU devices the numbers are the XLA:CPU compiler's: estimates of what
 the TPU/GPU compilers will do (fusion, layouts and collective buffers differ).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,11 +46,18 @@ def _lowering_inputs(config, net_config, mesh, latent_chw, text_shape, batch_siz
     state_sh = dmd2.state_shardings(abstract_state, student_tx, critic_tx, mesh)
     teacher_sh = sharding.param_sharding(teacher, mesh)
     batch_sh = sharding.batch_sharding(mesh)
-    batch = {"latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
-             "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=batch_sh)}
+    batch = {
+        "latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
+        "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=batch_sh),
+    }
     algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm, as run.setup
-    critic, student = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate),
-                                           (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)))
+    critic, student = dmd2.make_update_fns(
+        algo,
+        student_tx,
+        critic_tx,
+        optim.ema_gamma(config.distill.ema_rate),
+        (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)),
+    )
     return critic, student, (_abstract(abstract_state, state_sh), _abstract(teacher, teacher_sh), batch)
 
 
@@ -76,8 +84,12 @@ def argument_bytes(config, net_config, mesh, latent_chw, text_shape, batch_size:
 def memory(compiled) -> dict:
     """Per-device bytes of a compiled update; outputs alias the donated state, so total = args + out - alias + temp."""
     mem = compiled.memory_analysis()
-    args, out, alias, temp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
-                              int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes))
+    args, out, alias, temp = (
+        int(mem.argument_size_in_bytes),
+        int(mem.output_size_in_bytes),
+        int(mem.alias_size_in_bytes),
+        int(mem.temp_size_in_bytes),
+    )
     return {"argument_bytes": args, "output_bytes": out, "temp_bytes": temp, "total_bytes": args + out - alias + temp}
 
 
@@ -113,14 +125,25 @@ def device_memory_bytes(devices, configured_gib: float = 0.0) -> int:
         return int(configured_gib * GIB)
     stats = devices[0].memory_stats()
     if not stats or not stats.get("bytes_limit"):
-        raise ValueError(f"the {devices[0].platform} backend does not report its device memory (e.g. simulated CPU "
-                         "devices): set --config.mesh.device_memory_gib=<GiB per device>, or give every mesh size, "
-                         "e.g. --config.mesh.data=1 --config.mesh.fsdp=8 --config.mesh.seq=1")
+        raise ValueError(
+            f"the {devices[0].platform} backend does not report its device memory (e.g. simulated CPU "
+            "devices): set --config.mesh.device_memory_gib=<GiB per device>, or give every mesh size, "
+            "e.g. --config.mesh.data=1 --config.mesh.fsdp=8 --config.mesh.seq=1"
+        )
     return int(stats["bytes_limit"])
 
 
-def choose_mesh(config, net_config, devices, latent_chw, text_shape, batch_size: int, memory_bytes: int,
-                request: dict | None = None, log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
+def choose_mesh(
+    config,
+    net_config,
+    devices,
+    latent_chw,
+    text_shape,
+    batch_size: int,
+    memory_bytes: int,
+    request: dict | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[dict, dict]:
     """(mesh config, {update: `memory` dict}) of the best-ranked `candidates` mesh whose compile-only plan fits in
     `memory_bytes` per device.
 
@@ -131,8 +154,10 @@ def choose_mesh(config, net_config, devices, latent_chw, text_shape, batch_size:
     n = len(devices)
     found = candidates(n, batch_size, net_config.num_heads, request)
     if not found:
-        raise ValueError(f"no mesh of {n} devices matches {request} and runs a global batch of {batch_size} with "
-                         f"{net_config.num_heads} heads: data x fsdp must divide the batch and seq the heads")
+        raise ValueError(
+            f"no mesh of {n} devices matches {request} and runs a global batch of {batch_size} with "
+            f"{net_config.num_heads} heads: data x fsdp must divide the batch and seq the heads"
+        )
     best = None  # (bytes per device, mesh) of the smallest plan seen
     for mesh_config in found:
         mesh = sharding.make_mesh(mesh_config, devices=devices)
@@ -144,8 +169,10 @@ def choose_mesh(config, net_config, devices, latent_chw, text_shape, batch_size:
         for name in UPDATES:
             compiled = compile_updates(config, net_config, mesh, latent_chw, text_shape, batch_size, (name,))
             estimates[name] = memory(compiled[name])
-            log(f"mesh {format_mesh(mesh_config)}: {name} update {estimates[name]['total_bytes'] / GIB:.2f} GiB "
-                "per device")
+            log(
+                f"mesh {format_mesh(mesh_config)}: {name} update {estimates[name]['total_bytes'] / GIB:.2f} GiB "
+                "per device"
+            )
             if estimates[name]["total_bytes"] > memory_bytes:
                 break
         worst = max(e["total_bytes"] for e in estimates.values())
@@ -163,27 +190,46 @@ def _refusal(n, batch_size, num_heads, memory_bytes, best_total, best_mesh) -> s
     """The 'nothing fits' message. Per-device memory scales about as 1 / devices (parameters, optimizer states and
     the batch's tokens are all split over them), so it names the smallest power-of-two multiple of the device
     count that brings the smallest plan under the memory, with its most sharded mesh."""
-    head = (f"no mesh of {n} devices fits in {memory_bytes / GIB:.2f} GiB per device at global batch {batch_size} "
-            f"(the smallest plan, {format_mesh(best_mesh)}, needs {best_total / GIB:.2f} GiB per device)")
+    head = (
+        f"no mesh of {n} devices fits in {memory_bytes / GIB:.2f} GiB per device at global batch {batch_size} "
+        f"(the smallest plan, {format_mesh(best_mesh)}, needs {best_total / GIB:.2f} GiB per device)"
+    )
     for k in range(1, _MAX_DOUBLINGS + 1):
         n2 = n * 2**k
         meshes = [m for m in candidates(n2, batch_size, num_heads) if m["data"] == 1]
         if best_total * n / n2 <= memory_bytes and meshes:
-            return (f"{head}. The smallest mesh that fits is about {n2} devices: {format_mesh(meshes[0])} "
-                    f"(~{best_total * n / n2 / GIB:.2f} GiB per device by scaling); or lower data.batch_size "
-                    "(per-device activations scale with it).")
+            return (
+                f"{head}. The smallest mesh that fits is about {n2} devices: {format_mesh(meshes[0])} "
+                f"(~{best_total * n / n2 / GIB:.2f} GiB per device by scaling); or lower data.batch_size "
+                "(per-device activations scale with it)."
+            )
     return f"{head}, nor does any mesh up to {n * 2**_MAX_DOUBLINGS} devices at this batch: lower data.batch_size."
 
 
 def _cache_key(config, net_config, devices, latent_chw, text_shape, batch_size, memory_bytes) -> str:
-    fields = {"devices": len(devices), "kind": devices[0].device_kind, "memory": memory_bytes, "batch": batch_size,
-              "latents": list(latent_chw), "text": list(text_shape), "net": repr(net_config),
-              "config": json.loads(config.to_json_best_effort(sort_keys=True))}
+    fields = {
+        "devices": len(devices),
+        "kind": devices[0].device_kind,
+        "memory": memory_bytes,
+        "batch": batch_size,
+        "latents": list(latent_chw),
+        "text": list(text_shape),
+        "net": repr(net_config),
+        "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_mesh(config, net_config, latent_chw, text_len: int, batch_size: int, workdir: str | None = None,
-             devices=None, log: Callable[[str], None] = print):
+def run_mesh(
+    config,
+    net_config,
+    latent_chw,
+    text_len: int,
+    batch_size: int,
+    workdir: str | None = None,
+    devices=None,
+    log: Callable[[str], None] = print,
+):
     """The Mesh of a run from config.mesh: sizes all given -> `sharding.make_mesh`; some 0 -> `choose_mesh` for
     samples of `latent_chw` latents and `text_len` text tokens (cached in <workdir>/mesh_auto.json under a key of
     everything it depends on), logged with its per-device estimate."""
@@ -199,11 +245,14 @@ def run_mesh(config, net_config, latent_chw, text_len: int, batch_size: int, wor
     if cached.get("key") == key:
         mesh_config, estimates = cached["mesh"], cached["estimates"]
     else:
-        mesh_config, estimates = choose_mesh(config, net_config, devices, latent_chw, text_shape, batch_size,
-                                             memory_bytes, request)
+        mesh_config, estimates = choose_mesh(
+            config, net_config, devices, latent_chw, text_shape, batch_size, memory_bytes, request
+        )
         if cache is not None and jax.process_index() == 0:
             cache.write_text(json.dumps({"key": key, "mesh": mesh_config, "estimates": estimates}, indent=1))
     per_update = ", ".join(f"{name} {e['total_bytes'] / GIB:.2f} GiB" for name, e in estimates.items())
-    log(f"mesh auto: {format_mesh(mesh_config)} on {len(devices)} devices of {memory_bytes / GIB:.4g} GiB; "
-        f"compile-only plan per device: {per_update}")
+    log(
+        f"mesh auto: {format_mesh(mesh_config)} on {len(devices)} devices of {memory_bytes / GIB:.4g} GiB; "
+        f"compile-only plan per device: {per_update}"
+    )
     return sharding.make_mesh(mesh_config, devices=devices)

@@ -11,6 +11,7 @@ copies them to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` at most ev
 W&B (config.wandb, off by default): `wandb` is imported only when enabled; the run id is kept in
 `<workdir>/wandb_run_id` so a resumed job continues the same W&B run.
 """
+
 import io
 import json
 import os
@@ -73,8 +74,16 @@ class Writer:
     the W&B run's config.
     """
 
-    def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, enabled: bool = True,
-                 wandb_config=None, run_config: dict | None = None, sync_every_s: float = 60.0):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        tokens_per_step: int,
+        enabled: bool = True,
+        wandb_config=None,
+        run_config: dict | None = None,
+        sync_every_s: float = 60.0,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -102,13 +111,23 @@ class Writer:
         try:
             import wandb  # optional dependency: imported only when config.wandb.enabled
         except ImportError as e:
-            raise ValueError("config.wandb.enabled=True but the `wandb` package is not installed: `pip install "
-                             "wandb`, or run with --config.wandb.enabled=False.") from e
+            raise ValueError(
+                "config.wandb.enabled=True but the `wandb` package is not installed: `pip install "
+                "wandb`, or run with --config.wandb.enabled=False."
+            ) from e
         id_file = self._workdir / WANDB_ID
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         self._wandb = wandb
-        self._run = wandb.init(project=cfg.project or None, entity=cfg.entity or None, name=cfg.name or None,
-                               mode=cfg.mode, id=run_id, resume="allow", dir=self._local, config=run_config)
+        self._run = wandb.init(
+            project=cfg.project or None,
+            entity=cfg.entity or None,
+            name=cfg.name or None,
+            mode=cfg.mode,
+            id=run_id,
+            resume="allow",
+            dir=self._local,
+            config=run_config,
+        )
         if not id_file.exists():
             id_file.write_text(run_id)
 
@@ -130,8 +149,7 @@ class Writer:
             self._run.log(dict(scalars), step=step)
         self._maybe_sync()
         eta = f"{(self.total_steps - step) / rate:6.0f}s" if rate else "     ?"
-        shown = " ".join(f"{k}={v:.4g}"
-                         for k, v in sorted(scalars.items()) if k.endswith(("loss", "grad_norm")))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if k.endswith(("loss", "grad_norm")))
         speed = f"{rate:.2f} it/s {rate * self.tokens_per_step:.3g} tok/s" if rate else "warm-up"
         print(f"[{step:6d}/{self.total_steps}] {speed} eta {eta} | {shown}", flush=True)
 
@@ -154,13 +172,18 @@ class Writer:
         if not self.enabled:
             return
         from tensorboardX.proto.summary_pb2 import Summary
+
         for name, vid in videos.items():
             vid = _uint8(vid)
             batch = vid[None] if vid.ndim == 4 else vid
             gifs = [gif_bytes(v, fps) for v in batch]
-            values = [Summary.Value(tag=f"{name}/{i}", image=Summary.Image(
-                height=v.shape[1], width=v.shape[2], colorspace=3, encoded_image_string=g))
-                for i, (v, g) in enumerate(zip(batch, gifs))]
+            values = [
+                Summary.Value(
+                    tag=f"{name}/{i}",
+                    image=Summary.Image(height=v.shape[1], width=v.shape[2], colorspace=3, encoded_image_string=g),
+                )
+                for i, (v, g) in enumerate(zip(batch, gifs))
+            ]
             self._tb._get_file_writer().add_summary(Summary(value=values), step)
             if self._run is not None:  # encoded here: wandb would need moviepy to encode raw frames
                 self._run.log({name: [self._wandb.Video(io.BytesIO(g), format="gif") for g in gifs]}, step=step)

@@ -1,4 +1,5 @@
 """Optimizer and EMA (docs/algorithm.md §6): non-finite -> 0, global-norm clip, AdamW with warm-up/decay; power EMA."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -22,6 +22,7 @@ blockwise attention recomputes scores in its backward pass, which dense attentio
 Batch: `--batch_per_rank` samples per data-parallel rank (data x fsdp) for an explicit mesh, config.data.batch_size
 for `auto`; latents (B, 16, 1 + (frames-1)//4, height/8, width/8); text already projected, (B, 512, 1024).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,9 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in text.split(","):
         name, _, size = part.partition(":")
         if not name.strip() or not size.strip().isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh={text!r}: write axis:size pairs with positive sizes, e.g. data:1,fsdp:8,seq:1, "
-                             "or auto")
+            raise ValueError(
+                f"--mesh={text!r}: write axis:size pairs with positive sizes, e.g. data:1,fsdp:8,seq:1, or auto"
+            )
         mesh[name.strip()] = int(size)
     sharding.mesh_request(mesh, where=f"--mesh={text}")  # axis names
     return mesh
@@ -69,8 +71,16 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def plan(config, net_config, mesh_config: dict[str, int], latent_chw, batch_size: int, devices=None,
-         estimates: dict | None = None, flops: bool = True) -> dict:
+def plan(
+    config,
+    net_config,
+    mesh_config: dict[str, int],
+    latent_chw,
+    batch_size: int,
+    devices=None,
+    estimates: dict | None = None,
+    flops: bool = True,
+) -> dict:
     """The plan dict (see --json) for `net_config` as configured by config.net, on the first prod(mesh) devices.
 
     estimates: {update: memplan.memory dict} already known for this mesh (from `memplan.choose_mesh`), else compiled.
@@ -87,25 +97,42 @@ def plan(config, net_config, mesh_config: dict[str, int], latent_chw, batch_size
         estimates = {name: memplan.memory(c) for name, c in compiled.items()}
     updates = {name: dict(estimates[name]) for name in UPDATES}
     if flops:  # 1- and 2-block unrolled variants with dense attention (no loop in the attention either)
-        counted = [memplan.compile_updates(config, dataclasses.replace(net_config, num_blocks=k, scan_blocks=False,
-                                                                       attention="xla"), mesh, latent_chw, text,
-                                           batch_size) for k in (1, 2)]
+        counted = [
+            memplan.compile_updates(
+                config,
+                dataclasses.replace(net_config, num_blocks=k, scan_blocks=False, attention="xla"),
+                mesh,
+                latent_chw,
+                text,
+                batch_size,
+            )
+            for k in (1, 2)
+        ]
         for name in UPDATES:
             f1, f2 = (_flops(c[name]) for c in counted)
             updates[name]["flops"] = f1 + (net_config.num_blocks - 1) * (f2 - f1)
     return {"devices": n, "mesh": dict(mesh.shape), "batch": batch_size, "updates": updates}
 
 
-def plan_auto(config, net_config, latent_chw, request: dict, devices=None, log=lambda _: None,
-              flops: bool = True) -> dict:
+def plan_auto(
+    config, net_config, latent_chw, request: dict, devices=None, log=lambda _: None, flops: bool = True
+) -> dict:
     """`plan` of the mesh a run of `config` would pick on `devices` (memplan.choose_mesh; `request` a
     sharding.mesh_request with the sizes to choose at 0), with "memory_bytes" added."""
     devices = list(jax.devices() if devices is None else devices)
     memory_bytes = memplan.device_memory_bytes(devices, float(config.mesh.get("device_memory_gib", 0.0)))
     batch_size = int(config.data.batch_size)
-    mesh_config, estimates = memplan.choose_mesh(config, net_config, devices, latent_chw,
-                                                 (TEXT_LEN, net_config.crossattn_emb_channels), batch_size,
-                                                 memory_bytes, request, log=log)
+    mesh_config, estimates = memplan.choose_mesh(
+        config,
+        net_config,
+        devices,
+        latent_chw,
+        (TEXT_LEN, net_config.crossattn_emb_channels),
+        batch_size,
+        memory_bytes,
+        request,
+        log=log,
+    )
     result = plan(config, net_config, mesh_config, latent_chw, batch_size, devices, estimates, flops)
     return {**result, "memory_bytes": memory_bytes}
 
@@ -113,30 +140,44 @@ def plan_auto(config, net_config, latent_chw, request: dict, devices=None, log=l
 def format_table(result: dict, latent_chw) -> str:
     """Human-readable per-device table of a plan dict."""
     n = result["devices"]
-    lines = [f"{n} devices, mesh {memplan.format_mesh(result['mesh'])}, batch {result['batch']}, latents "
-             f"{tuple(latent_chw)} (XLA:CPU estimates; bytes and TFLOP per device, TFLOP x devices)",
-             f"{'update':8} {'argument GiB':>12} {'output GiB':>11} {'temp GiB':>9} {'total GiB':>10} "
-             f"{'TFLOP/dev':>10} {'TFLOP':>9}"]
+    lines = [
+        f"{n} devices, mesh {memplan.format_mesh(result['mesh'])}, batch {result['batch']}, latents "
+        f"{tuple(latent_chw)} (XLA:CPU estimates; bytes and TFLOP per device, TFLOP x devices)",
+        f"{'update':8} {'argument GiB':>12} {'output GiB':>11} {'temp GiB':>9} {'total GiB':>10} "
+        f"{'TFLOP/dev':>10} {'TFLOP':>9}",
+    ]
     for name, u in result["updates"].items():
         flops = f"{u['flops'] / 1e12:10.1f} {u['flops'] * n / 1e12:9.1f}" if "flops" in u else f"{'-':>10} {'-':>9}"
-        lines.append(f"{name:8} {u['argument_bytes'] / GIB:12.2f} {u['output_bytes'] / GIB:11.2f} "
-                     f"{u['temp_bytes'] / GIB:9.2f} {u['total_bytes'] / GIB:10.2f} {flops}")
+        lines.append(
+            f"{name:8} {u['argument_bytes'] / GIB:12.2f} {u['output_bytes'] / GIB:11.2f} "
+            f"{u['temp_bytes'] / GIB:9.2f} {u['total_bytes'] / GIB:10.2f} {flops}"
+        )
     if "memory_bytes" in result:
-        lines.insert(0, f"mesh auto: {memplan.format_mesh(result['mesh'])} is the first mesh (by expected "
-                        f"throughput) that fits {result['memory_bytes'] / GIB:.2f} GiB per device")
+        lines.insert(
+            0,
+            f"mesh auto: {memplan.format_mesh(result['mesh'])} is the first mesh (by expected "
+            f"throughput) that fits {result['memory_bytes'] / GIB:.2f} GiB per device",
+        )
     return "\n".join(lines)
 
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].")
-flags.DEFINE_string("mesh", "data:1,fsdp:8,seq:1", "Mesh axis sizes (their product is the simulated device count), "
-                    "or auto: the mesh a run picks on --devices devices of --config.mesh.device_memory_gib GiB.")
+flags.DEFINE_string(
+    "mesh",
+    "data:1,fsdp:8,seq:1",
+    "Mesh axis sizes (their product is the simulated device count), "
+    "or auto: the mesh a run picks on --devices devices of --config.mesh.device_memory_gib GiB.",
+)
 flags.DEFINE_integer("devices", 8, "Simulated devices for --mesh=auto.")
 flags.DEFINE_bool("json", False, "Print the plan as JSON.")
 flags.DEFINE_integer("frames", 93, "Video frames (1 + 4k).")
 flags.DEFINE_integer("height", 704, "Video height in pixels.")
 flags.DEFINE_integer("width", 1280, "Video width in pixels.")
-flags.DEFINE_integer("batch_per_rank", 1, "Samples per data-parallel rank (data x fsdp) for an explicit mesh; "
-                     "--mesh=auto uses config.data.batch_size.")
+flags.DEFINE_integer(
+    "batch_per_rank",
+    1,
+    "Samples per data-parallel rank (data x fsdp) for an explicit mesh; --mesh=auto uses config.data.batch_size.",
+)
 flags.DEFINE_string("net", "predict25_2b", "networks preset of the architecture.")
 flags.DEFINE_bool("verbose", False, "--mesh=auto: print every mesh tried.")
 flags.DEFINE_bool("flops", True, "Also count FLOPs (two more compiles).")
@@ -155,8 +196,9 @@ def main(argv):
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", f.devices if auto else math.prod(mesh_config.values()))
         latent = latent_shape(f.frames, f.height, f.width)
-        net_config = dataclasses.replace(networks.get_preset(f.net),
-                                         **dmd2.net_options(f.config.net, attention="blockwise"))
+        net_config = dataclasses.replace(
+            networks.get_preset(f.net), **dmd2.net_options(f.config.net, attention="blockwise")
+        )
         if auto:
             log = (lambda line: print(line, file=sys.stderr, flush=True)) if f.verbose else (lambda _: None)
             result = plan_auto(f.config, net_config, latent, mesh_config, log=log, flops=f.flops)

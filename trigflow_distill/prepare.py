@@ -42,6 +42,7 @@ else --coordinator-address/--num-processes/--process-id) process p takes units p
 their shards; once every unit's marker is there (the hosts poll the shared --out) process 0 writes report.jsonl
 and meta.json. Units do not depend on the process count, so a job can resume on another number of hosts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,6 +87,7 @@ _TEACHER_PREFIXES = ("net_ema.", "net.", "")  # the EMA weights are the distilla
 @dataclasses.dataclass(frozen=True)
 class Item:
     """One input video: its path, its name relative to the videos root (the caption key) and its caption."""
+
     path: str
     name: str
     caption: str | None
@@ -97,8 +99,12 @@ def list_videos(videos: str) -> tuple[list[str], str]:
     if not p.exists():
         raise FileNotFoundError(f"--videos {videos}: no such folder or list file")
     if p.is_dir():
-        paths = sorted(os.fspath(d / f) for d, _, files in p.walk() for f in files
-                       if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS)
+        paths = sorted(
+            os.fspath(d / f)
+            for d, _, files in p.walk()
+            for f in files
+            if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS
+        )
         if not paths:
             raise ValueError(f"--videos {videos}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in the folder")
         return paths, os.fspath(p)
@@ -128,8 +134,11 @@ def read_captions(path: str | None) -> dict[str, str]:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"--captions {path} line {n}: not JSON ({e})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("video"), str) or not isinstance(
-                entry.get("caption"), str):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("video"), str)
+            or not isinstance(entry.get("caption"), str)
+        ):
             raise ValueError(f'--captions {path} line {n}: expected {{"video": "name.mp4", "caption": "..."}}')
         out[entry["video"]] = entry["caption"]
     return out
@@ -145,15 +154,18 @@ def make_items(paths: Sequence[str], root: str, captions: dict[str, str]) -> lis
     Warns (stderr) about JSONL keys that name no video: a wrong key layout would otherwise skip every video."""
     items, used = [], set()
     for path in paths:
-        name = os.path.relpath(path, root) if not sources.is_remote(path) else path[len(root):].lstrip("/")
+        name = os.path.relpath(path, root) if not sources.is_remote(path) else path[len(root) :].lstrip("/")
         key = next((k for k in (name, os.path.basename(path), path) if k in captions), None)
         used.add(key)
         caption = captions[key] if key is not None else _sidecar_caption(path)
         items.append(Item(path, name, caption))
     unused = [k for k in captions if k not in used]
     if unused and jax.process_index() == 0:
-        print(f"warning: {len(unused)} of {len(captions)} --captions entries name no video of --videos (e.g. "
-              f"{unused[0]!r}); keys are paths relative to {root}, bare file names or full paths", file=sys.stderr)
+        print(
+            f"warning: {len(unused)} of {len(captions)} --captions entries name no video of --videos (e.g. "
+            f"{unused[0]!r}); keys are paths relative to {root}, bare file names or full paths",
+            file=sys.stderr,
+        )
     return items
 
 
@@ -170,6 +182,7 @@ def clip_starts(num_frames: int, frames: int, clips: int) -> list[int]:
 @dataclasses.dataclass
 class Clip:
     """A preprocessed clip: frames (T, H, W, 3) uint8 in its bucket, padding mask (1, H, W) uint8 (1 = padded)."""
+
     item: Item
     start: int
     frames_thw3: np.ndarray
@@ -233,7 +246,7 @@ def read_clip_frames_all(path: str, frames: int, clips: int) -> tuple[dict[int, 
     starts = clip_starts(len(all_frames), frames, clips)
     if not starts:
         raise ValueError(f"too short: {len(all_frames)} frames, fewer than --frames {frames}")
-    return {s: all_frames[s:s + frames] for s in starts}, fps, len(all_frames)
+    return {s: all_frames[s : s + frames] for s in starts}, fps, len(all_frames)
 
 
 def load_clips(item: Item, resolution: str, frames: int, clips: int) -> list[Clip]:
@@ -261,8 +274,10 @@ def load_projection(src: str, prefix: str = "auto") -> tuple[np.ndarray, np.ndar
     if os.path.isdir(path):
         _, params = load_diffusers_folder(path)
         if "crossattn_proj" not in params:
-            raise ValueError(f"--teacher {src}: no crossattn_proj (a net without text projection); pass the teacher "
-                             "whose projection the training uses")
+            raise ValueError(
+                f"--teacher {src}: no crossattn_proj (a net without text projection); pass the teacher "
+                "whose projection the training uses"
+            )
         p = params["crossattn_proj"]
         return np.asarray(p["kernel"], np.float32), np.asarray(p["bias"], np.float32)
     if not os.path.isfile(path):
@@ -271,16 +286,19 @@ def load_projection(src: str, prefix: str = "auto") -> tuple[np.ndarray, np.ndar
     prefixes = _TEACHER_PREFIXES if prefix == "auto" else (prefix,)
     found = next((p for p in prefixes if all(p + k in sd for k in _PROJ_KEYS)), None)
     if found is None:
-        raise ValueError(f"--teacher {src}: no {' / '.join(_PROJ_KEYS)} under prefixes {prefixes}; pass the "
-                         "teacher checkpoint with its text projection (e.g. base/pre-trained/<uuid>_ema_bf16.pt)")
+        raise ValueError(
+            f"--teacher {src}: no {' / '.join(_PROJ_KEYS)} under prefixes {prefixes}; pass the "
+            "teacher checkpoint with its text projection (e.g. base/pre-trained/<uuid>_ema_bf16.pt)"
+        )
     weight, bias = (np.asarray(sd[found + k], np.float32) for k in _PROJ_KEYS)
     return np.ascontiguousarray(weight.T), bias
 
 
 def project(raw_blc: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """Context GELU_erf(raw @ kernel + bias) in float32 (the §11 projection of `networks.project_text`)."""
-    y = jnp.einsum("blc,cd->bld", raw_blc.astype(jnp.float32), kernel.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum(
+        "blc,cd->bld", raw_blc.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     return jax.nn.gelu(y + bias.astype(jnp.float32), approximate=False)
 
 
@@ -300,9 +318,18 @@ def _to_pixels(frames_bthw3):
 class Encoders:
     """The VAE, the text encoder and the teacher's projection on a mesh of this process's devices."""
 
-    def __init__(self, vae_src: str, text_src: str, teacher_src: str, *, text_dtype: str = "bfloat16",
-                 vae_dtype: str = "float32", keep_raw_text: bool = False, teacher_prefix: str = "auto",
-                 num_devices: int | None = None):
+    def __init__(
+        self,
+        vae_src: str,
+        text_src: str,
+        teacher_src: str,
+        *,
+        text_dtype: str = "bfloat16",
+        vae_dtype: str = "float32",
+        keep_raw_text: bool = False,
+        teacher_prefix: str = "auto",
+        num_devices: int | None = None,
+    ):
         # Local devices only: each process works through its own units at its own pace (no cross-host collectives).
         devices = jax.local_devices()
         if num_devices is not None and not 1 <= num_devices <= len(devices):
@@ -319,9 +346,11 @@ class Encoders:
         kernel, bias = load_projection(teacher_src, teacher_prefix)
         width = self.text_cfg.num_layers * self.text_cfg.hidden_size
         if kernel.shape[0] != width:
-            raise ValueError(f"--teacher {teacher_src}: crossattn_proj takes {kernel.shape[0]} channels, but the text "
-                             f"encoder {text_src} gives {self.text_cfg.num_layers} layers x "
-                             f"{self.text_cfg.hidden_size} = {width}; use the matching teacher / text encoder")
+            raise ValueError(
+                f"--teacher {teacher_src}: crossattn_proj takes {kernel.shape[0]} channels, but the text "
+                f"encoder {text_src} gives {self.text_cfg.num_layers} layers x "
+                f"{self.text_cfg.hidden_size} = {width}; use the matching teacher / text encoder"
+            )
         self.kernel = jax.device_put(kernel, replicated)
         self.bias = jax.device_put(bias, replicated)
         self.keep_raw_text = keep_raw_text
@@ -342,8 +371,7 @@ class Encoders:
     def context(self, captions: Sequence[str], batch: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(projected context (n, 512, C_out) bfloat16, raw embedding (n, 512, C_in) float32 or None)."""
         ids, n = self._padded(text_encoder.tokenize(self.tokenizer, list(captions)), batch)
-        context, raw = _embed_project(self.text_cfg, self.text_params, ids, self.kernel, self.bias,
-                                      self.keep_raw_text)
+        context, raw = _embed_project(self.text_cfg, self.text_params, ids, self.kernel, self.bias, self.keep_raw_text)
         context = np.asarray(jax.device_get(context))[:n]
         return context, None if raw is None else np.asarray(jax.device_get(raw))[:n]
 
@@ -380,12 +408,24 @@ def _digest(text: str) -> str:
 def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
     """What determines the dataset's content (batch size, workers and device count do not)."""
     listing = "\n".join(f"{it.path}\t{it.caption}" for it in items)
-    return {"format": JOB_FORMAT, "videos": args.videos, "captions": args.captions, "num_videos": len(items),
-            "videos_and_captions_sha256": _digest(listing), "vae": args.vae, "text_encoder": args.text_encoder,
-            "teacher": args.teacher, "resolution": str(args.resolution), "frames": args.frames,
-            "clips_per_video": args.clips_per_video, "shard_videos": args.shard_videos,
-            "teacher_prefix": args.teacher_prefix, "keep_raw_text": args.keep_raw_text, "text_dtype": args.text_dtype,
-            "vae_dtype": args.vae_dtype}
+    return {
+        "format": JOB_FORMAT,
+        "videos": args.videos,
+        "captions": args.captions,
+        "num_videos": len(items),
+        "videos_and_captions_sha256": _digest(listing),
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "teacher": args.teacher,
+        "resolution": str(args.resolution),
+        "frames": args.frames,
+        "clips_per_video": args.clips_per_video,
+        "shard_videos": args.shard_videos,
+        "teacher_prefix": args.teacher_prefix,
+        "keep_raw_text": args.keep_raw_text,
+        "text_dtype": args.text_dtype,
+        "vae_dtype": args.vae_dtype,
+    }
 
 
 def _owned_entries(out: epath.Path) -> list[epath.Path]:
@@ -406,12 +446,15 @@ def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
         elif previous == job:
             return True
         elif previous is None:
-            raise FileExistsError(f"--out {out} exists, is not empty and holds no {JOB_FILE}; choose a new folder "
-                                  "(or pass --overwrite)")
+            raise FileExistsError(
+                f"--out {out} exists, is not empty and holds no {JOB_FILE}; choose a new folder (or pass --overwrite)"
+            )
         else:
             changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-            raise FileExistsError(f"--out {out} holds another prepare job (different {', '.join(changed)}); pass "
-                                  "the same arguments to resume it, or --overwrite to replace it")
+            raise FileExistsError(
+                f"--out {out} holds another prepare job (different {', '.join(changed)}); pass "
+                "the same arguments to resume it, or --overwrite to replace it"
+            )
     (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
     return False
@@ -452,8 +495,16 @@ def _prefetched(items: Sequence[Item], opts: Options, pool) -> Iterator[tuple[It
             yield item, str(e)
 
 
-def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options, out: epath.Path, pool,
-                 bar: tqdm.tqdm, skipped_before: int = 0) -> dict:
+def process_unit(
+    unit: int,
+    items: Sequence[Item],
+    enc: Encoders,
+    opts: Options,
+    out: epath.Path,
+    pool,
+    bar: tqdm.tqdm,
+    skipped_before: int = 0,
+) -> dict:
     """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker.
     `bar` counts clips (its total shrinks when a video gives fewer clips than asked, or none)."""
     pending: dict[tuple, list[Clip]] = collections.defaultdict(list)
@@ -483,7 +534,7 @@ def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options,
     captions = list(dict.fromkeys(c.item.caption for clips in done.values() for c, _ in clips))
     contexts, raws = [], []
     for i in range(0, len(captions), opts.batch_size):
-        context, raw = enc.context(captions[i:i + opts.batch_size], opts.batch_size)
+        context, raw = enc.context(captions[i : i + opts.batch_size], opts.batch_size)
         contexts.append(context)
         raws.append(raw)
     row = {c: i for i, c in enumerate(captions)}
@@ -502,17 +553,34 @@ def process_unit(unit: int, items: Sequence[Item], enc: Encoders, opts: Options,
         for bucket in sorted(done, key=order.index):
             clips = done[bucket]
             rows = [row[c.item.caption] for c, _ in clips]
-            info = [{"caption": c.item.caption, "source": c.item.path, "frames": [c.start, c.start + opts.frames],
-                     "fps": c.fps} for c, _ in clips]
-            name = writer.write_shard(np.stack([z for _, z in clips]), context[rows], bucket=list(bucket),
-                                      padding_mask=np.stack([c.mask_1hw for c, _ in clips]), info=info)
+            info = [
+                {
+                    "caption": c.item.caption,
+                    "source": c.item.path,
+                    "frames": [c.start, c.start + opts.frames],
+                    "fps": c.fps,
+                }
+                for c, _ in clips
+            ]
+            name = writer.write_shard(
+                np.stack([z for _, z in clips]),
+                context[rows],
+                bucket=list(bucket),
+                padding_mask=np.stack([c.mask_1hw for c, _ in clips]),
+                info=info,
+            )
             if raw is not None:  # beside the shard, outside the format: not read by the trainer
                 with (folder / f"{name}.text_raw.npy").open("wb") as f:
                     np.save(f, raw[rows])
             shards.append({"name": name, "bucket": list(bucket), "num_records": len(clips)})
         writer.close()
-    marker = {"unit": unit, "process": jax.process_index(), "videos": [it.path for it in items], "shards": shards,
-              "skipped": skipped}
+    marker = {
+        "unit": unit,
+        "process": jax.process_index(),
+        "videos": [it.path for it in items],
+        "shards": shards,
+        "skipped": skipped,
+    }
     _atomic_write_text(_unit_marker(out, unit), json.dumps(marker))
     return marker
 
@@ -539,20 +607,24 @@ def finish(out: epath.Path, num_units: int) -> dict:
     markers = [_read_marker(_unit_marker(out, u)) for u in range(num_units)]
     missing = [u for u, m in enumerate(markers) if m is None]
     if missing:
-        raise ValueError(f"units {missing[:10]} of {out} are not finished (a process failed?); rerun the same "
-                         "command to resume them")
+        raise ValueError(
+            f"units {missing[:10]} of {out} are not finished (a process failed?); rerun the same command to resume them"
+        )
     skipped = [s for m in markers for s in m["skipped"]]
     _atomic_write_text(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
-    metas = [(u, json.loads((_unit_dir(out, u) / "meta.json").read_text())) for u, m in enumerate(markers)
-             if m["shards"]]
+    metas = [
+        (u, json.loads((_unit_dir(out, u) / "meta.json").read_text())) for u, m in enumerate(markers) if m["shards"]
+    ]
     if not metas:
         raise ValueError(f"no video of --videos gave a clip; see {out / REPORT_FILE} for the reasons")
     meta = dict(metas[0][1])
     for u, m in metas:
         for key in ("format", "text_shape", "text_kind", "text_dtype", "fields"):
             if m[key] != meta[key]:
-                raise ValueError(f"{_unit_dir(out, u)}: {key} {m[key]!r} differs from unit {metas[0][0]}'s "
-                                 f"{meta[key]!r}; rerun with --overwrite")
+                raise ValueError(
+                    f"{_unit_dir(out, u)}: {key} {m[key]!r} differs from unit {metas[0][0]}'s "
+                    f"{meta[key]!r}; rerun with --overwrite"
+                )
     meta["shards"] = [{**s, "name": f"{_unit_dir(out, u).name}/{s['name']}"} for u, m in metas for s in m["shards"]]
     meta["num_records"] = sum(s["num_records"] for s in meta["shards"])
     _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
@@ -577,12 +649,20 @@ def prepare(args: argparse.Namespace) -> dict:
     _barrier("trigflow_distill.prepare.start")
     if jax.process_index() != 0:
         resumed = _read_marker(out / JOB_FILE) == job
-    units = [items[i:i + args.shard_videos] for i in range(0, len(items), args.shard_videos)]
+    units = [items[i : i + args.shard_videos] for i in range(0, len(items), args.shard_videos)]
     mine = list(range(jax.process_index(), len(units), jax.process_count()))
     todo = [u for u in mine if _read_marker(_unit_marker(out, u)) is None]
 
-    enc = Encoders(args.vae, args.text_encoder, args.teacher, text_dtype=args.text_dtype, vae_dtype=args.vae_dtype,
-                   keep_raw_text=args.keep_raw_text, teacher_prefix=args.teacher_prefix, num_devices=args.devices)
+    enc = Encoders(
+        args.vae,
+        args.text_encoder,
+        args.teacher,
+        text_dtype=args.text_dtype,
+        vae_dtype=args.vae_dtype,
+        keep_raw_text=args.keep_raw_text,
+        teacher_prefix=args.teacher_prefix,
+        num_devices=args.devices,
+    )
     batch = args.batch_size or enc.num_devices
     if batch % enc.num_devices:
         raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} devices used (--devices)")
@@ -591,8 +671,10 @@ def prepare(args: argparse.Namespace) -> dict:
         print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
     total = sum(len(units[u]) for u in todo) * args.clips_per_video
     clips = skipped = 0
-    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool, tqdm.tqdm(
-            total=total, unit="clip", desc="prepare", dynamic_ncols=True, disable=args.no_progress) as bar:
+    with (
+        concurrent.futures.ThreadPoolExecutor(args.workers) as pool,
+        tqdm.tqdm(total=total, unit="clip", desc="prepare", dynamic_ncols=True, disable=args.no_progress) as bar,
+    ):
         for u in todo:
             marker = process_unit(u, units[u], enc, opts, out, pool, bar, skipped)
             clips += sum(s["num_records"] for s in marker["shards"])
@@ -606,8 +688,11 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trigflow_distill.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trigflow_distill.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--videos", required=True, help="folder of videos, or a .txt list of video paths")
     parser.add_argument("--captions", help='JSONL of {"video": NAME, "caption": TEXT} (else sidecar NAME.txt)')
     parser.add_argument("--vae", default=vae.DEFAULT_SOURCE, help="Wan2.1 VAE: native .pth, diffusers folder, hf://")
@@ -642,9 +727,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.fail(e)
     if jax.process_index() == 0:
         rate = summary["clips_this_run"] / max(summary["seconds"], 1e-9)
-        print(f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
-              f"{len(summary['skipped'])} videos skipped (see {REPORT_FILE}); this run: "
-              f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s ({rate:.2f} clips/s)")
+        print(
+            f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
+            f"{len(summary['skipped'])} videos skipped (see {REPORT_FILE}); this run: "
+            f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s ({rate:.2f} clips/s)"
+        )
     return 0
 
 

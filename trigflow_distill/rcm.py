@@ -9,6 +9,7 @@ The critic step is `dmd2.critic_update` unchanged; state, skip logic, EMA and ra
 Pure functions of the loss: `f_from_x0`, `sample_tau_scm`, `student_f_and_tangent`, `tangent_target`, `scm_loss`;
 the update: `rcm_student_update` (signature of `dmd2.student_update`); configuration: `RcmAlgo`, `algo_from_config`.
 """
+
 import dataclasses
 import math
 
@@ -29,11 +30,12 @@ FORWARD_MODE_ATTENTION = ("auto", "einsum", "xla")
 @dataclasses.dataclass(frozen=True)
 class RcmAlgo(dmd2.Algo):
     """dmd2.Algo plus the rCM constants (docs/algorithm.md §14; defaults = NVlabs/rcm's Wan2.1 1.3B recipe)."""
-    loss_scale: float = 100.0      # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
-    dmd_weight: float = 1.0        # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-    tangent_warmup: int = 1000     # iterations over which the tangent ramps in; DMD2 term only after them
+
+    loss_scale: float = 100.0  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
+    dmd_weight: float = 1.0  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
+    tangent_warmup: int = 1000  # iterations over which the tangent ramps in; DMD2 term only after them
     tangent_norm_eps: float = 0.1  # g / (||g|| + eps), per sample
-    p_mean: float = -0.8           # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
+    p_mean: float = -0.8  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
     p_std: float = 1.6
     frame_noise_scale: bool = True  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
     jvp_attention: str = "einsum"  # attention of the JVP pass when the net's own has no forward mode
@@ -54,13 +56,22 @@ def algo_from_config(config, net_config, mesh=None) -> dmd2.Algo:
         return algo
     r = config.distill.rcm
     if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_warmup) < 0:
-        raise ValueError(f"distill.rcm.jvp_attention={r.jvp_attention!r} must be one of {FORWARD_MODE_ATTENTION} "
-                         f"and distill.rcm.tangent_warmup={r.tangent_warmup} must be >= 0.")
+        raise ValueError(
+            f"distill.rcm.jvp_attention={r.jvp_attention!r} must be one of {FORWARD_MODE_ATTENTION} "
+            f"and distill.rcm.tangent_warmup={r.tangent_warmup} must be >= 0."
+        )
     fields = {f.name: getattr(algo, f.name) for f in dataclasses.fields(algo)}
-    return RcmAlgo(**fields, loss_scale=float(r.loss_scale), dmd_weight=float(r.dmd_weight),
-                   tangent_warmup=int(r.tangent_warmup), tangent_norm_eps=float(r.tangent_norm_eps),
-                   p_mean=float(r.p_mean), p_std=float(r.p_std), frame_noise_scale=bool(r.frame_noise_scale),
-                   jvp_attention=r.jvp_attention)
+    return RcmAlgo(
+        **fields,
+        loss_scale=float(r.loss_scale),
+        dmd_weight=float(r.dmd_weight),
+        tangent_warmup=int(r.tangent_warmup),
+        tangent_norm_eps=float(r.tangent_norm_eps),
+        p_mean=float(r.p_mean),
+        p_std=float(r.p_std),
+        frame_noise_scale=bool(r.frame_noise_scale),
+        jvp_attention=r.jvp_attention,
+    )
 
 
 # ---- the sCM loss as pure functions -------------------------------------------------------------------------------
@@ -98,8 +109,9 @@ def tangent_target(f_theta, f_teacher, df_theta, x_tau, tau, warmup_ratio):
 
     with dF_θ from `student_f_and_tangent`; tau broadcastable against x_tau."""
     cos, sin = jnp.cos(tau), jnp.sin(tau)
-    return (-cos * jnp.sqrt(1.0 - (warmup_ratio * sin) ** 2) * (f_theta - f_teacher)
-            - warmup_ratio * (cos * sin * x_tau + df_theta))
+    return -cos * jnp.sqrt(1.0 - (warmup_ratio * sin) ** 2) * (f_theta - f_teacher) - warmup_ratio * (
+        cos * sin * x_tau + df_theta
+    )
 
 
 def scm_loss(f_theta, f_theta_sg, g, norm_eps=0.1):
@@ -151,8 +163,9 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
     tau = trigflow.expand_tau(tau_b, x0.ndim)
     x_tau = trigflow.add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), tau, sd)
     teacher_net = teacher["net"]
-    x0_teacher = losses.cfg_x0(cond.x0_fn(teacher_net, x_tau, tau_b), cond.x0_uncond_fn(teacher_net, x_tau, tau_b),
-                               algo.guidance)
+    x0_teacher = losses.cfg_x0(
+        cond.x0_fn(teacher_net, x_tau, tau_b), cond.x0_uncond_fn(teacher_net, x_tau, tau_b), algo.guidance
+    )
     f_teacher = jax.lax.stop_gradient(f_from_x0(x_tau, x0_teacher, tau, sd))
     f_sg, df = student_f_and_tangent(jvp_cond.x0_fn, state.student, x_tau, tau_b, f_teacher, sd)
     ratio = warmup_ratio(state.step, algo.tangent_warmup)
@@ -169,10 +182,15 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
         g_x0 = sampling.backward_simulation(cond.x0_fn, student, eps_g, n, taus, sd, with_grad=True)
         x_d, tau_d = _renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
-        x0_t = losses.cfg_x0(cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d),
-                             algo.guidance)
-        loss, aux = losses.dmd_loss(g_x0, jax.lax.stop_gradient(x0_fake), jax.lax.stop_gradient(x0_t),
-                                    lambda_frame_chunks=algo.lambda_frame_chunks)
+        x0_t = losses.cfg_x0(
+            cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance
+        )
+        loss, aux = losses.dmd_loss(
+            g_x0,
+            jax.lax.stop_gradient(x0_fake),
+            jax.lax.stop_gradient(x0_t),
+            lambda_frame_chunks=algo.lambda_frame_chunks,
+        )
         return elements * loss, (aux["nan_b"], jnp.mean(aux["lambda_b"]), jnp.mean(tau_d))
 
     def no_dmd_term(student):
@@ -187,20 +205,35 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
         return algo.loss_scale * scm + algo.dmd_weight * dmd, (scm, dmd, scm_aux, dmd_aux)
 
     (loss, (scm, dmd, scm_aux, (dmd_nan_b, lam, tau_d))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.student)
+        state.student
+    )
     # Per-sample masking zeroes bad samples; a batch with no usable sample at all is a diverged student: skip it.
-    ok = (jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(scm_aux["nan_b"])
-          & ~(dmd_on & jnp.all(dmd_nan_b)))
+    ok = jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(scm_aux["nan_b"]) & ~(dmd_on & jnp.all(dmd_nan_b))
     student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
     # beta counts the student updates before this one (docs/algorithm.md §6, §13), as in dmd2.student_update.
     new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
     updates = state.student_updates + ok.astype(jnp.int32)
     ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
-    new_state = state.replace(step=state.step + 1, student=student, student_opt=student_opt, student_ema=ema,
-                              student_updates=updates, **_skip_counters(state, ok))
-    metrics = {"student/loss": loss, "student/scm_loss": scm, "student/dmd_loss": dmd,
-               "student/grad_norm": optax.tree.norm(grads), "student/skipped": 1.0 - ok, "student/sim_steps": n,
-               "student/tau": jnp.mean(tau_d), "student/scm_tau": jnp.mean(tau_b),
-               "student/tangent_norm": jnp.mean(scm_aux["g_norm_b"]), "student/warmup_ratio": ratio,
-               "student/lambda": lam, "student/nan_samples": jnp.sum(scm_aux["nan_b"] | dmd_nan_b)}
+    new_state = state.replace(
+        step=state.step + 1,
+        student=student,
+        student_opt=student_opt,
+        student_ema=ema,
+        student_updates=updates,
+        **_skip_counters(state, ok),
+    )
+    metrics = {
+        "student/loss": loss,
+        "student/scm_loss": scm,
+        "student/dmd_loss": dmd,
+        "student/grad_norm": optax.tree.norm(grads),
+        "student/skipped": 1.0 - ok,
+        "student/sim_steps": n,
+        "student/tau": jnp.mean(tau_d),
+        "student/scm_tau": jnp.mean(tau_b),
+        "student/tangent_norm": jnp.mean(scm_aux["g_norm_b"]),
+        "student/warmup_ratio": ratio,
+        "student/lambda": lam,
+        "student/nan_samples": jnp.sum(scm_aux["nan_b"] | dmd_nan_b),
+    }
     return new_state, metrics

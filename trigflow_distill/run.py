@@ -6,6 +6,7 @@ docs/algorithm.md §9: the teacher is converted once into <workdir>/teacher_cach
 re-used; the run's config is saved as <workdir>/config.json by the trainer and read back by `read_config`.
 Workdirs may be local or remote (gs://...): every path here goes through etils.epath.
 """
+
 import functools
 import json
 import math
@@ -23,9 +24,22 @@ from trigflow_distill import checkpoint, convert, dmd2, rcm, sharding
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
-RESUME_MAY_CHANGE = ("total_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                     "max_consecutive_skips", "allow_config_change", "eval", "mesh", "net.remat", "net.attention",
-                     "net.attention_block_size", "teacher.cache_dir", "wandb")
+RESUME_MAY_CHANGE = (
+    "total_steps",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_consecutive_skips",
+    "allow_config_change",
+    "eval",
+    "mesh",
+    "net.remat",
+    "net.attention",
+    "net.attention_block_size",
+    "teacher.cache_dir",
+    "wandb",
+)
 
 
 def validate_config(config):
@@ -34,14 +48,23 @@ def validate_config(config):
         raise ValueError(
             "config.teacher.path is empty. The real recipe distills the Cosmos Predict2.5 2B teacher: download "
             "base/pre-trained/<uuid>_ema_bf16.pt from https://huggingface.co/nvidia/Cosmos-Predict2.5-2B and pass "
-            "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo).")
+            "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo)."
+        )
     if "://" not in str(config.teacher.path) and not os.path.exists(config.teacher.path):
         raise FileNotFoundError(f"config.teacher.path={config.teacher.path!r} does not exist.")
     if config.data.kind == "dir" and not config.data.path:
-        raise ValueError("config.data.path is empty: point it at a dataset written by "
-                         "`python -m trigflow_distill.data.write` (see trigflow_distill/data/__init__.py).")
-    for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
-                 "data.batch_size"):
+        raise ValueError(
+            "config.data.path is empty: point it at a dataset written by "
+            "`python -m trigflow_distill.data.write` (see trigflow_distill/data/__init__.py)."
+        )
+    for name in (
+        "total_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_skips",
+        "data.batch_size",
+    ):
         if _get(config, name) < 1:
             raise ValueError(f"config.{name}={_get(config, name)} must be >= 1.")
     if config.sample_every < 0:
@@ -84,12 +107,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, new: dict) -> list[str]:
-    """"key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
+    """ "key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
     (fields of RESUME_MAY_CHANGE are left out)."""
     a, b = _flatten(saved), _flatten(new)
     missing = "<absent>"
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, missing) != b.get(k, missing)
-                  and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE))
+    keys = sorted(
+        k
+        for k in a.keys() | b.keys()
+        if a.get(k, missing) != b.get(k, missing)
+        and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+    )
     return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in keys]
 
 
@@ -102,11 +129,15 @@ def read_saved_config(workdir) -> dict | None:
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupted ({e}); restore it from a config.<time>.json beside it or from a "
-                         "backup, or start a new --workdir.") from None
+        raise ValueError(
+            f"{path} is corrupted ({e}); restore it from a config.<time>.json beside it or from a "
+            "backup, or start a new --workdir."
+        ) from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} is corrupted (not a JSON object); restore it from a config.<time>.json beside it "
-                         "or from a backup, or start a new --workdir.")
+        raise ValueError(
+            f"{path} is corrupted (not a JSON object); restore it from a config.<time>.json beside it "
+            "or from a backup, or start a new --workdir."
+        )
     return saved
 
 
@@ -129,15 +160,18 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
                 f"{workdir} holds a run with another config; resuming would mix two runs. Changed: "
                 f"{'; '.join(changes)}. Resume with the saved config ({epath.Path(workdir) / 'config.json'}), use "
                 "a new --workdir, or pass --config.allow_config_change=True to go on with the new config (the old "
-                "one is kept).")
+                "one is kept)."
+            )
         kept = epath.Path(workdir) / f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
         n = 1
         while kept.exists():
             kept, n = kept.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}.json"), n + 1
         if write:
             _write_atomic(kept, json.dumps(saved, indent=2))
-        note = (f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
-                f"previous config is kept as {kept}.")
+        note = (
+            f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
+            f"previous config is kept as {kept}."
+        )
     if write:
         _write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
     return note
@@ -190,8 +224,9 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(saved)
 
 
-def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None = None,
-                   group_bytes: int = 1 << 30) -> tuple[int, dict]:
+def restore_params(
+    workdir, names=("student_ema",), mesh=None, step: int | None = None, group_bytes: int = 1 << 30
+) -> tuple[int, dict]:
     """(step, {name: params}) of the TrainState fields `names` (e.g. "student_ema", "student") of the latest (or
     the given) checkpoint in <workdir>/checkpoints.
 
@@ -220,13 +255,16 @@ def restore_params(workdir, names=("student_ema",), mesh=None, step: int | None 
     if mesh is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
     else:
-        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s),
-                                    sharding.param_sharding(abstract, mesh))
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), sharding.param_sharding(abstract, mesh))
     restored = {}
     with ocp.PyTreeCheckpointer() as checkpointer:
         for group in _leaf_groups(abstract, group_bytes):
-            part = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-                item=_subtree(abstract, group), restore_args=_subtree(restore_args, group), partial_restore=True))
+            part = checkpointer.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=_subtree(abstract, group), restore_args=_subtree(restore_args, group), partial_restore=True
+                ),
+            )
             restored = _merge(restored, part)
     return int(step), restored
 
@@ -287,8 +325,9 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
     config = read_config(workdir)
     _, restored = restore_params(workdir, (STUDENTS[which],), mesh)
     cache_dir = config.teacher.cache_dir or str(epath.Path(workdir) / "teacher_cache")
-    net_config, teacher = convert.load_teacher(config.teacher.path, cache_dir,
-                                               **dmd2.net_options(config.net, **net_overrides))
+    net_config, teacher = convert.load_teacher(
+        config.teacher.path, cache_dir, **dmd2.net_options(config.net, **net_overrides)
+    )
     params = dict(restored[STUDENTS[which]])
     if "crossattn_proj" in teacher:
         proj = jax.tree.map(lambda x: np.array(x, np.float32), teacher["crossattn_proj"])

@@ -1,4 +1,5 @@
 """Samplers (docs/algorithm.md §3): the few-step TrigFlow student, backward simulation, the CFG teacher."""
+
 import math
 
 import jax
@@ -23,8 +24,10 @@ def student_schedule(num_steps=4, shift=5.0, train_steps=4):
     §13): k = 2 gives [pi/2, atan 15], not a re-spaced 2-step grid.
     """
     if not 1 <= num_steps <= train_steps:
-        raise ValueError(f"num_steps must be in [1, train_steps={train_steps}] (the student is trained on the first "
-                         f"train_steps times of its schedule), got {num_steps}")
+        raise ValueError(
+            f"num_steps must be in [1, train_steps={train_steps}] (the student is trained on the first "
+            f"train_steps times of its schedule), got {num_steps}"
+        )
     t = shifted_rf_times(train_steps, shift)[:num_steps]
     # Same mapping as trigflow.rf_t_to_tau (sigma_d = 1), kept in float64 so the schedule is exact.
     return np.arctan2(t, 1.0 - t)

@@ -8,6 +8,7 @@ a batch is sharded along its leading axis over ("data", "fsdp") and replicated o
 Everything here works in single- and multi-process runs: arrays that span processes are only built with
 `jax.make_array_from_callback` / `jax.make_array_from_process_local_data`.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,10 @@ def mesh_request(mesh_section: Mapping[str, Any], where: str = "config.mesh") ->
     sizes = {a: int(v) for a, v in dict(mesh_section).items() if a not in MESH_OPTIONS}
     _check_axis_names(sizes, where)
     if any(v < -1 for v in sizes.values()) or (-1 in sizes.values() and 0 in sizes.values()):
-        raise ValueError(f"{where} sizes {sizes}: use positive sizes, -1 (fill the remaining devices) or 0 "
-                         "(chosen automatically), without mixing -1 and 0.")
+        raise ValueError(
+            f"{where} sizes {sizes}: use positive sizes, -1 (fill the remaining devices) or 0 "
+            "(chosen automatically), without mixing -1 and 0."
+        )
     return {a: sizes.get(a, 1) for a in MESH_AXES}
 
 
@@ -69,8 +72,10 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
     names = tuple(a for a in MESH_AXES if a in config)
     sizes = [int(config[a]) for a in names]
     if 0 in sizes:
-        raise ValueError(f"mesh {config}: size 0 (chosen automatically) is resolved by memplan.run_mesh at the "
-                         "start of a run; give positive sizes or -1 here.")
+        raise ValueError(
+            f"mesh {config}: size 0 (chosen automatically) is resolved by memplan.run_mesh at the "
+            "start of a run; give positive sizes or -1 here."
+        )
     if any(s < -1 for s in sizes):
         raise ValueError(f"mesh axis sizes must be positive or -1 (fill), got {config}.")
     if sizes.count(-1) > 1:
@@ -80,12 +85,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
     if -1 in sizes:
         if n % known:
             raise ValueError(
-                f"mesh {config}: the fixed axes need a multiple of {known} devices, but there are {n} devices.")
+                f"mesh {config}: the fixed axes need a multiple of {known} devices, but there are {n} devices."
+            )
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
         raise ValueError(
             f"mesh {config} has {math.prod(sizes)} devices (product {' x '.join(map(str, sizes))}), but there are "
-            f"{n} devices; make the product equal {n} or set one axis to -1.")
+            f"{n} devices; make the product equal {n} or set one axis to -1."
+        )
     return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
@@ -146,20 +153,22 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
         sizes = {a: _axis_size(mesh, a) for a in batch_axes(mesh)}
         raise ValueError(
             f"batch size {batch_size} does not divide over the batch mesh axes {sizes} (= {n} shards); "
-            f"use a positive multiple of {n}.")
+            f"use a positive multiple of {n}."
+        )
 
 
-def opt_state_sharding(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any,
-                       mesh: Mesh) -> Any:
+def opt_state_sharding(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings of `optimizer.init(params)`: each per-parameter leaf (mu, nu, ...) like its parameter,
     everything else (counts, scalars) replicated. `params` may be abstract (ShapeDtypeStructs)."""
     abstract_state = jax.eval_shape(optimizer.init, params)
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_state, param_shardings,
-                                 transform_non_params=lambda _: replicated(mesh))
+    return optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_state, param_shardings, transform_non_params=lambda _: replicated(mesh)
+    )
 
 
-def init_opt_state(optimizer: optax.GradientTransformation, params: Any, param_shardings: Any,
-                   mesh: Mesh) -> tuple[Any, Any]:
+def init_opt_state(
+    optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
+) -> tuple[Any, Any]:
     """(opt_state, its shardings), created directly in the sharded layout (a plain `optimizer.init` or
     `jax.jit(optimizer.init)` would put parts of it on one device)."""
     shardings = opt_state_sharding(optimizer, params, param_shardings, mesh)
@@ -171,6 +180,7 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
     Each process only materialises the shards its own devices hold.
     """
+
     def put(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -189,8 +199,10 @@ def local_batch_slice(batch_size: int, mesh: Mesh) -> slice:
     rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(batch_size))})
     lo, hi = rows[0], rows[-1] + 1
     if rows != list(range(lo, hi)):
-        raise ValueError(f"this process's devices hold non-contiguous batch rows {rows}; build the mesh so that "
-                         "each process's devices are adjacent along the batch axes.")
+        raise ValueError(
+            f"this process's devices hold non-contiguous batch rows {rows}; build the mesh so that "
+            "each process's devices are adjacent along the batch axes."
+        )
     return slice(lo, hi)
 
 
@@ -203,7 +215,9 @@ def global_batch(local_batch: Mapping[str, np.ndarray], batch_size: int, mesh: M
     for name, x in local_batch.items():
         x = np.asarray(x)
         if x.ndim == 0 or x.shape[0] != rows.stop - rows.start:
-            raise ValueError(f"batch entry {name!r} has shape {x.shape}; this process expects "
-                             f"{rows.stop - rows.start} rows (global batch {batch_size}).")
+            raise ValueError(
+                f"batch entry {name!r} has shape {x.shape}; this process expects "
+                f"{rows.stop - rows.start} rows (global batch {batch_size})."
+            )
         out[name] = jax.make_array_from_process_local_data(sharding, x, (batch_size,) + x.shape[1:])
     return out

@@ -12,6 +12,7 @@ Public API:
   last after the final norm), each normalised per token (h - mean) / (unbiased std + 1e-8), in layer order.
 - `save(path, cfg, params)` / `write_tiny(path)`: a folder in the same format (tiny random ones for tests).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,10 @@ def _local_dir(path: str | os.PathLike) -> str:
     """A local folder for `path`: hf:// sources are fetched (sources.resolve), remote URLs are refused."""
     src = os.fspath(path)
     if sources.is_remote(src):
-        raise ValueError(f"{src}: text encoder weights must be a local folder or hf://OWNER/NAME[@REV]; copy it "
-                         "to a local disk first (safetensors are memory-mapped)")
+        raise ValueError(
+            f"{src}: text encoder weights must be a local folder or hf://OWNER/NAME[@REV]; copy it "
+            "to a local disk first (safetensors are memory-mapped)"
+        )
     local = sources.resolve(src)
     if not os.path.isdir(local):
         raise FileNotFoundError(f"{src}: not a folder (expected a transformers Qwen2.5-VL folder with config.json)")
@@ -88,8 +91,9 @@ def config_from_json(raw: dict, where: str = "config.json") -> Qwen2Config:
             if d.get(name) is not None:
                 return d[name]
         if default is None:
-            raise ValueError(f"{where}: no {name!r} (expected a Qwen2.5-VL config, text settings at the top or "
-                             "under 'text_config')")
+            raise ValueError(
+                f"{where}: no {name!r} (expected a Qwen2.5-VL config, text settings at the top or under 'text_config')"
+            )
         return default
 
     rope = get("rope_parameters", {}) or get("rope_scaling", {}) or {}
@@ -102,11 +106,15 @@ def config_from_json(raw: dict, where: str = "config.json") -> Qwen2Config:
     if get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
     cfg = Qwen2Config(
-        vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")),
-        num_layers=int(get("num_hidden_layers")), num_heads=int(get("num_attention_heads")),
+        vocab_size=int(get("vocab_size")),
+        hidden_size=int(get("hidden_size")),
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=int(get("num_attention_heads")),
         num_kv_heads=int(get("num_key_value_heads", get("num_attention_heads"))),
-        intermediate_size=int(get("intermediate_size")), rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta))
+        intermediate_size=int(get("intermediate_size")),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+    )
     head_dim = text.get("head_dim", raw.get("head_dim"))
     if head_dim is not None and int(head_dim) != cfg.head_dim:
         raise ValueError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads = {cfg.head_dim}")
@@ -125,8 +133,9 @@ def _weight_files(folder: str) -> dict[str, str]:
     if os.path.isfile(single):
         with safe_open(single, framework="np") as f:
             return dict.fromkeys(f.keys(), single)
-    raise FileNotFoundError(f"{folder}: no model.safetensors.index.json or model.safetensors (only safetensors "
-                            "weights are supported)")
+    raise FileNotFoundError(
+        f"{folder}: no model.safetensors.index.json or model.safetensors (only safetensors weights are supported)"
+    )
 
 
 def _language_model_keys(files: dict[str, str], cfg: Qwen2Config, folder: str) -> dict[str, tuple[str, str]]:
@@ -136,17 +145,22 @@ def _language_model_keys(files: dict[str, str], cfg: Qwen2Config, folder: str) -
     for key, file in files.items():
         if key.startswith(_IGNORED_PREFIXES):
             continue
-        name = "model." + key[len(_LANGUAGE_MODEL_PREFIX):] if key.startswith(_LANGUAGE_MODEL_PREFIX) else key
+        name = "model." + key[len(_LANGUAGE_MODEL_PREFIX) :] if key.startswith(_LANGUAGE_MODEL_PREFIX) else key
         found[name] = (file, key)
     expected = set(TOP_TORCH_NAMES.values()) | {
-        f"model.layers.{i}.{name}" for i in range(cfg.num_layers) for name, _ in LAYER_TORCH_NAMES.values()}
+        f"model.layers.{i}.{name}" for i in range(cfg.num_layers) for name, _ in LAYER_TORCH_NAMES.values()
+    }
     missing, unknown = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or unknown:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
         parts = ([f"missing {show(missing)}"] if missing else []) + ([f"unknown {show(unknown)}"] if unknown else [])
-        raise ValueError(f"{folder}: the weights do not match config.json's Qwen2.5-VL language model "
-                         f"({cfg.num_layers} layers): {'; '.join(parts)}")
+        raise ValueError(
+            f"{folder}: the weights do not match config.json's Qwen2.5-VL language model "
+            f"({cfg.num_layers} layers): {'; '.join(parts)}"
+        )
     return found
 
 
@@ -193,11 +207,14 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
 
                 def callback(index, torch_name=torch_name, transpose=transpose, shape=sds.shape):
                     layers = range(cfg.num_layers)[index[0]]
-                    return np.stack([read(f"model.layers.{i}.{torch_name}", transpose, index[1:], shape[1:])
-                                     for i in layers])
+                    return np.stack(
+                        [read(f"model.layers.{i}.{torch_name}", transpose, index[1:], shape[1:]) for i in layers]
+                    )
             else:
+
                 def callback(index, name=TOP_TORCH_NAMES[names[0]], shape=sds.shape):
                     return read(name, False, index, shape)
+
             arrays.append(jax.make_array_from_callback(sds.shape, sharding, callback))
     return cfg, jax.tree.unflatten(treedef, arrays)
 
@@ -206,11 +223,18 @@ def save(path: str | os.PathLike, cfg: Qwen2Config, params: dict) -> None:
     """Writes config.json (Qwen2.5-VL, text settings at the top) and model.safetensors with the released names."""
     os.makedirs(path, exist_ok=True)
     config = {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "intermediate_size": cfg.intermediate_size, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu", "use_sliding_window": False,
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -275,7 +299,7 @@ def tokenize(path_or_tokenizer, captions: str | Sequence[str], max_length: int =
     out = np.full((len(captions), max_length), pad_id, np.int32)
     for row, enc in zip(out, tok.encode_batch([render(c) for c in captions], add_special_tokens=False)):
         ids = enc.ids[:max_length]
-        row[:len(ids)] = ids
+        row[: len(ids)] = ids
     return out
 
 
@@ -297,21 +321,41 @@ def embed(cfg: Qwen2Config, params: dict, ids_bl: jax.Array) -> jax.Array:
     return rearrange(normalize(hs_nbld), "n b l d -> b l (n d)")
 
 
-def write_tiny(path: str | os.PathLike, seed: int = 0, num_layers: int = 2, hidden_size: int = 32,
-               words: Sequence[str] = ()) -> Qwen2Config:
+def write_tiny(
+    path: str | os.PathLike, seed: int = 0, num_layers: int = 2, hidden_size: int = 32, words: Sequence[str] = ()
+) -> Qwen2Config:
     """A tiny random text-encoder folder for tests and toy runs: config.json, model.safetensors and a word-level
     tokenizer.json (space-separated words, "\n" and "." on their own; vocabulary: the Qwen special tokens, the
     template's words, `words` and [UNK]). Returns its config."""
-    vocab = [DEFAULT_PAD_TOKEN, *SPECIAL_TOKENS, "[UNK]", "\n", "system", "user", *SYSTEM_PROMPT[:-1].split(), ".",
-             *words]
+    vocab = [
+        DEFAULT_PAD_TOKEN,
+        *SPECIAL_TOKENS,
+        "[UNK]",
+        "\n",
+        "system",
+        "user",
+        *SYSTEM_PROMPT[:-1].split(),
+        ".",
+        *words,
+    ]
     vocab = list(dict.fromkeys(vocab))
     tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.Split(" ", "removed"),
-                                                 pre_tokenizers.Split(".", "isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", "isolated"),
+            pre_tokenizers.Split(" ", "removed"),
+            pre_tokenizers.Split(".", "isolated"),
+        ]
+    )
     tok.add_special_tokens([DEFAULT_PAD_TOKEN, *SPECIAL_TOKENS])
-    cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
-                      num_kv_heads=2, intermediate_size=2 * hidden_size)
+    cfg = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=2 * hidden_size,
+    )
     save(path, cfg, qwen2.init_params(cfg, jax.random.key(seed)))
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
@@ -320,8 +364,11 @@ def write_tiny(path: str | os.PathLike, seed: int = 0, num_layers: int = 2, hidd
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m " + __spec__.name if __spec__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--text-encoder", required=True, help="Qwen2.5-VL folder or hf://OWNER/NAME[@REV]")
     parser.add_argument("--prompt", required=True, action="append", help="caption (repeat for a batch)")
     parser.add_argument("--out", required=True, help="output .npy: float32 (B, 512, layers*hidden)")

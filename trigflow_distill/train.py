@@ -10,6 +10,7 @@ Reliability (docs/reliability.md): one run per workdir (`lock.WorkdirLock`); the
 saved one before anything is written; checkpoints are saved only when finite and reported only once committed
 (`checkpoint.Saver`); a resume restores the newest checkpoint that reads back completely.
 """
+
 import functools
 import sys
 from typing import Callable
@@ -74,8 +75,12 @@ def acquire_lock(workdir: epath.Path) -> lock.WorkdirLock | None:
         except WorkdirLocked as e:
             held, error = None, e
         except OSError as e:
-            held, error = None, ValueError(f"--workdir {workdir} is not writable ({e}); choose a writable "
-                                           "location or fix its permissions.")
+            held, error = (
+                None,
+                ValueError(
+                    f"--workdir {workdir} is not writable ({e}); choose a writable location or fix its permissions."
+                ),
+            )
     if not distributed.is_single_process():
         ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
         if not ok and error is None:
@@ -90,11 +95,17 @@ def check_source(source, net_config, teacher) -> None:
     bucket), text of a width the teacher takes (raw: its projection's input; projected: the context width)."""
     for _, spec, _ in data.records.source_buckets(source):
         c, t, h, w = spec.latent_shape
-        if c != net_config.in_channels or t % net_config.patch_temporal or h % net_config.patch_spatial or (
-                w % net_config.patch_spatial):
-            raise ValueError(f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
-                             f"channels and T, H, W divisible by {net_config.patch_temporal}, "
-                             f"{net_config.patch_spatial}, {net_config.patch_spatial}.")
+        if (
+            c != net_config.in_channels
+            or t % net_config.patch_temporal
+            or h % net_config.patch_spatial
+            or (w % net_config.patch_spatial)
+        ):
+            raise ValueError(
+                f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
+                f"channels and T, H, W divisible by {net_config.patch_temporal}, "
+                f"{net_config.patch_spatial}, {net_config.patch_spatial}."
+            )
         dmd2.text_width_kind(net_config, teacher, spec.text_shape[-1])
 
 
@@ -103,41 +114,60 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     batch_size = int(config.data.batch_size)
     loaded = run.load_teacher(config, str(workdir))
     # The mesh (config.mesh sizes at 0: chosen by the compile-only plan) for the largest records of the data.
-    largest = max((spec for _, spec, _ in data.records.source_buckets(source)),
-                  key=lambda spec: int(np.prod(spec.latent_shape)))
-    mesh = memplan.run_mesh(config, loaded[0], largest.latent_shape, largest.text_shape[0], batch_size,
-                            str(workdir), log=lambda line: print(line, flush=True) if main_process else None)
+    largest = max(
+        (spec for _, spec, _ in data.records.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))
+    )
+    mesh = memplan.run_mesh(
+        config,
+        loaded[0],
+        largest.latent_shape,
+        largest.text_shape[0],
+        batch_size,
+        str(workdir),
+        log=lambda line: print(line, flush=True) if main_process else None,
+    )
     sharding.check_batch(batch_size, mesh)
 
-    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(config, str(workdir),
-                                                                                               mesh, loaded)
+    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(
+        config, str(workdir), mesh, loaded
+    )
     check_source(source, algo.net_config, teacher)
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
-    critic_step, student_step = dmd2.make_update_fns(algo, student_tx, critic_tx,
-                                                     optim.ema_gamma(config.distill.ema_rate),
-                                                     (state_sh, teacher_sh, batch_sh, repl))
+    critic_step, student_step = dmd2.make_update_fns(
+        algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate), (state_sh, teacher_sh, batch_sh, repl)
+    )
 
-    data_iter = data.make_iterator(source, batch_size, int(config.data.seed),
-                                   process_slice=sharding.local_batch_slice(batch_size, mesh))
+    data_iter = data.make_iterator(
+        source, batch_size, int(config.data.seed), process_slice=sharding.local_batch_slice(batch_size, mesh)
+    )
     manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
     state, start = checkpoint.restore_latest(manager, abstract, data_iter, set_aside=True)
     saver = checkpoint.Saver(manager, last_committed=start if state is not None else None)
     if state is None:
         state = init(teacher)
         if main_process:
-            print(parameter_overview.get_parameter_overview(jax.device_get(state.student), include_stats=False,
-                                                            max_lines=40), flush=True)
+            print(
+                parameter_overview.get_parameter_overview(
+                    jax.device_get(state.student), include_stats=False, max_lines=40
+                ),
+                flush=True,
+            )
     elif main_process:
         print(f"Resumed from {workdir} at step {start}.", flush=True)
 
     total = int(config.total_steps)
     first = source[0]["latents"]  # (16,T,H,W): tokens per sample for the speed line
     c = algo.net_config
-    tokens = batch_size * (first.shape[1] // c.patch_temporal) * (first.shape[2] // c.patch_spatial) * (
-        first.shape[3] // c.patch_spatial)
-    writer = metrics.Writer(str(workdir), total, tokens, enabled=main_process, wandb_config=config.get("wandb"),
-                            run_config=config.to_dict())
+    tokens = (
+        batch_size
+        * (first.shape[1] // c.patch_temporal)
+        * (first.shape[2] // c.patch_spatial)
+        * (first.shape[3] // c.patch_spatial)
+    )
+    writer = metrics.Writer(
+        str(workdir), total, tokens, enabled=main_process, wandb_config=config.get("wandb"), run_config=config.to_dict()
+    )
     agg = metrics.Aggregator()
     pending = []
     d = config.distill
@@ -146,8 +176,11 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     if write_samples is not None and config.sample_every:
         # One fixed validation batch (the dataset's first, fixed noise): samples of different steps and of resumed
         # runs show the same prompts and conditioning.
-        first_batch = next(data.make_iterator(source, batch_size, int(config.data.seed),
-                                              process_slice=sharding.local_batch_slice(batch_size, mesh)))
+        first_batch = next(
+            data.make_iterator(
+                source, batch_size, int(config.data.seed), process_slice=sharding.local_batch_slice(batch_size, mesh)
+            )
+        )
         sample_batch = sharding.global_batch(first_batch, batch_size, mesh)
 
     def check_lock():
@@ -172,14 +205,22 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
                     saver.confirm()  # so that the message names the newest committed checkpoint
                     raise TrainingStopped(
                         f"{skips} consecutive updates had a non-finite loss or gradient (step {done}); stopping. "
-                        f"{saver.last_good()} Lower the learning rates or check the data for non-finite values.")
+                        f"{saver.last_good()} Lower the learning rates or check the data for non-finite values."
+                    )
                 saver.poll()
                 check_lock()
             check_lock()
             saver.save(done, state, data_iter, force=done == total)
             if write_samples is not None and config.sample_every and done % config.sample_every == 0:
-                save_samples(sample_fn, state, teacher, sample_batch, write_samples,
-                             workdir / "samples" / f"{done:07d}.png", writer)
+                save_samples(
+                    sample_fn,
+                    state,
+                    teacher,
+                    sample_batch,
+                    write_samples,
+                    workdir / "samples" / f"{done:07d}.png",
+                    writer,
+                )
         saver.close()
     except BaseException:
         try:  # let a save in flight finish, so the last good checkpoint is the newest one
@@ -193,14 +234,23 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     return state
 
 
-def save_samples(sample_fn, state: dmd2.TrainState, teacher, batch, write_samples: SampleWriter, path: epath.Path,
-                 writer: metrics.Writer | None = None):
+def save_samples(
+    sample_fn,
+    state: dmd2.TrainState,
+    teacher,
+    batch,
+    write_samples: SampleWriter,
+    path: epath.Path,
+    writer: metrics.Writer | None = None,
+):
     """The EMA student's samples for `batch` (the run's fixed validation batch), handed to `write_samples` (every
     process computes, process 0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
-    x = multihost_utils.process_allgather(sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)),
-                                          tiled=True)
-    host_batch = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-                  for k, v in batch.items() if k != "text"}
+    x = multihost_utils.process_allgather(
+        sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)), tiled=True
+    )
+    host_batch = {
+        k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items() if k != "text"
+    }
     if distributed.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_samples(np.asarray(x), host_batch, str(path), writer)

@@ -3,6 +3,7 @@
 TrigFlow state: x_tau = cos(tau) * x0 / sigma_d + sin(tau) * eps, tau in [0, pi/2] (0 clean, pi/2 pure noise).
 EDM sigma = sigma_d * tan(tau); rectified-flow (RF) time t = sigma_d sin / (cos + sigma_d sin).
 """
+
 import math
 
 import jax

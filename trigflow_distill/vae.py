@@ -14,6 +14,7 @@ CLI (`python -m trigflow_distill.vae --help`):
     python -m trigflow_distill.vae encode IN.mp4 OUT.npz [--vae SRC] [--resolution 480] [--frames N]
     python -m trigflow_distill.vae decode IN.npz OUT.mp4 [--vae SRC] [--fps 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,15 @@ def _diffusers_folder(folder: str) -> dict[str, np.ndarray]:
             folder = d
             break
     else:
-        raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers {_DIFFUSERS_CLASS} folder or a "
-                                "native Wan .pth file)")
+        raise FileNotFoundError(
+            f"{folder}: no config.json (expected a diffusers {_DIFFUSERS_CLASS} folder or a native Wan .pth file)"
+        )
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
     if config.get("_class_name") != _DIFFUSERS_CLASS:
-        raise ValueError(f"{folder}: config.json _class_name is {config.get('_class_name')!r}, expected "
-                         f"{_DIFFUSERS_CLASS!r}")
+        raise ValueError(
+            f"{folder}: config.json _class_name is {config.get('_class_name')!r}, expected {_DIFFUSERS_CLASS!r}"
+        )
     if config.get("is_residual") or config.get("patch_size"):
         raise ValueError(f"{folder}: a Wan2.2-style VAE (is_residual / patch_size) is not the Wan2.1 VAE")
     weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
@@ -188,10 +191,11 @@ def _cmd_encode(args) -> None:
         out = epath.Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("wb") as f:
-            np.savez(f, latents=latents, padding_mask=mask, bucket=np.array(bucket, np.int32),
-                     fps=np.float32(fps))
-    print(f"{args.input}: {n} frames {frames.shape[2]}x{frames.shape[1]} -> bucket {bucket[0]}x{bucket[1]} -> "
-          f"latents {latents.shape} in {args.output}")
+            np.savez(f, latents=latents, padding_mask=mask, bucket=np.array(bucket, np.int32), fps=np.float32(fps))
+    print(
+        f"{args.input}: {n} frames {frames.shape[2]}x{frames.shape[1]} -> bucket {bucket[0]}x{bucket[1]} -> "
+        f"latents {latents.shape} in {args.output}"
+    )
 
 
 def _cmd_decode(args) -> None:
@@ -212,16 +216,19 @@ def _cmd_decode(args) -> None:
         pixels = np.asarray(decode(cfg, params, latents, dtype=args.dtype))[0]
         stage("write video")
         video.write_mp4(args.output, video.to_uint8(pixels), args.fps)
-    print(f"{args.input}: latents {latents.shape[1:]} -> {pixels.shape[1]} frames "
-          f"{pixels.shape[3]}x{pixels.shape[2]} in {args.output}")
+    print(
+        f"{args.input}: latents {latents.shape[1:]} -> {pixels.shape[1]} frames "
+        f"{pixels.shape[3]}x{pixels.shape[2]} in {args.output}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trigflow_distill.vae",
         description="Encode a video into normalised Wan2.1 VAE latents (the DiT's input) or decode latents back "
-                    "into a video, for quick checks. Encode resizes and pads to the bucket of nearest aspect "
-                    "ratio (docs/algorithm.md §12) and keeps the first 1+4k frames.")
+        "into a video, for quick checks. Encode resizes and pads to the bucket of nearest aspect "
+        "ratio (docs/algorithm.md §12) and keeps the first 1+4k frames.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="IN.mp4 -> OUT.npz (latents, padding_mask, bucket, fps)")
     enc.add_argument("input", help="video file (anything PyAV/FFmpeg reads)")
@@ -233,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     dec.add_argument("output", help="mp4 to write (H.264)")
     dec.add_argument("--fps", type=float, default=16.0, help="frame rate of the written video (default 16)")
     for p in (enc, dec):
-        p.add_argument("--vae", default=DEFAULT_SOURCE,
-                       help=f"native Wan .pth, diffusers AutoencoderKLWan folder or hf:// source "
-                            f"(default {DEFAULT_SOURCE})")
+        p.add_argument(
+            "--vae",
+            default=DEFAULT_SOURCE,
+            help=f"native Wan .pth, diffusers AutoencoderKLWan folder or hf:// source (default {DEFAULT_SOURCE})",
+        )
         p.add_argument("--dtype", default="float32", choices=tuple(_DTYPES), help="compute dtype (default float32)")
     args = parser.parse_args(argv)
     try:

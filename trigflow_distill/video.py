@@ -7,6 +7,7 @@
   when a pad is not smaller than the frame), mask 1 on padded pixels;
 - `to_uint8(video (3,T,H,W)) -> frames (T,H,W,3) uint8`, clamping to [-1, 1].
 """
+
 from __future__ import annotations
 
 import os
@@ -113,7 +114,7 @@ def resize_and_pad(frames_thw3: np.ndarray, bucket_wh: tuple[int, int]) -> tuple
     video = np.pad(frames, ((0, 0), *pads, (0, 0)), mode="reflect" if reflect else "edge")
     video = np.transpose(video, (3, 0, 1, 2)).astype(np.float32) / 127.5 - 1.0
     mask = np.ones((1, bh, bw), np.float32)
-    mask[:, top:top + nh, left:left + nw] = 0.0
+    mask[:, top : top + nh, left : left + nw] = 0.0
     return video, mask
 
 

@@ -8,6 +8,7 @@ writes, next to the trainer's `<workdir>/samples/<step>.png` path, `<step>_<i>.m
 (`write_videos`: animated GIFs `samples/video/<i>` in TensorBoard, videos in W&B when it is on). data_kinds uses it
 for data.kind "dir" when config.vae.path is set.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,21 @@ from trigflow_distill import metrics, vae, video
 class VideoSamples:
     """Decodes latent samples (B, 16, T, h, w) with a Wan2.1 VAE and writes mp4s, a GIF and metrics videos."""
 
-    def __init__(self, vae_src: str, fps: float = 16.0, max_videos: int = 4, gif_height: int = 192,
-                 dtype: str = "float32"):
+    def __init__(
+        self, vae_src: str, fps: float = 16.0, max_videos: int = 4, gif_height: int = 192, dtype: str = "float32"
+    ):
         self.cfg, self.params = vae.load(vae_src)
         self.fps, self.max_videos, self.gif_height, self.dtype = fps, max_videos, gif_height, dtype
 
     def decode(self, samples_bcthw) -> np.ndarray:
         """Frames (N, T, H, W, 3) uint8 of the first max_videos samples, decoded one at a time."""
-        samples = np.asarray(samples_bcthw)[:self.max_videos]
-        return np.stack([video.to_uint8(np.asarray(vae.decode(self.cfg, self.params, x[None], dtype=self.dtype))[0])
-                         for x in samples])
+        samples = np.asarray(samples_bcthw)[: self.max_videos]
+        return np.stack(
+            [
+                video.to_uint8(np.asarray(vae.decode(self.cfg, self.params, x[None], dtype=self.dtype))[0])
+                for x in samples
+            ]
+        )
 
     def write(self, samples_bcthw, out_dir: str, step: int, writer=None) -> np.ndarray:
         """Writes the videos of `step` under out_dir and to `writer` (a metrics.Writer or None); returns them."""
@@ -55,6 +61,7 @@ def side_by_side(frames_nthw3: np.ndarray, height: int) -> np.ndarray:
     _, _, h, w, _ = frames_nthw3.shape
     if h > height:
         size = (max(1, round(w * height / h)), height)
-        frames_nthw3 = np.stack([[np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in clip]
-                                 for clip in frames_nthw3])
+        frames_nthw3 = np.stack(
+            [[np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in clip] for clip in frames_nthw3]
+        )
     return np.concatenate(list(frames_nthw3), axis=2)

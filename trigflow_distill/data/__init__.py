@@ -35,11 +35,37 @@ Each record (and each batch, stacked) is a dict {"latents": (16,T,H,W) f32, "tex
 ["num_cond_frames": int32], ["prompt": int32], ["padding_mask": (1,h,w) f32]}. Section numbers (§N) refer to
 docs/algorithm.md.
 """
-from trigflow_distill.data.pipeline import default_process_slice, make_dataset, make_iterator
-from trigflow_distill.data.records import (FORMAT, LATENT_MEAN, LATENT_STD, NUM_COND_PROBS, DatasetWriter,
-                                           NpyDirSource, RecordSpec, SyntheticSource, make_synthetic_source,
-                                           normalize_latents, validate_record, write_dataset)
 
-__all__ = ["FORMAT", "LATENT_MEAN", "LATENT_STD", "NUM_COND_PROBS", "DatasetWriter", "NpyDirSource", "RecordSpec",
-           "SyntheticSource", "default_process_slice", "make_dataset", "make_iterator", "make_synthetic_source",
-           "normalize_latents", "validate_record", "write_dataset"]
+from trigflow_distill.data.pipeline import default_process_slice, make_dataset, make_iterator
+from trigflow_distill.data.records import (
+    FORMAT,
+    LATENT_MEAN,
+    LATENT_STD,
+    NUM_COND_PROBS,
+    DatasetWriter,
+    NpyDirSource,
+    RecordSpec,
+    SyntheticSource,
+    make_synthetic_source,
+    normalize_latents,
+    validate_record,
+    write_dataset,
+)
+
+__all__ = [
+    "FORMAT",
+    "LATENT_MEAN",
+    "LATENT_STD",
+    "NUM_COND_PROBS",
+    "DatasetWriter",
+    "NpyDirSource",
+    "RecordSpec",
+    "SyntheticSource",
+    "default_process_slice",
+    "make_dataset",
+    "make_iterator",
+    "make_synthetic_source",
+    "normalize_latents",
+    "validate_record",
+    "write_dataset",
+]

@@ -1,4 +1,5 @@
 """`python -m trigflow_distill.data write ...` = `python -m trigflow_distill.data.write ...`."""
+
 import sys
 
 from trigflow_distill.data.write import main

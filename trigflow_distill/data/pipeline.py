@@ -10,6 +10,7 @@ latent shapes): every batch holds records of one bucket. Epoch e shuffles each b
 into whole batches (each bucket's remainder is dropped that epoch) and shuffles the list of all batches, so a
 batch's bucket, like its records, is a pure function of (seed, step).
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,10 @@ class _LoadRows:
         return self.specs[0] if self.bucket_of is None else self.specs[self.bucket_of[index]]
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        records = [validate_record(self.source[int(i)], self._spec(int(i)), record_name(self.source, int(i)))
-                   for i in np.asarray(indices)[self.rows]]
+        records = [
+            validate_record(self.source[int(i)], self._spec(int(i)), record_name(self.source, int(i)))
+            for i in np.asarray(indices)[self.rows]
+        ]
         return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
@@ -75,8 +78,15 @@ def default_process_slice(batch_size: int) -> slice:
     return slice(index * per, (index + 1) * per)
 
 
-def make_dataset(source: Any, batch_size: int, seed: int, *, num_epochs: int | None = None,
-                 process_slice: slice | None = None, spec: RecordSpec | None = None) -> grain.MapDataset:
+def make_dataset(
+    source: Any,
+    batch_size: int,
+    seed: int,
+    *,
+    num_epochs: int | None = None,
+    process_slice: slice | None = None,
+    spec: RecordSpec | None = None,
+) -> grain.MapDataset:
     """MapDataset of this process's rows of each global batch: dicts of stacked arrays, leading dim
     `process_slice` length (default `default_process_slice(batch_size)`). `num_epochs` None repeats forever;
     each epoch is shuffled anew. A source with several buckets (`buckets()`) gives single-bucket batches (module
@@ -85,8 +95,9 @@ def make_dataset(source: Any, batch_size: int, seed: int, *, num_epochs: int | N
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if n < batch_size:
-        raise ValueError(f"the source has {n} records, fewer than one batch of {batch_size}; add records or "
-                         "lower the batch size.")
+        raise ValueError(
+            f"the source has {n} records, fewer than one batch of {batch_size}; add records or lower the batch size."
+        )
     rows = default_process_slice(batch_size) if process_slice is None else process_slice
     if not 0 <= rows.start < rows.stop <= batch_size or rows.step not in (None, 1):
         raise ValueError(f"process_slice {rows} is not a contiguous non-empty range within the batch of {batch_size}.")
@@ -97,8 +108,10 @@ def make_dataset(source: Any, batch_size: int, seed: int, *, num_epochs: int | N
     plan = _BucketPlan([idx for _, _, idx in buckets], batch_size, seed)
     if plan.per_epoch == 0:
         sizes = {name: len(idx) for name, _, idx in buckets}
-        raise ValueError(f"no bucket holds a whole batch of {batch_size} (bucket sizes {sizes}); lower the batch "
-                         "size or write more records per bucket.")
+        raise ValueError(
+            f"no bucket holds a whole batch of {batch_size} (bucket sizes {sizes}); lower the batch "
+            "size or write more records per bucket."
+        )
     bucket_of = np.zeros(n, np.int32)
     for k, (_, _, idx) in enumerate(buckets):
         bucket_of[idx] = k
@@ -106,9 +119,17 @@ def make_dataset(source: Any, batch_size: int, seed: int, *, num_epochs: int | N
     return ds.map(_LoadRows(source, [spec for _, spec, _ in buckets], rows, bucket_of))
 
 
-def make_iterator(source: Any, batch_size: int, seed: int, *, num_epochs: int | None = None,
-                  process_slice: slice | None = None, spec: RecordSpec | None = None, num_threads: int = 2,
-                  prefetch: int = 2) -> grain.DatasetIterator:
+def make_iterator(
+    source: Any,
+    batch_size: int,
+    seed: int,
+    *,
+    num_epochs: int | None = None,
+    process_slice: slice | None = None,
+    spec: RecordSpec | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+) -> grain.DatasetIterator:
     """Iterator over `make_dataset(...)` with `get_state()` / `set_state()` (exact resume; JSON-serialisable
     state). `prefetch` batches are read ahead by `num_threads` threads (prefetching does not change the order
     or the state)."""

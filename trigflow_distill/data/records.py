@@ -6,6 +6,7 @@ A record is a dict {"latents": (16,T,H,W) float32, "text": (L,C) float32, ["num_
 `record_name(i)` (used in error messages) and `buckets()` (groups of records that share one shape, see
 `pipeline.make_dataset`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,48 @@ OPTIONAL_FIELDS = ("num_cond_frames", "prompt", "padding_mask")
 TEXT_DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its uint16 bit pattern (.npy has none)
 VAE_SPATIAL_FACTOR = 8  # Wan2.1: one latent pixel per 8x8 video pixels (docs/algorithm.md §10)
 # Wan2.1 VAE per-channel statistics (docs/algorithm.md §9): normalised latents are (mu - mean) / std.
-LATENT_MEAN = np.array([-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
-                        0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921], np.float32)
-LATENT_STD = np.array([2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-                       1.5579, 1.6382, 1.1253, 2.8251, 1.9160], np.float32)
+LATENT_MEAN = np.array(
+    [
+        -0.7571,
+        -0.7089,
+        -0.9113,
+        0.1075,
+        -0.1745,
+        0.9653,
+        -0.1517,
+        1.5508,
+        0.4134,
+        -0.0715,
+        0.5517,
+        -0.3632,
+        -0.1922,
+        -0.9497,
+        0.2503,
+        -0.2921,
+    ],
+    np.float32,
+)
+LATENT_STD = np.array(
+    [
+        2.8184,
+        1.4541,
+        2.3275,
+        2.6558,
+        1.2196,
+        1.7708,
+        2.6052,
+        2.0743,
+        3.2687,
+        2.1526,
+        2.8652,
+        1.5579,
+        1.6382,
+        1.1253,
+        2.8251,
+        1.9160,
+    ],
+    np.float32,
+)
 # Probabilities of 0, 1, 2 conditional latent frames (the one definition is recipe.COND_FRAME_PROBS).
 NUM_COND_PROBS = COND_FRAME_PROBS
 
@@ -54,6 +93,7 @@ def padding_mask_shapes(latent_shape: Sequence[int]) -> tuple[tuple[int, ...], t
 @dataclasses.dataclass(frozen=True)
 class RecordSpec:
     """Shapes every record of a source (or of one bucket) must have, and which optional fields it carries."""
+
     latent_shape: tuple[int, ...]
     text_shape: tuple[int, ...]
     fields: tuple[str, ...] = ()  # subset of OPTIONAL_FIELDS
@@ -71,15 +111,21 @@ class RecordSpec:
             raise ValueError("padding_mask_shape must be given exactly when 'padding_mask' is one of the fields.")
         allowed = padding_mask_shapes(self.latent_shape)
         if self.padding_mask_shape is not None and tuple(self.padding_mask_shape) not in allowed:
-            raise ValueError(f"padding_mask shape {tuple(self.padding_mask_shape)} is neither latent {allowed[0]} "
-                             f"nor pixel {allowed[1]} resolution for latents {self.latent_shape}.")
+            raise ValueError(
+                f"padding_mask shape {tuple(self.padding_mask_shape)} is neither latent {allowed[0]} "
+                f"nor pixel {allowed[1]} resolution for latents {self.latent_shape}."
+            )
 
     @classmethod
     def of(cls, record: dict) -> RecordSpec:
         """The spec a record implies (used for sources without a `spec`)."""
         pad = record.get("padding_mask")
-        return cls(tuple(np.shape(record["latents"])), tuple(np.shape(record["text"])),
-                   tuple(f for f in OPTIONAL_FIELDS if f in record), None if pad is None else tuple(np.shape(pad)))
+        return cls(
+            tuple(np.shape(record["latents"])),
+            tuple(np.shape(record["text"])),
+            tuple(f for f in OPTIONAL_FIELDS if f in record),
+            None if pad is None else tuple(np.shape(pad)),
+        )
 
 
 def source_spec(source: Any) -> RecordSpec:
@@ -128,8 +174,9 @@ def validate_record(record: dict, spec: RecordSpec, where: str) -> dict:
         out[key] = v.astype(np.int32)
     t = spec.latent_shape[1]
     if "num_cond_frames" in out and not 0 <= out["num_cond_frames"] < t:
-        raise ValueError(f"{where}: num_cond_frames={int(out['num_cond_frames'])} is outside [0, {t}) "
-                         f"for {t} latent frames.")
+        raise ValueError(
+            f"{where}: num_cond_frames={int(out['num_cond_frames'])} is outside [0, {t}) for {t} latent frames."
+        )
     return out
 
 
@@ -138,8 +185,14 @@ class SyntheticSource:
     (normalised latents have unit scale); num_cond_frames drawn from `num_cond_probs` (None: no such field,
     capped at T-1); prompt = i."""
 
-    def __init__(self, num_records: int, latent_shape: Sequence[int], text_shape: Sequence[int], seed: int,
-                 num_cond_probs: Sequence[float] | None = NUM_COND_PROBS):
+    def __init__(
+        self,
+        num_records: int,
+        latent_shape: Sequence[int],
+        text_shape: Sequence[int],
+        seed: int,
+        num_cond_probs: Sequence[float] | None = NUM_COND_PROBS,
+    ):
         if num_records <= 0:
             raise ValueError(f"num_records must be positive, got {num_records}.")
         fields = ("prompt",) if num_cond_probs is None else ("num_cond_frames", "prompt")
@@ -155,17 +208,24 @@ class SyntheticSource:
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} out of range [0, {self.num_records}).")
         rng = np.random.default_rng([self.seed, index])
-        rec = {"latents": rng.standard_normal(self.spec.latent_shape, np.float32),
-               "text": rng.standard_normal(self.spec.text_shape, np.float32),
-               "prompt": np.int32(index)}
+        rec = {
+            "latents": rng.standard_normal(self.spec.latent_shape, np.float32),
+            "text": rng.standard_normal(self.spec.text_shape, np.float32),
+            "prompt": np.int32(index),
+        }
         if self.num_cond_probs is not None:
             n = rng.choice(len(self.num_cond_probs), p=self.num_cond_probs / self.num_cond_probs.sum())
             rec["num_cond_frames"] = np.int32(min(n, self.spec.latent_shape[1] - 1))
         return rec
 
 
-def make_synthetic_source(num_records: int, latent_shape: Sequence[int], text_shape: Sequence[int], seed: int,
-                          num_cond_probs: Sequence[float] | None = NUM_COND_PROBS) -> SyntheticSource:
+def make_synthetic_source(
+    num_records: int,
+    latent_shape: Sequence[int],
+    text_shape: Sequence[int],
+    seed: int,
+    num_cond_probs: Sequence[float] | None = NUM_COND_PROBS,
+) -> SyntheticSource:
     """See SyntheticSource."""
     return SyntheticSource(num_records, latent_shape, text_shape, seed, num_cond_probs)
 
@@ -190,8 +250,9 @@ class _RemoteNpy:
         self.path = epath.Path(path)
         with self.path.open("rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             self.shape, fortran, self.dtype = read_header(f)
             self._offset = f.tell()
         if fortran:
@@ -228,7 +289,8 @@ class NpyDirSource:
         if not meta_path.is_file():
             raise FileNotFoundError(
                 f"{meta_path} not found: {directory} is not a dataset directory; write one with "
-                "`python -m trigflow_distill.data.write --latents L.npy --text T.npy --out DIR`.")
+                "`python -m trigflow_distill.data.write --latents L.npy --text T.npy --out DIR`."
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected one of {READABLE_FORMATS}.")
@@ -252,14 +314,20 @@ class NpyDirSource:
             return tuple(s.get("padding_mask_shape") or self._array(k, "padding_mask").shape[1:])
 
         # Version 1 has one latent shape for the whole dataset; version 2 one per shard (its bucket).
-        self._specs = [RecordSpec(tuple(s.get("latent_shape", meta.get("latent_shape"))), tuple(text_shape), fields,
-                                  pad_shape(k, s)) for k, s in enumerate(shards)]
-        self._bucket_of_shard = [bucket_name(s.get("bucket", _bucket_name(spec.latent_shape)))
-                                 for s, spec in zip(shards, self._specs)]
+        self._specs = [
+            RecordSpec(
+                tuple(s.get("latent_shape", meta.get("latent_shape"))), tuple(text_shape), fields, pad_shape(k, s)
+            )
+            for k, s in enumerate(shards)
+        ]
+        self._bucket_of_shard = [
+            bucket_name(s.get("bucket", _bucket_name(spec.latent_shape))) for s, spec in zip(shards, self._specs)
+        ]
         self._starts = np.cumsum([0] + [n for _, n in self._shards])
         if self._starts[-1] != meta["num_records"]:
-            raise ValueError(f"{meta_path}: shards hold {self._starts[-1]} records, num_records says "
-                             f"{meta['num_records']}.")
+            raise ValueError(
+                f"{meta_path}: shards hold {self._starts[-1]} records, num_records says {meta['num_records']}."
+            )
         self.spec = self._specs[0] if len(set(self._specs)) == 1 else None
 
     def __len__(self) -> int:
@@ -270,8 +338,10 @@ class NpyDirSource:
         out: dict[str, tuple[RecordSpec, list]] = {}
         for k, (bucket, spec) in enumerate(zip(self._bucket_of_shard, self._specs)):
             if bucket in out and out[bucket][0] != spec:
-                raise ValueError(f"{self.directory}: bucket {bucket!r} mixes record shapes {out[bucket][0]} and "
-                                 f"{spec} (shard {self._shards[k][0]}); give each shape its own bucket.")
+                raise ValueError(
+                    f"{self.directory}: bucket {bucket!r} mixes record shapes {out[bucket][0]} and "
+                    f"{spec} (shard {self._shards[k][0]}); give each shape its own bucket."
+                )
             out.setdefault(bucket, (spec, []))[1].append(np.arange(self._starts[k], self._starts[k + 1]))
         return [(b, spec, np.concatenate(idx)) for b, (spec, idx) in out.items()]
 
@@ -336,10 +406,19 @@ class DatasetWriter:
         self.out_dir, self.text_kind = out_dir, text_kind
         self._shards, self._text_shape, self._text_dtype, self._fields, self._buckets = [], None, None, None, {}
 
-    def write_shard(self, latents: np.ndarray, text: np.ndarray, *, bucket: str | None = None,
-                    num_cond_frames: np.ndarray | None = None, prompt: np.ndarray | None = None,
-                    padding_mask: np.ndarray | None = None, info: Sequence[dict] | None = None,
-                    normalize: bool = False, first_index: int = 0) -> str:
+    def write_shard(
+        self,
+        latents: np.ndarray,
+        text: np.ndarray,
+        *,
+        bucket: str | None = None,
+        num_cond_frames: np.ndarray | None = None,
+        prompt: np.ndarray | None = None,
+        padding_mask: np.ndarray | None = None,
+        info: Sequence[dict] | None = None,
+        normalize: bool = False,
+        first_index: int = 0,
+    ) -> str:
         """One shard from (n,16,T,H,W) latents, (n,L,C) text and optional (n,) ints, (n,1,h,w) padding masks
         (1 = padding; latent or pixel resolution) and per-record info dicts (JSON objects, e.g. {"caption": str,
         "video": source file, "frames": [start, stop), "fps": float}). `bucket` names the shard's aspect bucket
@@ -347,8 +426,11 @@ class DatasetWriter:
         `normalize`: latents are raw VAE means (docs/algorithm.md §9). `first_index` numbers the records in
         error messages. Returns the shard name."""
         n = len(latents)
-        extras = {k: v for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt),
-                                    ("padding_mask", padding_mask)) if v is not None}
+        extras = {
+            k: v
+            for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt), ("padding_mask", padding_mask))
+            if v is not None
+        }
         for name, arr in (("text", text), *extras.items(), *((("info", info),) if info is not None else ())):
             if len(arr) != n:
                 raise ValueError(f"{name} has {len(arr)} records but latents has {n}; they must match.")
@@ -359,31 +441,43 @@ class DatasetWriter:
         spec = RecordSpec(tuple(latents.shape[1:]), tuple(text.shape[1:]), fields, pad_shape)
         if self._text_shape is None:
             self._text_shape, self._fields = spec.text_shape, fields
-            self._text_dtype = next((np.dtype(d) for d in (np.float16, ml_dtypes.bfloat16) if text.dtype == d),
-                                    np.dtype(np.float32))
+            self._text_dtype = next(
+                (np.dtype(d) for d in (np.float16, ml_dtypes.bfloat16) if text.dtype == d), np.dtype(np.float32)
+            )
             self.text_kind = self.text_kind or (
-                "projected" if spec.text_shape[-1] == PROJECTED_TEXT_CHANNELS else "raw")
+                "projected" if spec.text_shape[-1] == PROJECTED_TEXT_CHANNELS else "raw"
+            )
         elif spec.text_shape != self._text_shape or fields != self._fields:
-            raise ValueError(f"shard {len(self._shards)}: text {spec.text_shape} and fields {fields} differ from "
-                             f"the first shard's {self._text_shape}, {self._fields}; every shard must match.")
+            raise ValueError(
+                f"shard {len(self._shards)}: text {spec.text_shape} and fields {fields} differ from "
+                f"the first shard's {self._text_shape}, {self._fields}; every shard must match."
+            )
         bucket = bucket_name(bucket) if bucket is not None else _bucket_name(spec.latent_shape)
         if self._buckets.setdefault(bucket, spec) != spec:
             raise ValueError(f"bucket {bucket!r} already holds records shaped {self._buckets[bucket]}, not {spec}.")
         name = f"shard-{len(self._shards):05d}"
         # .npy has no bfloat16: such text is stored as its uint16 bit pattern (meta text_dtype says so).
         text_store = np.dtype(np.uint16) if self._text_dtype == ml_dtypes.bfloat16 else self._text_dtype
-        shapes = {"latents": (spec.latent_shape, np.float32), "text": (spec.text_shape, text_store),
-                  **{f: ((), np.int32) for f in ("num_cond_frames", "prompt") if f in extras}}
+        shapes = {
+            "latents": (spec.latent_shape, np.float32),
+            "text": (spec.text_shape, text_store),
+            **{f: ((), np.int32) for f in ("num_cond_frames", "prompt") if f in extras},
+        }
         if pad_shape is not None:
             shapes["padding_mask"] = (pad_shape, np.uint8)
         staging = None if _is_local(self.out_dir) else tempfile.TemporaryDirectory()
         local_dir = self.out_dir if staging is None else staging.name
-        outs = {f: np.lib.format.open_memmap(_shard_file(local_dir, name, f), mode="w+", dtype=dt,
-                                             shape=(n, *shape)) for f, (shape, dt) in shapes.items()}
+        outs = {
+            f: np.lib.format.open_memmap(_shard_file(local_dir, name, f), mode="w+", dtype=dt, shape=(n, *shape))
+            for f, (shape, dt) in shapes.items()
+        }
         for i in range(n):
             lat = normalize_latents(latents[i]) if normalize else latents[i]
-            rec = validate_record({"latents": lat, "text": np.asarray(text[i], np.float32),
-                                   **{f: extras[f][i] for f in extras}}, spec, f"input record {first_index + i}")
+            rec = validate_record(
+                {"latents": lat, "text": np.asarray(text[i], np.float32), **{f: extras[f][i] for f in extras}},
+                spec,
+                f"input record {first_index + i}",
+            )
             rec["text"] = rec["text"].astype(self._text_dtype).view(text_store)
             for f, out in outs.items():
                 out[i] = rec[f]
@@ -397,25 +491,48 @@ class DatasetWriter:
             staging.cleanup()
         if info is not None:
             epath.Path(_shard_file(self.out_dir, name, "records", "jsonl")).write_text(
-                "".join(json.dumps(dict(row)) + "\n" for row in info))
-        self._shards.append({"name": name, "num_records": n, "bucket": bucket, "latent_shape": list(spec.latent_shape),
-                             "padding_mask_shape": None if pad_shape is None else list(pad_shape)})
+                "".join(json.dumps(dict(row)) + "\n" for row in info)
+            )
+        self._shards.append(
+            {
+                "name": name,
+                "num_records": n,
+                "bucket": bucket,
+                "latent_shape": list(spec.latent_shape),
+                "padding_mask_shape": None if pad_shape is None else list(pad_shape),
+            }
+        )
         return name
 
     def close(self) -> str:
         """Writes meta.json (last: a directory without it is an unfinished write); returns the directory."""
         if not self._shards:
             raise ValueError("no records to write (no shard was written).")
-        meta = {"format": FORMAT, "num_records": sum(s["num_records"] for s in self._shards),
-                "text_shape": list(self._text_shape), "text_kind": self.text_kind, "latents_dtype": "float32",
-                "text_dtype": self._text_dtype.name, "fields": list(self._fields), "shards": self._shards}
+        meta = {
+            "format": FORMAT,
+            "num_records": sum(s["num_records"] for s in self._shards),
+            "text_shape": list(self._text_shape),
+            "text_kind": self.text_kind,
+            "latents_dtype": "float32",
+            "text_dtype": self._text_dtype.name,
+            "fields": list(self._fields),
+            "shards": self._shards,
+        }
         (epath.Path(self.out_dir) / "meta.json").write_text(json.dumps(meta, indent=1))
         return self.out_dir
 
 
-def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_frames: np.ndarray | None = None,
-                  prompt: np.ndarray | None = None, text_kind: str | None = None, shard_size: int = 1024,
-                  normalize: bool = False, padding_mask: np.ndarray | None = None) -> str:
+def write_dataset(
+    out_dir: str,
+    latents: np.ndarray,
+    text: np.ndarray,
+    num_cond_frames: np.ndarray | None = None,
+    prompt: np.ndarray | None = None,
+    text_kind: str | None = None,
+    shard_size: int = 1024,
+    normalize: bool = False,
+    padding_mask: np.ndarray | None = None,
+) -> str:
     """Write arrays (N,16,T,H,W), (N,L,C), optional (N,) ints and (N,1,h,w) padding masks as a dataset directory
     of shards of `shard_size` records (one bucket); returns `out_dir`.
 
@@ -425,8 +542,12 @@ def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_
     remote (gs://..., through etils.epath), see `DatasetWriter`.
     """
     n = len(latents)
-    for name, arr in (("text", text), ("num_cond_frames", num_cond_frames), ("prompt", prompt),
-                      ("padding_mask", padding_mask)):
+    for name, arr in (
+        ("text", text),
+        ("num_cond_frames", num_cond_frames),
+        ("prompt", prompt),
+        ("padding_mask", padding_mask),
+    ):
         if arr is not None and len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} records but latents has {n}; they must match.")
     if n == 0:
@@ -436,9 +557,15 @@ def write_dataset(out_dir: str, latents: np.ndarray, text: np.ndarray, num_cond_
     writer = DatasetWriter(out_dir, text_kind)
     for start in range(0, n, shard_size):
         part = slice(start, min(start + shard_size, n))
-        writer.write_shard(latents[part], text[part], bucket="all",
-                           **{k: None if v is None else v[part] for k, v in (
-                               ("num_cond_frames", num_cond_frames), ("prompt", prompt),
-                               ("padding_mask", padding_mask))},
-                           normalize=normalize, first_index=start)
+        writer.write_shard(
+            latents[part],
+            text[part],
+            bucket="all",
+            **{
+                k: None if v is None else v[part]
+                for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt), ("padding_mask", padding_mask))
+            },
+            normalize=normalize,
+            first_index=start,
+        )
     return writer.close()

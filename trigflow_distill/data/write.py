@@ -9,6 +9,7 @@ even latent height and width (the DiT patchifies 2x2), and a text width the teac
 embeddings or the output of its text projection). An existing non-empty --out is replaced only with --overwrite,
 and only once the new dataset is complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,15 @@ def check_shapes(latents: np.ndarray, text: np.ndarray, text_kind: str | None, n
     """ValueError unless (N,16,T,H,W) latents and (N,L,C) text fit the trainer of the networks preset `net`
     ("any": only the layout is checked). Returns the text kind (given, or told by the width; None for "any")."""
     if latents.ndim != 5 or latents.shape[1] != 16:
-        raise ValueError(f"--latents has shape {latents.shape}; the trainer needs (N, 16, T, H, W) Wan2.1 VAE "
-                         "latents (16 channels).")
+        raise ValueError(
+            f"--latents has shape {latents.shape}; the trainer needs (N, 16, T, H, W) Wan2.1 VAE latents (16 channels)."
+        )
     h, w = latents.shape[3:]
     if h % 2 or w % 2:
-        raise ValueError(f"--latents spatial size {h}x{w} is not even; the DiT patchifies 2x2 latent pixels "
-                         "(videos whose sides are multiples of 16 pixels give even latents).")
+        raise ValueError(
+            f"--latents spatial size {h}x{w} is not even; the DiT patchifies 2x2 latent pixels "
+            "(videos whose sides are multiples of 16 pixels give even latents)."
+        )
     if text.ndim != 3:
         raise ValueError(f"--text has shape {text.shape}; expected (N, L, C) text embeddings.")
     if net == "any":
@@ -55,8 +59,10 @@ def check_shapes(latents: np.ndarray, text: np.ndarray, text_kind: str | None, n
     kinds = [k for k, width in widths.items() if width == c and text_kind in (None, k)]
     if not kinds:
         expected = " or ".join(f"{width} ({k})" for k, width in widths.items() if text_kind in (None, k))
-        raise ValueError(f"--text has width {c}; the {net} teacher takes {expected} channels. Pass the text "
-                         "encoder's output (raw) or its projection, or --net=<preset> for another teacher.")
+        raise ValueError(
+            f"--text has width {c}; the {net} teacher takes {expected} channels. Pass the text "
+            "encoder's output (raw) or its projection, or --net=<preset> for another teacher."
+        )
     return kinds[0]
 
 
@@ -68,21 +74,31 @@ def _check_out(out: str, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trigflow_distill.data.write", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trigflow_distill.data.write",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--latents", required=True, help=".npy (N,16,T,H,W) float latents")
     parser.add_argument("--text", required=True, help=".npy (N,L,C) text embeddings, raw or projected")
     parser.add_argument("--num-cond", help=".npy (N,) integer number of conditional latent frames")
     parser.add_argument("--prompt", help=".npy (N,) integer prompt ids")
-    parser.add_argument("--padding-mask", help=".npy (N,1,h,w) 0/1 padding masks (1 = padded), latent or pixel "
-                                               "resolution")
+    parser.add_argument(
+        "--padding-mask", help=".npy (N,1,h,w) 0/1 padding masks (1 = padded), latent or pixel resolution"
+    )
     parser.add_argument("--text-kind", choices=TEXT_KINDS, help="default: told by the width (see --net)")
-    parser.add_argument("--normalize", action="store_true",
-                        help="latents are raw Wan2.1 VAE means: normalise them per channel (docs/algorithm.md §9)")
+    parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="latents are raw Wan2.1 VAE means: normalise them per channel (docs/algorithm.md §9)",
+    )
     parser.add_argument("--shard-size", type=int, default=1024, help="records per shard file")
-    parser.add_argument("--net", default="predict25_2b",
-                        help="networks preset of the teacher the data is for (its text widths are checked); 'any' "
-                             "skips the width check")
+    parser.add_argument(
+        "--net",
+        default="predict25_2b",
+        help="networks preset of the teacher the data is for (its text widths are checked); 'any' "
+        "skips the width check",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     parser.add_argument("--out", required=True, help="new (or empty) output directory")
     args = parser.parse_args(argv)
@@ -95,8 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         # --overwrite: the new dataset is written beside the old one, which goes only once the new one is complete
         target = f"{out}.writing-{os.getpid()}" if replace else out
         try:
-            write_dataset(target, latents, text, _load(args.num_cond, "num-cond"), _load(args.prompt, "prompt"),
-                          text_kind, args.shard_size, args.normalize, _load(args.padding_mask, "padding-mask"))
+            write_dataset(
+                target,
+                latents,
+                text,
+                _load(args.num_cond, "num-cond"),
+                _load(args.prompt, "prompt"),
+                text_kind,
+                args.shard_size,
+                args.normalize,
+                _load(args.padding_mask, "padding-mask"),
+            )
         except BaseException:
             if replace:
                 shutil.rmtree(target, ignore_errors=True)
@@ -109,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         src = NpyDirSource(out)
     except CLI_ERRORS as e:
         return fail(e)
-    print(f"wrote {len(src)} records to {out}: latents {src.spec.latent_shape}, text {src.spec.text_shape} "
-          f"({src.text_kind}), fields {list(src.spec.fields)}")
+    print(
+        f"wrote {len(src)} records to {out}: latents {src.spec.latent_shape}, text {src.spec.text_shape} "
+        f"({src.text_kind}), fields {list(src.spec.fields)}"
+    )
     return 0
 
 

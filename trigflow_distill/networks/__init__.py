@@ -1,4 +1,5 @@
 """The Cosmos Predict2.5 DiT in JAX (docs/algorithm.md §8) and its parameter-name mapping to PyTorch (state_dict)."""
+
 from trigflow_distill.networks import wan_vae  # noqa: F401  (the Wan2.1 VAE, docs/algorithm.md §10)
 from trigflow_distill.networks.cosmos_dit import (
     PRESETS,

@@ -18,6 +18,7 @@ impl:
   "splash"    TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention); TPU only, raises elsewhere.
               Untested on hardware here (the kernel itself is exercised in Pallas interpret mode by the tests).
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,10 @@ def _attention(q, k, v, impl, block_size, q_block_size, kv_valid):
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=None)
     if impl == "splash":
         if jax.default_backend() != "tpu":
-            raise ValueError(f"impl='splash' needs a TPU backend (this is {jax.default_backend()!r}); "
-                             "use impl='xla', 'einsum' or 'blockwise'")
+            raise ValueError(
+                f"impl='splash' needs a TPU backend (this is {jax.default_backend()!r}); "
+                "use impl='xla', 'einsum' or 'blockwise'"
+            )
         return _splash(q, k, v, kv_valid)
     if impl == "einsum":
         if q_block_size is None:
@@ -87,8 +90,10 @@ def _check_shapes(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention wants q (B,L,H,D), k/v (B,S,H,D); got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"attention shapes disagree: q {q.shape} (B,L,H,D), k {k.shape}, v {v.shape} (B,S,H,D); "
-                         "batch, heads and head dim must match and k, v must have the same shape")
+        raise ValueError(
+            f"attention shapes disagree: q {q.shape} (B,L,H,D), k {k.shape}, v {v.shape} (B,S,H,D); "
+            "batch, heads and head dim must match and k, v must have the same shape"
+        )
 
 
 def _map_query_chunks(fn, q_blhd, q_block_size):
@@ -190,7 +195,7 @@ def _flash_fwd(q, k, v, block_size, q_block_size):
         return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
 
     o_chunks, lse_chunks = lax.map(chunk, q_chunks)
-    o = rearrange(o_chunks, "n b h c d -> b (n c) h d")[:, :q.shape[1]]
+    o = rearrange(o_chunks, "n b h c d -> b (n c) h d")[:, : q.shape[1]]
     return o, (q, k, v, o, lse_chunks)
 
 
@@ -219,19 +224,25 @@ def _flash_bwd(block_size, q_block_size, res, do):
             return (dk_b, dv_b), dq_c + jnp.einsum("bhls,bshd->bhld", ds, k_b, preferred_element_type=jnp.float32)
 
         zeros = _full(k_b.shape, 0.0, q, k, v, do)
-        (dk_b, dv_b), dq_chunks = lax.scan(query_chunk, (zeros, zeros),
-                                           (q_chunks, do_chunks, lse_chunks, delta_chunks, dq_chunks))
-        dk, dv = (lax.dynamic_update_slice_in_dim(x, x_b.astype(x.dtype), start, axis=1)
-                  for x, x_b in ((dk, dk_b), (dv, dv_b)))
+        (dk_b, dv_b), dq_chunks = lax.scan(
+            query_chunk, (zeros, zeros), (q_chunks, do_chunks, lse_chunks, delta_chunks, dq_chunks)
+        )
+        dk, dv = (
+            lax.dynamic_update_slice_in_dim(x, x_b.astype(x.dtype), start, axis=1)
+            for x, x_b in ((dk, dk_b), (dv, dv_b))
+        )
         return dq_chunks, dk, dv
 
-    carry = (_full(q_chunks.shape, 0.0, q, k, v, do), _full(k.shape, 0.0, q, k, v, do, dtype=k.dtype),
-             _full(v.shape, 0.0, q, k, v, do, dtype=v.dtype))
+    carry = (
+        _full(q_chunks.shape, 0.0, q, k, v, do),
+        _full(k.shape, 0.0, q, k, v, do, dtype=k.dtype),
+        _full(v.shape, 0.0, q, k, v, do, dtype=v.dtype),
+    )
     carry = lax.fori_loop(0, n_full, lambda j, c: key_block(c, j * block, block), carry)
     if rem:
         carry = key_block(carry, n_full * block, rem)
     dq_chunks, dk, dv = carry
-    dq = rearrange(dq_chunks * scale, "n b h c d -> b (n c) h d")[:, :q.shape[1]].astype(q.dtype)
+    dq = rearrange(dq_chunks * scale, "n b h c d -> b (n c) h d")[:, : q.shape[1]].astype(q.dtype)
     return dq, dk, dv
 
 
@@ -249,20 +260,37 @@ def _splash(q, k, v, kv_valid, interpret=False):
     kv_valid = num_keys if kv_valid is None else kv_valid
     block = 128
     lp, sp = -(-length // block) * block, -(-num_keys // block) * block
-    q_bhld = rearrange(jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), ((0, 0), (0, lp - length), (0, 0), (0, 0))),
-                       "b l h d -> b h l d")
-    k_bhsd, v_bhsd = (rearrange(jnp.pad(x, ((0, 0), (0, sp - num_keys), (0, 0), (0, 0))), "b s h d -> b h s d")
-                      for x in (k, v))
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((lp, sp))] * h), head_shards=1, q_seq_shards=1,
-                                block_sizes=sk.BlockSizes.get_default(), interpret=interpret)
-    segments = sk.SegmentIds(q=jnp.zeros((lp,), jnp.int32),
-                             kv=jnp.where(jnp.arange(sp) < kv_valid, 0, 1).astype(jnp.int32))
+    q_bhld = rearrange(
+        jnp.pad(q * jnp.asarray(d**-0.5, q.dtype), ((0, 0), (0, lp - length), (0, 0), (0, 0))), "b l h d -> b h l d"
+    )
+    k_bhsd, v_bhsd = (
+        rearrange(jnp.pad(x, ((0, 0), (0, sp - num_keys), (0, 0), (0, 0))), "b s h d -> b h s d") for x in (k, v)
+    )
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((lp, sp))] * h),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sk.BlockSizes.get_default(),
+        interpret=interpret,
+    )
+    segments = sk.SegmentIds(
+        q=jnp.zeros((lp,), jnp.int32), kv=jnp.where(jnp.arange(sp) < kv_valid, 0, 1).astype(jnp.int32)
+    )
     o = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(q_bhld, k_bhsd, v_bhsd)
     return rearrange(o, "b h l d -> b l h d")[:, :length].astype(q.dtype)
 
 
-def seq_sharded_attention(q_blhd, k_bshd, v_bshd, mesh: Mesh, axis: str = "seq", impl: str = "auto",
-                          batch_axis=None, block_size: int = 512, q_block_size: int | None = None):
+def seq_sharded_attention(
+    q_blhd,
+    k_bshd,
+    v_bshd,
+    mesh: Mesh,
+    axis: str = "seq",
+    impl: str = "auto",
+    batch_axis=None,
+    block_size: int = 512,
+    q_block_size: int | None = None,
+):
     """attention() with the token axes sharded over mesh axis `axis` (sequence / context parallelism).
 
     Contract: q (B, L, H, D), k/v (B, S, H, D) global arrays. Each device of the `axis` group holds a contiguous
@@ -290,7 +318,8 @@ def seq_sharded_attention(q_blhd, k_bshd, v_bshd, mesh: Mesh, axis: str = "seq",
         return _attention(q, k_all, v_all, impl, block_size, q_block_size, kv_valid)
 
     out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(
-        pad(q_blhd, lp), pad(k_bshd, sp), pad(v_bshd, sp))
+        pad(q_blhd, lp), pad(k_bshd, sp), pad(v_bshd, sp)
+    )
     return out[:, :length]
 
 

@@ -13,6 +13,7 @@ splits the heads over the axis by an all-to-all (or all-gathers K/V when the axi
 padded positions dropped, so they are never attended), cross-attention is local.
 Everything else (FSDP parameter gathers, projections, MLP) is left to XLA's SPMD partitioner.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,10 +88,17 @@ class DiTConfig:
             raise ValueError(f"unknown attention impl {self.attention!r}; choose one of {IMPLS}")
         if not isinstance(self.remat, bool) and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} not supported; use True/False or one of {sorted(REMAT_POLICIES)}")
-        if min(self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim,
-               self.attention_block_size) < 1 or self.mlp_chunk_frames < 0:
-            raise ValueError(f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1 and "
-                             f"mlp_chunk_frames >= 0: {self}")
+        if (
+            min(
+                self.num_blocks, self.patch_spatial, self.patch_temporal, self.adaln_lora_dim, self.attention_block_size
+            )
+            < 1
+            or self.mlp_chunk_frames < 0
+        ):
+            raise ValueError(
+                f"num_blocks, patch sizes, adaln_lora_dim, attention_block_size must be >= 1 and "
+                f"mlp_chunk_frames >= 0: {self}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -124,12 +132,8 @@ class DiTConfig:
 
 
 PRESETS = {
-    "predict25_2b": DiTConfig(
-        model_channels=2048, num_blocks=28, num_heads=16, crossattn_proj_in_channels=100352
-    ),
-    "predict25_14b": DiTConfig(
-        model_channels=5120, num_blocks=36, num_heads=40, crossattn_proj_in_channels=100352
-    ),
+    "predict25_2b": DiTConfig(model_channels=2048, num_blocks=28, num_heads=16, crossattn_proj_in_channels=100352),
+    "predict25_14b": DiTConfig(model_channels=5120, num_blocks=36, num_heads=40, crossattn_proj_in_channels=100352),
     # CPU tests / demo: head_dim 32 (RoPE 12:10:10), MLP ratio 3, small LoRA and context widths.
     "tiny": DiTConfig(
         model_channels=128,
@@ -210,7 +214,10 @@ def _dense(x, kernel, dtype):
     """x @ kernel with inputs in `dtype`, float32 accumulation and result (full precision in float32 mode)."""
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
     return jnp.einsum(
-        "...i,io->...o", x.astype(dtype), kernel.astype(dtype), precision=precision,
+        "...i,io->...o",
+        x.astype(dtype),
+        kernel.astype(dtype),
+        precision=precision,
         preferred_element_type=jnp.float32,
     )
 
@@ -250,6 +257,7 @@ def project_text(config: DiTConfig, params: dict, text_bld: jnp.ndarray) -> jnp.
 
 class _Layout(NamedTuple):
     """Sequence-parallel layout: tokens of each frame split over mesh axis `seq`, batch over `batch` axes."""
+
     mesh: Mesh
     batch: tuple[str, ...] | None
     seq: str
@@ -269,8 +277,10 @@ def _layout(config, mesh, batch, spatial):
     axes = tuple(a for a in config.batch_axes if a in mesh.shape)
     shards = int(np.prod([mesh.shape[a] for a in axes]))
     if batch % shards:
-        raise ValueError(f"batch {batch} does not split over the mesh batch axes {axes} ({shards} shards); use a "
-                         f"multiple of {shards} or set DiTConfig.batch_axes")
+        raise ValueError(
+            f"batch {batch} does not split over the mesh batch axes {axes} ({shards} shards); use a "
+            f"multiple of {shards} or set DiTConfig.batch_axes"
+        )
     return _Layout(mesh, axes or None, config.seq_axis, spatial)
 
 
@@ -294,10 +304,10 @@ def _self_attention_core(config, layout, q, k, v, q_scale, k_scale, cos_tsh, sin
     if layout is None:
         return attend(flat(q), flat(k), flat(v)).reshape(q.shape)
     if config.num_heads % layout.mesh.shape[layout.seq]:
-        k, v = (jax.lax.all_gather(x, layout.seq, axis=2, tiled=True)[:, :, :layout.num_valid] for x in (k, v))
+        k, v = (jax.lax.all_gather(x, layout.seq, axis=2, tiled=True)[:, :, : layout.num_valid] for x in (k, v))
         return attend(flat(q), flat(k), flat(v)).reshape(q.shape)
     to_heads = lambda x: jax.lax.all_to_all(x, layout.seq, split_axis=3, concat_axis=2, tiled=True)
-    q, k, v = to_heads(q), to_heads(k)[:, :, :layout.num_valid], to_heads(v)[:, :, :layout.num_valid]
+    q, k, v = to_heads(q), to_heads(k)[:, :, : layout.num_valid], to_heads(v)[:, :, : layout.num_valid]
     out = attend(flat(q), flat(k), flat(v)).reshape(q.shape)  # padded query positions: computed, never used
     return jax.lax.all_to_all(out, layout.seq, split_axis=2, concat_axis=3, tiled=True)
 
@@ -306,8 +316,13 @@ def _cross_attention_core(config, q, k, v, q_scale, k_scale):
     """Per-device cross-attention: queries (b, t, s, n, h) over all context tokens (b, L, n, h); no RoPE."""
     dt = config.compute_dtype
     q_flat = einops.rearrange(_rms_norm(q, q_scale).astype(dt), "b t s n h -> b (t s) n h")
-    out = attention(q_flat, _rms_norm(k, k_scale).astype(dt), v.astype(dt), impl=config.attention,
-                    block_size=config.attention_block_size)
+    out = attention(
+        q_flat,
+        _rms_norm(k, k_scale).astype(dt),
+        v.astype(dt),
+        impl=config.attention,
+        block_size=config.attention_block_size,
+    )
     return out.reshape(q.shape)
 
 
@@ -325,8 +340,11 @@ def _attention_heads(config, layout, p, h_btsd, kv, rope):
         core, args = functools.partial(_cross_attention_core, config), (q, k, v, *scales)
     if layout is not None:
         tok, whole = layout.spec(None, layout.seq), layout.spec()
-        specs = (tok, tok, tok, P(), P(), P(None, layout.seq), P(None, layout.seq)) if kv is None else (
-            tok, whole, whole, P(), P())
+        specs = (
+            (tok, tok, tok, P(), P(), P(None, layout.seq), P(None, layout.seq))
+            if kv is None
+            else (tok, whole, whole, P(), P())
+        )
         core = jax.shard_map(core, mesh=layout.mesh, in_specs=specs, out_specs=tok)
     out = core(*args)
     if kv is None:
@@ -367,8 +385,9 @@ def _mlp(config, p, h_btsd):
     if config.remat_policy == "none" or not k or t <= k:
         return mlp(h_btsd)
     n = -(-t // k)
-    chunks = einops.rearrange(jnp.pad(h_btsd, ((0, 0), (0, n * k - t), (0, 0), (0, 0))),
-                              "b (n k) s d -> n b k s d", n=n)
+    chunks = einops.rearrange(
+        jnp.pad(h_btsd, ((0, 0), (0, n * k - t), (0, 0), (0, 0))), "b (n k) s d -> n b k s d", n=n
+    )
     if config.scan_blocks:
         out = jax.lax.map(jax.checkpoint(mlp), chunks)
     else:  # unrolled like the blocks, so that XLA's cost analysis counts every group
@@ -436,8 +455,7 @@ def _time_embedding(config, params, timesteps, b, t):
         raise ValueError(f"timesteps_bt must be (B,), (B, 1) or (B, T'={t}) with B={b}, got {timesteps.shape}")
     e = timestep_features(jnp.broadcast_to(timesteps, (b, t)), config.model_channels)
     te = params["t_embedder"]
-    lora = _dense(jax.nn.silu(_dense(e, te["linear_1"]["kernel"], jnp.float32)), te["linear_2"]["kernel"],
-                  jnp.float32)
+    lora = _dense(jax.nn.silu(_dense(e, te["linear_1"]["kernel"], jnp.float32)), te["linear_2"]["kernel"], jnp.float32)
     return _rms_norm(e, params["t_embedding_norm"]["scale"]), lora
 
 
@@ -467,8 +485,7 @@ def velocity(
     pt, ps = cfg.patch_temporal, cfg.patch_spatial
     if c != cfg.in_channels or t % pt or h % ps or w % ps:
         raise ValueError(
-            f"x_bcthw {x_bcthw.shape} must have {cfg.in_channels} channels and T, H, W divisible by "
-            f"({pt}, {ps}, {ps})"
+            f"x_bcthw {x_bcthw.shape} must have {cfg.in_channels} channels and T, H, W divisible by ({pt}, {ps}, {ps})"
         )
     block_ids = tuple(sorted(set(int(i) for i in return_block_outputs)))
     if any(not 0 <= i < cfg.num_blocks for i in block_ids):
@@ -501,7 +518,6 @@ def velocity(
     out = _dense(_layer_norm(x_btsd) * (1 + scale) + shift, fl["linear"]["kernel"], cfg.compute_dtype)
     # Unpatchify order (p_h, p_w, p_t, c) with channel fastest: not the inverse of the patchify order.
     out = einops.rearrange(
-        out[:, :, : hp * wp], "b t (h w) (m n r c) -> b c (t r) (h m) (w n)", h=hp, m=ps, n=ps, r=pt,
-        c=cfg.out_channels
+        out[:, :, : hp * wp], "b t (h w) (m n r c) -> b c (t r) (h m) (w n)", h=hp, m=ps, n=ps, r=pt, c=cfg.out_channels
     )
     return (out, feats) if block_ids else out

@@ -12,6 +12,7 @@ are stacked on a leading num_layers axis and `hidden_states` scans over them (fa
 Compute follows transformers in the parameter dtype: the residual stream and matmuls in that dtype, RMSNorm's
 statistics, RoPE angles and the softmax in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,10 @@ class Qwen2Config:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"Qwen2 config: hidden_size {self.hidden_size} must divide into num_heads "
-                             f"{self.num_heads}, and num_heads into num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"Qwen2 config: hidden_size {self.hidden_size} must divide into num_heads "
+                f"{self.num_heads}, and num_heads into num_kv_heads {self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"Qwen2 config: head_dim {self.head_dim} must be even for RoPE")
 
@@ -50,8 +53,16 @@ class Qwen2Config:
 
 
 # Cosmos-Reason1-7B (= Qwen2.5-VL-7B language model), docs/algorithm.md §11.
-REASON1_7B = Qwen2Config(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                         intermediate_size=18944, rms_norm_eps=1e-6, rope_theta=1e6)
+REASON1_7B = Qwen2Config(
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+)
 
 # Per-layer leaves -> (PyTorch name under `model.layers.{i}.`, whether the kernel is transposed from (out, in)).
 LAYER_TORCH_NAMES = {
@@ -77,8 +88,18 @@ def param_shapes(cfg: Qwen2Config, dtype=jnp.float32) -> dict:
     n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layer = {
-        "input_norm": (d,), "q_w": (d, q), "q_b": (q,), "k_w": (d, kv), "k_b": (kv,), "v_w": (d, kv), "v_b": (kv,),
-        "o_w": (q, d), "post_norm": (d,), "gate_w": (d, f), "up_w": (d, f), "down_w": (f, d),
+        "input_norm": (d,),
+        "q_w": (d, q),
+        "q_b": (q,),
+        "k_w": (d, kv),
+        "k_b": (kv,),
+        "v_w": (d, kv),
+        "v_b": (kv,),
+        "o_w": (q, d),
+        "post_norm": (d,),
+        "gate_w": (d, f),
+        "up_w": (d, f),
+        "down_w": (f, d),
     }
     sds = lambda shape: jax.ShapeDtypeStruct(shape, dtype)
     return {
@@ -96,7 +117,7 @@ def init_params(cfg: Qwen2Config, key: jax.Array, dtype=jnp.float32, scale: floa
     noise = scale * jax.random.normal(key, (sum(sizes),), jnp.float32)
     out = []
     for (path, s), start, size in zip(leaves, np.cumsum([0, *sizes[:-1]]), sizes):
-        x = noise[start:start + size].reshape(s.shape)
+        x = noise[start : start + size].reshape(s.shape)
         out.append((x + 1.0 if path[-1].key.endswith("norm") else x).astype(dtype))
     return jax.tree.unflatten(treedef, out)
 

@@ -1,5 +1,6 @@
 """3D rotary position embedding of the Cosmos DiT (docs/algorithm.md §8.3) and the sinusoidal timestep features
 (§8.2)."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -3,6 +3,7 @@
 Native names are those of docs/algorithm.md §8 without the `net.` prefix; torch Linear weights are (out, in), our
 kernels (in, out). Diffusers `CosmosTransformer3DModel` uses the same tensors and layouts under other names.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,13 +26,19 @@ _GLOBAL = {
     "final_layer.linear.weight": ("final_layer", "linear", "kernel"),
 }
 _PER_BLOCK = {
-    **{f"{a}.{p}_proj.weight": (a, f"{p}_proj", "kernel") for a in ("self_attn", "cross_attn")
-       for p in ("q", "k", "v", "output")},
+    **{
+        f"{a}.{p}_proj.weight": (a, f"{p}_proj", "kernel")
+        for a in ("self_attn", "cross_attn")
+        for p in ("q", "k", "v", "output")
+    },
     **{f"{a}.{p}_norm.weight": (a, f"{p}_norm", "scale") for a in ("self_attn", "cross_attn") for p in ("q", "k")},
     "mlp.layer1.weight": ("mlp", "layer1", "kernel"),
     "mlp.layer2.weight": ("mlp", "layer2", "kernel"),
-    **{f"adaln_modulation_{m}.{j}.weight": (f"adaln_modulation_{m}", f"linear_{j}", "kernel")
-       for m in _MODULATED for j in (1, 2)},
+    **{
+        f"adaln_modulation_{m}.{j}.weight": (f"adaln_modulation_{m}", f"linear_{j}", "kernel")
+        for m in _MODULATED
+        for j in (1, 2)
+    },
 }
 _DIFFUSERS_GLOBAL = {
     "x_embedder.proj.1.weight": "patch_embed.proj.weight",
@@ -45,15 +52,24 @@ _DIFFUSERS_GLOBAL = {
     "final_layer.linear.weight": "proj_out.weight",
 }
 _DIFFUSERS_BLOCK = {
-    **{f"{a}.{p}_proj.weight": f"{d}.to_{p}.weight" for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-       for p in ("q", "k", "v")},
+    **{
+        f"{a}.{p}_proj.weight": f"{d}.to_{p}.weight"
+        for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+        for p in ("q", "k", "v")
+    },
     **{f"{a}.output_proj.weight": f"{d}.to_out.0.weight" for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))},
-    **{f"{a}.{p}_norm.weight": f"{d}.norm_{p}.weight" for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-       for p in ("q", "k")},
+    **{
+        f"{a}.{p}_norm.weight": f"{d}.norm_{p}.weight"
+        for a, d in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+        for p in ("q", "k")
+    },
     "mlp.layer1.weight": "ff.net.0.proj.weight",
     "mlp.layer2.weight": "ff.net.2.weight",
-    **{f"adaln_modulation_{m}.{j}.weight": f"norm{i + 1}.linear_{j}.weight"
-       for i, m in enumerate(_MODULATED) for j in (1, 2)},
+    **{
+        f"adaln_modulation_{m}.{j}.weight": f"norm{i + 1}.linear_{j}.weight"
+        for i, m in enumerate(_MODULATED)
+        for j in (1, 2)
+    },
 }
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _DIFFUSERS_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
@@ -177,8 +193,11 @@ def state_dict_from_params(params: Mapping, config: DiTConfig) -> dict[str, np.n
             f"params do not match the config: missing [{_fmt('/'.join(p) for p in missing)}]; unexpected "
             f"[{_fmt('/'.join(p) for p in unexpected)}]"
         )
-    bad = [f"{'/'.join(p)}: {tuple(np.shape(v))} != {flat_expected[p]}" for p, v in flat.items()
-           if tuple(np.shape(v)) != tuple(flat_expected[p])]
+    bad = [
+        f"{'/'.join(p)}: {tuple(np.shape(v))} != {flat_expected[p]}"
+        for p, v in flat.items()
+        if tuple(np.shape(v)) != tuple(flat_expected[p])
+    ]
     if bad:
         raise ValueError(f"param shape mismatch: {'; '.join(bad[:8])}")
 
@@ -211,8 +230,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfi
     names = [k for k in shapes if not is_ignored(k)]
     _check_family(names)
     needed = [
-        "x_embedder.proj.1.weight", "final_layer.linear.weight", "blocks.0.self_attn.q_norm.weight",
-        "blocks.0.mlp.layer1.weight", "blocks.0.adaln_modulation_self_attn.1.weight",
+        "x_embedder.proj.1.weight",
+        "final_layer.linear.weight",
+        "blocks.0.self_attn.q_norm.weight",
+        "blocks.0.mlp.layer1.weight",
+        "blocks.0.adaln_modulation_self_attn.1.weight",
         "blocks.0.cross_attn.k_proj.weight",
     ]
     missing = [k for k in needed if k not in shapes]
@@ -243,7 +265,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfi
         out_channels=k_out // vol,
         adaln_lora_dim=shapes["blocks.0.adaln_modulation_self_attn.1.weight"][0],
         crossattn_emb_channels=shapes["blocks.0.cross_attn.k_proj.weight"][1],
-        crossattn_proj_in_channels=shapes["crossattn_proj.0.weight"][1] if "crossattn_proj.0.weight" in shapes
+        crossattn_proj_in_channels=shapes["crossattn_proj.0.weight"][1]
+        if "crossattn_proj.0.weight" in shapes
         else None,
     )
     return DiTConfig(**{**inferred, **overrides})
@@ -270,8 +293,9 @@ def _rename(sd, global_map, block_map, block_re, new_block_prefix, drop_ignored,
 def diffusers_from_native(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename native Cosmos keys (no prefix) to diffusers CosmosTransformer3DModel keys; same tensors."""
     _check_family([k for k in sd if not is_ignored(k)])
-    return _rename(sd, _DIFFUSERS_GLOBAL, _DIFFUSERS_BLOCK, _BLOCK_KEY, "transformer_blocks", True,
-                   "native -> diffusers")
+    return _rename(
+        sd, _DIFFUSERS_GLOBAL, _DIFFUSERS_BLOCK, _BLOCK_KEY, "transformer_blocks", True, "native -> diffusers"
+    )
 
 
 def native_from_diffusers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -307,7 +331,9 @@ def diffusers_config(config: DiTConfig) -> dict:
         "max_size": [128, 240, 240],
         "patch_size": [config.patch_temporal, config.patch_spatial, config.patch_spatial],
         "rope_scale": [
-            config.rope_t_extrapolation_ratio, config.rope_h_extrapolation_ratio, config.rope_w_extrapolation_ratio
+            config.rope_t_extrapolation_ratio,
+            config.rope_h_extrapolation_ratio,
+            config.rope_w_extrapolation_ratio,
         ],
         "concat_padding_mask": config.concat_padding_mask,
         "extra_pos_embed_type": None,

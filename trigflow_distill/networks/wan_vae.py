@@ -14,6 +14,7 @@ past from zeros. The chunks after the first run in a `lax.scan` whose carry is t
 is flat in the number of frames. Activations are channels-last (B, T, H, W, C); compute in float32 or
 bfloat16 (norms and the attention softmax in float32).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,10 @@ class WanVAEConfig:
 
     def __post_init__(self):
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temporal_downsample {self.temporal_downsample} needs len(dim_mult) - 1 = "
-                             f"{len(self.dim_mult) - 1} entries")
+            raise ValueError(
+                f"temporal_downsample {self.temporal_downsample} needs len(dim_mult) - 1 = "
+                f"{len(self.dim_mult) - 1} entries"
+            )
 
     @property
     def time_factor(self) -> int:
@@ -93,19 +96,29 @@ def decoder_plan(cfg: WanVAEConfig) -> list[tuple[str, str, int, int]]:
 
 
 def _res_shapes(prefix: str, cin: int, cout: int) -> dict[str, tuple]:
-    shapes = {f"{prefix}.residual.0.gamma": (cin, 1, 1, 1), f"{prefix}.residual.2.weight": (cout, cin, 3, 3, 3),
-              f"{prefix}.residual.2.bias": (cout,), f"{prefix}.residual.3.gamma": (cout, 1, 1, 1),
-              f"{prefix}.residual.6.weight": (cout, cout, 3, 3, 3), f"{prefix}.residual.6.bias": (cout,)}
+    shapes = {
+        f"{prefix}.residual.0.gamma": (cin, 1, 1, 1),
+        f"{prefix}.residual.2.weight": (cout, cin, 3, 3, 3),
+        f"{prefix}.residual.2.bias": (cout,),
+        f"{prefix}.residual.3.gamma": (cout, 1, 1, 1),
+        f"{prefix}.residual.6.weight": (cout, cout, 3, 3, 3),
+        f"{prefix}.residual.6.bias": (cout,),
+    }
     if cin != cout:
         shapes.update({f"{prefix}.shortcut.weight": (cout, cin, 1, 1, 1), f"{prefix}.shortcut.bias": (cout,)})
     return shapes
 
 
 def _middle_shapes(prefix: str, c: int) -> dict[str, tuple]:
-    return {**_res_shapes(f"{prefix}.middle.0", c, c),
-            f"{prefix}.middle.1.norm.gamma": (c, 1, 1), f"{prefix}.middle.1.to_qkv.weight": (3 * c, c, 1, 1),
-            f"{prefix}.middle.1.to_qkv.bias": (3 * c,), f"{prefix}.middle.1.proj.weight": (c, c, 1, 1),
-            f"{prefix}.middle.1.proj.bias": (c,), **_res_shapes(f"{prefix}.middle.2", c, c)}
+    return {
+        **_res_shapes(f"{prefix}.middle.0", c, c),
+        f"{prefix}.middle.1.norm.gamma": (c, 1, 1),
+        f"{prefix}.middle.1.to_qkv.weight": (3 * c, c, 1, 1),
+        f"{prefix}.middle.1.to_qkv.bias": (3 * c,),
+        f"{prefix}.middle.1.proj.weight": (c, c, 1, 1),
+        f"{prefix}.middle.1.proj.bias": (c,),
+        **_res_shapes(f"{prefix}.middle.2", c, c),
+    }
 
 
 def param_shapes(cfg: WanVAEConfig) -> dict[str, tuple]:
@@ -118,26 +131,43 @@ def param_shapes(cfg: WanVAEConfig) -> dict[str, tuple]:
         else:
             shapes.update({f"{prefix}.resample.1.weight": (cout, cout, 3, 3), f"{prefix}.resample.1.bias": (cout,)})
             if kind == "down3d":
-                shapes.update({f"{prefix}.time_conv.weight": (cout, cout, 3, 1, 1),
-                               f"{prefix}.time_conv.bias": (cout,)})
+                shapes.update(
+                    {f"{prefix}.time_conv.weight": (cout, cout, 3, 1, 1), f"{prefix}.time_conv.bias": (cout,)}
+                )
     shapes.update(_middle_shapes("encoder", top))
-    shapes.update({"encoder.head.0.gamma": (top, 1, 1, 1), "encoder.head.2.weight": (z2, top, 3, 3, 3),
-                   "encoder.head.2.bias": (z2,), "conv1.weight": (z2, z2, 1, 1, 1), "conv1.bias": (z2,),
-                   "conv2.weight": (cfg.z_dim, cfg.z_dim, 1, 1, 1), "conv2.bias": (cfg.z_dim,),
-                   "decoder.conv1.weight": (top, cfg.z_dim, 3, 3, 3), "decoder.conv1.bias": (top,)})
+    shapes.update(
+        {
+            "encoder.head.0.gamma": (top, 1, 1, 1),
+            "encoder.head.2.weight": (z2, top, 3, 3, 3),
+            "encoder.head.2.bias": (z2,),
+            "conv1.weight": (z2, z2, 1, 1, 1),
+            "conv1.bias": (z2,),
+            "conv2.weight": (cfg.z_dim, cfg.z_dim, 1, 1, 1),
+            "conv2.bias": (cfg.z_dim,),
+            "decoder.conv1.weight": (top, cfg.z_dim, 3, 3, 3),
+            "decoder.conv1.bias": (top,),
+        }
+    )
     shapes.update(_middle_shapes("decoder", top))
     for kind, prefix, cin, cout in decoder_plan(cfg):
         if kind == "res":
             shapes.update(_res_shapes(prefix, cin, cout))
         else:
-            shapes.update({f"{prefix}.resample.1.weight": (cout // 2, cout, 3, 3),
-                           f"{prefix}.resample.1.bias": (cout // 2,)})
+            shapes.update(
+                {f"{prefix}.resample.1.weight": (cout // 2, cout, 3, 3), f"{prefix}.resample.1.bias": (cout // 2,)}
+            )
             if kind == "up3d":
-                shapes.update({f"{prefix}.time_conv.weight": (2 * cout, cout, 3, 1, 1),
-                               f"{prefix}.time_conv.bias": (2 * cout,)})
+                shapes.update(
+                    {f"{prefix}.time_conv.weight": (2 * cout, cout, 3, 1, 1), f"{prefix}.time_conv.bias": (2 * cout,)}
+                )
     out = cfg.dim * cfg.dim_mult[0]
-    shapes.update({"decoder.head.0.gamma": (out, 1, 1, 1), "decoder.head.2.weight": (3, out, 3, 3, 3),
-                   "decoder.head.2.bias": (3,)})
+    shapes.update(
+        {
+            "decoder.head.0.gamma": (out, 1, 1, 1),
+            "decoder.head.2.weight": (3, out, 3, 3, 3),
+            "decoder.head.2.bias": (3,),
+        }
+    )
     return shapes
 
 
@@ -145,8 +175,9 @@ def infer_config(shapes: Mapping[str, tuple]) -> WanVAEConfig:
     """Architecture from the tensor shapes of a native state dict (raises ValueError on a foreign dict)."""
     needed = ("encoder.conv1.weight", "conv2.weight")
     if any(k not in shapes for k in needed):
-        raise ValueError(f"not a Wan2.1 VAE state dict: no {' / '.join(needed)} "
-                         f"(first keys: {', '.join(list(shapes)[:5])})")
+        raise ValueError(
+            f"not a Wan2.1 VAE state dict: no {' / '.join(needed)} (first keys: {', '.join(list(shapes)[:5])})"
+        )
     dim, z_dim = int(shapes["encoder.conv1.weight"][0]), int(shapes["conv2.weight"][0])
     blocks = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
     resamples = [b for b in blocks if f"encoder.downsamples.{b}.resample.1.weight" in shapes]
@@ -161,8 +192,9 @@ def infer_config(shapes: Mapping[str, tuple]) -> WanVAEConfig:
             raise ValueError(f"not a Wan2.1 VAE state dict: missing {key}")
         mult.append(int(shapes[key][0]) // dim)
     temporal = tuple(f"encoder.downsamples.{b}.time_conv.weight" in shapes for b in resamples)
-    return WanVAEConfig(dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=num_res,
-                        temporal_downsample=temporal)
+    return WanVAEConfig(
+        dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=num_res, temporal_downsample=temporal
+    )
 
 
 def check_state_dict(shapes: Mapping[str, tuple], cfg: WanVAEConfig) -> None:
@@ -170,13 +202,22 @@ def check_state_dict(shapes: Mapping[str, tuple], cfg: WanVAEConfig) -> None:
     want = param_shapes(cfg)
     missing = [k for k in want if k not in shapes]
     unknown = [k for k in shapes if k not in want]
-    bad = [f"{k} {tuple(shapes[k])} (expected {want[k]})" for k in want if k in shapes
-           and (tuple(shapes[k]) != want[k] if not k.endswith("gamma")
-                else int(np.prod(shapes[k])) != want[k][0] or (len(shapes[k]) and shapes[k][0] != want[k][0]))]
+    bad = [
+        f"{k} {tuple(shapes[k])} (expected {want[k]})"
+        for k in want
+        if k in shapes
+        and (
+            tuple(shapes[k]) != want[k]
+            if not k.endswith("gamma")
+            else int(np.prod(shapes[k])) != want[k][0] or (len(shapes[k]) and shapes[k][0] != want[k][0])
+        )
+    ]
     if missing or unknown or bad:
-        parts = [f"{len(missing)} missing: {', '.join(missing)}" if missing else "",
-                 f"{len(unknown)} unknown: {', '.join(unknown)}" if unknown else "",
-                 f"{len(bad)} with a wrong shape: {', '.join(bad)}" if bad else ""]
+        parts = [
+            f"{len(missing)} missing: {', '.join(missing)}" if missing else "",
+            f"{len(unknown)} unknown: {', '.join(unknown)}" if unknown else "",
+            f"{len(bad)} with a wrong shape: {', '.join(bad)}" if bad else "",
+        ]
         raise ValueError(f"Wan2.1 VAE state dict does not match {cfg}: " + "; ".join(p for p in parts if p))
 
 
@@ -215,14 +256,28 @@ def to_torch(params: Mapping[str, np.ndarray], cfg: WanVAEConfig) -> dict[str, n
     return out
 
 
-_RES_NAMES = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
-              "shortcut": "conv_shortcut"}
-_MID_NAMES = {"middle.0": "mid_block.resnets.0", "middle.1": "mid_block.attentions.0",
-              "middle.2": "mid_block.resnets.1"}
-_TOP_NAMES = {"conv1": "quant_conv", "conv2": "post_quant_conv", "encoder.conv1": "encoder.conv_in",
-              "decoder.conv1": "decoder.conv_in", "encoder.head.0": "encoder.norm_out",
-              "encoder.head.2": "encoder.conv_out", "decoder.head.0": "decoder.norm_out",
-              "decoder.head.2": "decoder.conv_out"}
+_RES_NAMES = {
+    "residual.0": "norm1",
+    "residual.2": "conv1",
+    "residual.3": "norm2",
+    "residual.6": "conv2",
+    "shortcut": "conv_shortcut",
+}
+_MID_NAMES = {
+    "middle.0": "mid_block.resnets.0",
+    "middle.1": "mid_block.attentions.0",
+    "middle.2": "mid_block.resnets.1",
+}
+_TOP_NAMES = {
+    "conv1": "quant_conv",
+    "conv2": "post_quant_conv",
+    "encoder.conv1": "encoder.conv_in",
+    "decoder.conv1": "decoder.conv_in",
+    "encoder.head.0": "encoder.norm_out",
+    "encoder.head.2": "encoder.conv_out",
+    "decoder.head.0": "decoder.norm_out",
+    "decoder.head.2": "decoder.conv_out",
+}
 
 
 def diffusers_names(cfg: WanVAEConfig) -> dict[str, str]:
@@ -248,7 +303,7 @@ def diffusers_names(cfg: WanVAEConfig) -> dict[str, str]:
                 stem = stem[: -len(sub)] + new
                 break
         owner = max((p for p in prefix_map if stem == p or stem.startswith(p + ".")), key=len)
-        names[k] = prefix_map[owner] + stem[len(owner):] + "." + leaf
+        names[k] = prefix_map[owner] + stem[len(owner) :] + "." + leaf
     return names
 
 
@@ -267,10 +322,17 @@ def diffusers_to_native(state: Mapping[str, np.ndarray], cfg: WanVAEConfig | Non
     unknown = [k for k in state if k not in inverse]
     missing = [d for d in inverse if d not in state]
     if unknown or missing:
-        raise ValueError(f"diffusers AutoencoderKLWan state dict does not match {cfg}: "
-                         + "; ".join(p for p in (f"{len(missing)} missing: {', '.join(missing)}" if missing else "",
-                                                 f"{len(unknown)} unknown: {', '.join(unknown)}" if unknown else "")
-                                     if p))
+        raise ValueError(
+            f"diffusers AutoencoderKLWan state dict does not match {cfg}: "
+            + "; ".join(
+                p
+                for p in (
+                    f"{len(missing)} missing: {', '.join(missing)}" if missing else "",
+                    f"{len(unknown)} unknown: {', '.join(unknown)}" if unknown else "",
+                )
+                if p
+            )
+        )
     return {inverse[k]: v for k, v in state.items()}
 
 
@@ -307,16 +369,28 @@ def _rms_norm(x: jax.Array, gamma: jax.Array) -> jax.Array:
 
 def _conv3d(x: jax.Array, w: jax.Array, b: jax.Array, stride=(1, 1, 1), pad_hw: int = 0) -> jax.Array:
     """x (B,T,H,W,Ci) * w (kT,kH,kW,Ci,Co), no time padding (the caller prepends the past)."""
-    y = lax.conv_general_dilated(x, w, stride, [(0, 0), (pad_hw, pad_hw), (pad_hw, pad_hw)],
-                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=_precision(x.dtype))
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        stride,
+        [(0, 0), (pad_hw, pad_hw), (pad_hw, pad_hw)],
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+        precision=_precision(x.dtype),
+    )
     return y + b
 
 
 def _conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding) -> jax.Array:
     """Per-frame 2-D conv: x (B,T,H,W,Ci), w (kH,kW,Ci,Co)."""
     t = x.shape[1]
-    y = lax.conv_general_dilated(einops.rearrange(x, "b t h w c -> (b t) h w c"), w, (stride, stride), padding,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=_precision(x.dtype))
+    y = lax.conv_general_dilated(
+        einops.rearrange(x, "b t h w c -> (b t) h w c"),
+        w,
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=_precision(x.dtype),
+    )
     return einops.rearrange(y + b, "(b t) h w c -> b t h w c", t=t)
 
 
@@ -346,8 +420,10 @@ def _causal_conv(p, name: str, x: jax.Array, caches: _Caches) -> jax.Array:
 
 
 def _pointwise(p, name: str, x: jax.Array) -> jax.Array:
-    return jnp.einsum("bthwi,io->bthwo", x, p[f"{name}.weight"].reshape(x.shape[-1], -1),
-                      precision=_precision(x.dtype)) + p[f"{name}.bias"]
+    return (
+        jnp.einsum("bthwi,io->bthwo", x, p[f"{name}.weight"].reshape(x.shape[-1], -1), precision=_precision(x.dtype))
+        + p[f"{name}.bias"]
+    )
 
 
 def _res_block(p, prefix: str, x: jax.Array, caches: _Caches) -> jax.Array:
@@ -361,16 +437,19 @@ def _attention_block(p, prefix: str, x: jax.Array) -> jax.Array:
     """Single-head self-attention over the H*W pixels of each frame."""
     b, t, hh, ww, c = x.shape
     y = _rms_norm(x, p[f"{prefix}.norm.gamma"])
-    qkv = jnp.einsum("bthwi,io->bthwo", y, p[f"{prefix}.to_qkv.weight"].reshape(c, 3 * c),
-                     precision=_precision(x.dtype)) + p[f"{prefix}.to_qkv.bias"]
+    qkv = (
+        jnp.einsum("bthwi,io->bthwo", y, p[f"{prefix}.to_qkv.weight"].reshape(c, 3 * c), precision=_precision(x.dtype))
+        + p[f"{prefix}.to_qkv.bias"]
+    )
     q, k, v = jnp.split(einops.rearrange(qkv, "b t h w c -> (b t) (h w) c"), 3, axis=-1)
-    s = jnp.einsum("nqc,nkc->nqk", q, k, precision=_precision(x.dtype),
-                   preferred_element_type=jnp.float32) * (c ** -0.5)
+    s = jnp.einsum("nqc,nkc->nqk", q, k, precision=_precision(x.dtype), preferred_element_type=jnp.float32) * (c**-0.5)
     a = jax.nn.softmax(s, axis=-1).astype(x.dtype)
     o = jnp.einsum("nqk,nkc->nqc", a, v, precision=_precision(x.dtype))
     o = einops.rearrange(o, "(b t) (h w) c -> b t h w c", b=b, h=hh)
-    o = jnp.einsum("bthwi,io->bthwo", o, p[f"{prefix}.proj.weight"].reshape(c, c),
-                   precision=_precision(x.dtype)) + p[f"{prefix}.proj.bias"]
+    o = (
+        jnp.einsum("bthwi,io->bthwo", o, p[f"{prefix}.proj.weight"].reshape(c, c), precision=_precision(x.dtype))
+        + p[f"{prefix}.proj.bias"]
+    )
     return o + x
 
 
@@ -440,8 +519,9 @@ def _cast(params: Mapping[str, jax.Array], dtype) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v).astype(dtype) for k, v in params.items()}
 
 
-def encode_moments(cfg: WanVAEConfig, params: Mapping[str, jax.Array], video_bthwc: jax.Array,
-                   dtype=jnp.float32) -> jax.Array:
+def encode_moments(
+    cfg: WanVAEConfig, params: Mapping[str, jax.Array], video_bthwc: jax.Array, dtype=jnp.float32
+) -> jax.Array:
     """Pixels (B, T=1+4k, H, W, 3) in [-1, 1] -> (mu, log_var) stacked on channels: (B, 1+k, H/8, W/8, 2z) float32.
 
     Frame 0 alone, then a `lax.scan` over the k chunks of 4 frames with the causal caches as carry.
@@ -462,8 +542,9 @@ def encode_moments(cfg: WanVAEConfig, params: Mapping[str, jax.Array], video_bth
     return jnp.concatenate([first, rest], axis=1).astype(jnp.float32)
 
 
-def decode_pixels(cfg: WanVAEConfig, params: Mapping[str, jax.Array], mu_bthwc: jax.Array,
-                  dtype=jnp.float32) -> jax.Array:
+def decode_pixels(
+    cfg: WanVAEConfig, params: Mapping[str, jax.Array], mu_bthwc: jax.Array, dtype=jnp.float32
+) -> jax.Array:
     """Un-normalised latents (B, T_lat, h, w, z) -> pixels (B, 1+4(T_lat-1), 8h, 8w, 3) float32, not clamped.
 
     `conv2`, then latent frame 0 alone and a `lax.scan` over the others with the causal caches as carry.
@@ -490,7 +571,7 @@ def init_params(cfg: WanVAEConfig, key: jax.Array, scale: float = 1.0) -> dict[s
     noise = np.asarray(jax.random.normal(key, (sum(sizes),), jnp.float32))  # one draw, sliced: fast on CPU
     params, start = {}, 0
     for (name, shape), size in zip(shapes.items(), sizes):
-        v = noise[start:start + size].reshape(shape)
+        v = noise[start : start + size].reshape(shape)
         start += size
         if name.endswith("gamma"):
             v = 1.0 + 0.1 * v

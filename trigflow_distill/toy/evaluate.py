@@ -10,6 +10,7 @@ prompts, their text, their N conditional frames and those ground-truth frames) a
 rows differ only in the sampler. Metrics are `toy_metrics.metrics` against `toy.reference_set` (a disjoint
 held-out stream); the "data" row scores the conditioning clips themselves and "floor" is `toy_metrics.real_floor`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,19 @@ from trigflow_distill import denoiser, errors, networks, run, sampling, toy
 from trigflow_distill.toy import metrics as toy_metrics
 from trigflow_distill.toy import plot
 
-COND_SEED = 2_000_003   # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
+COND_SEED = 2_000_003  # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
 # Teacher samplers at the student's cost and above (issue 16): (steps, guided?). NFE = steps, x2 when guided.
 TEACHER_ROWS = ((2, "guided"), (4, None), (4, "guided"), (8, "guided"), (16, "guided"), (35, "guided"), (35, None))
 STUDENT_NAMES = ("student_ema", "student")
-METRIC_KEYS = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
-               "cond_consistency")
+METRIC_KEYS = (
+    "prompt_accuracy",
+    "motion_accuracy",
+    "amplitude_ratio",
+    "diversity",
+    "fd_hand",
+    "fd_proj",
+    "cond_consistency",
+)
 
 
 def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
@@ -41,20 +49,26 @@ def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
     return toy.sample_videos(world, COND_SEED + seed, n, prompts=prompts)
 
 
-def _sample_fn(net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float,
-               train_steps: int = 4):
+def _sample_fn(
+    net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float, train_steps: int = 4
+):
     """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
     the student's few-step sampler (the first `steps` times of its `train_steps` schedule, docs/algorithm.md §3),
     every network call through `denoiser.denoise`."""
+
     def fn(params, eps, context, uncond_context, gt, mask):
         def x0_fn(ctx):
-            return lambda x_tau, tau_b: denoiser.denoise(net_config, params, x_tau, tau_b, ctx, gt, mask,
-                                                         scaling=scaling, sigma_data=sigma_data)
+            return lambda x_tau, tau_b: denoiser.denoise(
+                net_config, params, x_tau, tau_b, ctx, gt, mask, scaling=scaling, sigma_data=sigma_data
+            )
+
         if teacher:
-            return sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond_context), eps, guidance, steps,
-                                               shift=shift, sigma_data=sigma_data)
+            return sampling.sample_teacher_cfg(
+                x0_fn(context), x0_fn(uncond_context), eps, guidance, steps, shift=shift, sigma_data=sigma_data
+            )
         taus = sampling.student_schedule(steps, shift, train_steps)
         return sampling.sample_student(x0_fn(context), eps, taus, sigma_data)
+
     return fn
 
 
@@ -67,13 +81,15 @@ def _generate(fn, params, inputs: dict, batch_size: int) -> tuple[np.ndarray, fl
     bs = min(batch_size, n)
     num_batches = -(-n // bs)
     pad = num_batches * bs - n
-    arrays = [np.concatenate([a, a[:pad]]) if pad else a
-              for a in (inputs["eps"], inputs["context"], inputs["uncond_context"], inputs["gt"], inputs["mask"])]
+    arrays = [
+        np.concatenate([a, a[:pad]]) if pad else a
+        for a in (inputs["eps"], inputs["context"], inputs["uncond_context"], inputs["gt"], inputs["mask"])
+    ]
     compiled = jax.jit(fn).lower(params, *(a[:bs] for a in arrays)).compile()
     out = []
     start = time.perf_counter()
     for i in range(num_batches):
-        out.append(compiled(params, *(a[i * bs:(i + 1) * bs] for a in arrays)))
+        out.append(compiled(params, *(a[i * bs : (i + 1) * bs] for a in arrays)))
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / (num_batches * bs)
     return np.concatenate([np.asarray(x) for x in out])[:n], seconds
@@ -104,22 +120,35 @@ def _label(name: str, steps: int, guidance) -> str:
 
 def format_table(result: dict) -> str:
     """The eval.json content as a fixed-width text table (one row per sampler, then the real-data floor)."""
-    head = (f"{'sampler':<16}{'steps':>6}{'cfg':>5}{'nfe':>5}{'ms/sample':>11}{'prompt':>8}{'motion':>8}"
-            f"{'amp':>7}{'div':>7}{'fd_hand':>9}{'fd_proj':>9}{'cond':>7}")
+    head = (
+        f"{'sampler':<16}{'steps':>6}{'cfg':>5}{'nfe':>5}{'ms/sample':>11}{'prompt':>8}{'motion':>8}"
+        f"{'amp':>7}{'div':>7}{'fd_hand':>9}{'fd_proj':>9}{'cond':>7}"
+    )
 
     def num(v, width, fmt):
         return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
 
     def metric_cols(m):
-        return (num(m["prompt_accuracy"], 8, ".3f") + num(m["motion_accuracy"], 8, ".3f")
-                + num(m["amplitude_ratio"], 7, ".3f") + num(m["diversity"], 7, ".3f") + num(m["fd_hand"], 9, ".3f")
-                + num(m["fd_proj"], 9, ".3f") + num(m["cond_consistency"], 7, ".3f"))
+        return (
+            num(m["prompt_accuracy"], 8, ".3f")
+            + num(m["motion_accuracy"], 8, ".3f")
+            + num(m["amplitude_ratio"], 7, ".3f")
+            + num(m["diversity"], 7, ".3f")
+            + num(m["fd_hand"], 9, ".3f")
+            + num(m["fd_proj"], 9, ".3f")
+            + num(m["cond_consistency"], 7, ".3f")
+        )
 
     lines = [head, "-" * len(head)]
     for r in result["samplers"]:
         ms = None if r["seconds_per_sample"] is None else 1e3 * r["seconds_per_sample"]
-        lines.append(f"{r['name']:<16}{r['steps']:>6}" + num(r["guidance"], 5, "g") + f"{r['nfe']:>5}"
-                     + num(ms, 11, ".3f") + metric_cols(r["metrics"]))
+        lines.append(
+            f"{r['name']:<16}{r['steps']:>6}"
+            + num(r["guidance"], 5, "g")
+            + f"{r['nfe']:>5}"
+            + num(ms, 11, ".3f")
+            + metric_cols(r["metrics"])
+        )
     lines.append(f"{'floor (real)':<16}{'':>6}{'':>5}{'':>5}{'':>11}" + metric_cols(result["floor"]))
     return "\n".join(lines)
 
@@ -127,11 +156,20 @@ def format_table(result: dict) -> str:
 def format_markdown(result: dict) -> str:
     """The eval.json content as the README's markdown table (one row per sampler, then the real-data floor)."""
     names = {"teacher": "teacher", "student_ema": "student (EMA)", "student": "student (raw)", "data": "real data"}
-    keys = ("prompt_accuracy", "motion_accuracy", "amplitude_ratio", "diversity", "fd_hand", "fd_proj",
-            "cond_consistency")
+    keys = (
+        "prompt_accuracy",
+        "motion_accuracy",
+        "amplitude_ratio",
+        "diversity",
+        "fd_hand",
+        "fd_proj",
+        "cond_consistency",
+    )
     fmt = (".3f", ".3f", ".3f", ".3f", ".2f", ".2f", ".3f")
-    head = ("| sampler | steps | cfg | NFE | prompt acc | motion acc | amplitude | diversity | fd_hand | fd_proj | "
-            "cond. consistency |")
+    head = (
+        "| sampler | steps | cfg | NFE | prompt acc | motion acc | amplitude | diversity | fd_hand | fd_proj | "
+        "cond. consistency |"
+    )
 
     def cols(m):
         return " | ".join("–" if m[k] is None else f"{m[k]:{f}}" for k, f in zip(keys, fmt))
@@ -146,10 +184,23 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict, out_dir: str,
-             num_samples: int = 1024, seed: int = 0, batch_size: int = 256, guidance: float = 4.0,
-             scaling: str = "rectified_flow", sigma_data: float = 1.0, time_shift: float = 5.0,
-             student_steps=(1, 2, 4), train_steps: int = 4, log=print) -> dict:
+def evaluate(
+    world: toy.World,
+    net_config,
+    teacher_params,
+    samplers_params: dict,
+    out_dir: str,
+    num_samples: int = 1024,
+    seed: int = 0,
+    batch_size: int = 256,
+    guidance: float = 4.0,
+    scaling: str = "rectified_flow",
+    sigma_data: float = 1.0,
+    time_shift: float = 5.0,
+    student_steps=(1, 2, 4),
+    train_steps: int = 4,
+    log=print,
+) -> dict:
     """Samples and scores the teacher (TEACHER_ROWS: guided 2, 4, 8, 16, 35 steps and unguided 4, 35, so that
     some rows cost what the student costs), the given students (each of `student_steps`, on the first steps of
     their `train_steps` schedule) and the held-out data; `time_shift` shifts the teacher grid and the student
@@ -165,8 +216,10 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
     if unknown:
         raise ValueError(f"samplers_params has unknown keys {sorted(unknown)}; use a subset of {STUDENT_NAMES}.")
     if "crossattn_proj" not in teacher_params:
-        raise ValueError("teacher_params lack 'crossattn_proj': pass the full teacher tree (with its text "
-                         "projection), not the trainer's split-off net.")
+        raise ValueError(
+            "teacher_params lack 'crossattn_proj': pass the full teacher tree (with its text "
+            "projection), not the trainer's split-off net."
+        )
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"evaluate needs num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}.")
     out = epath.Path(out_dir)  # local or remote (gs://)
@@ -189,17 +242,24 @@ def evaluate(world: toy.World, net_config, teacher_params, samplers_params: dict
     rows, samples_student4, student4_from = [], None, None
 
     def add_row(name, steps, g, nfe, seconds, latents):
-        m = toy_metrics.metrics(world, latents, prompts, reference=reference, cond_latents=gt,
-                                num_cond_frames=num_cond)
-        row = {"name": name, "steps": steps, "guidance": g, "nfe": nfe, "seconds_per_sample": seconds,
-               "metrics": {k: m[k] for k in METRIC_KEYS}}
+        m = toy_metrics.metrics(world, latents, prompts, reference=reference, cond_latents=gt, num_cond_frames=num_cond)
+        row = {
+            "name": name,
+            "steps": steps,
+            "guidance": g,
+            "nfe": nfe,
+            "seconds_per_sample": seconds,
+            "metrics": {k: m[k] for k in METRIC_KEYS},
+        }
         rows.append(row)
         label = _label(name, steps, g)
         toy.save_grid_png(world, latents, prompts, out / f"{label}.png")
         toy.save_gif(world, latents, prompts, out / f"{label}.gif")
         ms = "" if seconds is None else f"  {1e3 * seconds:.3f} ms/sample"
-        log(f"eval {label:<18} prompt {m['prompt_accuracy']:.3f}  motion {m['motion_accuracy']:.3f}  "
-            f"fd_hand {m['fd_hand']:.3f}  fd_proj {m['fd_proj']:.3f}{ms}")
+        log(
+            f"eval {label:<18} prompt {m['prompt_accuracy']:.3f}  motion {m['motion_accuracy']:.3f}  "
+            f"fd_hand {m['fd_hand']:.3f}  fd_proj {m['fd_proj']:.3f}{ms}"
+        )
 
     for steps, kind in TEACHER_ROWS:
         g = float(guidance) if kind == "guided" else None
@@ -239,12 +299,23 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
     config, net_config, teacher_params, student_params, ema_params = run.load_run(workdir)
     students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
     num_samples = num_samples if num_samples is not None else int(config.eval.num_samples)
-    return evaluate(world_from_config(config), net_config, teacher_params, students, workdir,
-                    num_samples=num_samples, seed=int(config.seed), batch_size=batch_size,
-                    guidance=float(config.distill.guidance), scaling=config.teacher.scaling,
-                    sigma_data=float(config.teacher.sigma_data), time_shift=float(config.distill.timestep_shift),
-                    student_steps=tuple(int(n) for n in config.eval.student_steps),
-                    train_steps=int(config.distill.num_student_steps), log=log)
+    return evaluate(
+        world_from_config(config),
+        net_config,
+        teacher_params,
+        students,
+        workdir,
+        num_samples=num_samples,
+        seed=int(config.seed),
+        batch_size=batch_size,
+        guidance=float(config.distill.guidance),
+        scaling=config.teacher.scaling,
+        sigma_data=float(config.teacher.sigma_data),
+        time_shift=float(config.distill.timestep_shift),
+        student_steps=tuple(int(n) for n in config.eval.student_steps),
+        train_steps=int(config.distill.num_student_steps),
+        log=log,
+    )
 
 
 def world_from_config(config) -> toy.World:
@@ -253,8 +324,11 @@ def world_from_config(config) -> toy.World:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m " + __spec__.name if __spec__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", required=True, help="a finished training run's directory (output goes there)")
     parser.add_argument("--num_samples", type=int, default=None, help="default: the run's config.eval.num_samples")
     parser.add_argument("--batch_size", type=int, default=256)

@@ -4,6 +4,7 @@ Two panels (fd_hand, fd_proj), NFE on a log axis: the guided teacher as a curve 
 unguided teacher as separate grey points (FDs to real data favour unguided sampling, which the student is not
 trained to reproduce) and each student (EMA, raw) as points at 1, 2, 4 NFE.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,12 +60,16 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, rows: list[dict], metric: str, fo
         draw.line([left - 4, y, left, y], fill=(0, 0, 0))
         draw.line([left + 1, y, left + width - 1, y], fill=(235, 235, 235))
         draw.text((left - 6, y), f"{v:g}", fill=(0, 0, 0), font=small, anchor="rm")
-    draw.text((left + width / 2, PANEL_H - 6), "NFE (network evaluations, log scale)", fill=(0, 0, 0), font=small,
-              anchor="mb")
+    draw.text(
+        (left + width / 2, PANEL_H - 6), "NFE (network evaluations, log scale)", fill=(0, 0, 0), font=small, anchor="mb"
+    )
     draw.text((left + width / 2, 8), metric + " (lower is better)", fill=(0, 0, 0), font=font, anchor="mt")
     for _, keep, colour, line, radius in SERIES:
-        pts = sorted((r["nfe"], r["metrics"][metric]) for r in rows
-                     if keep(r) and r["nfe"] and r["metrics"].get(metric) is not None)
+        pts = sorted(
+            (r["nfe"], r["metrics"][metric])
+            for r in rows
+            if keep(r) and r["nfe"] and r["metrics"].get(metric) is not None
+        )
         xy = [px(n, v) for n, v in pts]
         if line and len(xy) > 1:
             draw.line(xy, fill=colour, width=2)

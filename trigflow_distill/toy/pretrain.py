@@ -14,6 +14,7 @@ Objective (the Predict2.5 teacher's): x_t = (1-t) x0 + t eps, the net predicts t
 AdamW with warm-up and cosine decay, global-norm clipping; the exported weights are an EMA of the trained ones,
 written as a native Cosmos `.pt` (`net.` prefix, bf16) by `convert.export_torch`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ import optax
 
 from trigflow_distill import convert, denoiser, networks, toy, trigflow
 
-T_MIN = 1e-3          # RF-time floor: the velocity (x_t - x0_hat) / t stays well conditioned in float32
+T_MIN = 1e-3  # RF-time floor: the velocity (x_t - x0_hat) / t stays well conditioned in float32
 TIME_SHIFT = 5.0
 RECORD_SEED = 12_345  # RecordSource seed of the pretraining data (its own stream: disjoint from eval clips)
 
@@ -76,8 +77,9 @@ def rf_loss(net_config, params, batch, key, text_dropout: float = 0.15):
 
 def make_optimizer(lr: float, steps: int, warmup: int = 200, weight_decay: float = 0.01, clip_norm: float = 1.0):
     """Clip to global norm, AdamW with linear warm-up then cosine decay to lr/20."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2),
-                                                  end_value=lr / 20)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, min(warmup, max(steps - 1, 1)), max(steps, 2), end_value=lr / 20
+    )
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
@@ -101,16 +103,29 @@ def _batch(source: toy.RecordSource, step: int, batch_size: int) -> dict:
     return {k: np.stack([r[k] for r in records]) for k in ("latents", "text", "num_cond_frames")}
 
 
-def pretrain(world: toy.World, net_config, steps: int = 3500, batch_size: int = 32, lr: float = 1e-3,
-             seed: int = 0, text_dropout: float = 0.15, ema_decay: float = 0.999, log_every: int = 100,
-             log=print) -> tuple[dict, dict, list[float]]:
+def pretrain(
+    world: toy.World,
+    net_config,
+    steps: int = 3500,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    text_dropout: float = 0.15,
+    ema_decay: float = 0.999,
+    log_every: int = 100,
+    log=print,
+) -> tuple[dict, dict, list[float]]:
     """Trains a teacher from scratch; returns (params, ema_params, losses per step). Deterministic in `seed`."""
     if steps < 1 or batch_size < 1 or lr <= 0 or not 0 <= text_dropout < 1:
-        raise ValueError(f"pretrain needs steps >= 1, batch_size >= 1, lr > 0 and 0 <= text_dropout < 1; got "
-                         f"steps={steps}, batch_size={batch_size}, lr={lr}, text_dropout={text_dropout}.")
+        raise ValueError(
+            f"pretrain needs steps >= 1, batch_size >= 1, lr > 0 and 0 <= text_dropout < 1; got "
+            f"steps={steps}, batch_size={batch_size}, lr={lr}, text_dropout={text_dropout}."
+        )
     if net_config.crossattn_proj_in_channels != world.config.text_width:
-        raise ValueError(f"net crossattn_proj_in_channels={net_config.crossattn_proj_in_channels} must equal the "
-                         f"world's text_width={world.config.text_width}; build it with tiny_config(world).")
+        raise ValueError(
+            f"net crossattn_proj_in_channels={net_config.crossattn_proj_in_channels} must equal the "
+            f"world's text_width={world.config.text_width}; build it with tiny_config(world)."
+        )
     key = jax.random.PRNGKey(seed)
     k_init, k_train = jax.random.split(key)
     params = networks.init_params(net_config, k_init)
@@ -127,8 +142,9 @@ def pretrain(world: toy.World, net_config, steps: int = 3500, batch_size: int = 
             batch = pending.result()
             if i + 1 < steps:
                 pending = pool.submit(_batch, source, i + 1, batch_size)
-            params, ema, opt_state, loss = train_step(params, ema, opt_state, batch, jax.random.fold_in(k_train, i),
-                                                      jnp.float32(i))
+            params, ema, opt_state, loss = train_step(
+                params, ema, opt_state, batch, jax.random.fold_in(k_train, i), jnp.float32(i)
+            )
             window.append(loss)
             if (i + 1) % log_every == 0 or i + 1 == steps:
                 vals = [float(v) for v in window]
@@ -137,15 +153,20 @@ def pretrain(world: toy.World, net_config, steps: int = 3500, batch_size: int = 
                 elapsed = time.time() - start
                 if not all(math.isfinite(v) for v in vals):
                     raise RuntimeError(f"non-finite pretraining loss at step {i + 1}; lower --lr.")
-                log(f"step {i + 1:5d}/{steps}  loss {np.mean(vals):.4f}  {elapsed:6.1f}s  "
-                    f"eta {elapsed / (i + 1) * (steps - i - 1):5.0f}s")
+                log(
+                    f"step {i + 1:5d}/{steps}  loss {np.mean(vals):.4f}  {elapsed:6.1f}s  "
+                    f"eta {elapsed / (i + 1) * (steps - i - 1):5.0f}s"
+                )
     losses.extend(float(v) for v in window)
     return params, ema, losses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m " + __spec__.name if __spec__ else None, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m " + __spec__.name if __spec__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output .pt (native Cosmos layout, net. prefix, bf16)")
     parser.add_argument("--steps", type=int, default=3500)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -160,8 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     world = toy.make_world()
     net_config = tiny_config(world)
     print(f"pretraining {net_config} for {args.steps} steps, batch {args.batch_size}, lr {args.lr}", flush=True)
-    _, ema, _ = pretrain(world, net_config, args.steps, args.batch_size, args.lr, args.seed, args.text_dropout,
-                         log=lambda s: print(s, flush=True))
+    _, ema, _ = pretrain(
+        world,
+        net_config,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.text_dropout,
+        log=lambda s: print(s, flush=True),
+    )
     convert.export_torch(jax.tree.map(np.asarray, ema), net_config, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
     return 0
