@@ -4,8 +4,9 @@ import hashlib
 import os
 
 import pytest
+from etils import epath
 
-from trigflow_distill import sources
+from trigflow_distill import sources, text_encoder, vae
 
 MAIN = "a" * 40
 V1 = "b" * 40
@@ -89,3 +90,15 @@ def test_local_and_remote(tmp_path):
 def test_bad_hf_urls(bad):
     with pytest.raises(ValueError, match="hf://OWNER/NAME"):
         sources.parse_hf(bad)
+
+
+def test_resolve_local_refuses_remote_weights_and_names_the_fix(tmp_path):
+    """Memory-mapped weights (VAE, text encoder) must be local or hf://: gs:// is a one-line error, not a crash."""
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert sources.resolve_local(str(tmp_path / "w.pth"), "the VAE") == epath.Path(tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="gs://b/vae.pth: the VAE must be a local path or hf://.*copy it"):
+        sources.resolve_local("gs://b/vae.pth", "the VAE")
+    with pytest.raises(ValueError, match="the text encoder must be a local path"):
+        text_encoder.load("gs://b/reason1")
+    with pytest.raises(ValueError, match="the VAE must be a local path"):
+        vae.load("gs://b/tokenizer.pth")

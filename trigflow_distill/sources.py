@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import huggingface_hub
+from etils import epath
 from huggingface_hub import errors as hf_errors
 
 HF_SCHEME = "hf://"
@@ -72,6 +73,18 @@ def hub_cache_dir(cache_dir: str | None = None) -> str | None:
 def offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def resolve_local(src: str | os.PathLike, what: str) -> epath.Path:
+    """`resolve` for weights that are memory-mapped (safetensors, .pth): a local path or an `hf://` source (fetched
+    into the Hub cache); a remote URL is refused with a one-line error naming `what` and the fix."""
+    src = os.fspath(src)
+    if is_remote(src):
+        raise ValueError(
+            f"{src}: {what} must be a local path or hf://OWNER/NAME[/PATH][@REV] (its weights are memory-mapped); "
+            "copy it to a local disk first"
+        )
+    return epath.Path(resolve(src))
 
 
 def resolve(src: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> str:

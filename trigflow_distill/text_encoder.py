@@ -31,7 +31,7 @@ from einops import rearrange
 from etils import epath
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
@@ -58,23 +58,17 @@ _IGNORED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
 _LANGUAGE_MODEL_PREFIX = "model.language_model."
 
 
-def _local_dir(path: str | os.PathLike) -> str:
-    """A local folder for `path`: hf:// sources are fetched (sources.resolve), remote URLs are refused."""
-    src = os.fspath(path)
-    if sources.is_remote(src):
-        raise ValueError(
-            f"{src}: text encoder weights must be a local folder or hf://OWNER/NAME[@REV]; copy it "
-            "to a local disk first (safetensors are memory-mapped)"
-        )
-    local = sources.resolve(src)
-    if not os.path.isdir(local):
-        raise FileNotFoundError(f"{src}: not a folder (expected a transformers Qwen2.5-VL folder with config.json)")
+def _local_dir(path: str | os.PathLike) -> epath.Path:
+    """The local folder of `path` (hf:// sources are fetched; remote URLs refused: safetensors are memory-mapped)."""
+    local = sources.resolve_local(path, "the text encoder")
+    if not local.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder (expected a transformers Qwen2.5-VL folder with config.json)")
     return local
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: epath.Path) -> dict:
     try:
-        return json.loads(epath.Path(path).read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -121,18 +115,18 @@ def config_from_json(raw: dict, where: str = "config.json") -> Qwen2Config:
     return cfg
 
 
-def _weight_files(folder: str) -> dict[str, str]:
+def _weight_files(folder: epath.Path) -> dict[str, str]:
     """Checkpoint key -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map'")
-        return {k: os.path.join(folder, f) for k, f in weight_map.items()}
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        with safe_open(single, framework="np") as f:
-            return dict.fromkeys(f.keys(), single)
+        return {k: os.fspath(folder / f) for k, f in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(os.fspath(single), framework="np") as f:
+            return dict.fromkeys(f.keys(), os.fspath(single))
     raise FileNotFoundError(
         f"{folder}: no model.safetensors.index.json or model.safetensors (only safetensors weights are supported)"
     )
@@ -174,8 +168,8 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {sorted(_DTYPES)}")
     folder = _local_dir(path)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = folder / "config.json"
+    if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a transformers Qwen2.5-VL folder)")
     cfg = config_from_json(_read_json(config_path), config_path)
     keys = _language_model_keys(_weight_files(folder), cfg, folder)
@@ -221,7 +215,8 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
 
 def save(path: str | os.PathLike, cfg: Qwen2Config, params: dict) -> None:
     """Writes config.json (Qwen2.5-VL, text settings at the top) and model.safetensors with the released names."""
-    os.makedirs(path, exist_ok=True)
+    path = epath.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -236,22 +231,21 @@ def save(path: str | os.PathLike, cfg: Qwen2Config, params: dict) -> None:
         "hidden_act": "silu",
         "use_sliding_window": False,
     }
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
     tensors = {name: host[leaf] for leaf, name in TOP_TORCH_NAMES.items()}
     for leaf, (name, transpose) in LAYER_TORCH_NAMES.items():
         for i in range(cfg.num_layers):
             x = host["layers"][leaf][i]
             tensors[f"model.layers.{i}.{name}"] = np.ascontiguousarray(x.T if transpose else x)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    (path / "model.safetensors").write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
-def _pad_token(folder: str) -> str:
+def _pad_token(folder: epath.Path) -> str:
     """The pad token named by tokenizer_config.json or special_tokens_map.json, else `<|endoftext|>`."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        file = os.path.join(folder, name)
-        if os.path.isfile(file):
+        file = folder / name
+        if file.is_file():
             pad = _read_json(file).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
@@ -264,10 +258,10 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     """The folder's tokenizer.json, with the folder's pad token recorded in its padding settings (so that a
     loaded tokenizer can be passed to `tokenize` many times without rereading the folder)."""
     folder = _local_dir(path)
-    file = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(file):
+    file = folder / "tokenizer.json"
+    if not file.is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.json (expected the text encoder's folder)")
-    tok = tokenizers.Tokenizer.from_file(file)
+    tok = tokenizers.Tokenizer.from_file(os.fspath(file))
     pad = _pad_token(folder)
     if tok.token_to_id(pad) is None:
         raise ValueError(f"{folder}: pad token {pad!r} is not in tokenizer.json's vocabulary")
@@ -357,9 +351,9 @@ def write_tiny(
         intermediate_size=2 * hidden_size,
     )
     save(path, cfg, qwen2.init_params(cfg, jax.random.key(seed)))
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"pad_token": DEFAULT_PAD_TOKEN}, f)
+    path = epath.Path(path)
+    (path / "tokenizer.json").write_text(tok.to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": DEFAULT_PAD_TOKEN}))
     return cfg
 
 

@@ -40,55 +40,52 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _DIFFUSERS_CLASS = "AutoencoderKLWan"
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
-    with safe_open(path, framework="np") as st:
+    with safe_open(os.fspath(path), framework="np") as st:
         return {k: st.get_tensor(k) for k in st.keys()}
 
 
-def _diffusers_folder(folder: str) -> dict[str, np.ndarray]:
-    """Native-named state dict of a diffusers AutoencoderKLWan folder."""
-    for d in (folder, os.path.join(folder, "vae")):
-        if os.path.isfile(os.path.join(d, "config.json")):
-            folder = d
-            break
-    else:
+def _diffusers_folder(folder: epath.Path) -> dict[str, np.ndarray]:
+    """Native-named state dict of a diffusers AutoencoderKLWan folder (the model itself or a pipeline's `vae/`)."""
+    found = [d for d in (folder, folder / "vae") if (d / "config.json").is_file()]
+    if not found:
         raise FileNotFoundError(
             f"{folder}: no config.json (expected a diffusers {_DIFFUSERS_CLASS} folder or a native Wan .pth file)"
         )
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    folder = found[0]
+    config = json.loads((folder / "config.json").read_text())
     if config.get("_class_name") != _DIFFUSERS_CLASS:
         raise ValueError(
             f"{folder}: config.json _class_name is {config.get('_class_name')!r}, expected {_DIFFUSERS_CLASS!r}"
         )
     if config.get("is_residual") or config.get("patch_size"):
         raise ValueError(f"{folder}: a Wan2.2-style VAE (is_residual / patch_size) is not the Wan2.1 VAE")
-    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    if not os.path.isfile(weights):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (only safetensors weights are supported)")
     return wan_vae.diffusers_to_native(_read_safetensors(weights))
 
 
 def load(src: str | os.PathLike) -> tuple[WanVAEConfig, dict[str, np.ndarray]]:
-    """(cfg, params) of a native Wan2.1 VAE state dict (.pth, or .safetensors) or a diffusers folder.
+    """(cfg, params) of a native Wan2.1 VAE state dict (.pth, or .safetensors) or a diffusers folder, local or hf://.
 
     Raises FileNotFoundError for a missing source and ValueError (listing the missing / unknown tensors) for a
     state dict that is not a Wan2.1 VAE. The params are float32 numpy arrays on the host: `jax.device_put` them
     once when calling encode/decode repeatedly.
     """
-    path = sources.resolve(os.fspath(src))
-    if os.path.isdir(path):
+    path = sources.resolve_local(src, "the VAE")
+    if path.is_dir():
         state = _diffusers_folder(path)
-    elif not os.path.isfile(path):
+    elif not path.is_file():
         raise FileNotFoundError(f"{src}: no such VAE checkpoint (a native .pth file or a diffusers folder)")
-    elif path.endswith(".safetensors"):
+    elif path.suffix == ".safetensors":
         state = _read_safetensors(path)
         if "encoder.conv_in.weight" in state:
             state = wan_vae.diffusers_to_native(state)
     else:
-        state = torchfile.load(path)
+        state = torchfile.load(os.fspath(path))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
         cfg = wan_vae.infer_config(shapes)
