@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import generate, networks, sharding, text_encoder, vae
+from trigflow_distill import generate, inference_model, networks, sharding, text_encoder, vae
 from trigflow_distill.networks import qwen2, wan_vae
 
 PROMPTS = [
@@ -53,7 +53,9 @@ def _tiny_models(args, tmp: str):
     net_config = networks.get_preset("tiny", dtype=args.dtype, attention=args.attention)
     params = jax.tree.map(np.asarray, networks.init_params(net_config, jax.random.key(0)))
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
-    model = generate.Model(net_config, net, params["crossattn_proj"], dict(generate._PREDICT25), "tiny random")
+    model = inference_model.Model(
+        net_config, net, params["crossattn_proj"], dict(inference_model.PREDICT25), "tiny random"
+    )
     te = os.path.join(tmp, "text_encoder")
     text_encoder.write_tiny(te, num_layers=2, hidden_size=48, words=" ".join(PROMPTS).replace(".", "").split())
     vae_cfg = wan_vae.WanVAEConfig(dim=args.vae_dim)
@@ -67,8 +69,8 @@ def _models(args, tmp: str):
         raise SystemExit("give all of --student, --teacher, --vae and --text-encoder, or none (tiny random nets)")
     options = dict(dtype=args.dtype, attention=args.attention, remat=False)
     return (
-        generate.load_checkpoint(args.student, **options),
-        generate.load_checkpoint(args.teacher, **options),
+        inference_model.load_checkpoint(args.student, **options),
+        inference_model.load_checkpoint(args.teacher, **options),
         args.text_encoder,
         vae.load(args.vae),
     )

@@ -6,7 +6,7 @@ Writes `--videos` synthetic mp4 files (`--width`x`--height`, `--source-frames` f
 (dim 8, the release's structure), a tiny Reason1-style text encoder (2 layers, hidden 32) and a tiny teacher whose
 crossattn_proj takes its 64-wide embedding; then runs `prepare` twice in one process: a warm-up job on 2 videos
 (compiles the VAE and text functions for the bucket) and the timed job on all of them. Also times the stages
-alone: decoding + resize/pad of one video (`prepare.load_clips`), one VAE batch and one caption batch. Prints JSON;
+alone: decoding + resize/pad of one video (`clips.load_clips`), one VAE batch and one caption batch. Prints JSON;
 `cpu_s_per_clip` (process CPU time of the timed job per clip) depends far less on the machine's load than clips/s.
 The numbers measure this code path with tiny nets, not the real 2B-scale cost (which is the VAE and the 7B text
 encoder on accelerators).
@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from trigflow_distill import convert, networks, prepare, text_encoder, torchfile, video
+from trigflow_distill import clips, convert, networks, prepare, text_encoder, torchfile, video
 from trigflow_distill.networks import wan_vae
 
 
@@ -112,14 +112,14 @@ def main(argv=None) -> int:
         summary = prepare.prepare(prepare.parse_args(_argv(s, s["videos"], os.path.join(root, "out"), args)))
         wall, cpu = time.perf_counter() - t, _cpu_s() - c
 
-        item = prepare.make_items(
-            [os.path.join(s["videos"], "v0000.mp4")], s["videos"], prepare.read_captions(s["captions"])
+        item = clips.make_items(
+            [os.path.join(s["videos"], "v0000.mp4")], s["videos"], clips.read_captions(s["captions"])
         )[0]
         t = time.perf_counter()
-        clips = prepare.load_clips(item, args.resolution, args.frames, 1)
+        loaded = clips.load_clips(item, args.resolution, args.frames, 1)
         decode_s = time.perf_counter() - t
         enc = prepare.Encoders(s["vae"], s["text"], s["teacher"], text_dtype="float32")
-        frames = np.stack([clips[0].frames_thw3] * args.batch_size)
+        frames = np.stack([loaded[0].frames_thw3] * args.batch_size)
         enc.latents(frames, args.batch_size)
         t = time.perf_counter()
         enc.latents(frames, args.batch_size)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     result = {
         "videos": args.videos,
         "source": f"{args.width}x{args.height}x{args.source_frames}",
-        "clip": f"{args.frames} frames -> bucket {'x'.join(map(str, clips[0].bucket))}",
+        "clip": f"{args.frames} frames -> bucket {'x'.join(map(str, loaded[0].bucket))}",
         "batch_size": args.batch_size,
         "devices": jax.local_device_count(),
         "warmup_job_s": round(warmup_s, 2),

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import convert, data, networks, prepare, text_encoder, torchfile, vae, video
+from trigflow_distill import clips, convert, data, networks, prepare, text_encoder, torchfile, vae, video
 from trigflow_distill.networks import wan_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,16 +201,16 @@ def test_captions_jsonl_sidecar_and_unused_keys(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     paths = [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "b.mp4"), str(tmp_path / "sub" / "c.mp4")]
     (tmp_path / "sub" / "c.txt").write_text("from the sidecar\n")
-    items = prepare.make_items(paths, str(tmp_path), {"a.mp4": "by name", "sub/b.mp4": "by path", "zz.mp4": "?"})
+    items = clips.make_items(paths, str(tmp_path), {"a.mp4": "by name", "sub/b.mp4": "by path", "zz.mp4": "?"})
     assert [it.caption for it in items] == ["by name", "by path", "from the sidecar"]
     assert "1 of 3 --captions entries name no video" in capsys.readouterr().err
 
 
 def test_clip_starts():
-    assert prepare.clip_starts(93, 93, 1) == [0]
-    assert prepare.clip_starts(92, 93, 1) == []
-    assert prepare.clip_starts(200, 93, 3) == [0, 54, 107]
-    assert prepare.clip_starts(94, 93, 3) == [0, 1]  # identical starts kept once
+    assert clips.clip_starts(93, 93, 1) == [0]
+    assert clips.clip_starts(92, 93, 1) == []
+    assert clips.clip_starts(200, 93, 3) == [0, 54, 107]
+    assert clips.clip_starts(94, 93, 3) == [0, 1]  # identical starts kept once
 
 
 def test_batches_are_split_over_the_devices(sources):

@@ -28,11 +28,9 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import re
 import sys
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,29 +38,26 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from trigflow_distill import (
-    convert,
     denoiser,
     errors,
     networks,
-    run,
     sampling,
     sharding,
-    sources,
     text_encoder,
     vae,
     video,
 )
+from trigflow_distill.conditioning import choose_bucket, conditioning_frames, make_conditioning, read_prompts
+from trigflow_distill.inference_model import Model, load_checkpoint, load_workdir
 from trigflow_distill.networks import DiTConfig
 from trigflow_distill.networks.attention import IMPLS
 
 TEXT_ENCODER_SOURCE = "hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58da5711eab4b423"
 VAE_SOURCE = vae.DEFAULT_SOURCE
-# Predict2.5 constants for checkpoints that carry no run config (docs/algorithm.md §1, §3).
-_PREDICT25 = dict(scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4)
 _SHEET_FRAMES = 4  # frames per prompt on the contact sheet
 _SHEET_WIDTH = 256  # width of one contact-sheet frame
 _CAPTION_HEIGHT = 14
@@ -88,26 +83,6 @@ class Sampler:
         if self.kind == "student":
             return self.steps
         return self.steps * (1 if self.guidance == 1.0 else 2)
-
-
-class Model(NamedTuple):
-    """A loaded network: params without the text projection, the frozen projection, and what it came from."""
-
-    net_config: DiTConfig
-    params: dict
-    text_proj: dict  # {"kernel": (Cin, D), "bias": (D,)}
-    defaults: dict  # scaling, sigma_data, shift, train_steps
-    description: str
-
-
-class Conditioning(NamedTuple):
-    """What every sample of a run is conditioned on besides its text (docs/algorithm.md §7, §12)."""
-
-    bucket_wh: tuple[int, int]
-    gt_1cthw: np.ndarray  # encoded conditional latent frames, zeros after them
-    mask_11thw: np.ndarray  # 1 on the conditional latent frames
-    padding_11hw: np.ndarray  # pixel padding mask of the bucket, 1 on padded pixels
-    num_cond: int
 
 
 def initial_noise(seed: int, index: int, shape) -> jax.Array:
@@ -177,132 +152,7 @@ def uncond_context(net_config: DiTConfig, text_proj: dict) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts of a text file (one per line) or JSONL (a "prompt" or "caption" field per line); blanks skipped."""
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--prompts {path}: no such file")
-    prompts = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        text = line.strip()
-        if text.startswith("{"):
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object or prompt per line"
-                ) from None
-            text = record.get("prompt", record.get("caption"))
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f'{path}:{n}: no non-empty "prompt" or "caption" string')
-            text = text.strip()
-        if text:
-            prompts.append(text)
-    if not prompts:
-        raise ValueError(
-            f"--prompts {path}: the file has no prompts (write one per line, or JSONL with a "
-            '"prompt" or "caption" field)'
-        )
-    return prompts
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file as one RGB frame (1, H, W, 3) uint8."""
-    p = epath.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--image {path}: no such file")
-    try:
-        with Image.open(io.BytesIO(p.read_bytes())) as img:
-            return np.asarray(img.convert("RGB"))[None]
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--image {path}: cannot read the image ({e}); give a PNG/JPEG/WebP file") from None
-
-
-def conditioning_frames(args) -> np.ndarray | None:
-    """The pixel frames that become the conditional latent frames: the image, or the last 1 + 4(N-1) video frames
-    (as the reference's Video2World inference does); None without --image/--video."""
-    if args.image:
-        return read_image(args.image)
-    if not args.video:
-        return None
-    frames, _ = video.read_video(args.video)
-    need = 1 + 4 * (args.cond_frames - 1)
-    if len(frames) < need:
-        raise ValueError(
-            f"--video {args.video}: has {len(frames)} frames, --cond-frames {args.cond_frames} needs the last {need}"
-        )
-    return frames[-need:]
-
-
-def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
-    """(width, height): --size, else --aspect, else the nearest aspect of the conditioning frames, else 16:9."""
-    if args.size:
-        return args.size
-    table = video.buckets(args.resolution)
-    if args.aspect:
-        return table[args.aspect]
-    if frames is not None:
-        return video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)
-    return table["16:9"]
-
-
-def make_conditioning(
-    vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape, dtype: str = "float32"
-) -> Conditioning:
-    """Encodes the conditioning frames into the first latent frames of a (1, C, T, h, w) ground truth."""
-    c, t, h, w = latent_shape
-    bw, bh = bucket_wh
-    gt = np.zeros((1, c, t, h, w), np.float32)
-    mask = np.zeros((1, 1, t, h, w), np.float32)
-    if frames is None:
-        return Conditioning(bucket_wh, gt, mask, np.zeros((1, 1, bh, bw), np.float32), 0)
-    pixels, padding = video.resize_and_pad(frames, bucket_wh)
-    latents = np.asarray(vae.encode(vae_cfg, vae_params, pixels[None], dtype=dtype))
-    n = latents.shape[2]
-    gt[:, :, :n] = latents
-    mask[:, :, :n] = 1.0
-    return Conditioning(bucket_wh, gt, mask, padding[None], n)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Models
-
-
-def _params_and_proj(params: dict, where: str) -> tuple[dict, dict]:
-    if "crossattn_proj" not in params:
-        raise ValueError(
-            f"{where}: the checkpoint has no crossattn_proj (text projection); generate needs a complete "
-            "Cosmos DiT (export students with `python -m trigflow_distill.export`)"
-        )
-    return {k: v for k, v in params.items() if k != "crossattn_proj"}, params["crossattn_proj"]
-
-
-def load_checkpoint(src: str, **net_options) -> Model:
-    """A native Cosmos `.pt` (`net.` / `net_ema.` keys) or diffusers folder, local or hf://."""
-    local = sources.resolve(src)
-    if os.path.isdir(local):
-        net_config, params = convert.load_diffusers_folder(local, progress=True, **net_options)
-    else:
-        net_config, params = convert.load_torch_checkpoint(local, progress=True, **net_options)
-    params, proj = _params_and_proj(params, src)
-    return Model(net_config, params, proj, dict(_PREDICT25), src)
-
-
-def load_workdir(workdir: str, **net_options) -> Model:
-    """The EMA student of a training run's latest checkpoint (only those weights are read), with the teacher's
-    frozen text projection."""
-    config, net_config, params = run.load_student(workdir, which="ema", **net_options)
-    params, proj = _params_and_proj(jax.tree.map(np.asarray, jax.device_get(params)), f"{workdir} (EMA student)")
-    defaults = dict(
-        scaling=config.teacher.scaling,
-        sigma_data=float(config.teacher.sigma_data),
-        shift=float(config.distill.timestep_shift),
-        train_steps=int(config.distill.num_student_steps),
-    )
-    return Model(net_config, params, proj, defaults, f"{workdir} (EMA student)")
 
 
 def load_model(args) -> tuple[Model, Sampler]:
