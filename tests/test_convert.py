@@ -14,7 +14,7 @@ import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from trigflow_distill import convert, networks, torchfile
+from trigflow_distill import convert, networks, teacher_cache, torchfile
 from trigflow_distill.networks import state_dict as sdmap
 
 import torch_dmd2  # (benchmarks/ is on the pytest pythonpath: diffusers stand-ins shared with the benchmarks)
@@ -162,7 +162,7 @@ def test_truncated_and_missing_files(release, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothere\.pt"):
         convert.load_torch_checkpoint(tmp_path / "nothere.pt")
     with pytest.raises(FileNotFoundError, match=r"nothere"):
-        convert.load_teacher(tmp_path / "nothere", tmp_path / "cache")
+        teacher_cache.load_teacher(tmp_path / "nothere", tmp_path / "cache")
 
 
 def test_wrong_model_family(tmp_path):
@@ -222,7 +222,7 @@ def test_export_diffusers_loads_and_matches(tmp_path):
 def test_load_teacher_caches(release, tmp_path, monkeypatch):
     path, _ = release
     cache = tmp_path / "cache"
-    config, params = convert.load_teacher(path, cache)
+    config, params = teacher_cache.load_teacher(path, cache)
     direct_config, direct = convert.load_torch_checkpoint(path)
     assert config == direct_config
     assert_trees_equal(params, direct)
@@ -237,7 +237,7 @@ def test_load_teacher_caches(release, tmp_path, monkeypatch):
 
     monkeypatch.setattr(convert, "_source", counting_source)
     monkeypatch.setattr(torchfile, "LazyStateDict", None)  # any re-read of the source would fail
-    cached_config, cached = convert.load_teacher(path, cache, dtype="bfloat16")
+    cached_config, cached = teacher_cache.load_teacher(path, cache, dtype="bfloat16")
     assert not calls
     assert cached_config == networks.get_preset("tiny", dtype="bfloat16")  # overrides apply to cached entries
     assert_trees_equal(cached, direct)
@@ -245,7 +245,7 @@ def test_load_teacher_caches(release, tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(convert, "_source", counting_source)
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))  # the source changed
-    convert.load_teacher(path, cache)
+    teacher_cache.load_teacher(path, cache)
     assert len(calls) == 1 and len(os.listdir(cache)) == 2
 
 
@@ -324,19 +324,19 @@ def _truncate_leaf(entry):
 def test_corrupted_cache_is_converted_again(release, tmp_path, capsys, damage, why):
     path, _ = release
     cache = tmp_path / "cache"
-    _, params = convert.load_teacher(path, cache)
+    _, params = teacher_cache.load_teacher(path, cache)
     params = jax.tree.map(np.array, params)  # copies: the cache's leaves are memory maps of the files damaged next
     assert "converting teacher" in capsys.readouterr().err
     (entry,) = cache.iterdir()
     damage(entry)
     with pytest.raises(ValueError, match=f"incomplete or corrupted converted checkpoint: .*{why}"):
         convert.load_converted(entry)
-    _, again = convert.load_teacher(path, cache)
+    _, again = teacher_cache.load_teacher(path, cache)
     assert re.search(
         f"teacher cache {entry} is incomplete or corrupted \\(.*{why}.*\\); converting again", capsys.readouterr().err
     )
     assert_trees_equal(again, params)
-    _, cached = convert.load_teacher(path, cache)
+    _, cached = teacher_cache.load_teacher(path, cache)
     assert capsys.readouterr().err == ""  # repaired: a plain cache hit
     assert [p.name for p in cache.iterdir()] == [entry.name]
 
@@ -362,7 +362,7 @@ def test_waiting_process_times_out_with_clear_message(release, tmp_path):
         match=r"process 1: waited 0 s for process 0 to convert the teacher into .*"
         r"COMPLETE.*shared by all hosts",
     ):
-        convert.load_teacher(
+        teacher_cache.load_teacher(
             path, tmp_path / "cache", process_index=1, num_processes=2, wait_timeout_s=0.2, poll_s=0.05
         )
 
@@ -377,11 +377,11 @@ def test_teacher_from_hub_cache_offline(release, tmp_path, monkeypatch):
     (refs / "main").write_text("c" * 40)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(tmp_path / "hub"))
-    config, params = convert.load_teacher("hf://owner/cosmos/teacher.pt", tmp_path / "cache")
+    config, params = teacher_cache.load_teacher("hf://owner/cosmos/teacher.pt", tmp_path / "cache")
     assert config == CONFIG
     assert_trees_equal(params, convert.load_torch_checkpoint(path)[1])
     with pytest.raises(FileNotFoundError, match=r"repository owner/cosmos, path 'student\.pt', revision main"):
-        convert.load_teacher("hf://owner/cosmos/student.pt", tmp_path / "cache")
+        teacher_cache.load_teacher("hf://owner/cosmos/student.pt", tmp_path / "cache")
 
 
 def test_cli_help_and_summary(release, tmp_path):
@@ -452,7 +452,7 @@ def test_remote_destinations(release, tmp_path, fake_gcs):
     with pytest.raises(FileExistsError, match="gs://bucket/converted already exists; pass --overwrite"):
         convert.convert(path, "gs://bucket/converted")
 
-    _, cached = convert.load_teacher(path, "gs://bucket/cache")
+    _, cached = teacher_cache.load_teacher(path, "gs://bucket/cache")
     assert_trees_equal(cached, params)
     assert len(os.listdir(fake_gcs / "bucket" / "cache")) == 1
     convert.export_torch(params, config, "gs://bucket/student.pt")

@@ -19,8 +19,8 @@ import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_num_cpu_devices", 1)
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from trigflow_distill import convert
-config, params = convert.load_teacher(sys.argv[3], sys.argv[4], poll_s=0.05)
+from trigflow_distill import teacher_cache
+config, params = teacher_cache.load_teacher(sys.argv[3], sys.argv[4], poll_s=0.05)
 h = hashlib.sha256()
 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     h.update(jax.tree_util.keystr(path).encode() + str(leaf.dtype).encode() + np.ascontiguousarray(leaf).tobytes())

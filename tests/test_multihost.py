@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill import convert, networks
+from trigflow_distill import convert, networks, teacher_cache
 
 pytestmark = pytest.mark.slow  # multi-process main.py runs
 
@@ -35,7 +35,7 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     net = networks.get_preset("tiny", num_blocks=1)
     convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, root / "teacher.pt")
-    convert.load_teacher(root / "teacher.pt", root / "teacher_cache")
+    teacher_cache.load_teacher(root / "teacher.pt", root / "teacher_cache")
     return root
 
 

@@ -1,6 +1,6 @@
 """Cosmos Predict2.5 DiT weights: PyTorch `.pt` / diffusers folder <-> Flax params (numpy trees) <-> converted folder.
 
-A converted checkpoint (the CLI's output and `load_teacher`'s cache entries) is a folder:
+A converted checkpoint (the CLI's output and `teacher_cache.load_teacher`'s entries) is a folder:
 
     source.json      format, native tensor shapes and config fields stated by the source, and per param leaf its
                      shape and dtype (the architecture is re-inferred exactly as on the direct path, and compute
@@ -19,7 +19,6 @@ Sources may be local paths or `hf://OWNER/NAME/PATH[@REV]` (see `sources.resolve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes
@@ -45,8 +44,7 @@ _DIFFUSERS_CLASS = "CosmosTransformer3DModel"
 _FORMAT = "trigflow-converted-2"
 _SOURCE_JSON = "source.json"
 _PARAMS = "params"
-_COMPLETE = "COMPLETE"
-_HASH_BYTES = 1 << 20
+COMPLETE = "COMPLETE"  # the marker file written last: its text changes with every (re-)conversion
 _PROGRESS_MIN_BYTES = 64 << 20  # smaller sources convert in a blink: no bar
 _TRANSPOSE_ROWS = 64  # a blocked transpose is ~3x faster than numpy's strided copy of a whole bf16 matrix
 _READ_CHUNK = 64 << 20
@@ -57,7 +55,6 @@ _SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-WAIT_TIMEOUT_S = 1800.0  # how long processes > 0 wait for process 0's conversion (TRIGFLOW_TEACHER_WAIT_S)
 
 
 def _is_local(path: epath.Path | str) -> bool:
@@ -166,7 +163,7 @@ def _diffusers_source(path: str) -> tuple[Mapping, dict]:
     ), fields
 
 
-def _local_source(src: str | os.PathLike) -> str:
+def local_source(src: str | os.PathLike) -> str:
     """Local path of a `.pt` file or diffusers folder given as a path or `hf://` source."""
     path = sources.resolve(os.fspath(src))
     if not _is_local(path):
@@ -235,12 +232,16 @@ def _build_tree(path: str, sd: Mapping, config: DiTConfig, progress: bool) -> di
         for i, f in enumerate(fills):
             f(out[i] if _stacked(leaf) else out)
         bar.update(out.nbytes)
-        node = params
-        for k in leaf[:-1]:
-            node = node.setdefault(k, {})
-        node[leaf[-1]] = out
+        _set_leaf(params, leaf, out)
     bar.close()
     return params
+
+
+def _set_leaf(tree: dict, leaf: Sequence[str], value: np.ndarray) -> None:
+    """tree[a][b][c] = value for leaf (a, b, c), creating the inner dicts."""
+    for k in leaf[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[leaf[-1]] = value
 
 
 def _bar(sd: Mapping, progress: bool, label: str) -> tqdm.tqdm:
@@ -265,7 +266,7 @@ def load_torch_checkpoint(
     unprefixed keys; or name one ("net.", "net_ema.", ""). `config_overrides`: DiTConfig fields that cannot be
     inferred (patch sizes, RoPE ratios) or compute options (dtype, remat, attention).
     """
-    path = _local_source(path)
+    path = local_source(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; use load_diffusers_folder for diffusers weights")
     sd, fields = _torch_source(path, prefix)
@@ -277,7 +278,7 @@ def load_diffusers_folder(
     path: str | os.PathLike, progress: bool = False, **config_overrides
 ) -> tuple[DiTConfig, dict]:
     """(net_config, params) from a diffusers CosmosTransformer3DModel folder (config.json + safetensors)."""
-    path = _local_source(path)
+    path = local_source(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a folder (expected a diffusers {_DIFFUSERS_CLASS} folder)")
     sd, fields = _diffusers_source(path)
@@ -373,12 +374,12 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
     bar.close()
     meta = {"format": _FORMAT, "shapes": {k: list(v) for k, v in sd.shapes.items()}, "fields": dict(fields)}
     (folder / _SOURCE_JSON).write_text(json.dumps({**meta, "params": leaves}))
-    (folder / _COMPLETE).write_text(uuid.uuid4().hex)
+    (folder / COMPLETE).write_text(uuid.uuid4().hex)
 
 
 def _remove(folder: epath.Path) -> None:
     if folder.is_dir():
-        (folder / _COMPLETE).unlink(missing_ok=True)  # first: no reader trusts it from now on
+        (folder / COMPLETE).unlink(missing_ok=True)  # first: no reader trusts it from now on
         folder.rmtree()
     elif folder.exists():
         folder.unlink()
@@ -414,7 +415,7 @@ def convert(
     """Converts a `.pt` file or diffusers folder (local or `hf://`) into the converted folder `dst` (local or
     `gs://`), one tensor at a time; returns the inferred net config. `prefix` as in `load_torch_checkpoint`;
     an existing `dst` is replaced only with `overwrite=True`."""
-    path = _local_source(src)
+    path = local_source(src)
     dst = epath.Path(dst)
     if dst.exists() and not overwrite:
         _refuse_overwrite(dst, "converted checkpoint")
@@ -438,10 +439,10 @@ def convert(
     return config
 
 
-def _problem(folder: epath.Path) -> str | None:
+def check_converted(folder: epath.Path) -> str | None:
     """Why `folder` is not a complete converted checkpoint, or None when it is."""
-    if not (folder / _COMPLETE).exists():
-        return f"no {_COMPLETE} marker (an interrupted conversion, or written by an older version)"
+    if not (folder / COMPLETE).exists():
+        return f"no {COMPLETE} marker (an interrupted conversion, or written by an older version)"
     try:
         meta = json.loads((folder / _SOURCE_JSON).read_text())
         leaves = meta["params"]
@@ -483,16 +484,24 @@ def _read_leaf(file: epath.Path, shape, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def complete_marker(folder: epath.Path) -> str | None:
+    """The COMPLETE marker's text (unique per conversion) of a converted folder, or None while it has none."""
+    try:
+        return (folder / COMPLETE).read_text()
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def load_converted(ckpt_dir: str | os.PathLike, **config_overrides) -> tuple[DiTConfig, dict]:
-    """(net_config, params) from a converted folder (`convert`'s output, `load_teacher`'s cache entries); local
-    leaves are read-only memory maps, remote ones are read into memory."""
+    """(net_config, params) from a converted folder (`convert`'s output, `teacher_cache.load_teacher`'s entries);
+    local leaves are read-only memory maps, remote ones are read into memory."""
     folder = epath.Path(ckpt_dir)
-    if not (folder / _SOURCE_JSON).exists() and not (folder / _COMPLETE).exists():
+    if not (folder / _SOURCE_JSON).exists() and not (folder / COMPLETE).exists():
         raise FileNotFoundError(
             f"{folder}: no {_SOURCE_JSON}; not a converted checkpoint (run `python -m trigflow_distill.convert SRC "
             "DST` first)"
         )
-    problem = _problem(folder)
+    problem = check_converted(folder)
     if problem:
         raise ValueError(f"{folder}: incomplete or corrupted converted checkpoint: {problem}; convert again")
     meta = json.loads((folder / _SOURCE_JSON).read_text())
@@ -501,100 +510,10 @@ def load_converted(ckpt_dir: str | os.PathLike, **config_overrides) -> tuple[DiT
     )
     params: dict = {}
     for key, leaf in meta["params"].items():
-        *parents, last = key.split(".")
-        node = params
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = _read_leaf(folder / _PARAMS / key, tuple(leaf["shape"]), _dtype(leaf["dtype"]))
-    return config, params
-
-
-def source_key(path: str | os.PathLike) -> str:
-    """Cache key of a `.pt` file or diffusers folder: sizes, mtimes and a hash of each file's first MiB."""
-    path = os.path.abspath(os.fspath(path))
-    files = (
-        [path]
-        if os.path.isfile(path)
-        else sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".safetensors"))
+        _set_leaf(
+            params, key.split("."), _read_leaf(folder / _PARAMS / key, tuple(leaf["shape"]), _dtype(leaf["dtype"]))
         )
-    )
-    h = hashlib.sha256()
-    for name in files:
-        st = os.stat(name)
-        h.update(f"{os.path.relpath(name, path)}:{st.st_size}:{st.st_mtime_ns}:".encode())
-        with open(name, "rb") as f:
-            h.update(f.read(_HASH_BYTES))
-    return h.hexdigest()[:20]
-
-
-def _marker(folder: epath.Path) -> str | None:
-    try:
-        return (folder / _COMPLETE).read_text()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def load_teacher(
-    path: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    prefix: str = "auto",
-    progress: bool = True,
-    *,
-    process_index: int | None = None,
-    num_processes: int | None = None,
-    wait_timeout_s: float | None = None,
-    poll_s: float = 0.5,
-    **config_overrides,
-) -> tuple[DiTConfig, dict]:
-    """(net_config, params) of a `.pt` or diffusers teacher (local or `hf://`), converted once into `cache_dir`
-    (local or `gs://`, shared by all hosts) and re-used while the source's size, mtime and header hash are unchanged.
-
-    One conversion per job: process 0 (`process_index`, default `jax.process_index()`) converts; the others wait
-    for the entry's COMPLETE marker (at most `wait_timeout_s`, default TRIGFLOW_TEACHER_WAIT_S or 1800 s). An
-    incomplete or corrupted entry is converted again by process 0, saying so. A conversion of a source of at least
-    64 MiB shows a progress bar unless `progress=False`.
-    """
-    local = _local_source(path)
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if num_processes is None else num_processes
-    name = os.path.basename(os.path.normpath(local))
-    entry = epath.Path(cache_dir) / f"{name}-{prefix.strip('.') or 'noprefix'}-{source_key(local)}"
-    if index == 0 or count == 1:
-        problem = _problem(entry)
-        if problem is None:
-            try:
-                return load_converted(entry, **config_overrides)
-            except (OSError, ValueError) as e:
-                problem = f"{type(e).__name__}: {e}"
-        if entry.exists():
-            print(f"teacher cache {entry} is incomplete or corrupted ({problem}); converting again", file=sys.stderr)
-        else:
-            print(f"converting teacher {path} into {entry}", file=sys.stderr)
-        convert(local, entry, prefix=prefix, overwrite=True, progress=progress)
-        return load_converted(entry, **config_overrides)
-
-    timeout = (
-        wait_timeout_s
-        if wait_timeout_s is not None
-        else float(os.environ.get("TRIGFLOW_TEACHER_WAIT_S", WAIT_TIMEOUT_S))
-    )
-    deadline, failed_marker, error = time.monotonic() + timeout, None, None
-    while True:
-        marker = _marker(entry)
-        if marker is not None and marker != failed_marker:
-            try:
-                return load_converted(entry, **config_overrides)
-            except (OSError, ValueError) as e:  # process 0 may be replacing a corrupted entry: wait for the new one
-                failed_marker, error = marker, e
-        if time.monotonic() > deadline:
-            why = f"the entry there is unreadable ({error})" if error else f"no {_COMPLETE} marker appeared"
-            raise TimeoutError(
-                f"process {index}: waited {timeout:.0f} s for process 0 to convert the teacher into {entry}, but "
-                f"{why}; check process 0's log and that teacher.cache_dir is shared by all hosts (e.g. under a gs:// "
-                "workdir); raise TRIGFLOW_TEACHER_WAIT_S for slow conversions"
-            )
-        time.sleep(poll_s)
+    return config, params
 
 
 def _summary(what: str, params_or_folder, seconds: float) -> str:

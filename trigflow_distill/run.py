@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from trigflow_distill import checkpoint, convert, dmd2, rcm, sharding
+from trigflow_distill import checkpoint, data, distributed, dmd2, lock, rcm, sharding, teacher_cache
+from trigflow_distill.errors import WorkdirLocked
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
@@ -191,7 +193,7 @@ def _write_atomic(path: epath.Path, text: str) -> None:
 def load_teacher(config, workdir):
     """(net_config, teacher) with teacher = {"net", "text_proj"}, converted once and cached (docs/algorithm.md §9)."""
     cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
-    net_config, params = convert.load_teacher(config.teacher.path, cache_dir, **dmd2.net_options(config.net))
+    net_config, params = teacher_cache.load_teacher(config.teacher.path, cache_dir, **dmd2.net_options(config.net))
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
     params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
     if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
@@ -325,7 +327,7 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
     config = read_config(workdir)
     _, restored = restore_params(workdir, (STUDENTS[which],), mesh)
     cache_dir = config.teacher.cache_dir or str(epath.Path(workdir) / "teacher_cache")
-    net_config, teacher = convert.load_teacher(
+    net_config, teacher = teacher_cache.load_teacher(
         config.teacher.path, cache_dir, **dmd2.net_options(config.net, **net_overrides)
     )
     params = dict(restored[STUDENTS[which]])
@@ -348,3 +350,62 @@ def load_run(workdir, students=("student_ema", "student")):
     if teacher["text_proj"] is not None:
         teacher_params["crossattn_proj"] = teacher["text_proj"]
     return config, net_config, teacher_params, restored.get("student"), restored.get("student_ema")
+
+
+def open_workdir(workdir) -> epath.Path:
+    """The workdir as an epath (created); ValueError when it is a file or cannot be created."""
+    path = epath.Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; give a directory (new, or a run to resume).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --workdir {workdir} ({e}); choose a writable location.") from None
+    return path
+
+
+def acquire_lock(workdir: epath.Path) -> lock.WorkdirLock | None:
+    """Process 0 takes the workdir's lock (the other processes of the run share it); every process stops if it
+    cannot. Returns the lock (None on other processes)."""
+    held, error = None, None
+    if distributed.is_main_process():
+        try:
+            held = lock.WorkdirLock(workdir)
+            note = held.acquire()
+            if note:
+                print(note, flush=True)
+        except WorkdirLocked as e:
+            held, error = None, e
+        except OSError as e:
+            held, error = (
+                None,
+                ValueError(
+                    f"--workdir {workdir} is not writable ({e}); choose a writable location or fix its permissions."
+                ),
+            )
+    if not distributed.is_single_process():
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            error = WorkdirLocked(f"process 0 could not lock {workdir}; see its log.")
+    if error is not None:
+        raise error
+    return held
+
+
+def check_source(source, net_config, teacher) -> None:
+    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT (in every
+    bucket), text of a width the teacher takes (raw: its projection's input; projected: the context width)."""
+    for _, spec, _ in data.records.source_buckets(source):
+        c, t, h, w = spec.latent_shape
+        if (
+            c != net_config.in_channels
+            or t % net_config.patch_temporal
+            or h % net_config.patch_spatial
+            or (w % net_config.patch_spatial)
+        ):
+            raise ValueError(
+                f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
+                f"channels and T, H, W divisible by {net_config.patch_temporal}, "
+                f"{net_config.patch_spatial}, {net_config.patch_spatial}."
+            )
+        dmd2.text_width_kind(net_config, teacher, spec.text_shape[-1])

@@ -42,15 +42,14 @@ from trigflow_distill.data.records import (
     LATENT_MEAN,
     LATENT_STD,
     NUM_COND_PROBS,
-    DatasetWriter,
     NpyDirSource,
     RecordSpec,
     SyntheticSource,
     make_synthetic_source,
     normalize_latents,
     validate_record,
-    write_dataset,
 )
+from trigflow_distill.data.writer import DatasetWriter, write_dataset
 
 __all__ = [
     "FORMAT",

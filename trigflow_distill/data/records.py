@@ -1,4 +1,4 @@
-"""Records, their validation, the on-disk format (reader + writer) and a synthetic source.
+"""Records, their validation, the on-disk format's reader and a synthetic source (the writer: `data.writer`).
 
 A record is a dict {"latents": (16,T,H,W) float32, "text": (L,C) float32, ["num_cond_frames": int32],
 ["prompt": int32], ["padding_mask": (1,h,w) float32]}. A *source* is anything with `__len__` and
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,15 +229,13 @@ def make_synthetic_source(
     return SyntheticSource(num_records, latent_shape, text_shape, seed, num_cond_probs)
 
 
-def _shard_file(directory: str, shard: str, field: str, ext: str = "npy") -> str:
+def shard_file(directory: str, shard: str, field: str, ext: str = "npy") -> str:
+    """Path of one field of one shard of a dataset directory (format in the package docstring)."""
     return os.path.join(directory, f"{shard}.{field}.{ext}")
 
 
-def _bucket_name(latent_shape: Sequence[int]) -> str:
-    return "x".join(str(int(d)) for d in latent_shape[1:])
-
-
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
+    """Whether `path` is on the local file system (not gs://... or another etils.epath store)."""
     return "://" not in os.fspath(path)
 
 
@@ -304,7 +301,7 @@ class NpyDirSource:
         # "fields", "text_shape" and per-shard "padding_mask_shape" may be left out: read from the first files.
         fields = meta.get("fields")
         if fields is None:
-            fields = [f for f in OPTIONAL_FIELDS if epath.Path(_shard_file(directory, shards[0]["name"], f)).is_file()]
+            fields = [f for f in OPTIONAL_FIELDS if epath.Path(shard_file(directory, shards[0]["name"], f)).is_file()]
         fields = tuple(fields)
         text_shape = meta.get("text_shape") or self._array(0, "text").shape[1:]
 
@@ -321,7 +318,7 @@ class NpyDirSource:
             for k, s in enumerate(shards)
         ]
         self._bucket_of_shard = [
-            bucket_name(s.get("bucket", _bucket_name(spec.latent_shape))) for s, spec in zip(shards, self._specs)
+            bucket_name(s.get("bucket", spec.latent_shape[1:])) for s, spec in zip(shards, self._specs)
         ]
         self._starts = np.cumsum([0] + [n for _, n in self._shards])
         if self._starts[-1] != meta["num_records"]:
@@ -355,10 +352,10 @@ class NpyDirSource:
         key = (shard, field)
         if key not in self._arrays:
             name, n = self._shards[shard]
-            path = _shard_file(self.directory, name, field)
+            path = shard_file(self.directory, name, field)
             if not epath.Path(path).is_file():
                 raise FileNotFoundError(f"{path} is missing from dataset {self.directory} (listed in meta.json).")
-            arr = np.load(path, mmap_mode="r") if _is_local(path) else _RemoteNpy(path)
+            arr = np.load(path, mmap_mode="r") if is_local(path) else _RemoteNpy(path)
             if len(arr) != n:
                 raise ValueError(f"{path} has {len(arr)} rows, meta.json says {n}.")
             self._arrays[key] = arr
@@ -366,7 +363,7 @@ class NpyDirSource:
 
     def record_name(self, index: int) -> str:
         shard, row = self._locate(index)
-        return f"record {index} ({_shard_file(self.directory, self._shards[shard][0], 'latents')} etc., row {row})"
+        return f"record {index} ({shard_file(self.directory, self._shards[shard][0], 'latents')} etc., row {row})"
 
     def __getitem__(self, index: int) -> dict:
         shard, row = self._locate(int(index))
@@ -379,193 +376,8 @@ class NpyDirSource:
         """Metadata of a record: {"bucket": name, ...what the writer stored (caption, video, frames, ...)}."""
         shard, row = self._locate(int(index))
         if shard not in self._info:
-            path = epath.Path(_shard_file(self.directory, self._shards[shard][0], "records", "jsonl"))
+            path = epath.Path(shard_file(self.directory, self._shards[shard][0], "records", "jsonl"))
             rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
             self._info[shard] = rows
         rows = self._info[shard]
         return {**(rows[row] if rows else {}), "bucket": self._bucket_of_shard[shard]}
-
-
-class DatasetWriter:
-    """Writes a dataset directory shard by shard (format version 2, see the package docstring).
-
-    Each `write_shard` call is one shard, and every record of a shard has the same latent shape: a tool that
-    groups videos by aspect ratio writes one or more shards per bucket. All shards share the text shape and the
-    set of optional fields. `close()` writes meta.json; until then the directory is not a dataset. `out_dir` may be
-    remote (gs://..., through etils.epath): each shard is written to a local temporary file, then copied there.
-    """
-
-    def __init__(self, out_dir: str, text_kind: str | None = None):
-        out_dir = os.fspath(out_dir)
-        out_path = epath.Path(out_dir)
-        if out_path.exists() and any(out_path.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out directory.")
-        if text_kind is not None and text_kind not in TEXT_KINDS:
-            raise ValueError(f"text_kind {text_kind!r} not in {TEXT_KINDS}.")
-        out_path.mkdir(parents=True, exist_ok=True)
-        self.out_dir, self.text_kind = out_dir, text_kind
-        self._shards, self._text_shape, self._text_dtype, self._fields, self._buckets = [], None, None, None, {}
-
-    def write_shard(
-        self,
-        latents: np.ndarray,
-        text: np.ndarray,
-        *,
-        bucket: str | None = None,
-        num_cond_frames: np.ndarray | None = None,
-        prompt: np.ndarray | None = None,
-        padding_mask: np.ndarray | None = None,
-        info: Sequence[dict] | None = None,
-        normalize: bool = False,
-        first_index: int = 0,
-    ) -> str:
-        """One shard from (n,16,T,H,W) latents, (n,L,C) text and optional (n,) ints, (n,1,h,w) padding masks
-        (1 = padding; latent or pixel resolution) and per-record info dicts (JSON objects, e.g. {"caption": str,
-        "video": source file, "frames": [start, stop), "fps": float}). `bucket` names the shard's aspect bucket
-        (a string, or e.g. [704, 1280] -> "704x1280"; default "TxHxW" of the latents).
-        `normalize`: latents are raw VAE means (docs/algorithm.md §9). `first_index` numbers the records in
-        error messages. Returns the shard name."""
-        n = len(latents)
-        extras = {
-            k: v
-            for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt), ("padding_mask", padding_mask))
-            if v is not None
-        }
-        for name, arr in (("text", text), *extras.items(), *((("info", info),) if info is not None else ())):
-            if len(arr) != n:
-                raise ValueError(f"{name} has {len(arr)} records but latents has {n}; they must match.")
-        if n == 0:
-            raise ValueError("no records to write (latents is empty).")
-        fields = tuple(f for f in OPTIONAL_FIELDS if f in extras)
-        pad_shape = None if padding_mask is None else tuple(padding_mask.shape[1:])
-        spec = RecordSpec(tuple(latents.shape[1:]), tuple(text.shape[1:]), fields, pad_shape)
-        if self._text_shape is None:
-            self._text_shape, self._fields = spec.text_shape, fields
-            self._text_dtype = next(
-                (np.dtype(d) for d in (np.float16, ml_dtypes.bfloat16) if text.dtype == d), np.dtype(np.float32)
-            )
-            self.text_kind = self.text_kind or (
-                "projected" if spec.text_shape[-1] == PROJECTED_TEXT_CHANNELS else "raw"
-            )
-        elif spec.text_shape != self._text_shape or fields != self._fields:
-            raise ValueError(
-                f"shard {len(self._shards)}: text {spec.text_shape} and fields {fields} differ from "
-                f"the first shard's {self._text_shape}, {self._fields}; every shard must match."
-            )
-        bucket = bucket_name(bucket) if bucket is not None else _bucket_name(spec.latent_shape)
-        if self._buckets.setdefault(bucket, spec) != spec:
-            raise ValueError(f"bucket {bucket!r} already holds records shaped {self._buckets[bucket]}, not {spec}.")
-        name = f"shard-{len(self._shards):05d}"
-        # .npy has no bfloat16: such text is stored as its uint16 bit pattern (meta text_dtype says so).
-        text_store = np.dtype(np.uint16) if self._text_dtype == ml_dtypes.bfloat16 else self._text_dtype
-        shapes = {
-            "latents": (spec.latent_shape, np.float32),
-            "text": (spec.text_shape, text_store),
-            **{f: ((), np.int32) for f in ("num_cond_frames", "prompt") if f in extras},
-        }
-        if pad_shape is not None:
-            shapes["padding_mask"] = (pad_shape, np.uint8)
-        staging = None if _is_local(self.out_dir) else tempfile.TemporaryDirectory()
-        local_dir = self.out_dir if staging is None else staging.name
-        outs = {
-            f: np.lib.format.open_memmap(_shard_file(local_dir, name, f), mode="w+", dtype=dt, shape=(n, *shape))
-            for f, (shape, dt) in shapes.items()
-        }
-        for i in range(n):
-            lat = normalize_latents(latents[i]) if normalize else latents[i]
-            rec = validate_record(
-                {"latents": lat, "text": np.asarray(text[i], np.float32), **{f: extras[f][i] for f in extras}},
-                spec,
-                f"input record {first_index + i}",
-            )
-            rec["text"] = rec["text"].astype(self._text_dtype).view(text_store)
-            for f, out in outs.items():
-                out[i] = rec[f]
-        for f, out in outs.items():
-            out.flush()
-            if staging is not None:  # one shard at a time on the local disk
-                local = epath.Path(_shard_file(local_dir, name, f))
-                local.copy(epath.Path(_shard_file(self.out_dir, name, f)), overwrite=True)
-                local.unlink()
-        if staging is not None:
-            staging.cleanup()
-        if info is not None:
-            epath.Path(_shard_file(self.out_dir, name, "records", "jsonl")).write_text(
-                "".join(json.dumps(dict(row)) + "\n" for row in info)
-            )
-        self._shards.append(
-            {
-                "name": name,
-                "num_records": n,
-                "bucket": bucket,
-                "latent_shape": list(spec.latent_shape),
-                "padding_mask_shape": None if pad_shape is None else list(pad_shape),
-            }
-        )
-        return name
-
-    def close(self) -> str:
-        """Writes meta.json (last: a directory without it is an unfinished write); returns the directory."""
-        if not self._shards:
-            raise ValueError("no records to write (no shard was written).")
-        meta = {
-            "format": FORMAT,
-            "num_records": sum(s["num_records"] for s in self._shards),
-            "text_shape": list(self._text_shape),
-            "text_kind": self.text_kind,
-            "latents_dtype": "float32",
-            "text_dtype": self._text_dtype.name,
-            "fields": list(self._fields),
-            "shards": self._shards,
-        }
-        (epath.Path(self.out_dir) / "meta.json").write_text(json.dumps(meta, indent=1))
-        return self.out_dir
-
-
-def write_dataset(
-    out_dir: str,
-    latents: np.ndarray,
-    text: np.ndarray,
-    num_cond_frames: np.ndarray | None = None,
-    prompt: np.ndarray | None = None,
-    text_kind: str | None = None,
-    shard_size: int = 1024,
-    normalize: bool = False,
-    padding_mask: np.ndarray | None = None,
-) -> str:
-    """Write arrays (N,16,T,H,W), (N,L,C), optional (N,) ints and (N,1,h,w) padding masks as a dataset directory
-    of shards of `shard_size` records (one bucket); returns `out_dir`.
-
-    Inputs may be memory-mapped (`np.load(..., mmap_mode="r")`): shards are written one at a time.
-    `text_kind` None: "projected" if C == 1024 else "raw". `normalize`: latents are raw VAE means (§9).
-    Every record is validated (shape, finite values, num_cond_frames range) before it is written. `out_dir` may be
-    remote (gs://..., through etils.epath), see `DatasetWriter`.
-    """
-    n = len(latents)
-    for name, arr in (
-        ("text", text),
-        ("num_cond_frames", num_cond_frames),
-        ("prompt", prompt),
-        ("padding_mask", padding_mask),
-    ):
-        if arr is not None and len(arr) != n:
-            raise ValueError(f"{name} has {len(arr)} records but latents has {n}; they must match.")
-    if n == 0:
-        raise ValueError("no records to write (latents is empty).")
-    if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}.")
-    writer = DatasetWriter(out_dir, text_kind)
-    for start in range(0, n, shard_size):
-        part = slice(start, min(start + shard_size, n))
-        writer.write_shard(
-            latents[part],
-            text[part],
-            bucket="all",
-            **{
-                k: None if v is None else v[part]
-                for k, v in (("num_cond_frames", num_cond_frames), ("prompt", prompt), ("padding_mask", padding_mask))
-            },
-            normalize=normalize,
-            first_index=start,
-        )
-    return writer.close()

@@ -20,7 +20,8 @@ import sys
 import numpy as np
 
 from trigflow_distill import networks
-from trigflow_distill.data.records import TEXT_KINDS, NpyDirSource, write_dataset
+from trigflow_distill.data.records import TEXT_KINDS, NpyDirSource
+from trigflow_distill.data.writer import write_dataset
 from trigflow_distill.errors import CLI_ERRORS, fail
 
 
