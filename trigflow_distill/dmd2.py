@@ -277,6 +277,23 @@ def critic_update(algo: Algo, critic_tx, state: TrainState, teacher, batch):
     return new_state, metrics
 
 
+def apply_student_step(algo: Algo, student_tx, ema_gamma: float, state: TrainState, grads, ok) -> TrainState:
+    """The state after one student step with `grads`: optimizer step and EMA if `ok`, else unchanged student,
+    optimizer and EMA; counters advanced either way. Shared by every student loss (DMD2 here, rCM)."""
+    student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
+    # beta counts the student updates before this one (docs/algorithm.md §6, §13): 0 at the first update.
+    new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
+    ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
+    return state.replace(
+        step=state.step + 1,
+        student=student,
+        student_opt=student_opt,
+        student_ema=ema,
+        student_updates=state.student_updates + ok.astype(jnp.int32),
+        **_skip_counters(state, ok),
+    )
+
+
 def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, teacher, batch):
     """One student (generator) step (docs/algorithm.md §4): the DMD2 gradient (critic x0 - guided teacher x0) /
     lambda."""
@@ -305,19 +322,7 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, 
     (loss, (aux, tau_d)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     # dmd_loss zeroes non-finite samples; a batch with no finite sample at all is a diverged student: skip it.
     ok = jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(aux["nan_b"])
-    student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
-    # beta counts the student updates before this one (docs/algorithm.md §6, §13): 0 at the first update.
-    new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
-    updates = state.student_updates + ok.astype(jnp.int32)
-    ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
-    new_state = state.replace(
-        step=state.step + 1,
-        student=student,
-        student_opt=student_opt,
-        student_ema=ema,
-        student_updates=updates,
-        **_skip_counters(state, ok),
-    )
+    new_state = apply_student_step(algo, student_tx, ema_gamma, state, grads, ok)
     metrics = {
         "student/loss": loss,
         "student/grad_norm": optax.tree.norm(grads),

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trigflow_distill import dmd2, losses, optim, sampling, trigflow
-from trigflow_distill.dmd2 import _all_finite, _apply_or_skip, _num_sim_steps, _renoise, _skip_counters
+from trigflow_distill import dmd2, losses, sampling, trigflow
+from trigflow_distill.dmd2 import _all_finite, _num_sim_steps, _renoise, apply_student_step
 
 METHODS = ("dmd2", "rcm")
 # Attention implementations that support forward-mode autodiff. "blockwise" (custom VJP) and "splash" (Pallas) do
@@ -209,19 +209,7 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
     )
     # Per-sample masking zeroes bad samples; a batch with no usable sample at all is a diverged student: skip it.
     ok = jnp.isfinite(loss) & _all_finite(grads) & ~jnp.all(scm_aux["nan_b"]) & ~(dmd_on & jnp.all(dmd_nan_b))
-    student, student_opt = _apply_or_skip(student_tx, state.student, state.student_opt, grads, ok)
-    # beta counts the student updates before this one (docs/algorithm.md §6, §13), as in dmd2.student_update.
-    new_ema = optim.ema_update(state.student_ema, student, state.student_updates, ema_gamma, algo.ema_start)
-    updates = state.student_updates + ok.astype(jnp.int32)
-    ema = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_ema, state.student_ema)
-    new_state = state.replace(
-        step=state.step + 1,
-        student=student,
-        student_opt=student_opt,
-        student_ema=ema,
-        student_updates=updates,
-        **_skip_counters(state, ok),
-    )
+    new_state = apply_student_step(algo, student_tx, ema_gamma, state, grads, ok)
     metrics = {
         "student/loss": loss,
         "student/scm_loss": scm,

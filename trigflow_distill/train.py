@@ -21,8 +21,8 @@ from clu import parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill import checkpoint, data, distributed, dmd2, lock, memplan, metrics, optim, run, sharding
-from trigflow_distill.errors import CheckpointError, TrainingStopped, WorkdirLocked
+from trigflow_distill import checkpoint, data, distributed, dmd2, memplan, metrics, optim, run, sharding
+from trigflow_distill.errors import CheckpointError, TrainingStopped
 
 # write_samples(samples_bcthw, batch, path, writer): pictures of the EMA student's samples; batch holds the gathered
 # host arrays of the current batch (every field but "text"); writer is the run's metrics.Writer, whose
@@ -38,8 +38,8 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     """
     run.validate_config(config)
     main_process = distributed.is_main_process()
-    workdir = open_workdir(workdir)
-    workdir_lock = acquire_lock(workdir)
+    workdir = run.open_workdir(workdir)
+    workdir_lock = run.acquire_lock(workdir)
     try:
         note = run.resume_config(config, workdir, write=main_process)
         if note and main_process:
@@ -48,65 +48,6 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     finally:
         if workdir_lock is not None:
             workdir_lock.release()
-
-
-def open_workdir(workdir) -> epath.Path:
-    """The workdir as an epath (created); ValueError when it is a file or cannot be created."""
-    path = epath.Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--workdir {workdir} is a file; give a directory (new, or a run to resume).")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --workdir {workdir} ({e}); choose a writable location.") from None
-    return path
-
-
-def acquire_lock(workdir: epath.Path) -> lock.WorkdirLock | None:
-    """Process 0 takes the workdir's lock (the other processes of the run share it); every process stops if it
-    cannot. Returns the lock (None on other processes)."""
-    held, error = None, None
-    if distributed.is_main_process():
-        try:
-            held = lock.WorkdirLock(workdir)
-            note = held.acquire()
-            if note:
-                print(note, flush=True)
-        except WorkdirLocked as e:
-            held, error = None, e
-        except OSError as e:
-            held, error = (
-                None,
-                ValueError(
-                    f"--workdir {workdir} is not writable ({e}); choose a writable location or fix its permissions."
-                ),
-            )
-    if not distributed.is_single_process():
-        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-        if not ok and error is None:
-            error = WorkdirLocked(f"process 0 could not lock {workdir}; see its log.")
-    if error is not None:
-        raise error
-    return held
-
-
-def check_source(source, net_config, teacher) -> None:
-    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT (in every
-    bucket), text of a width the teacher takes (raw: its projection's input; projected: the context width)."""
-    for _, spec, _ in data.records.source_buckets(source):
-        c, t, h, w = spec.latent_shape
-        if (
-            c != net_config.in_channels
-            or t % net_config.patch_temporal
-            or h % net_config.patch_spatial
-            or (w % net_config.patch_spatial)
-        ):
-            raise ValueError(
-                f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
-                f"channels and T, H, W divisible by {net_config.patch_temporal}, "
-                f"{net_config.patch_spatial}, {net_config.patch_spatial}."
-            )
-        dmd2.text_width_kind(net_config, teacher, spec.text_shape[-1])
 
 
 def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> dmd2.TrainState:
@@ -131,7 +72,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = run.setup(
         config, str(workdir), mesh, loaded
     )
-    check_source(source, algo.net_config, teacher)
+    run.check_source(source, algo.net_config, teacher)
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
     critic_step, student_step = dmd2.make_update_fns(
