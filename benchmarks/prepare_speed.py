@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from trigflow_distill import clips, convert, networks, prepare, text_encoder, torchfile, video
+from trigflow_distill import clips, convert, encoders, networks, prepare, text_encoder, torchfile, video
 from trigflow_distill.networks import wan_vae
 
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         loaded = clips.load_clips(item, args.resolution, args.frames, 1)
         decode_s = time.perf_counter() - t
-        enc = prepare.Encoders(s["vae"], s["text"], s["teacher"], text_dtype="float32")
+        enc = encoders.Encoders(s["vae"], s["text"], s["teacher"], text_dtype="float32")
         frames = np.stack([loaded[0].frames_thw3] * args.batch_size)
         enc.latents(frames, args.batch_size)
         t = time.perf_counter()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import clips, convert, data, networks, prepare, text_encoder, torchfile, vae, video
+from trigflow_distill import clips, convert, data, encoders, networks, prepare, text_encoder, torchfile, vae, video
 from trigflow_distill.networks import wan_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,7 +217,7 @@ def test_batches_are_split_over_the_devices(sources):
     """8 devices: the same latents and context as one device (conftest simulates 8 CPU devices)."""
     assert len(jax.local_devices()) == 8
     one, eight = (
-        prepare.Encoders(
+        encoders.Encoders(
             str(sources["vae"]),
             str(sources["text"]),
             str(sources["teacher"]),
