@@ -4,8 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from trigflow_distill.networks import attention as attn
 
@@ -87,31 +85,6 @@ def test_blockwise_fwd_bwd_never_holds_full_score_matrix():
     assert small < 4096 * 4096 * 4 and large < 8192 * 8192 * 4 / 2
     assert large < 2.2 * small
     assert temp_bytes("xla", 4096) >= 4096 * 4096 * 4  # the measure sees a dense kernel's score matrix
-
-
-@pytest.mark.parametrize("impl", ["einsum", "blockwise", "xla"])
-@pytest.mark.parametrize("mesh_shape,length,num_keys", [((2, 4), 64, 64), ((1, 8), 44, 21)])  # 44, 21: not % 8
-def test_seq_sharded_equals_unsharded(impl, mesh_shape, length, num_keys):
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "seq"))
-    q, k, v, g = _inputs(2, 2, length, num_keys, 2, 8)
-    o_ref, grads_ref = _reference(q, k, v, g)
-
-    def run(q, k, v):
-        return attn.seq_sharded_attention(q, k, v, mesh, axis="seq", impl=impl, batch_axis="data", block_size=8)
-
-    o, vjp = jax.vjp(jax.jit(run), q, k, v)
-    np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4)
-    for got, want in zip(vjp(jnp.asarray(g)), grads_ref):
-        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
-    if length % mesh_shape[1] == 0:  # evenly divisible: the result stays sharded over data x seq
-        assert o.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq")), 4)
-
-
-def test_seq_sharded_rejects_unknown_axis():
-    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    q, k, v, _ = _inputs(0, 1, 8, 8, 2, 4)
-    with pytest.raises(ValueError, match="no axis 'seq'"):
-        attn.seq_sharded_attention(q, k, v, mesh)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])

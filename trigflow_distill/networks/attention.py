@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "xla", "einsum", "blockwise", "splash")
 # Score bytes (B*H*rows*S*4) per query chunk above which "einsum" chunks the queries (fits L2/L3 on the CPUs here).
@@ -280,47 +278,4 @@ def _splash(q, k, v, kv_valid, interpret=False):
     return rearrange(o, "b h l d -> b l h d")[:, :length].astype(q.dtype)
 
 
-def seq_sharded_attention(
-    q_blhd,
-    k_bshd,
-    v_bshd,
-    mesh: Mesh,
-    axis: str = "seq",
-    impl: str = "auto",
-    batch_axis=None,
-    block_size: int = 512,
-    q_block_size: int | None = None,
-):
-    """attention() with the token axes sharded over mesh axis `axis` (sequence / context parallelism).
-
-    Contract: q (B, L, H, D), k/v (B, S, H, D) global arrays. Each device of the `axis` group holds a contiguous
-    L/n query shard and an S/n K/V shard (n = mesh.shape[axis]); K/V are all-gathered over `axis` inside shard_map,
-    so every device attends its queries over all S keys (memory O(S) per device for K/V, O(L/n * S) or
-    O(L/n * block) for scores, depending on impl). The batch axis is sharded over `batch_axis` (a mesh axis name,
-    a tuple of names, or None = replicated); heads and head dim are replicated. Inputs already laid out as
-    P(batch_axis, axis) avoid a reshard. L and S need not divide n: they are zero-padded to a multiple of n (the
-    padded keys are masked, the padded queries sliced off), which costs a reshard; callers that care pad upstream.
-    The result is (B, L, H, D) sharded P(batch_axis, axis). Differentiable (the all-gather transposes to a
-    reduce-scatter of the K/V gradients).
-    """
-    _check_shapes(q_blhd, k_bshd, v_bshd)
-    if axis not in mesh.shape:
-        raise ValueError(f"mesh has no axis {axis!r} (axes: {tuple(mesh.shape)}); pass axis= one of them")
-    n = mesh.shape[axis]
-    length, num_keys = q_blhd.shape[1], k_bshd.shape[1]
-    lp, sp = -(-length // n) * n, -(-num_keys // n) * n
-    pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0), (0, 0)))
-    spec = P(batch_axis, axis)
-
-    def local(q, k, v):
-        k_all, v_all = (lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
-        kv_valid = None if sp == num_keys else num_keys
-        return _attention(q, k_all, v_all, impl, block_size, q_block_size, kv_valid)
-
-    out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(
-        pad(q_blhd, lp), pad(k_bshd, sp), pad(v_bshd, sp)
-    )
-    return out[:, :length]
-
-
-__all__ = ["IMPLS", "attention", "resolve_impl", "seq_sharded_attention"]
+__all__ = ["IMPLS", "attention", "resolve_impl"]
