@@ -59,6 +59,11 @@ def get_config(arg: str = ""):
     # DMD2 (docs/algorithm.md §3-7).
     c.distill = ml_collections.ConfigDict()
     c.distill.guidance = 4.0  # standard CFG: x0_u + s (x0_c - x0_u); reference w=3 is s=4
+    # A guidance-conditioned student (docs/algorithm.md §15): student and critic take s as an input, each sample of
+    # an update draws s ~ U[guidance_range]; `guidance` is then the scale of training samples and the default of
+    # generate / evaluation. False = the reference: one student per scale.
+    c.distill.guidance_conditioned = False
+    c.distill.guidance_range = (1.0, 6.0)
     c.distill.student_update_freq = 5
     c.distill.tangent_warmup = 1
     c.distill.num_student_steps = 4
@@ -121,6 +126,7 @@ def get_config(arg: str = ""):
     c.eval.at_end = False
     c.eval.num_samples = 1024
     c.eval.student_steps = (1, 2, 4)  # student sampler step counts evaluated (toy world)
+    c.eval.guidance_values = (2.0, 4.0, 6.0)  # scales a guidance-conditioned student is also scored at (toy world)
 
     if arg == "tiny":
         c.total_steps = 1500

@@ -28,6 +28,13 @@ def assets(tmp_path_factory):
     teacher = jax.tree.map(np.asarray, networks.init_params(NET, jax.random.key(1)))
     convert.export_torch(student, NET, d / "student.pt", dtype=np.float32)
     convert.export_torch(teacher, NET, d / "teacher.pt", dtype=np.float32)
+    # A guidance-conditioned student (§15) with a non-zero guidance projection, so that the scale matters.
+    student_gc = networks.add_guidance_embedder(student)
+    d_model = NET.model_channels
+    kernel = np.asarray(jax.random.normal(jax.random.key(3), (d_model, d_model))) / np.sqrt(d_model)
+    student_gc[networks.GUIDANCE_EMBEDDER] = {"linear": {"kernel": kernel}}
+    gc_net = dataclasses.replace(NET, guidance_embedder=True)
+    convert.export_torch(student_gc, gc_net, d / "student_gc.pt", dtype=np.float32)
     text_encoder.write_tiny(d / "te", num_layers=2, hidden_size=48, words=["a", "red", "car", "blue", "boat"])
     vae_params = wan_vae.init_params(VAE_CFG, jax.random.key(2))
     torchfile.save(d / "vae.pth", wan_vae.to_torch(vae_params, VAE_CFG))
@@ -36,7 +43,7 @@ def assets(tmp_path_factory):
     clip = np.clip(rng.normal(128, 60, (7, 30, 48, 3)).cumsum(0) / 3, 0, 255).astype(np.uint8)
     Image.fromarray(clip[0]).save(d / "first.png")
     video.write_mp4(d / "clip.mp4", clip, 8)
-    return {"dir": d, "student": student, "teacher": teacher, "vae_params": vae_params}
+    return {"dir": d, "student": student, "student_gc": student_gc, "teacher": teacher, "vae_params": vae_params}
 
 
 def _run(assets, out, *extra, model=("--student", "student.pt")):
@@ -80,7 +87,8 @@ def _context(assets, prompts, params):
 
 
 def _reference(assets, params, prompts, seed, gt, mask, padding, teacher_steps=None, guidance=4.0):
-    """Latents from the samplers of sampling.py, every call through denoiser.denoise (docs/algorithm.md §3, §7)."""
+    """Latents from the samplers of sampling.py, every call through denoiser.denoise (docs/algorithm.md §3, §7); a
+    guidance-conditioned student (§15) gets `guidance` as its input."""
     context = _context(assets, prompts, params)
     uncond = networks.project_text(NET, params, jnp.zeros((len(prompts), 512, 96)))
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
@@ -93,8 +101,13 @@ def _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, ep
     b = eps.shape[0]
     gt, mask = jnp.broadcast_to(gt, (b, *gt.shape[1:])), jnp.broadcast_to(mask, (b, *mask.shape[1:]))
 
+    conditioned = teacher_steps is None and networks.GUIDANCE_EMBEDDER in net
+    guidance_b = jnp.full((b,), guidance) if conditioned else None
+
     def x0_fn(ctx):
-        return lambda x, tau: denoiser.denoise(NET, net, x, tau, ctx, gt, mask, padding_mask_b1hw=padding)
+        return lambda x, tau: denoiser.denoise(
+            NET, net, x, tau, ctx, gt, mask, padding_mask_b1hw=padding, guidance_b=guidance_b
+        )
 
     if teacher_steps is None:
         return sampling.sample_student(x0_fn(context), eps, sampling.student_schedule(4))
@@ -215,6 +228,27 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
     np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
 
 
+def test_guidance_conditioned_student_samples_at_the_given_scale(assets, tmp_path):
+    runs = {
+        g: _run(
+            assets,
+            tmp_path / str(g),
+            "--prompt",
+            "a red car",
+            "--guidance",
+            str(g),
+            model=("--student", "student_gc.pt"),
+        )
+        for g in (2.0, 6.0)
+    }
+    got = {g: _latents(tmp_path / str(g), r, 0) for g, r in runs.items()}
+    for g, report in runs.items():
+        assert report["nfe"] == 4 and report["settings"]["guidance"] == g
+        want = _reference(assets, assets["student_gc"], ["a red car"], 0, *_no_cond(), guidance=g)
+        np.testing.assert_allclose(got[g], want[0], atol=2e-4, rtol=2e-4)
+    assert np.abs(got[2.0] - got[6.0]).mean() > 1e-2  # the scale reaches the network
+
+
 @pytest.mark.parametrize(
     "case, match",
     [
@@ -223,6 +257,7 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
         ("frames", "--num-frames 6: the VAE needs 1 \\+ 4k frames"),
         ("empty_prompts", "--prompts .*no prompts"),
         ("steps", "--steps 5: the student takes 1 to 4 steps"),
+        ("guidance", "--guidance 2: this student was distilled at one CFG scale"),
     ],
 )
 def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
@@ -253,6 +288,8 @@ def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
     elif case == "empty_prompts":
         (tmp_path / "p.txt").write_text("\n  \n")
         argv = [a for a in argv if a not in ("--prompt", "a car")] + ["--prompts", str(tmp_path / "p.txt")]
+    elif case == "guidance":
+        argv += ["--guidance", "2"]
     else:
         argv += ["--steps", "5"]
     assert generate.main(argv) == 1

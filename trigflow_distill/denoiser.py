@@ -47,6 +47,7 @@ def denoise(
     replace_gt_timesteps=True,
     padding_mask_b1hw=None,
     mesh=None,
+    guidance_b=None,
 ):
     """x0 prediction of a velocity/denoiser network at TrigFlow time tau_b (B,), with GT conditional frames.
 
@@ -55,7 +56,8 @@ def denoise(
     (docs/algorithm.md §7). None means zeros (no padding).
     `context_bld` is what `networks.velocity` takes: the projected context when `params` has no
     `crossattn_proj` (the trainer projects once per batch), the raw embedding otherwise. `mesh`: passed to
-    `networks.velocity` (sequence-sharded activations when it has a `seq` axis of size > 1).
+    `networks.velocity` (sequence-sharded activations when it has a `seq` axis of size > 1). `guidance_b`: the CFG
+    scale (B,) a guidance-conditioned student takes (docs/algorithm.md §15); None for every other network.
     """
     tau = tau_b.astype(jnp.float32)[:, None, None, None, None]
     c_skip, c_out, c_in, c_noise = trigflow.coefficients(tau, scaling, sigma_data)
@@ -79,6 +81,7 @@ def denoise(
         cond_mask_b1thw=mask_b1thw,
         padding_mask_b1hw=padding_mask_b1hw,
         mesh=mesh,
+        guidance_b=guidance_b,
     )
     x0 = c_skip * x_tau + c_out * out.astype(jnp.float32)
     return mask_b1thw * gt + (1.0 - mask_b1thw) * x0

@@ -37,7 +37,9 @@ class Conditioning(NamedTuple):
     """What one batch conditions on, as the denoisers the updates call (docs/algorithm.md §7)."""
 
     shape: tuple  # shape of the generated samples, e.g. (B,16,T,H,W)
-    x0_fn: Callable  # (params, x_tau, tau_b) -> x0 with the batch's conditioning
+    # (params, x_tau, tau_b[, guidance_b=]) -> x0 with the batch's conditioning; guidance_b (B,) only for a
+    # guidance-conditioned student or critic (docs/algorithm.md §15)
+    x0_fn: Callable
     x0_uncond_fn: Callable  # the same with the unconditional (all-zero) text
 
 
@@ -92,7 +94,7 @@ def video2world(algo: "Algo", key, teacher, batch) -> Conditioning:
     padding_mask = batch.get("padding_mask")
 
     def x0_fn_for(context):
-        def fn(params, x_tau, tau_b):
+        def fn(params, x_tau, tau_b, guidance_b=None):
             return denoiser.denoise(
                 algo.net_config,
                 params,
@@ -106,6 +108,7 @@ def video2world(algo: "Algo", key, teacher, batch) -> Conditioning:
                 replace_gt_timesteps=algo.replace_gt_timesteps,
                 padding_mask_b1hw=padding_mask,
                 mesh=algo.mesh,
+                guidance_b=guidance_b,
             )
 
         return fn
@@ -133,6 +136,9 @@ class Algo:
     condition: Callable = video2world
     sim_steps: int | None = None  # None: backward simulation from n ~ U{1..num_student_steps}; else n fixed
     renoise_shift: float | None = None  # time shift of the critic/teacher time tau_D; None: timestep_shift
+    # (lo, hi): a guidance-conditioned student and critic, the CFG scale s ~ U[lo, hi] per sample and update
+    # (docs/algorithm.md §15); None: one fixed scale, `guidance`. `guidance` is then the scale samples are drawn at.
+    guidance_range: tuple | None = None
 
 
 def algo_from_config(config, net_config, mesh=None) -> Algo:
@@ -149,6 +155,7 @@ def algo_from_config(config, net_config, mesh=None) -> Algo:
         replace_gt_timesteps=bool(d.replace_gt_timesteps),
         lambda_frame_chunks=int(d.get("lambda_frame_chunks", 1)),
         ema_start=int(d.get("ema_start", 0)),
+        guidance_range=tuple(float(g) for g in d.guidance_range) if d.get("guidance_conditioned", False) else None,
     )
 
 
@@ -188,27 +195,56 @@ def split_teacher(params):
     return {"net": net, "text_proj": params.get("crossattn_proj")}
 
 
-def init_state(teacher, student_tx, critic_tx, seed: int) -> TrainState:
-    """Student, EMA and critic all start as fp32 copies of the teacher net (docs/algorithm.md §6). Jit it with
+def init_state(teacher, student_tx, critic_tx, seed: int, guidance_conditioned: bool = False) -> TrainState:
+    """Student, EMA and critic all start as fp32 copies of the teacher net (docs/algorithm.md §6), with a zero
+    guidance embedder when `guidance_conditioned` (§15: they still equal the teacher for every s). Jit it with
     out_shardings."""
 
     def f32_copy():
-        return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), teacher["net"])
+        net = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), teacher["net"])
+        return networks.add_guidance_embedder(net) if guidance_conditioned else net
 
     student, ema, critic = f32_copy(), f32_copy(), f32_copy()
-    zero = jnp.zeros((), jnp.int32)
+
+    def zero():  # one buffer per counter: the updates donate the state, which must not alias
+        return jnp.zeros((), jnp.int32)
+
     return TrainState(
-        step=zero,
+        step=zero(),
         key=jax.random.PRNGKey(seed),
         student=student,
         student_opt=student_tx.init(student),
         student_ema=ema,
-        student_updates=zero,
+        student_updates=zero(),
         critic=critic,
         critic_opt=critic_tx.init(critic),
-        consecutive_skips=zero,
-        total_skips=zero,
+        consecutive_skips=zero(),
+        total_skips=zero(),
     )
+
+
+def draw_guidance(algo: Algo, key, batch_size: int):
+    """The CFG scale of each sample of an update (docs/algorithm.md §15): (B,) ~ U[lo, hi] for a guidance-conditioned
+    student, None for a fixed one (the networks then take no scale and the teacher uses algo.guidance)."""
+    if algo.guidance_range is None:
+        return None
+    lo, hi = algo.guidance_range
+    return jax.random.uniform(key, (batch_size,), jnp.float32, lo, hi)
+
+
+def _with_guidance(x0_fn, guidance_b):
+    """The student's / critic's x0_fn: `x0_fn` given the per-sample scale when there is one."""
+    return x0_fn if guidance_b is None else functools.partial(x0_fn, guidance_b=guidance_b)
+
+
+def teacher_cfg_x0(algo: Algo, cond: Conditioning, teacher, x_tau, tau_b, guidance_b=None):
+    """The guided teacher's x0 (docs/algorithm.md §4): scale algo.guidance, or the per-sample guidance_b (§15)."""
+    s = algo.guidance if guidance_b is None else trigflow.expand_tau(guidance_b, len(cond.shape))
+    return losses.cfg_x0(cond.x0_fn(teacher["net"], x_tau, tau_b), cond.x0_uncond_fn(teacher["net"], x_tau, tau_b), s)
+
+
+# fold_in stream of the per-sample CFG scale (§15), apart from the four split keys so fixed-s runs are unchanged
+_GUIDANCE_STREAM = 4
 
 
 def _num_sim_steps(algo: Algo, key):
@@ -253,15 +289,16 @@ def critic_update(algo: Algo, critic_tx, state: TrainState, teacher, batch):
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise = jax.random.split(key, 4)
     cond = algo.condition(algo, k_cond, teacher, batch)
+    x0_fn = _with_guidance(cond.x0_fn, draw_guidance(algo, jax.random.fold_in(key, _GUIDANCE_STREAM), cond.shape[0]))
     taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = _num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
-    g_x0 = sampling.backward_simulation(cond.x0_fn, state.student, eps_g, n, taus, algo.sigma_data, with_grad=False)
+    g_x0 = sampling.backward_simulation(x0_fn, state.student, eps_g, n, taus, algo.sigma_data, with_grad=False)
     g_x0 = jax.lax.stop_gradient(g_x0)
     x_d, tau_d = _renoise(algo, k_renoise, g_x0)
 
     def loss_fn(critic):
-        return losses.critic_loss(g_x0, cond.x0_fn(critic, x_d, tau_d), tau_d)
+        return losses.critic_loss(g_x0, x0_fn(critic, x_d, tau_d), tau_d)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic)
     ok = jnp.isfinite(loss) & _all_finite(grads)
@@ -296,21 +333,21 @@ def apply_student_step(algo: Algo, student_tx, ema_gamma: float, state: TrainSta
 
 def student_update(algo: Algo, student_tx, ema_gamma: float, state: TrainState, teacher, batch):
     """One student (generator) step (docs/algorithm.md §4): the DMD2 gradient (critic x0 - guided teacher x0) /
-    lambda."""
+    lambda; student, critic and teacher all at the same per-sample scale for a guidance-conditioned student (§15)."""
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise = jax.random.split(key, 4)
     cond = algo.condition(algo, k_cond, teacher, batch)
+    guidance_b = draw_guidance(algo, jax.random.fold_in(key, _GUIDANCE_STREAM), cond.shape[0])
+    x0_fn = _with_guidance(cond.x0_fn, guidance_b)
     taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = _num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
 
     def loss_fn(student):
-        g_x0 = sampling.backward_simulation(cond.x0_fn, student, eps_g, n, taus, algo.sigma_data, with_grad=True)
+        g_x0 = sampling.backward_simulation(x0_fn, student, eps_g, n, taus, algo.sigma_data, with_grad=True)
         x_d, tau_d = _renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
-        x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
-        x0_teacher = losses.cfg_x0(
-            cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance
-        )
+        x0_fake = x0_fn(state.critic, x_d, tau_d)
+        x0_teacher = teacher_cfg_x0(algo, cond, teacher, x_d, tau_d, guidance_b)
         loss, aux = losses.dmd_loss(
             g_x0,
             jax.lax.stop_gradient(x0_fake),
@@ -373,11 +410,16 @@ def state_shardings(abstract_state: TrainState, student_tx, critic_tx, mesh):
     )
 
 
-def student_samples(algo: Algo, params, teacher, batch, key):
+def student_samples(algo: Algo, params, teacher, batch, key, guidance=None):
     """Few-step student samples (B,16,T,H,W) for the conditioning of `batch` (same conditional-frame draw as
-    training)."""
+    training). A guidance-conditioned student samples at CFG scale `guidance` (None: algo.guidance, §15)."""
     k_cond, k_eps = jax.random.split(key)
     cond = algo.condition(algo, k_cond, teacher, batch)
     taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
-    x0_fn = functools.partial(cond.x0_fn, params)
+    guidance_b = None
+    if algo.guidance_range is None and guidance is not None:
+        raise ValueError("guidance is for a guidance-conditioned student; this one was distilled at one scale")
+    if algo.guidance_range is not None:
+        guidance_b = jnp.full((cond.shape[0],), algo.guidance if guidance is None else guidance, jnp.float32)
+    x0_fn = functools.partial(_with_guidance(cond.x0_fn, guidance_b), params)
     return sampling.sample_student(x0_fn, jax.random.normal(k_eps, cond.shape, jnp.float32), taus, algo.sigma_data)

@@ -7,6 +7,10 @@ teacher with classifier-free guidance.
       --prompts=prompts.jsonl --image=first_frame.jpg --out=/tmp/gen
   python -m trigflow_distill.generate --teacher=TEACHER.pt --guidance=4 --teacher-steps=35 --prompt "..." \
       --video=start.mp4 --cond-frames=2 --out=/tmp/gen_teacher
+  python -m trigflow_distill.generate --workdir=/tmp/run_gc --guidance=2.5 --prompt "..." --out=/tmp/gen_s2.5
+
+A guidance-conditioned student (distill.guidance_conditioned, docs/algorithm.md §15) takes --guidance too: the CFG
+scale it reproduces, in its 4 evaluations (default: its run's distill.guidance, 4 for a .pt).
 
 Pipeline (docs/algorithm.md §3, §7, §10-12): prompts -> Reason1 embedding -> the model's frozen text projection;
 an `--image` (1 conditional latent frame) or the last 1 + 4(N-1) frames of a `--video` (N = --cond-frames) are
@@ -28,6 +32,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -66,7 +71,8 @@ _CAPTION_HEIGHT = 14
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How latents are sampled (static under jit). kind "student": `steps` evaluations on the first `steps` times
-    of the `train_steps`-step schedule; kind "teacher": `steps` Euler steps in RF time with CFG `guidance`."""
+    of the `train_steps`-step schedule (a guidance-conditioned student at scale `guidance`, §15); kind "teacher":
+    `steps` Euler steps in RF time with CFG `guidance`."""
 
     net_config: DiTConfig
     kind: str
@@ -100,6 +106,8 @@ def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, 
     b = eps_bcthw.shape[0]
     gt = jnp.broadcast_to(gt_bcthw, (b, *gt_bcthw.shape[1:]))
     mask = jnp.broadcast_to(mask_b1thw, (b, *mask_b1thw.shape[1:]))
+    # A guidance-conditioned student takes the scale as an input (§15); the teacher applies it by CFG.
+    guidance_b = jnp.full((b,), sampler.guidance, jnp.float32) if networks.GUIDANCE_EMBEDDER in params else None
 
     def x0_fn(context):
         def fn(x_tau, tau_b):
@@ -114,6 +122,7 @@ def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, 
                 scaling=sampler.scaling,
                 sigma_data=sampler.sigma_data,
                 padding_mask_b1hw=padding_b1hw,
+                guidance_b=guidance_b,
             )
 
         return fn
@@ -178,7 +187,14 @@ def load_model(args) -> tuple[Model, Sampler]:
                 f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
                 "of its training schedule)"
             )
-        sampler = Sampler(kind="student", steps=steps, **common)
+        conditioned = networks.GUIDANCE_EMBEDDER in model.params
+        if args.guidance is not None and not conditioned:
+            raise ValueError(
+                f"--guidance {args.guidance:g}: this student was distilled at one CFG scale; --guidance picks the "
+                "scale of a guidance-conditioned student (distill.guidance_conditioned=True, docs/algorithm.md §15)"
+            )
+        guidance = d["guidance"] if args.guidance is None else args.guidance
+        sampler = Sampler(kind="student", steps=steps, guidance=guidance, **common)
     return model, sampler
 
 
@@ -341,7 +357,9 @@ def generate(args) -> dict:
         "nfe": sampler.nfe,
         "settings": {
             "steps": sampler.steps,
-            "guidance": sampler.guidance if sampler.kind == "teacher" else None,
+            "guidance": sampler.guidance
+            if sampler.kind == "teacher" or networks.GUIDANCE_EMBEDDER in model.params
+            else None,
             "seed": args.seed,
             "num_frames": args.num_frames,
             "resolution": args.resolution,
@@ -386,8 +404,8 @@ def _check_args(args) -> None:
     """Clear errors for bad combinations and values, before anything is loaded; fills the teacher defaults."""
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE, exactly one of them")
-    if args.teacher is None and (args.guidance is not None or args.teacher_steps is not None):
-        raise ValueError("--guidance and --teacher-steps are for --teacher (students sample without guidance)")
+    if args.teacher is None and args.teacher_steps is not None:
+        raise ValueError("--teacher-steps is for --teacher; students take --steps")
     if args.teacher is not None and args.steps is not None:
         raise ValueError("--steps is for students; the teacher's is --teacher-steps")
     if args.cond_frames is not None and not args.video:
@@ -402,6 +420,8 @@ def _check_args(args) -> None:
             f"--num-frames {args.num_frames}: the VAE needs 1 + 4k frames (e.g. 93, 29, 5); use "
             f"{1 + 4 * k} or {5 + 4 * k}"
         )
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite scale > 0 (1 = no guidance)")
     if args.teacher and args.teacher_steps < 1:
         raise ValueError(f"--teacher-steps {args.teacher_steps}: must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -427,7 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     cond.add_argument("--video", help="video whose last 1 + 4(N-1) frames become N conditional latent frames")
     parser.add_argument("--cond-frames", type=int, choices=(1, 2), help="N for --video (default 1)")
     parser.add_argument("--steps", type=int, help="student steps, 1-4 (default 4)")
-    parser.add_argument("--guidance", type=float, help="teacher CFG scale s in x0_u + s (x0_c - x0_u) (default 4)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="CFG scale s in x0_u + s (x0_c - x0_u): the teacher's (default 4), or the one a guidance-conditioned "
+        "student reproduces (default: its run's distill.guidance)",
+    )
     parser.add_argument("--teacher-steps", type=int, help="teacher Euler steps, 2 NFE each (default 35)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-frames", type=int, default=93, help="video frames, 1 + 4k (default 93)")

@@ -18,7 +18,7 @@ from trigflow_distill import convert, run, sources
 from trigflow_distill.networks import DiTConfig
 
 # Predict2.5 constants for checkpoints that carry no run config (docs/algorithm.md §1, §3).
-PREDICT25 = dict(scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4)
+PREDICT25 = dict(scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4, guidance=4.0)
 
 
 class Model(NamedTuple):
@@ -27,7 +27,7 @@ class Model(NamedTuple):
     net_config: DiTConfig
     params: dict
     text_proj: dict  # {"kernel": (Cin, D), "bias": (D,)}
-    defaults: dict  # scaling, sigma_data, shift, train_steps
+    defaults: dict  # scaling, sigma_data, shift, train_steps, guidance (CFG scale; §15 students take it as input)
     description: str
 
 
@@ -61,5 +61,6 @@ def load_workdir(workdir: str, **net_options) -> Model:
         sigma_data=float(config.teacher.sigma_data),
         shift=float(config.distill.timestep_shift),
         train_steps=int(config.distill.num_student_steps),
+        guidance=float(config.distill.guidance),
     )
     return Model(net_config, params, proj, defaults, f"{workdir} (EMA student)")

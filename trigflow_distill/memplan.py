@@ -41,7 +41,14 @@ def _lowering_inputs(config, net_config, mesh, latent_chw, text_shape, batch_siz
     net = {k: v for k, v in net.items() if k != "crossattn_proj"}  # text arrives projected
     teacher = {"net": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, store), net), "text_proj": None}
     student_tx, critic_tx = dmd2.make_optimizers(config)
-    init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
+    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm, as run.setup
+    init = functools.partial(
+        dmd2.init_state,
+        student_tx=student_tx,
+        critic_tx=critic_tx,
+        seed=0,
+        guidance_conditioned=algo.guidance_range is not None,
+    )
     abstract_state = jax.eval_shape(init, teacher)
     state_sh = dmd2.state_shardings(abstract_state, student_tx, critic_tx, mesh)
     teacher_sh = sharding.param_sharding(teacher, mesh)
@@ -50,7 +57,6 @@ def _lowering_inputs(config, net_config, mesh, latent_chw, text_shape, batch_siz
         "latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
         "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=batch_sh),
     }
-    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm, as run.setup
     critic, student = dmd2.make_update_fns(
         algo,
         student_tx,

@@ -54,6 +54,11 @@ def algo_from_config(config, net_config, mesh=None) -> dmd2.Algo:
     algo = dmd2.algo_from_config(config, net_config, mesh)
     if method == "dmd2":
         return algo
+    if algo.guidance_range is not None:
+        raise ValueError(
+            "distill.guidance_conditioned=True is for distill.method='dmd2' (docs/algorithm.md §15); rCM distills "
+            "one guidance scale."
+        )
     r = config.distill.rcm
     if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_warmup) < 0:
         raise ValueError(

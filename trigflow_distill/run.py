@@ -7,6 +7,7 @@ re-used; the run's config is saved as <workdir>/config.json by the trainer and r
 Workdirs may be local or remote (gs://...): every path here goes through etils.epath.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill import checkpoint, data, distributed, dmd2, lock, rcm, sharding, teacher_cache
+from trigflow_distill import checkpoint, data, distributed, dmd2, lock, networks, rcm, sharding, teacher_cache
 from trigflow_distill.errors import WorkdirLocked
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
@@ -82,6 +83,12 @@ def validate_config(config):
     for field in ("guidance", "timestep_shift", "ema_rate"):
         if not math.isfinite(float(d[field])) or float(d[field]) <= 0:
             raise ValueError(f"config.distill.{field}={d[field]} must be a finite number > 0.")
+    if d.get("guidance_conditioned", False):
+        lo_hi = tuple(d.guidance_range)
+        if len(lo_hi) != 2 or not all(math.isfinite(float(g)) and float(g) > 0 for g in lo_hi) or lo_hi[0] > lo_hi[1]:
+            raise ValueError(
+                f"distill.guidance_range={lo_hi} must be two finite scales 0 < lo <= hi, e.g. (1.0, 6.0) (§15)."
+            )
     if int(d.get("lambda_frame_chunks", 1)) < 1 or int(d.get("ema_start", 0)) < 0:
         raise ValueError("distill.lambda_frame_chunks must be >= 1 and distill.ema_start >= 0.")
     if d.student_update_freq < 1 or d.num_student_steps < 1:
@@ -209,7 +216,13 @@ def setup(config, workdir, mesh, loaded=None):
     student_tx, critic_tx = dmd2.make_optimizers(config)
     teacher_sh = sharding.param_sharding(teacher, mesh)
     teacher = sharding.put_global(teacher, teacher_sh)
-    init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=int(config.seed))
+    init = functools.partial(
+        dmd2.init_state,
+        student_tx=student_tx,
+        critic_tx=critic_tx,
+        seed=int(config.seed),
+        guidance_conditioned=algo.guidance_range is not None,
+    )
     abstract = jax.eval_shape(init, teacher)
     state_sh = dmd2.state_shardings(abstract, student_tx, critic_tx, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
@@ -334,6 +347,8 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
     if "crossattn_proj" in teacher:
         proj = jax.tree.map(lambda x: np.array(x, np.float32), teacher["crossattn_proj"])
         params["crossattn_proj"] = proj if mesh is None else jax.device_put(proj, sharding.replicated(mesh))
+    # A guidance-conditioned student (§15) has one more leaf than its teacher: its config says so (export sizes by it).
+    net_config = dataclasses.replace(net_config, guidance_embedder=networks.GUIDANCE_EMBEDDER in params)
     return config, net_config, params
 
 

@@ -34,6 +34,7 @@ from trigflow_distill.networks.rope import apply_rope, rope_cos_sin, rope_split,
 _EPS = 1e-6  # LayerNorm, RMSNorm (q/k and time embedding) epsilon of Cosmos
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MODULATED = ("self_attn", "cross_attn", "mlp")
+GUIDANCE_EMBEDDER = "guidance_embedder"  # param key of a guidance-conditioned student (docs/algorithm.md §15)
 # Per-block rematerialisation (jax.checkpoint) policies: what the backward pass keeps from the forward pass.
 REMAT_POLICIES = {
     "none": None,  # no checkpoint: keep every intermediate
@@ -63,6 +64,9 @@ class DiTConfig:
     rope_w_extrapolation_ratio: float = 3.0
     rope_t_extrapolation_ratio: float = 1.0
     concat_padding_mask: bool = True
+    # A guidance-conditioned student (docs/algorithm.md §15) adds a "guidance_embedder" kernel (D, D); `velocity`
+    # takes it whenever the params have one, whatever this flag says: the flag sizes `param_shapes` (conversion).
+    guidance_embedder: bool = False
     dtype: str = "float32"
     remat: bool | str = False  # a REMAT_POLICIES name; True = "full", False = "none"
     attention: str = "auto"  # networks.attention impl: auto (einsum on CPU, xla elsewhere), xla, einsum, blockwise
@@ -188,7 +192,16 @@ def param_shapes(config: DiTConfig) -> dict:
     }
     if config.crossattn_proj_in_channels is not None:
         shapes["crossattn_proj"] = {"kernel": (config.crossattn_proj_in_channels, ctx), "bias": (ctx,)}
+    if config.guidance_embedder:
+        shapes[GUIDANCE_EMBEDDER] = {"linear": {"kernel": (d, d)}}
     return shapes
+
+
+def add_guidance_embedder(params: dict) -> dict:
+    """`params` plus a zero guidance projection (D, D) (docs/algorithm.md §15): the network now takes a CFG scale s
+    and, while the projection is zero, returns exactly what it returned without one, for every s."""
+    d = params["t_embedding_norm"]["scale"].shape[-1]
+    return {**params, GUIDANCE_EMBEDDER: {"linear": {"kernel": jnp.zeros((d, d), jnp.float32)}}}
 
 
 def init_params(config: DiTConfig, key: jax.Array) -> dict:
@@ -203,7 +216,11 @@ def init_params(config: DiTConfig, key: jax.Array) -> dict:
         names = [p.key for p in path]
         if names[-1] == "scale":
             out.append(jnp.ones(shape, jnp.float32))
-        elif names[-1] == "bias" or (names[-2] == "linear_2" and names[-3].startswith("adaln_modulation")):
+        elif (
+            names[-1] == "bias"
+            or names[0] == GUIDANCE_EMBEDDER
+            or (names[-2] == "linear_2" and names[-3].startswith("adaln_modulation"))
+        ):
             out.append(jnp.zeros(shape, jnp.float32))
         else:
             out.append(jax.random.normal(k, shape, jnp.float32) / np.sqrt(shape[-2]))
@@ -446,14 +463,25 @@ def _input_channels(config, x_bcthw, cond_mask_b1thw, padding_mask_b1hw):
     return jnp.concatenate(chans, axis=1)
 
 
-def _time_embedding(config, params, timesteps, b, t):
-    """Block conditioning emb = RMSNorm(sinusoid) and AdaLN-LoRA term (B, T', 3D), per latent frame (fp32)."""
+def _time_embedding(config, params, timesteps, b, t, guidance_b=None):
+    """Block conditioning emb = RMSNorm(sinusoid) and AdaLN-LoRA term (B, T', 3D), per latent frame (fp32).
+
+    A guidance-conditioned net (params with GUIDANCE_EMBEDDER, docs/algorithm.md §15) adds the zero-initialised
+    projection of the CFG scale's sinusoid, sinusoid(s_b) @ W (B, D), to the time sinusoid of every frame."""
     timesteps = jnp.asarray(timesteps, jnp.float32)
     if timesteps.ndim == 1:
         timesteps = timesteps[:, None]
     if timesteps.ndim != 2 or timesteps.shape[0] != b or timesteps.shape[1] not in (1, t):
         raise ValueError(f"timesteps_bt must be (B,), (B, 1) or (B, T'={t}) with B={b}, got {timesteps.shape}")
     e = timestep_features(jnp.broadcast_to(timesteps, (b, t)), config.model_channels)
+    if GUIDANCE_EMBEDDER in params:
+        if guidance_b is None:
+            raise ValueError("these params are a guidance-conditioned student (docs/algorithm.md §15): pass guidance_b")
+        guidance_b = jnp.broadcast_to(jnp.asarray(guidance_b, jnp.float32), (b,))
+        g = timestep_features(guidance_b, config.model_channels)
+        e = e + _dense(g, params[GUIDANCE_EMBEDDER]["linear"]["kernel"], jnp.float32)[:, None, :]
+    elif guidance_b is not None:
+        raise ValueError("guidance_b given, but these params have no guidance embedder (a fixed-guidance network)")
     te = params["t_embedder"]
     lora = _dense(jax.nn.silu(_dense(e, te["linear_1"]["kernel"], jnp.float32)), te["linear_2"]["kernel"], jnp.float32)
     return _rms_norm(e, params["t_embedding_norm"]["scale"]), lora
@@ -469,6 +497,7 @@ def velocity(
     padding_mask_b1hw: jnp.ndarray | None = None,
     return_block_outputs: tuple[int, ...] = (),
     mesh: Mesh | None = None,
+    guidance_b: jnp.ndarray | None = None,
 ):
     """Network output (RF velocity) (B, C_out, T, H, W), float32.
 
@@ -479,6 +508,8 @@ def velocity(
     return_block_outputs: block ids; if given, returns (velocity, {i: (B, T'H'W', D) residual stream after block i}).
     mesh: the device mesh when called under jit with sharded inputs; if it has a `net_config.seq_axis` axis of
     size > 1, activations are sequence-sharded over it (see the module doc). Results do not depend on the mesh.
+    guidance_b: CFG scale s (B,) or scalar, required by and only by a guidance-conditioned net (params with
+    GUIDANCE_EMBEDDER, docs/algorithm.md §15).
     """
     cfg = net_config
     b, c, t, h, w = x_bcthw.shape
@@ -500,7 +531,7 @@ def velocity(
     x = _input_channels(cfg, x_bcthw, cond_mask_b1thw, padding_mask_b1hw)
     x = einops.rearrange(x, "b c (t r) (h m) (w n) -> b t (h w) (c r m n)", r=pt, m=ps, n=ps)
     x_btsd = _dense(x, params["x_embedder"]["kernel"], cfg.compute_dtype)
-    emb, lora = _time_embedding(cfg, params, timesteps_bt, b, tp)
+    emb, lora = _time_embedding(cfg, params, timesteps_bt, b, tp, guidance_b)
     ratios = (cfg.rope_t_extrapolation_ratio, cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio)
     rope = [c.reshape(tp, hp * wp, cfg.head_dim) for c in rope_cos_sin(cfg.head_dim, tp, hp, wp, ratios)]
     layout = _layout(cfg, mesh, b, hp * wp)

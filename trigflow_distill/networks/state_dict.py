@@ -11,7 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trigflow_distill.networks.cosmos_dit import _MODULATED, DiTConfig, param_shapes
+from trigflow_distill.networks.cosmos_dit import _MODULATED, GUIDANCE_EMBEDDER, DiTConfig, param_shapes
+
+GUIDANCE_WEIGHT = f"{GUIDANCE_EMBEDDER}.linear.weight"  # native name of the §15 guidance projection, torch (out, in)
 
 # native name -> param path (torch weight transposed into a kernel when the path ends in "kernel")
 _GLOBAL = {
@@ -24,6 +26,8 @@ _GLOBAL = {
     "final_layer.adaln_modulation.1.weight": ("final_layer", "adaln_modulation", "linear_1", "kernel"),
     "final_layer.adaln_modulation.2.weight": ("final_layer", "adaln_modulation", "linear_2", "kernel"),
     "final_layer.linear.weight": ("final_layer", "linear", "kernel"),
+    # Ours, not Cosmos': the CFG-scale projection of a guidance-conditioned student (docs/algorithm.md §15).
+    GUIDANCE_WEIGHT: (GUIDANCE_EMBEDDER, "linear", "kernel"),
 }
 _PER_BLOCK = {
     **{
@@ -268,6 +272,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfi
         crossattn_proj_in_channels=shapes["crossattn_proj.0.weight"][1]
         if "crossattn_proj.0.weight" in shapes
         else None,
+        guidance_embedder=GUIDANCE_WEIGHT in shapes,
     )
     return DiTConfig(**{**inferred, **overrides})
 
@@ -293,6 +298,11 @@ def _rename(sd, global_map, block_map, block_re, new_block_prefix, drop_ignored,
 def diffusers_from_native(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename native Cosmos keys (no prefix) to diffusers CosmosTransformer3DModel keys; same tensors."""
     _check_family([k for k in sd if not is_ignored(k)])
+    if GUIDANCE_WEIGHT in sd:
+        raise ValueError(
+            f"this is a guidance-conditioned student ({GUIDANCE_WEIGHT}, docs/algorithm.md §15) and diffusers' "
+            "CosmosTransformer3DModel has no guidance input: export it in the native format (--format=torch)."
+        )
     return _rename(
         sd, _DIFFUSERS_GLOBAL, _DIFFUSERS_BLOCK, _BLOCK_KEY, "transformer_blocks", True, "native -> diffusers"
     )

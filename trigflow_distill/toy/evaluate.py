@@ -3,7 +3,9 @@
     python -m trigflow_distill.toy.evaluate --workdir=DIR [--num_samples=1024]    # a finished training run
 
 The time shift, guidance, TrigFlow scaling, student step counts (config.eval.student_steps) and the conditional-
-frame probabilities all come from the run's config.
+frame probabilities all come from the run's config. A guidance-conditioned student (docs/algorithm.md §15) is
+scored at the run's distill.guidance and, in rows marked "sweep", at each of config.eval.guidance_values beside the
+35-step teacher at the same scale.
 
 Every sampler gets the same Video2World conditioning, taken from a fixed set of held-out real clips (balanced
 prompts, their text, their N conditional frames and those ground-truth frames) and the same initial noise, so the
@@ -54,12 +56,26 @@ def _sample_fn(
 ):
     """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
     the student's few-step sampler (the first `steps` times of its `train_steps` schedule, docs/algorithm.md §3),
-    every network call through `denoiser.denoise`."""
+    every network call through `denoiser.denoise`. A student with a guidance embedder gets `guidance` as input
+    (§15)."""
 
     def fn(params, eps, context, uncond_context, gt, mask):
+        guidance_b = None
+        if not teacher and networks.GUIDANCE_EMBEDDER in params:
+            guidance_b = jnp.full((eps.shape[0],), guidance, jnp.float32)
+
         def x0_fn(ctx):
             return lambda x_tau, tau_b: denoiser.denoise(
-                net_config, params, x_tau, tau_b, ctx, gt, mask, scaling=scaling, sigma_data=sigma_data
+                net_config,
+                params,
+                x_tau,
+                tau_b,
+                ctx,
+                gt,
+                mask,
+                scaling=scaling,
+                sigma_data=sigma_data,
+                guidance_b=guidance_b,
             )
 
         if teacher:
@@ -199,6 +215,7 @@ def evaluate(
     time_shift: float = 5.0,
     student_steps=(1, 2, 4),
     train_steps: int = 4,
+    guidance_values=(),
     log=print,
 ) -> dict:
     """Samples and scores the teacher (TEACHER_ROWS: guided 2, 4, 8, 16, 35 steps and unguided 4, 35, so that
@@ -211,6 +228,10 @@ def evaluate(
     {"student_ema": params, "student": params}; params without `crossattn_proj` get the text projected by the
     teacher's. samples_student4.npz (latents, prompt) holds the 4-step samples of "student_ema" if given, else of
     "student" (not written without a student). Returns the eval.json content (NaN as None).
+
+    A guidance-conditioned student (params with a guidance embedder, docs/algorithm.md §15) samples at `guidance`
+    in its main rows; for each other scale of `guidance_values` the 35-step teacher and the student's 4-step sampler
+    add a row at that scale (marked "sweep": true, left out of the plot).
     """
     unknown = set(samplers_params) - set(STUDENT_NAMES)
     if unknown:
@@ -241,7 +262,7 @@ def evaluate(
 
     rows, samples_student4, student4_from = [], None, None
 
-    def add_row(name, steps, g, nfe, seconds, latents):
+    def add_row(name, steps, g, nfe, seconds, latents, sweep=False):
         m = toy_metrics.metrics(world, latents, prompts, reference=reference, cond_latents=gt, num_cond_frames=num_cond)
         row = {
             "name": name,
@@ -250,6 +271,7 @@ def evaluate(
             "nfe": nfe,
             "seconds_per_sample": seconds,
             "metrics": {k: m[k] for k in METRIC_KEYS},
+            **({"sweep": True} if sweep else {}),
         }
         rows.append(row)
         label = _label(name, steps, g)
@@ -267,16 +289,27 @@ def evaluate(
         fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data, time_shift)
         latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
         add_row("teacher", steps, g, steps * (2 if use_cfg else 1), seconds, latents)
+    conditioned = any(networks.GUIDANCE_EMBEDDER in p for p in samplers_params.values())
+    sweep = [float(g) for g in guidance_values if float(g) != float(guidance)] if conditioned else []
+    for g in sweep:  # the teacher's reference at every other scale the conditioned student is scored at
+        fn = _sample_fn(net_config, 35, g, True, scaling, sigma_data, time_shift)
+        latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
+        add_row("teacher", 35, g, 70, seconds, latents, sweep=True)
     for name in STUDENT_NAMES:
         if name not in samplers_params:
             continue
         params = samplers_params[name]
+        g = float(guidance) if networks.GUIDANCE_EMBEDDER in params else None
         for steps in student_steps:
-            fn = _sample_fn(net_config, steps, None, False, scaling, sigma_data, time_shift, train_steps)
+            fn = _sample_fn(net_config, steps, g, False, scaling, sigma_data, time_shift, train_steps)
             latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
-            add_row(name, steps, None, steps, seconds, latents)
+            add_row(name, steps, g, steps, seconds, latents)
             if steps == 4 and samples_student4 is None:
                 samples_student4, student4_from = latents, name
+        for s in sweep if g is not None else []:
+            fn = _sample_fn(net_config, train_steps, s, False, scaling, sigma_data, time_shift, train_steps)
+            latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
+            add_row(name, train_steps, s, train_steps, seconds, latents, sweep=True)
     add_row("data", 0, None, 0, None, gt)
 
     floor = toy_metrics.real_floor(world, num_samples, reference=reference)
@@ -314,6 +347,7 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
         time_shift=float(config.distill.timestep_shift),
         student_steps=tuple(int(n) for n in config.eval.student_steps),
         train_steps=int(config.distill.num_student_steps),
+        guidance_values=tuple(float(g) for g in config.eval.get("guidance_values", ())),
         log=log,
     )
 

@@ -2,7 +2,8 @@
 
 Two panels (fd_hand, fd_proj), NFE on a log axis: the guided teacher as a curve over its step counts, the
 unguided teacher as separate grey points (FDs to real data favour unguided sampling, which the student is not
-trained to reproduce) and each student (EMA, raw) as points at 1, 2, 4 NFE.
+trained to reproduce) and each student (EMA, raw) as points at 1, 2, 4 NFE. Rows of a guidance sweep (other CFG
+scales of a guidance-conditioned student, "sweep": true) are not drawn.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, rows: list[dict], metric: str, fo
         pts = sorted(
             (r["nfe"], r["metrics"][metric])
             for r in rows
-            if keep(r) and r["nfe"] and r["metrics"].get(metric) is not None
+            if keep(r) and not r.get("sweep") and r["nfe"] and r["metrics"].get(metric) is not None
         )
         xy = [px(n, v) for n, v in pts]
         if line and len(xy) > 1:
