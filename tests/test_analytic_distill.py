@@ -16,6 +16,7 @@ Two choices, both measured while building this test:
   distribution the guided ODE sampler produces (at s = 4 the two differ by far more than the tolerances below).
 """
 
+import dataclasses
 import functools
 import time
 
@@ -54,9 +55,10 @@ def gmm_x0(x_bd, tau_b, label_b):
 HIDDEN, LAYERS = 128, 3
 
 
-def mlp_init(key):
-    """Per-class MLP weights stacked on a leading class axis; zero last layer = the (unguided) conditional teacher."""
-    sizes = [2 + 3] + [HIDDEN] * LAYERS + [2]
+def mlp_init(key, guidance_input=False):
+    """Per-class MLP weights stacked on a leading class axis; zero last layer = the (unguided) conditional teacher.
+    guidance_input: one more input feature, the CFG scale (a guidance-conditioned student, docs/algorithm.md §15)."""
+    sizes = [2 + 3 + int(guidance_input)] + [HIDDEN] * LAYERS + [2]
     keys = jax.random.split(key, len(sizes) - 1)
     params = [
         {"w": jax.random.normal(k, (NUM_CLASSES, i, o)) / np.sqrt(i), "b": jnp.zeros((NUM_CLASSES, o))}
@@ -72,9 +74,12 @@ def _mlp(params, h):
     return h @ params[-1]["w"] + params[-1]["b"]
 
 
-def denoiser(params, x_bd, tau_b, class_b):
+def denoiser(params, x_bd, tau_b, class_b, guidance_b=None):
     log_sigma = jnp.log(jnp.tan(jnp.clip(tau_b, TAU_MIN, TAU_MAX)))  # resolves the low-noise end
-    feats = jnp.concatenate([x_bd, jnp.stack([jnp.cos(tau_b), jnp.sin(tau_b), 0.25 * log_sigma], -1)], -1)
+    inputs = [jnp.cos(tau_b), jnp.sin(tau_b), 0.25 * log_sigma]
+    if params[0]["w"].shape[1] > 5:  # guidance input; the teacher's calls give none (its residual is zero anyway)
+        inputs.append(jnp.zeros_like(tau_b) if guidance_b is None else guidance_b - 2.0)
+    feats = jnp.concatenate([x_bd, jnp.stack(inputs, -1)], -1)
     out_cbd = jax.vmap(_mlp, in_axes=(0, None))(params, feats)
     out_bd = out_cbd[class_b, jnp.arange(x_bd.shape[0])]
     # c_out = sin(tau) (EDM preconditioning) keeps the residual O(tau) near tau = 0, where the critic weight is 1/tau^2.
@@ -96,7 +101,7 @@ def gmm_condition(algo, key, teacher, batch):
     class_b = batch["label"]
     return dmd2.Conditioning(
         shape=(class_b.shape[0], 2),
-        x0_fn=lambda params, x, t: denoiser(params, x, t, class_b),
+        x0_fn=lambda params, x, t, guidance_b=None: denoiser(params, x, t, class_b, guidance_b),
         x0_uncond_fn=lambda params, x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
     )
 
@@ -113,13 +118,14 @@ ALGO = dmd2.Algo(
 )
 
 
-def train(key):
+def train(key, algo=ALGO, rounds=ROUNDS):
     opt_s, opt_c = optim.make_optimizer(STUDENT_LR), optim.make_optimizer(CRITIC_LR)
     k_init, key = jax.random.split(key)
-    teacher = {"net": mlp_init(k_init), "text_proj": None}  # zero last layer: exactly the analytic teacher
+    # zero last layer: exactly the analytic teacher (with a guidance input when the algo draws scales)
+    teacher = {"net": mlp_init(k_init, algo.guidance_range is not None), "text_proj": None}
     state = dmd2.init_state(teacher, opt_s, opt_c, seed=0)  # student, EMA and critic start as the teacher
-    critic_step = functools.partial(dmd2.critic_update, ALGO, opt_c)
-    student_step = functools.partial(dmd2.student_update, ALGO, opt_s, optim.EMA_GAMMA)
+    critic_step = functools.partial(dmd2.critic_update, algo, opt_c)
+    student_step = functools.partial(dmd2.student_update, algo, opt_s, optim.EMA_GAMMA)
 
     @jax.jit
     def run(state, keys_r5):
@@ -133,8 +139,8 @@ def train(key):
 
         return jax.lax.scan(one_round, state, keys_r5)
 
-    state, step_losses = run(state, jax.random.split(key, (ROUNDS, 5)))
-    assert int(state.total_skips) == 0 and int(state.student_updates) == ROUNDS
+    state, step_losses = run(state, jax.random.split(key, (rounds, 5)))
+    assert int(state.total_skips) == 0 and int(state.student_updates) == rounds
     return {"student": state.student, "ema": state.student_ema}, step_losses
 
 
@@ -154,22 +160,23 @@ def component_stats(x, cls):
     return weights, means
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps",))
-def teacher_samples(eps, cls, num_steps):
+@functools.partial(jax.jit, static_argnames=("num_steps", "guidance"))
+def teacher_samples(eps, cls, num_steps, guidance=GUIDANCE):
     class_b = jnp.full((eps.shape[0],), cls)
     return sampling.sample_teacher_cfg(
         lambda x, t: gmm_x0(x, t, class_b),
         lambda x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
         eps,
-        GUIDANCE,
+        guidance,
         num_steps=num_steps,
     )
 
 
 @jax.jit
-def student_samples(params, eps, cls):
+def student_samples(params, eps, cls, guidance=None):
     class_b = jnp.full((eps.shape[0],), cls)
-    return sampling.sample_student(lambda x, t: denoiser(params, x, t, class_b), eps, TAUS)
+    guidance_b = None if guidance is None else jnp.full((eps.shape[0],), guidance)
+    return sampling.sample_student(lambda x, t: denoiser(params, x, t, class_b, guidance_b), eps, TAUS)
 
 
 # Thresholds. Energy distance (the main criterion) between two independent 2000-sample sets of the 35-step teacher:
@@ -228,3 +235,47 @@ def test_dmd2_student_matches_guided_teacher():
         assert energy < MAX_ENERGY and energy < MAX_ENERGY_VS_TEACHER * teacher_few, (cls, energy, teacher_few)
         assert dw < MAX_DW and dmean < MAX_DMEAN, (cls, dw, dmean)
         assert results[cls, "student4_at_init"][0] > 2 * energy  # training, not the teacher-based init, did it
+
+
+# ---- the guidance-conditioned student (docs/algorithm.md §15) -------------------------------------------------
+GUIDANCE_RANGE = (1.0, 3.0)
+GUIDANCE_EVAL = (1.0, 2.0, 3.0)
+# A family of students takes longer to learn than one: at ROUNDS (1000) the conditioned student's s = 3 energy was
+# 0.056 / 0.061 against the fixed student's 0.048 / 0.040 (1.5x for class 1); at 1500 rounds 0.048 / 0.044.
+CONDITIONED_ROUNDS = 1500
+
+
+@pytest.mark.slow
+def test_guidance_conditioned_student_matches_the_guided_teacher_at_each_scale():
+    """One student trained with s ~ U[1, 3] per sample (CONDITIONED_ROUNDS) matches the guided teacher at s = 1 and 2
+    within the fixed-scale test's thresholds, at s = 3 within 1.3x of a student distilled at s = 3 alone (ROUNDS;
+    there DMD's fixed point and the guided ODE sampler differ by more than MAX_ENERGY: 0.048 / 0.040, measured), and
+    moves with s as the teacher does. Measured (class 0 / 1): energy 0.007 / 0.023 at s = 1, 0.019 / 0.010 at
+    s = 2, 0.048 / 0.044 at s = 3. Component weights are not held to MAX_DW: at s = 1 DMD gives a class's 10 %
+    component too little weight (2-5 %)."""
+    algo = dataclasses.replace(ALGO, guidance_range=GUIDANCE_RANGE)
+    conditioned, (s_loss, _) = train(jax.random.key(0), algo, rounds=CONDITIONED_ROUNDS)
+    fixed3, _ = train(jax.random.key(0), dataclasses.replace(ALGO, guidance=3.0))
+    assert np.all(np.isfinite(np.asarray(s_loss)))
+    n_eval = 2000
+    keys = jax.random.split(jax.random.key(1), 2)
+    for cls in range(NUM_CLASSES):
+        eps_ref, eps_test = (jax.random.normal(jax.random.fold_in(k, cls), (n_eval, 2)) for k in keys)
+        weights = {}
+        for s in GUIDANCE_EVAL:
+            ref = np.asarray(teacher_samples(eps_ref, cls, 35, s), np.float64)
+            x = np.asarray(student_samples(conditioned["ema"], eps_test, cls, s), np.float64)
+            energy = energy_distance(x, ref)
+            (w_ref, _), (w, _) = component_stats(ref, cls), component_stats(x, cls)
+            weights[s] = (w_ref, w)
+            print(f"class {cls} s={s:g} energy {energy:.4f} weights {w.round(3).tolist()} teacher {w_ref.round(3)}")
+            if s < 3.0:
+                assert energy < MAX_ENERGY, (cls, s, energy)
+            else:
+                fixed = energy_distance(np.asarray(student_samples(fixed3["ema"], eps_test, cls), np.float64), ref)
+                print(f"class {cls} s=3 fixed-scale student energy {fixed:.4f}")
+                assert energy < 1.3 * fixed, (cls, energy, fixed)
+        # stronger guidance moves weight to the class's favourite component, in the teacher and in the student
+        fav = int(np.argmax(WEIGHTS[cls]))
+        assert weights[3.0][0][fav] > weights[1.0][0][fav] + 0.05
+        assert weights[3.0][1][fav] > weights[1.0][1][fav] + 0.05
