@@ -4,7 +4,10 @@
   python -m trigflow_distill.export --workdir=gs://bucket/run --out=gs://bucket/student --format=diffusers
 
 The EMA weights are exported unless --raw; the frozen text projection is taken from the teacher, so the file
-is a complete Cosmos DiT that loads like the teacher it came from (and samples in 4 steps without guidance).
+is a complete Cosmos DiT that loads like the teacher it came from (and samples in 4 steps without guidance). A
+guidance-conditioned student (docs/algorithm.md §15) keeps its CFG-scale projection as `guidance_embedder.linear.weight`
+(native format only: diffusers' CosmosTransformer3DModel has no guidance input); this project's convert and generate
+read it back.
 Only the exported student is read from the checkpoint (`run.load_student`: a partial restore into host memory, no
 optimizer state), so exporting a 2B run reads 8.2 GB of fp32 weights, not the whole ~56 GB TrainState. Workdir and
 output may be local or remote (gs://, through etils.epath); an existing output is replaced only with --overwrite.

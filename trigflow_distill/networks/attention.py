@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
 
-IMPLS = ("auto", "xla", "einsum", "blockwise", "splash")
+IMPLS = ("auto", "xla", "einsum", "blockwise", "blockwise_jvp", "splash")
 # Score bytes (B*H*rows*S*4) per query chunk above which "einsum" chunks the queries (fits L2/L3 on the CPUs here).
 _EINSUM_CHUNK_BYTES = 8 * 2**20
 # fp32 score-tile bytes (B*H*query chunk*key block*4) that "blockwise" aims for when it picks its query chunk.
@@ -81,7 +81,7 @@ def _attention(q, k, v, impl, block_size, q_block_size, kv_valid):
     # Inside shard_map the custom VJP must return cotangents of its inputs' types: give q, k, v the same varying
     # mesh axes first (e.g. context K/V that every `seq` device shares), so autodiff adds the psum of dk, dv.
     q, k, v = (_vary_like(x, q, k, v) for x in (q, k, v))
-    return _flash(q, k, v, block_size, q_block_size)
+    return (_flash_jvp if impl == "blockwise_jvp" else _flash)(q, k, v, block_size, q_block_size)
 
 
 def _check_shapes(q, k, v):
@@ -169,32 +169,68 @@ def _flash(q, k, v, block_size, q_block_size):
 
 
 def _flash_fwd(q, k, v, block_size, q_block_size):
-    """Per query chunk (lax.map), a loop over key blocks with an online (running max / sum) softmax in fp32."""
-    block, n_full, rem, q_block, nq = _tiles(q, k, block_size, q_block_size)
-    q_chunks = _blocks(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), q_block, nq)
+    o, lse_chunks, _ = _online_softmax(q, k, v, block_size, q_block_size)
+    return o, (q, k, v, o, lse_chunks)
 
-    def chunk(q_c):
+
+def _online_softmax(q, k, v, block_size, q_block_size, tangents=None):
+    """Per query chunk (lax.map), a loop over key blocks with an online (running max / sum) softmax in fp32.
+
+    Returns (o, per-chunk log-sum-exp, do): do is the output tangent for `tangents` = (dq, dk, dv) (None without).
+    With S = scale q k^T, P = softmax(S), dS = scale (dq k^T + q dk^T), the tangent is
+    do = sum_j P_j (dv_j + dS_j v_j) - (sum_j P_j dS_j) o: two more running sums, num_v and num_s, over the same
+    unnormalised e^(S - m) tiles and rescaled with the running max like the primal's.
+    """
+    block, n_full, rem, q_block, nq = _tiles(q, k, block_size, q_block_size)
+    scale = q.shape[-1] ** -0.5
+    chunks = (_blocks(q * jnp.asarray(scale, q.dtype), q_block, nq),)
+    like = (q, k, v)
+    if tangents is not None:
+        dq, dk, dv = tangents
+        chunks += (_blocks(dq * jnp.asarray(scale, dq.dtype), q_block, nq),)
+        like += tuple(tangents)
+
+    def chunk(xs):
+        q_c = xs[0]
+
         def step(carry, start, size):
-            m, total, acc = carry
+            (m, total, acc), tan = carry
             k_b, v_b = (lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
             s = jnp.einsum("bhld,bshd->bhls", q_c, k_b, preferred_element_type=jnp.float32)
             m_new = jnp.maximum(m, s.max(-1))  # finite after the first block: every key is real
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             pv = jnp.einsum("bhls,bshd->bhld", p.astype(v.dtype), v_b, preferred_element_type=jnp.float32)
-            return m_new, total * alpha + p.sum(-1), acc * alpha[..., None] + pv
+            primal = (m_new, total * alpha + p.sum(-1), acc * alpha[..., None] + pv)
+            if tangents is None:
+                return primal, tan
+            num_v, num_s = tan
+            dk_b, dv_b = (lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (dk, dv))
+            ds = jnp.einsum("bhld,bshd->bhls", xs[1], k_b, preferred_element_type=jnp.float32) + jnp.einsum(
+                "bhld,bshd->bhls", q_c, dk_b, preferred_element_type=jnp.float32
+            )
+            p_ds = p * ds
+            dpv = jnp.einsum("bhls,bshd->bhld", p.astype(dv.dtype), dv_b, preferred_element_type=jnp.float32)
+            dpv += jnp.einsum("bhls,bshd->bhld", p_ds.astype(v.dtype), v_b, preferred_element_type=jnp.float32)
+            return primal, (num_v * alpha[..., None] + dpv, num_s * alpha + p_ds.sum(-1))
 
         rows = q_c.shape[:-1]
         carry = (_full(rows, -jnp.inf, q_c, k, v), _full(rows, 0.0, q_c, k, v), _full(q_c.shape, 0.0, q_c, k, v))
-        carry = lax.fori_loop(0, n_full, lambda j, c: step(c, j * block, block), carry)
+        tan = () if tangents is None else (_full(q_c.shape, 0.0, *xs, *like), _full(rows, 0.0, *xs, *like))
+        carry = lax.fori_loop(0, n_full, lambda j, c: step(c, j * block, block), (carry, tan))
         if rem:
             carry = step(carry, n_full * block, rem)
-        m, total, acc = carry
-        return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
+        (m, total, acc), tan = carry
+        o = acc / total[..., None]
+        if tangents is None:
+            return o.astype(q.dtype), m + jnp.log(total), ()
+        num_v, num_s = tan
+        do = (num_v - num_s[..., None] * o) / total[..., None]
+        return o.astype(q.dtype), m + jnp.log(total), do.astype(q.dtype)
 
-    o_chunks, lse_chunks = lax.map(chunk, q_chunks)
-    o = rearrange(o_chunks, "n b h c d -> b (n c) h d")[:, : q.shape[1]]
-    return o, (q, k, v, o, lse_chunks)
+    o_chunks, lse_chunks, do_chunks = lax.map(chunk, chunks)
+    unchunk = lambda x: rearrange(x, "n b h c d -> b (n c) h d")[:, : q.shape[1]]  # noqa: E731
+    return unchunk(o_chunks), lse_chunks, None if tangents is None else unchunk(do_chunks)
 
 
 def _flash_bwd(block_size, q_block_size, res, do):
@@ -245,6 +281,24 @@ def _flash_bwd(block_size, q_block_size, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _flash_jvp(q, k, v, block_size, q_block_size):
+    """`_flash`'s forward pass with forward-mode autodiff instead of the custom VJP ("blockwise_jvp").
+
+    The JVP rule runs `_online_softmax` once with the tangents: output and output tangent from the same loop over
+    key blocks, one (query chunk x key block) score tile and its tangent at a time. Reverse mode (jax.grad,
+    jax.vjp) works by JAX linearising and transposing that rule: correct, but the transposed loops save every score
+    tile of the forward, i.e. dense attention's (L x S) memory; train with "blockwise" instead.
+    """
+    return _online_softmax(q, k, v, block_size, q_block_size)[0]
+
+
+@_flash_jvp.defjvp
+def _flash_jvp_rule(block_size, q_block_size, primals, tangents):
+    o, _, do = _online_softmax(*primals, block_size, q_block_size, tangents=tangents)
+    return o, do
 
 
 def _splash(q, k, v, kv_valid, interpret=False):
