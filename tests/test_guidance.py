@@ -165,3 +165,32 @@ def test_export_keeps_the_guidance_weight_under_its_documented_name(tmp_path):
         convert.export_diffusers(params, net, tmp_path / "diffusers")
     # a fixed-guidance net has no such key, as before
     assert sdm.GUIDANCE_WEIGHT not in sdm.native_shapes(networks.get_preset("tiny"))
+
+
+def test_a_conditioned_runs_export_keeps_the_guidance_weight(tmp_path):
+    """Workdir (a conditioned TrainState checkpoint) -> export.export_student -> .pt: the EMA's guidance projection
+    is written under its documented name and read back by convert with a conditioned architecture."""
+    from trigflow_distill import checkpoint, convert, export
+
+    net = networks.get_preset("tiny")
+    teacher_pt = tmp_path / "teacher.pt"
+    convert.export_torch(networks.init_params(net, jax.random.key(0)), net, teacher_pt, dtype=np.float32)
+    config = _config(guidance_conditioned=True)
+    config.teacher.path = str(teacher_pt)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _, teacher = run.load_teacher(config, str(workdir))
+    student_tx, critic_tx = dmd2.make_optimizers(config)
+    state = jax.jit(lambda t: dmd2.init_state(t, student_tx, critic_tx, seed=0, guidance_conditioned=True))(teacher)
+    kernel = np.asarray(jax.random.normal(jax.random.key(1), (net.model_channels,) * 2), np.float32)
+    ema = {**state.student_ema, networks.GUIDANCE_EMBEDDER: {"linear": {"kernel": jnp.asarray(kernel)}}}
+    manager = checkpoint.make_manager(str(workdir), save_interval_steps=1)
+    checkpoint.save(manager, 1, state.replace(student_ema=ema))
+    checkpoint.wait_until_finished(manager)
+
+    export.export_student(str(workdir), str(tmp_path / "student.pt"))
+    loaded_config, loaded = convert.load_torch_checkpoint(str(tmp_path / "student.pt"))
+    assert loaded_config.guidance_embedder
+    got = np.asarray(loaded[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"], np.float32)
+    np.testing.assert_allclose(got, kernel, rtol=1e-2, atol=1e-2)  # bf16 export
