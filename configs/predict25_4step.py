@@ -88,7 +88,7 @@ def get_config(arg: str = ""):
             p_mean=-0.8,
             p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
             frame_noise_scale=True,  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
-            jvp_attention="einsum",  # JVP-pass attention when net.attention has no forward mode (blockwise, splash)
+            jvp_attention="einsum",  # JVP-pass attention of blockwise / splash nets (no forward mode); or blockwise_jvp
         )
     )
 

@@ -81,15 +81,18 @@ def test_forward_over_reverse_and_linearize_agree_with_jvp():
     assert _rel(fwd_rev, rev_rev) < 1e-5
 
 
-def test_blockwise_net_gets_forward_mode_attention_for_the_tangent():
+@pytest.mark.parametrize("jvp_attention", ["einsum", "blockwise_jvp"])
+def test_blockwise_net_gets_forward_mode_attention_for_the_tangent(jvp_attention):
     """ "blockwise" attention has a custom VJP, so jax.jvp cannot enter it; the rCM tangent pass swaps in
-    `jvp_attention` and gives the same F and dF as an einsum net (fp32, 1e-5)."""
+    `jvp_attention` and gives the same F and dF as an einsum net (fp32, 1e-5). Key blocks of 3: the 8 image tokens
+    are two blocks and a tail, the 5 text tokens a block and a tail, for "blockwise_jvp"'s custom JVP."""
     net, params, x, tau_b, ctx, gt, mask = _tiny_world("blockwise")
+    net = dataclasses.replace(net, attention_block_size=3)
     f_block = _velocity_fn(net, params, ctx, gt, mask)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(f_block, (x, tau_b), (x, tau_b))
-    algo = rcm._forward_mode_algo(rcm.RcmAlgo(net_config=net))
-    assert algo.net_config.attention == "einsum"
+    algo = rcm._forward_mode_algo(rcm.RcmAlgo(net_config=net, jvp_attention=jvp_attention))
+    assert algo.net_config.attention == jvp_attention
     f_teacher = jax.random.normal(jax.random.PRNGKey(4), SHAPE)
 
     def tangent(net):
@@ -303,6 +306,8 @@ def test_method_from_config():
     tx = optim.make_optimizer(1e-3)
     _, student = dmd2.make_update_fns(algo, tx, tx, optim.EMA_GAMMA)
     assert student.__wrapped__.func is rcm.rcm_student_update  # the dispatch in dmd2.make_update_fns
+    config.distill.rcm.jvp_attention = "blockwise_jvp"
+    assert rcm.algo_from_config(config, NET).jvp_attention == "blockwise_jvp"
     config.distill.rcm.jvp_attention = "blockwise"
     with pytest.raises(ValueError, match="jvp_attention"):
         rcm.algo_from_config(config, NET)

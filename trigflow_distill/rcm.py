@@ -3,7 +3,8 @@
 The student step adds to DMD2's generator loss (docs/algorithm.md §4, on a backward-simulated sample, the same
 critic) the sCM loss of arXiv 2410.11081 on real latents: the student's PF-ODE velocity F_θ at a noised data point
 is pulled along the tangent g built from the guided teacher's F and the JVP of F_θ along the teacher's ODE.
-`jax.jvp` through the DiT gives that JVP directly (no hand-written attention JVP kernels, as PyTorch needs).
+`jax.jvp` through the DiT gives that JVP directly (no hand-written JVP kernels, as PyTorch needs; the
+"blockwise_jvp" attention's custom JVP only keeps the blockwise memory profile).
 The critic step is `dmd2.critic_update` unchanged; state, skip logic, EMA and randomness are DMD2's.
 
 Pure functions of the loss: `f_from_x0`, `sample_tau_scm`, `student_f_and_tangent`, `tangent_target`, `scm_loss`;
@@ -23,8 +24,9 @@ from trigflow_distill.dmd2 import _all_finite, _num_sim_steps, _renoise, apply_s
 
 METHODS = ("dmd2", "rcm")
 # Attention implementations that support forward-mode autodiff. "blockwise" (custom VJP) and "splash" (Pallas) do
-# not: the JVP pass swaps them for `RcmAlgo.jvp_attention` (same numbers, its own memory profile).
-FORWARD_MODE_ATTENTION = ("auto", "einsum", "xla")
+# not: the JVP pass swaps them for `RcmAlgo.jvp_attention` (same numbers, its own memory profile and speed;
+# "blockwise_jvp" is "blockwise"'s tiles with a custom JVP).
+FORWARD_MODE_ATTENTION = ("auto", "einsum", "xla", "blockwise_jvp")
 
 
 @dataclasses.dataclass(frozen=True)
