@@ -144,6 +144,12 @@ def train(key, algo=ALGO, rounds=ROUNDS):
     return {"student": state.student, "ema": state.student_ema}, step_losses
 
 
+@functools.cache
+def trained_default():
+    """train(key(0)) with ALGO, computed once per pytest process (this file and tests/test_rcm.py both need it)."""
+    return train(jax.random.key(0))
+
+
 # ---- evaluation -----------------------------------------------------------------------------------------------
 def energy_distance(x, y):
     """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic), float64."""
@@ -191,7 +197,7 @@ MAX_ENERGY, MAX_ENERGY_VS_TEACHER, MAX_DW, MAX_DMEAN, MIN_WEIGHT_FOR_MEAN = 0.04
 @pytest.mark.slow
 def test_dmd2_student_matches_guided_teacher():
     start = time.perf_counter()
-    state, (s_loss, c_loss) = train(jax.random.key(0))
+    state, (s_loss, c_loss) = trained_default()
     jax.block_until_ready(state)
     train_s = time.perf_counter() - start
     assert np.all(np.isfinite(np.asarray(s_loss))) and np.all(np.isfinite(np.asarray(c_loss)))
