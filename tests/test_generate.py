@@ -212,7 +212,7 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
     config = ml_collections.ConfigDict(
         {
             "teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
-            "distill": {"timestep_shift": 5.0, "num_student_steps": 4},
+            "distill": {"timestep_shift": 5.0, "num_student_steps": 4, "guidance": 4.0},
         }
     )
     calls = []
