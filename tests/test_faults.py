@@ -427,6 +427,23 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
     assert len(kept) == 1 and (tmp_path / kept[0]).read_text() == json.dumps(json.loads(saved), indent=2)
 
 
+def test_run_saved_before_a_field_was_added_resumes(teacher_pt, tmp_path):
+    """A config.json without the fields added later (run.ADDED_FIELDS) is the same run as the new config at their
+    old-behaviour values; switching such a feature on is still a change."""
+    from trigflow_distill import run
+
+    old = json.loads(_tiny_config(teacher_pt).to_json_best_effort())
+    for name in run.ADDED_FIELDS:
+        section, field = name.split(".")
+        del old[section][field]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert run.config_changes(old, json.loads(_tiny_config(teacher_pt).to_json_best_effort())) == []
+    switched = _tiny_config(teacher_pt, **{"distill.guidance_conditioned": True})
+    assert run.config_changes(old, json.loads(switched.to_json_best_effort())) == [
+        "distill.guidance_conditioned: '<absent>' -> True"
+    ]
+
+
 def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
     from trigflow_distill import run
 

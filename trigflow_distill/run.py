@@ -115,16 +115,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Fields added after runs were saved without them, with the value that computes what those runs computed (None: any
+# value, the field is read only when another one is switched on). Absent in a saved config and at that value in the
+# new one, they are no change: a run saved by an older version resumes.
+ADDED_FIELDS = {"distill.guidance_conditioned": False, "distill.guidance_range": None}
+
+
 def config_changes(saved: dict, new: dict) -> list[str]:
     """ "key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
-    (fields of RESUME_MAY_CHANGE are left out)."""
+    (fields of RESUME_MAY_CHANGE are left out, and ADDED_FIELDS absent from `saved` at their old-behaviour value)."""
     a, b = _flatten(saved), _flatten(new)
     missing = "<absent>"
+
+    def added(k):
+        return k not in a and k in ADDED_FIELDS and ADDED_FIELDS[k] in (None, b.get(k))
+
     keys = sorted(
         k
         for k in a.keys() | b.keys()
         if a.get(k, missing) != b.get(k, missing)
         and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        and not added(k)
     )
     return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in keys]
 
