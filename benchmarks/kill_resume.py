@@ -45,7 +45,10 @@ RESUMED = re.compile(r"Resumed from .* at step (\d+)")
 PROGRESS = re.compile(r"^\[\s*(\d+)/")
 
 
-def command(workdir: str, teacher: str, steps: int, every: int) -> list[str]:
+def command(workdir, teacher, steps: int, every: int, *extra: str, log_every: int = 1, keep: int | None = 100000):
+    """The tiny main.py job on one CPU device, quiet (no samples, no evaluation) and checkpointing every `every`
+    steps; `keep` None leaves the config's keep_checkpoints. Also the command line of tests/test_resume.py and
+    tests/test_faults.py."""
     return [
         sys.executable,
         os.path.join(ROOT, "main.py"),
@@ -54,12 +57,13 @@ def command(workdir: str, teacher: str, steps: int, every: int) -> list[str]:
         f"--config.teacher.path={teacher}",
         f"--config.total_steps={steps}",
         f"--config.checkpoint_every={every}",
-        "--config.keep_checkpoints=100000",
+        *([] if keep is None else [f"--config.keep_checkpoints={keep}"]),
         "--config.data.batch_size=4",
-        "--config.log_every=1",
+        f"--config.log_every={log_every}",
         "--config.sample_every=0",
         "--config.eval.at_end=False",
         "--config.mesh.data=1",
+        *extra,
     ]
 
 

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import kill_resume  # benchmarks/ is on the pytest pythonpath
 import numpy as np
 import pytest
 
@@ -527,21 +528,7 @@ def test_misspelled_mesh_axis_is_refused():
 
 # --------------------------------------------------------------------------------------------- main.py end to end
 def _main_cmd(workdir, teacher, *extra, steps=6):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "main.py"),
-        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
-        f"--workdir={workdir}",
-        f"--config.teacher.path={teacher}",
-        f"--config.total_steps={steps}",
-        "--config.checkpoint_every=2",
-        "--config.data.batch_size=4",
-        "--config.log_every=1",
-        "--config.sample_every=0",
-        "--config.eval.at_end=False",
-        "--config.mesh.data=1",
-        *extra,
-    ]
+    return kill_resume.command(workdir, teacher, steps, 2, *extra, keep=None)
 
 
 def _env():

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import kill_resume  # benchmarks/ is on the pytest pythonpath: one main.py command line for both
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -29,20 +30,7 @@ def teacher_pt(tmp_path_factory):
 
 
 def _cmd(workdir, teacher):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "main.py"),
-        "--config=" + os.path.join(ROOT, "configs/predict25_4step.py:tiny"),
-        f"--workdir={workdir}",
-        f"--config.teacher.path={teacher}",
-        f"--config.total_steps={STEPS}",
-        f"--config.checkpoint_every={EVERY}",
-        "--config.data.batch_size=4",
-        "--config.log_every=4",
-        "--config.sample_every=0",
-        "--config.eval.at_end=False",
-        "--config.mesh.data=1",
-    ]
+    return kill_resume.command(workdir, teacher, STEPS, EVERY, log_every=4, keep=None)
 
 
 def _env():

@@ -24,7 +24,8 @@ WAIT_TIMEOUT_S = 1800.0  # how long processes > 0 wait for process 0's conversio
 
 
 def source_key(path: str | os.PathLike) -> str:
-    """Cache key of a `.pt` file or diffusers folder: sizes, mtimes and a hash of each file's first MiB."""
+    """Cache key of a local `.pt` file or diffusers folder (`sources.resolve` has fetched hf:// sources): sizes,
+    mtimes and a hash of each file's first MiB."""
     path = os.path.abspath(os.fspath(path))
     files = (
         [path]

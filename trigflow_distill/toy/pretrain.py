@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import math
-import os
 import sys
 import time
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from trigflow_distill import convert, denoiser, networks, toy, trigflow
 
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_dropout", type=float, default=0.15)
     args = parser.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
+    out_dir = epath.Path(args.out).parent  # local or remote (gs://), as export_torch writes it
+    if not out_dir.is_dir():
         print(f"error: --out directory {out_dir} does not exist; create it first.", file=sys.stderr)
         return 1
     world = toy.make_world()
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda s: print(s, flush=True),
     )
     convert.export_torch(jax.tree.map(np.asarray, ema), net_config, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB)")
+    print(f"wrote {args.out} ({epath.Path(args.out).stat().st_size / 2**20:.2f} MiB)")
     return 0
 
 
