@@ -169,10 +169,7 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
     tau_b = sample_tau_scm(k_tau, x0.shape, algo.p_mean, algo.p_std, sd, algo.frame_noise_scale)
     tau = trigflow.expand_tau(tau_b, x0.ndim)
     x_tau = trigflow.add_noise(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), tau, sd)
-    teacher_net = teacher["net"]
-    x0_teacher = losses.cfg_x0(
-        cond.x0_fn(teacher_net, x_tau, tau_b), cond.x0_uncond_fn(teacher_net, x_tau, tau_b), algo.guidance
-    )
+    x0_teacher = dmd2.teacher_cfg_x0(algo, cond, teacher, x_tau, tau_b)
     f_teacher = jax.lax.stop_gradient(f_from_x0(x_tau, x0_teacher, tau, sd))
     f_sg, df = student_f_and_tangent(jvp_cond.x0_fn, state.student, x_tau, tau_b, f_teacher, sd)
     ratio = warmup_ratio(state.step, algo.tangent_warmup)
@@ -189,9 +186,7 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: dmd2.
         g_x0 = sampling.backward_simulation(cond.x0_fn, student, eps_g, n, taus, sd, with_grad=True)
         x_d, tau_d = _renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
-        x0_t = losses.cfg_x0(
-            cond.x0_fn(teacher["net"], x_d, tau_d), cond.x0_uncond_fn(teacher["net"], x_d, tau_d), algo.guidance
-        )
+        x0_t = dmd2.teacher_cfg_x0(algo, cond, teacher, x_d, tau_d)
         loss, aux = losses.dmd_loss(
             g_x0,
             jax.lax.stop_gradient(x0_fake),
