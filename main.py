@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from trigflow_distill.errors import CLI_ERRORS, fail
+from trigflow_distill.common.errors import CLI_ERRORS, fail
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].", lock_config=True
@@ -72,18 +72,19 @@ def main(argv):
         # Orbax logs a failed background write with tracebacks from several threads; the error line says it all.
         logging.get_absl_handler().addFilter(_without_orbax_tracebacks)
     # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
-    from trigflow_distill import distributed
+    from trigflow_distill.common import distributed
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
         # Only now: importing the networks may already touch the JAX backend.
-        from trigflow_distill import data_kinds, run, train
+        from trigflow_distill import data_kinds
+        from trigflow_distill.training import loop, run_config
 
         kind = data_kinds.get(config)
-        run.validate_config(config)
+        run_config.validate_config(config)
         source, write_samples = kind.open(config)
-        train.train(config, workdir, source, write_samples)
+        loop.train(config, workdir, source, write_samples)
         if config.eval.at_end and kind.evaluate is None:
             print(f"config.eval.at_end: data.kind={config.data.kind!r} has no evaluation; skipped.")
         elif config.eval.at_end and distributed.is_single_process():

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill.networks.attention import attention
+from trigflow_distill.models.cosmos_dit.attention import attention
 
 DEFAULT_SHAPES = ["8,64,4,64", "32,64,4,64", "8,64,16,32", "8,64,4,64:16", "8,256,8,64", "4,1024,8,64", "4,1024,2,128"]
 

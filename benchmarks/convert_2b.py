@@ -25,14 +25,14 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from trigflow_distill import networks, torchfile
-from trigflow_distill.networks import state_dict as sdmap
+from trigflow_distill.models import cosmos_dit, torchfile
+from trigflow_distill.models.cosmos_dit import names as sdmap
 
 
 def write_synthetic(path: str) -> int:
     """Writes a `net.`-prefixed bf16 2B checkpoint; returns the parameter count."""
     rng = np.random.default_rng(0)
-    shapes = sdmap.native_shapes(networks.get_preset("predict25_2b"))
+    shapes = sdmap.native_shapes(cosmos_dit.get_preset("predict25_2b"))
     tensors = {
         f"net.{k}": np.broadcast_to(rng.standard_normal(s[-1]).astype(ml_dtypes.bfloat16), s) for k, s in shapes.items()
     }
@@ -43,7 +43,7 @@ def write_synthetic(path: str) -> int:
 
 def convert_child(src: str, dst: str) -> None:
     """Runs in a fresh process: .pt -> converted folder -> params, prints a JSON line with timings and peak RSS."""
-    from trigflow_distill import convert
+    from trigflow_distill.models.cosmos_dit import convert
 
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

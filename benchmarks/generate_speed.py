@@ -6,9 +6,9 @@
         --size 1280x704 --num-frames 93 --dtype bfloat16                             # real nets on an accelerator
     python benchmarks/generate_speed.py --flops --size 1280x704 --num-frames 93     # release-size FLOPs, no weights
 
-Every stage is the code `python -m trigflow_distill.generate` runs: `generate._context` (Reason1 embedding and the
+Every stage is the code `python -m trigflow_distill.inference.generate` runs: `generate._context` (Reason1 embedding and the
 frozen text projection), `generate._sample_jit` (student: sampling.sample_student; teacher:
-sampling.sample_teacher_cfg), `vae.decode`. Each is called once to compile (reported as first_call_s), then
+sampling.sample_teacher_cfg), `wan_vae.decode`. Each is called once to compile (reported as first_call_s), then
 `--repeats` times, student and teacher sampling in turn each round; the table has wall-clock medians per batch of
 `--prompts` videos, block_until_ready. Without checkpoints the nets are random: the tiny DiT preset, a tiny
 Qwen2 text encoder (2 x 48 features, what the tiny DiT's projection takes) and a Wan2.1 VAE of width --vae-dim
@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import generate, inference_model, networks, sharding, text_encoder, vae
-from trigflow_distill.networks import qwen2, wan_vae
+from trigflow_distill.common import sharding
+from trigflow_distill.inference import generate, loader
+from trigflow_distill.models import cosmos_dit, reason1, wan_vae
+from trigflow_distill.models.reason1 import qwen2
 
 PROMPTS = [
     "A robot arm picks up a red cube and places it on a blue plate.",
@@ -50,14 +52,12 @@ def load_average() -> str:
 
 
 def _tiny_models(args, tmp: str):
-    net_config = networks.get_preset("tiny", dtype=args.dtype, attention=args.attention)
-    params = jax.tree.map(np.asarray, networks.init_params(net_config, jax.random.key(0)))
+    net_config = cosmos_dit.get_preset("tiny", dtype=args.dtype, attention=args.attention)
+    params = jax.tree.map(np.asarray, cosmos_dit.init_params(net_config, jax.random.key(0)))
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
-    model = inference_model.Model(
-        net_config, net, params["crossattn_proj"], dict(inference_model.PREDICT25), "tiny random"
-    )
+    model = loader.Model(net_config, net, params["crossattn_proj"], dict(loader.PREDICT25), "tiny random")
     te = os.path.join(tmp, "text_encoder")
-    text_encoder.write_tiny(te, num_layers=2, hidden_size=48, words=" ".join(PROMPTS).replace(".", "").split())
+    reason1.write_tiny(te, num_layers=2, hidden_size=48, words=" ".join(PROMPTS).replace(".", "").split())
     vae_cfg = wan_vae.WanVAEConfig(dim=args.vae_dim)
     return model, model, te, (vae_cfg, wan_vae.init_params(vae_cfg, jax.random.key(1)))
 
@@ -69,10 +69,10 @@ def _models(args, tmp: str):
         raise SystemExit("give all of --student, --teacher, --vae and --text-encoder, or none (tiny random nets)")
     options = dict(dtype=args.dtype, attention=args.attention, remat=False)
     return (
-        inference_model.load_checkpoint(args.student, **options),
-        inference_model.load_checkpoint(args.teacher, **options),
+        loader.load_checkpoint(args.student, **options),
+        loader.load_checkpoint(args.teacher, **options),
         args.text_encoder,
-        vae.load(args.vae),
+        wan_vae.load(args.vae),
     )
 
 
@@ -88,8 +88,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         student, teacher, te_src, (vae_cfg, vae_params) = _models(args, tmp)
         mesh = sharding.make_mesh({"data": -1}, jax.local_devices()[:1])
-        te_cfg, te_params = text_encoder.load(te_src, args.text_encoder_dtype)
-        ids = text_encoder.tokenize(text_encoder.load_tokenizer(te_src), prompts)
+        te_cfg, te_params = reason1.load(te_src, args.text_encoder_dtype)
+        ids = reason1.tokenize(reason1.load_tokenizer(te_src), prompts)
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
     shape = (
         len(prompts),
@@ -124,7 +124,7 @@ def run(args) -> dict:
         return latents[name]
 
     def decode():
-        return vae.decode(vae_cfg, vae_params, latents["student"])
+        return wan_vae.decode(vae_cfg, vae_params, latents["student"])
 
     calls = {
         "text_encoding": text,
@@ -205,20 +205,20 @@ def flops(args) -> dict:
     """Per-video FLOPs of each stage at release size (see the module doc)."""
     width, height = (int(v) for v in args.size.split("x"))
     t_lat = 1 + (args.num_frames - 1) // 4
-    cfg = networks.get_preset("predict25_2b", dtype="bfloat16", attention="xla", scan_blocks=False)
-    shapes = networks.param_shapes(cfg)
+    cfg = cosmos_dit.get_preset("predict25_2b", dtype="bfloat16", attention="xla", scan_blocks=False)
+    shapes = cosmos_dit.param_shapes(cfg)
     proj_in, ctx = shapes.pop("crossattn_proj")["kernel"]
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, jnp.bfloat16), shapes, is_leaf=lambda s: isinstance(s, tuple)
     )
     lat = (1, 16, t_lat, height // 8, width // 8)
     dit = (
-        jax.jit(lambda p, x, t, c: networks.velocity(cfg, p, x, t, c))
+        jax.jit(lambda p, x, t, c: cosmos_dit.velocity(cfg, p, x, t, c))
         .lower(
             abstract,
             jax.ShapeDtypeStruct(lat, jnp.float32),
             jax.ShapeDtypeStruct((1, t_lat), jnp.float32),
-            jax.ShapeDtypeStruct((1, text_encoder.MAX_LENGTH, ctx), jnp.float32),
+            jax.ShapeDtypeStruct((1, reason1.MAX_LENGTH, ctx), jnp.float32),
         )
         .cost_analysis()["flops"]
     )
@@ -240,7 +240,7 @@ def flops(args) -> dict:
     decode = first + (t_lat - 1) * (two - first)
     te = qwen2.REASON1_7B
     te_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(qwen2.param_shapes(te)))
-    tokens = text_encoder.MAX_LENGTH
+    tokens = reason1.MAX_LENGTH
     text = (
         2 * (te_params - te.vocab_size * te.hidden_size) * tokens
         + 4 * tokens**2 * te.hidden_size * te.num_layers

@@ -38,7 +38,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from trigflow_distill import convert, networks
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESUMED = re.compile(r"Resumed from .* at step (\d+)")
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
     os.makedirs(scratch, exist_ok=True)
     env = environment(os.path.join(scratch, "jax_cache"))
     teacher = os.path.join(scratch, "teacher.pt")
-    net = networks.get_preset("tiny", num_blocks=2)
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, teacher, overwrite=True)
+    net = cosmos_dit.get_preset("tiny", num_blocks=2)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, teacher, overwrite=True)
     t0 = time.perf_counter()
 
     # 2 steps compile both updates into the persistent cache, so the reference is timed like the restarts

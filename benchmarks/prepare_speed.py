@@ -25,8 +25,10 @@ import time
 import jax
 import numpy as np
 
-from trigflow_distill import clips, convert, encoders, networks, prepare, text_encoder, torchfile, video
-from trigflow_distill.networks import wan_vae
+from trigflow_distill.common import video
+from trigflow_distill.models import cosmos_dit, reason1, torchfile, wan_vae
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.prepare import clips, encoders, job
 
 
 def _cpu_s() -> float:
@@ -53,10 +55,10 @@ def _sources(root: str, args) -> dict:
     vae_path = os.path.join(root, "vae.pth")
     torchfile.save(vae_path, wan_vae.to_torch(wan_vae.init_params(cfg, jax.random.key(0)), cfg))
     text_path = os.path.join(root, "text_encoder")
-    tcfg = text_encoder.write_tiny(text_path, words=["a", "scene", "number", *map(str, range(args.videos))])
-    net = networks.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=tcfg.num_layers * tcfg.hidden_size)
+    tcfg = reason1.write_tiny(text_path, words=["a", "scene", "number", *map(str, range(args.videos))])
+    net = cosmos_dit.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=tcfg.num_layers * tcfg.hidden_size)
     teacher = os.path.join(root, "teacher.pt")
-    convert.export_torch(networks.init_params(net, jax.random.key(1)), net, teacher, dtype=np.float32)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.key(1)), net, teacher, dtype=np.float32)
     return dict(videos=videos, captions=captions, vae=vae_path, text=text_path, teacher=teacher)
 
 
@@ -106,10 +108,10 @@ def main(argv=None) -> int:
         with open(warm, "w") as f:
             f.write("videos/v0000.mp4\nvideos/v0001.mp4\n")
         t = time.perf_counter()
-        prepare.prepare(prepare.parse_args(_argv(s, warm, os.path.join(root, "warm_out"), args)))
+        job.prepare(job.parse_args(_argv(s, warm, os.path.join(root, "warm_out"), args)))
         warmup_s = time.perf_counter() - t
         c, t = _cpu_s(), time.perf_counter()
-        summary = prepare.prepare(prepare.parse_args(_argv(s, s["videos"], os.path.join(root, "out"), args)))
+        summary = job.prepare(job.parse_args(_argv(s, s["videos"], os.path.join(root, "out"), args)))
         wall, cpu = time.perf_counter() - t, _cpu_s() - c
 
         item = clips.make_items(

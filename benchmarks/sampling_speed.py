@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import denoiser, dmd2, losses, networks, sampling  # noqa: E402
+from trigflow_distill.core import losses, sampling  # noqa: E402
+from trigflow_distill.methods import dmd2, video2world  # noqa: E402
+from trigflow_distill.models import cosmos_dit  # noqa: E402
+from trigflow_distill.training import builder
 
 from step_speed import PRESETS, load_average, make_batch, timed  # noqa: E402
 
@@ -34,13 +37,13 @@ def teacher_samples(algo, params, batch, key, batched: bool):
     cfg = algo.net_config
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
     gt = batch["latents"]
-    mask = denoiser.cond_mask(batch["num_cond_frames"], gt.shape)
-    context = networks.project_text(cfg, params, batch["text"])
-    uncond = networks.project_text(cfg, params, jnp.zeros_like(batch["text"]))
+    mask = video2world.cond_mask(batch["num_cond_frames"], gt.shape)
+    context = cosmos_dit.project_text(cfg, params, batch["text"])
+    uncond = cosmos_dit.project_text(cfg, params, jnp.zeros_like(batch["text"]))
     eps = jax.random.normal(key, gt.shape, jnp.float32)
 
     def x0_fn(ctx, g, m):
-        return lambda x, tau_b: denoiser.denoise(
+        return lambda x, tau_b: video2world.denoise(
             cfg, net, x, tau_b, ctx, g, m, scaling=algo.scaling, sigma_data=algo.sigma_data
         )
 
@@ -65,10 +68,10 @@ def teacher_samples(algo, params, batch, key, batched: bool):
 
 def run(args) -> dict:
     overrides, latent, _ = PRESETS[args.preset]
-    net_config = networks.get_preset("tiny", **overrides)
+    net_config = cosmos_dit.get_preset("tiny", **overrides)
     algo = dmd2.Algo(net_config=net_config)
-    params = networks.init_params(net_config, jax.random.PRNGKey(0))
-    teacher = dmd2.split_teacher(params)
+    params = cosmos_dit.init_params(net_config, jax.random.PRNGKey(0))
+    teacher = builder.split_teacher(params)
     result = {
         "preset": args.preset,
         "latent": latent,

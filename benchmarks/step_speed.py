@@ -3,7 +3,7 @@
     python benchmarks/step_speed.py --preset tiny  --json /tmp/step_tiny.json
     python benchmarks/step_speed.py --preset small --json /tmp/step_small.json
 
-JAX: trigflow_distill.dmd2.critic_update / student_update, jitted by dmd2.make_update_fns (state donated).
+JAX: trigflow_distill.methods.dmd2.critic_update / student_update, jitted by dmd2.make_update_fns (state donated).
 PyTorch: benchmarks/torch_dmd2.py (the same algorithm on diffusers' CosmosTransformer3DModel holding the same
 weights), eager and torch.compile (reported "n/a" if compiling fails). Same Cosmos DiT config, batch, latent shape
 and Video2World conditioning for all. The backward-simulation length n is fixed per timed row: JAX draws n from
@@ -39,7 +39,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trigflow_distill import dmd2, networks, optim, sampling  # noqa: E402
+from trigflow_distill.core import optim, sampling  # noqa: E402
+from trigflow_distill.methods import (
+    dmd2,  # noqa: E402
+    train_state,
+)
+from trigflow_distill.models import cosmos_dit  # noqa: E402
+from trigflow_distill.training import builder
 
 import torch_dmd2  # noqa: E402
 
@@ -97,7 +103,7 @@ def network_flops(net_config, net_params, x, timesteps, context, mask) -> dict:
     blocks = tuple(range(net_config.num_blocks))
 
     def fwd(p):
-        return networks.velocity(net_config, p, x, timesteps, context, mask, return_block_outputs=blocks)[0]
+        return cosmos_dit.velocity(net_config, p, x, timesteps, context, mask, return_block_outputs=blocks)[0]
 
     def loss(p):
         return jnp.sum(fwd(p) ** 2)
@@ -134,8 +140,8 @@ class JaxRunner:
     def __init__(self, net_config, params, batch):
         self.algo = dmd2.Algo(net_config=net_config)
         tx = optim.make_optimizer(LR, b1=B1, warmup=WARMUP)
-        self.teacher = dmd2.split_teacher(params)
-        init = functools.partial(dmd2.init_state, student_tx=tx, critic_tx=tx, seed=0)
+        self.teacher = builder.split_teacher(params)
+        init = functools.partial(train_state.init_state, student_tx=tx, critic_tx=tx, seed=0)
         self.state = jax.jit(init)(self.teacher)
         self.fns = dict(zip(("critic", "student"), dmd2.make_update_fns(self.algo, tx, tx, optim.ema_gamma(0.1))))
         self.batch = jax.tree.map(jnp.asarray, batch)
@@ -182,7 +188,7 @@ def run(args) -> dict:
     overrides, default_latent, default_batch = PRESETS[args.preset]
     if args.attention:
         overrides = {**overrides, "attention": args.attention}
-    net_config = networks.get_preset("tiny", **overrides)
+    net_config = cosmos_dit.get_preset("tiny", **overrides)
     latent = tuple(int(v) for v in args.latent.split("x")) if args.latent else default_latent
     batch_size = args.batch or default_batch
     sim_steps = [int(v) for v in args.sim_steps.split(",")]
@@ -209,7 +215,7 @@ def run(args) -> dict:
         flush=True,
     )
 
-    params = networks.init_params(net_config, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(net_config, jax.random.PRNGKey(0))
     batch = make_batch(batch_size, latent, net_config.crossattn_proj_in_channels)
     result["matmul"] = matmul_rate()
     peak = result["matmul"]["jax_flops_per_s"]
@@ -231,7 +237,7 @@ def run(args) -> dict:
         (jnp.arange(latent[1]) < b["num_cond_frames"][:, None]).astype(jnp.float32)[:, None, :, None, None],
         (batch_size, 1, *latent[1:]),
     )
-    context = networks.project_text(net_config, params, b["text"])
+    context = cosmos_dit.project_text(net_config, params, b["text"])
     flops = network_flops(
         net_config, teacher["net"], b["latents"], jnp.full((batch_size, latent[1]), 0.5), context, mask
     )
@@ -358,7 +364,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed calls per implementation and row (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1: compilation)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--attention", default="", help="override the DiT attention impl (networks.attention)")
+    p.add_argument("--attention", default="", help="override the DiT attention impl (cosmos_dit.attention)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:

@@ -3,9 +3,9 @@
     python benchmarks/text_encoder_memory.py --json /tmp/text_encoder_memory.json
 
 Simulates `--devices` CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count), builds the mesh
-{data: 1, fsdp: devices}, shards the parameters as `text_encoder.load(..., mesh=mesh)` does
+{data: 1, fsdp: devices}, shards the parameters as `reason1.load(..., mesh=mesh)` does
 (`sharding.param_sharding`) and the token ids (B, L) over the batch axes, then lowers and compiles
-`text_encoder.embed` and reads XLA's `memory_analysis()` for one device: arguments (its parameter shard and ids),
+`reason1.embed` and reads XLA's `memory_analysis()` for one device: arguments (its parameter shard and ids),
 output (its share of the (B, L, 100352) float32 embedding), temporaries (gathered layer weights, activations).
 A second row adds what `prepare` does next: the teacher's frozen crossattn_proj, GELU(e W + b) to 1024 wide
 (docs/algorithm.md §7, §11), whose output is only (B, L, 1024). Prints JSON.
@@ -42,8 +42,9 @@ def main(argv=None) -> int:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from trigflow_distill import sharding, text_encoder
-    from trigflow_distill.networks import qwen2
+    from trigflow_distill.common import sharding
+    from trigflow_distill.models import reason1
+    from trigflow_distill.models.reason1 import qwen2
 
     cfg = qwen2.REASON1_7B
     dtype = jnp.dtype(args.dtype)
@@ -61,10 +62,10 @@ def main(argv=None) -> int:
     out_sharding = sharding.batch_sharding(mesh)
 
     def embed(params, ids):
-        return text_encoder.embed(cfg, params, ids)
+        return reason1.embed(cfg, params, ids)
 
     def embed_project(params, proj, ids):
-        e = text_encoder.embed(cfg, params, ids).astype(dtype)
+        e = reason1.embed(cfg, params, ids).astype(dtype)
         return jax.nn.gelu(e @ proj["w"] + proj["b"], approximate=False)
 
     n_params = sum(s.size for s in jax.tree.leaves(shapes))

@@ -4,7 +4,7 @@
     python benchmarks/vae_speed.py --memory --json /tmp/vae_memory.json       # 93x704x1280 on one device, bf16
 
 Speed: the same random release-width weights (dim 96, z_dim 16, dim_mult 1,2,4,4) in both, the same input clip;
-JAX `vae.encode` / `vae.decode` (jitted, fp32 unless --dtype) and diffusers' `encode(...).latent_dist.mean` /
+JAX `wan_vae.encode` / `wan_vae.decode` (jitted, fp32 unless --dtype) and diffusers' `encode(...).latent_dist.mean` /
 `decode(...)` under `torch.no_grad` (fp32), called in turn per round after one warm-up call each (compilation);
 wall-clock medians, frames/s = pixel frames / time. Prints one JSON line.
 
@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import vae
-from trigflow_distill.networks import wan_vae
+from trigflow_distill.models import wan_vae
 
 
 def _gib(n: int) -> float:
@@ -51,7 +50,7 @@ def memory(args) -> dict:
         "clip": f"{t}x{h}x{w}",
         "latent": f"{t_lat}x{h // 8}x{w // 8}",
     }
-    for name, fn, x in (("encode", vae._encode, video), ("decode", vae._decode, latents)):
+    for name, fn, x in (("encode", wan_vae._encode, video), ("decode", wan_vae._decode, latents)):
         start = time.perf_counter()
         compiled = fn.lower(cfg, params, x, dtype.type).compile()
         m = compiled.memory_analysis()
@@ -80,8 +79,8 @@ def speed(args) -> dict:
     x = x.astype(np.float32)
     x_t = torch.from_numpy(x)
     params_dev = jax.device_put(params)
-    z = np.asarray(vae.encode(cfg, params_dev, x))
-    z_t = torch.from_numpy(z * vae.LATENT_STD[:, None, None, None] + vae.LATENT_MEAN[:, None, None, None])
+    z = np.asarray(wan_vae.encode(cfg, params_dev, x))
+    z_t = torch.from_numpy(z * wan_vae.LATENT_STD[:, None, None, None] + wan_vae.LATENT_MEAN[:, None, None, None])
 
     def timed(fn):
         start = time.perf_counter()
@@ -89,8 +88,8 @@ def speed(args) -> dict:
         return time.perf_counter() - start
 
     calls = {
-        "jax_encode": lambda: vae.encode(cfg, params_dev, x, dtype=args.dtype).block_until_ready(),
-        "jax_decode": lambda: vae.decode(cfg, params_dev, z, dtype=args.dtype).block_until_ready(),
+        "jax_encode": lambda: wan_vae.encode(cfg, params_dev, x, dtype=args.dtype).block_until_ready(),
+        "jax_decode": lambda: wan_vae.decode(cfg, params_dev, z, dtype=args.dtype).block_until_ready(),
         "torch_encode": lambda: model.encode(x_t).latent_dist.mean,
         "torch_decode": lambda: model.decode(z_t).sample,
     }

@@ -17,7 +17,7 @@ import os
 
 import ml_collections
 
-from trigflow_distill.recipe import COND_FRAME_PROBS
+from trigflow_distill.core.recipe import COND_FRAME_PROBS
 
 # The shipped toy teacher (`python -m trigflow_distill.toy.pretrain --out=assets/toy_teacher.pt` reproduces it).
 TINY_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_teacher.pt")

@@ -55,7 +55,7 @@ def serve_gs(root, monkeypatch) -> None:
 
 def redirect_checkpoints(root, monkeypatch) -> None:
     """checkpoint.make_manager(gs://B/P, ...) writes into ROOT/B/P/checkpoints (Orbax saves cannot use the fake)."""
-    from trigflow_distill import checkpoint
+    from trigflow_distill.training import checkpoint
 
     real = checkpoint.make_manager
 

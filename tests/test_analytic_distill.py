@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import dmd2, optim, sampling
-from trigflow_distill.trigflow import TAU_MAX, TAU_MIN
+from trigflow_distill.core import optim, sampling
+from trigflow_distill.core.trigflow import TAU_MAX, TAU_MIN
+from trigflow_distill.methods import dmd2, train_state, video2world
 
 # ---- the analytic teacher -------------------------------------------------------------------------------------
 MEANS = np.array([[0.0, 1.2], [-1.039, -0.6], [1.039, -0.6]])  # (K, D) component means
@@ -99,7 +100,7 @@ def gmm_condition(algo, key, teacher, batch):
     """dmd2.Algo.condition for the mixture: the batch is {"label": (B,) class}; the teacher "net" is a zero
     residual (so the conditional teacher is exactly gmm_x0) and the unconditional teacher is the class mixture."""
     class_b = batch["label"]
-    return dmd2.Conditioning(
+    return video2world.Conditioning(
         shape=(class_b.shape[0], 2),
         x0_fn=lambda params, x, t, guidance_b=None: denoiser(params, x, t, class_b, guidance_b),
         x0_uncond_fn=lambda params, x, t: gmm_x0(x, t, jnp.full_like(class_b, UNCOND)),
@@ -123,7 +124,7 @@ def train(key, algo=ALGO, rounds=ROUNDS):
     k_init, key = jax.random.split(key)
     # zero last layer: exactly the analytic teacher (with a guidance input when the algo draws scales)
     teacher = {"net": mlp_init(k_init, algo.guidance_range is not None), "text_proj": None}
-    state = dmd2.init_state(teacher, opt_s, opt_c, seed=0)  # student, EMA and critic start as the teacher
+    state = train_state.init_state(teacher, opt_s, opt_c, seed=0)  # student, EMA and critic start as the teacher
     critic_step = functools.partial(dmd2.critic_update, algo, opt_c)
     student_step = functools.partial(dmd2.student_update, algo, opt_s, optim.EMA_GAMMA)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill.networks import attention as attn
+from trigflow_distill.models.cosmos_dit import attention as attn
 
 
 def _reference(q, k, v, g):

@@ -10,7 +10,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trigflow_distill import checkpoint, data, sharding
+from trigflow_distill import data
+from trigflow_distill.common import sharding
+from trigflow_distill.training import checkpoint
 
 LAT, TXT = (16, 2, 2, 2), (3, 4)
 

@@ -14,18 +14,19 @@ import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from trigflow_distill import convert, networks, teacher_cache, torchfile
-from trigflow_distill.networks import state_dict as sdmap
+from trigflow_distill.models import cosmos_dit, torchfile
+from trigflow_distill.models.cosmos_dit import convert, teacher_cache
+from trigflow_distill.models.cosmos_dit import names as sdmap
 
 import torch_dmd2  # (benchmarks/ is on the pytest pythonpath: diffusers stand-ins shared with the benchmarks)
 
-CONFIG = networks.get_preset("tiny")
+CONFIG = cosmos_dit.get_preset("tiny")
 
 
 def random_params(seed=0, dtype=np.float32):
     """Tiny-preset params with every leaf random (also the zero-initialised adaLN layers and the bias)."""
     rng = np.random.default_rng(seed)
-    shapes = networks.param_shapes(CONFIG)
+    shapes = cosmos_dit.param_shapes(CONFIG)
     return jax.tree.map(lambda s: rng.standard_normal(s).astype(dtype), shapes, is_leaf=lambda s: isinstance(s, tuple))
 
 
@@ -199,7 +200,7 @@ def test_export_diffusers_loads_and_matches(tmp_path):
     cond = np.zeros((b, 1, t, h, w), np.float32)
     cond[:, :, 0] = 1
     pad = (rng.uniform(size=(1, 1, 4 * h, 4 * w)) > 0.7).astype(np.float32)
-    want = networks.velocity(CONFIG, params, x, tau, text, cond, pad)
+    want = cosmos_dit.velocity(CONFIG, params, x, tau, text, cond, pad)
     with torch.no_grad():
         got = model(
             torch.from_numpy(x),
@@ -239,7 +240,7 @@ def test_load_teacher_caches(release, tmp_path, monkeypatch):
     monkeypatch.setattr(torchfile, "LazyStateDict", None)  # any re-read of the source would fail
     cached_config, cached = teacher_cache.load_teacher(path, cache, dtype="bfloat16")
     assert not calls
-    assert cached_config == networks.get_preset("tiny", dtype="bfloat16")  # overrides apply to cached entries
+    assert cached_config == cosmos_dit.get_preset("tiny", dtype="bfloat16")  # overrides apply to cached entries
     assert_trees_equal(cached, direct)
 
     monkeypatch.undo()
@@ -388,7 +389,7 @@ def test_cli_help_and_summary(release, tmp_path):
     path, _ = release
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     helped = subprocess.run(
-        [sys.executable, "-m", "trigflow_distill.convert", "--help"],
+        [sys.executable, "-m", "trigflow_distill.models.cosmos_dit.convert", "--help"],
         capture_output=True,
         text=True,
         env=env,
@@ -396,14 +397,15 @@ def test_cli_help_and_summary(release, tmp_path):
     )
     assert "--export-torch" in helped.stdout and "--export-diffusers" in helped.stdout
     run = subprocess.run(
-        [sys.executable, "-m", "trigflow_distill.convert", str(path), str(tmp_path / "o")],
+        [sys.executable, "-m", "trigflow_distill.models.cosmos_dit.convert", str(path), str(tmp_path / "o")],
         capture_output=True,
         text=True,
         env=env,
     )
     assert run.returncode == 0, run.stderr
     n = sum(
-        int(np.prod(s)) for s in jax.tree.leaves(networks.param_shapes(CONFIG), is_leaf=lambda s: isinstance(s, tuple))
+        int(np.prod(s))
+        for s in jax.tree.leaves(cosmos_dit.param_shapes(CONFIG), is_leaf=lambda s: isinstance(s, tuple))
     )
     assert f"{n:,} params" in run.stderr and "dtype bfloat16" in run.stderr
 
@@ -466,8 +468,8 @@ def test_remote_destinations(release, tmp_path, fake_gcs):
 
 def test_single_block_teacher_converts_exactly(tmp_path):
     """A one-block net still has stacked block leaves (1, ...): direct load and streamed conversion both keep it."""
-    config = networks.get_preset("tiny", num_blocks=1)
-    params = jax.tree.map(np.asarray, networks.init_params(config, jax.random.PRNGKey(3)))
+    config = cosmos_dit.get_preset("tiny", num_blocks=1)
+    params = jax.tree.map(np.asarray, cosmos_dit.init_params(config, jax.random.PRNGKey(3)))
     src = tmp_path / "one_block.pt"
     convert.export_torch(params, config, src, dtype=np.float32)
     assert_trees_equal(convert.load_torch_checkpoint(src)[1], params)

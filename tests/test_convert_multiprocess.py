@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from trigflow_distill import convert, networks
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
 
 CHILD = """
 import hashlib, json, sys
@@ -19,7 +20,7 @@ import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_num_cpu_devices", 1)
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from trigflow_distill import teacher_cache
+from trigflow_distill.models.cosmos_dit import teacher_cache
 config, params = teacher_cache.load_teacher(sys.argv[3], sys.argv[4], poll_s=0.05)
 h = hashlib.sha256()
 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -43,9 +44,9 @@ def _free_port() -> int:
 
 
 def test_two_processes_convert_once(tmp_path):
-    net = networks.get_preset("tiny", num_blocks=2)
+    net = cosmos_dit.get_preset("tiny", num_blocks=2)
     teacher = tmp_path / "teacher.pt"
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(3)), net, teacher)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(3)), net, teacher)
     cache = tmp_path / "cache"  # empty: the first start of a job
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}

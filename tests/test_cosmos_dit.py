@@ -7,8 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from trigflow_distill import networks, sharding
-from trigflow_distill.networks import state_dict as sdm
+from trigflow_distill.common import sharding
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import names as sdm
 
 torch = pytest.importorskip("torch")
 tc = pytest.importorskip("diffusers.models.transformers.transformer_cosmos")
@@ -17,14 +18,14 @@ import torch_dmd2  # noqa: E402  (after the importorskips: it imports torch)
 
 pytestmark = pytest.mark.torch
 
-CFG = networks.get_preset("tiny")
-CFG_REMAT = networks.get_preset("tiny", remat=True)
+CFG = cosmos_dit.get_preset("tiny")
+CFG_REMAT = cosmos_dit.get_preset("tiny", remat=True)
 T_COND = 1e-4 / (1 + 1e-4)  # RF time of the conditional frames, tau_c = arctan(1e-4)
 
 
 def random_params(config, key):
     """Random weights everywhere (also the layers Cosmos zero-initialises, norm scales and the bias)."""
-    shapes = networks.param_shapes(config)
+    shapes = cosmos_dit.param_shapes(config)
     paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
     out = []
     for k, (path, shape) in zip(jax.random.split(key, len(paths)), paths):
@@ -96,8 +97,8 @@ def test_parity_with_diffusers(setup, b, t, h, w, n_cond, per_frame, attn):
     x, ts, text, mask, pad = make_inputs(b * 100 + t, b, t, h, w, n_cond, per_frame)
     ids = (0, 1) if b == 2 and t == 4 else ()
     ref, ref_feats = run_diffusers(model, x, ts, text, mask, pad, ids)
-    config = networks.get_preset("tiny", attention=attn, attention_block_size=8)
-    got = networks.velocity(
+    config = cosmos_dit.get_preset("tiny", attention=attn, attention_block_size=8)
+    got = cosmos_dit.velocity(
         config, params, x, ts, text, cond_mask_b1thw=mask, padding_mask_b1hw=pad, return_block_outputs=ids
     )
     got, feats = got if ids else (got, {})
@@ -114,23 +115,23 @@ def test_padding_mask_and_text_change_output(setup):
     """The parity inputs exercise every input: changing the padding mask or the text changes the output."""
     params, _ = setup
     x, ts, text, mask, pad = make_inputs(7, 1, 2, 4, 4, 1, True)
-    base = networks.velocity(CFG, params, x, ts, text, mask, pad)
-    assert not np.allclose(base, networks.velocity(CFG, params, x, ts, text, mask, 1.0 - pad), atol=1e-3)
-    assert not np.allclose(base, networks.velocity(CFG, params, x, ts, 0 * text, mask, pad), atol=1e-3)
+    base = cosmos_dit.velocity(CFG, params, x, ts, text, mask, pad)
+    assert not np.allclose(base, cosmos_dit.velocity(CFG, params, x, ts, text, mask, 1.0 - pad), atol=1e-3)
+    assert not np.allclose(base, cosmos_dit.velocity(CFG, params, x, ts, 0 * text, mask, pad), atol=1e-3)
 
 
 def test_bf16_close_to_fp32_and_projected_context(setup):
     params, _ = setup
     x, ts, text, mask, pad = make_inputs(3, 2, 2, 4, 4, 1, True)
-    ref = networks.velocity(CFG, params, x, ts, text, mask, pad)
-    bf16 = networks.velocity(networks.get_preset("tiny", dtype="bfloat16"), params, x, ts, text, mask, pad)
+    ref = cosmos_dit.velocity(CFG, params, x, ts, text, mask, pad)
+    bf16 = cosmos_dit.velocity(cosmos_dit.get_preset("tiny", dtype="bfloat16"), params, x, ts, text, mask, pad)
     rel = np.abs(np.asarray(bf16) - np.asarray(ref)) / np.std(ref)
     print(f"bf16 vs fp32: max {rel.max():.2e}, mean {rel.mean():.2e} (of output std)")
     assert bf16.dtype == jnp.float32 and rel.mean() < 1e-2 and rel.max() < 8e-2
     # Projecting once outside and dropping crossattn_proj from params gives the same output (trainer path).
-    ctx = networks.project_text(CFG, params, text)
+    ctx = cosmos_dit.project_text(CFG, params, text)
     no_proj = {k: v for k, v in params.items() if k != "crossattn_proj"}
-    np.testing.assert_allclose(networks.velocity(CFG, no_proj, x, ts, ctx, mask, pad), ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cosmos_dit.velocity(CFG, no_proj, x, ts, ctx, mask, pad), ref, rtol=0, atol=1e-6)
 
 
 def test_gradient_parity_with_diffusers_remat_block_outputs(setup):
@@ -142,7 +143,7 @@ def test_gradient_parity_with_diffusers_remat_block_outputs(setup):
     w_feat = rng.standard_normal((1, 2 * 2 * 2, CFG.model_channels)).astype(np.float32)
 
     def loss(p, x):
-        v, feats = networks.velocity(CFG_REMAT, p, x, ts, text, mask, pad, return_block_outputs=(0,))
+        v, feats = cosmos_dit.velocity(CFG_REMAT, p, x, ts, text, mask, pad, return_block_outputs=(0,))
         return jnp.sum(v * w_out) + jnp.sum(feats[0] * w_feat)
 
     g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
@@ -174,7 +175,7 @@ def test_gradient_parity_with_diffusers_remat_block_outputs(setup):
     assert worst <= 1e-4 and rel_err(g_x, x_t.grad.numpy()) <= 1e-4
     assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(ref))
     with pytest.raises(ValueError, match="return_block_outputs"):
-        networks.velocity(CFG, params, x, ts, text, return_block_outputs=(CFG.num_blocks,))
+        cosmos_dit.velocity(CFG, params, x, ts, text, return_block_outputs=(CFG.num_blocks,))
 
 
 def _random_native(config, seed=0, dtype=ml_dtypes.bfloat16):
@@ -191,7 +192,7 @@ def test_native_round_trip_and_diffusers_names():
     }
     params = sdm.params_from_state_dict({**native, **extras}, CFG)
     assert jax.tree.map(np.shape, params) == jax.tree.map(
-        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
+        tuple, cosmos_dit.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
     )
     back = sdm.state_dict_from_params(params, CFG)
     assert back.keys() == native.keys()
@@ -203,7 +204,7 @@ def test_native_round_trip_and_diffusers_names():
 
 @pytest.mark.parametrize("name", ["tiny", "predict25_2b", "predict25_14b"])
 def test_infer_config_recovers_presets(name):
-    config = networks.get_preset(name)
+    config = cosmos_dit.get_preset(name)
     shapes = sdm.native_shapes(config)
     assert sdm.infer_config(shapes) == config
     assert sdm.infer_config({**shapes, "pos_embedder.seq": (128,)}, dtype="bfloat16").dtype == "bfloat16"
@@ -219,7 +220,7 @@ def test_state_dict_errors():
     with pytest.raises(ValueError, match=r"unexpected keys \[blocks\.0\.foo\.weight\]"):
         sdm.params_from_state_dict({**native, "blocks.0.foo.weight": np.zeros(3)}, CFG)
     with pytest.raises(ValueError, match=r"missing keys \[blocks\.2\."):  # wrong block count in the config
-        sdm.params_from_state_dict(native, networks.get_preset("tiny", num_blocks=3))
+        sdm.params_from_state_dict(native, cosmos_dit.get_preset("tiny", num_blocks=3))
     bad = {**native, "blocks.0.self_attn.q_norm.weight": np.zeros(16, np.float32)}
     with pytest.raises(ValueError, match=r"mismatch: blocks\.0\.self_attn\.q_norm\.weight: \(16,\) != expected \(32"):
         sdm.params_from_state_dict(bad, CFG)
@@ -242,21 +243,21 @@ def test_state_dict_errors():
 
 
 def test_init_params_and_input_errors():
-    params = networks.init_params(CFG, jax.random.key(1))
+    params = cosmos_dit.init_params(CFG, jax.random.key(1))
     assert jax.tree.map(np.shape, params) == jax.tree.map(
-        tuple, networks.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
+        tuple, cosmos_dit.param_shapes(CFG), is_leaf=lambda s: isinstance(s, tuple)
     )
     x, ts, text, mask, pad = make_inputs(1, 1, 2, 4, 4, 0, True)
-    v = networks.velocity(CFG, params, x, ts, text)
+    v = cosmos_dit.velocity(CFG, params, x, ts, text)
     assert bool(jnp.all(jnp.isfinite(v))) and float(jnp.std(v)) > 0.1
     with pytest.raises(ValueError, match="divisible"):
-        networks.velocity(CFG, params, x[..., :3], ts, text)
+        cosmos_dit.velocity(CFG, params, x[..., :3], ts, text)
     with pytest.raises(ValueError, match="timesteps_bt"):
-        networks.velocity(CFG, params, x, np.zeros((1, 3)), text)
+        cosmos_dit.velocity(CFG, params, x, np.zeros((1, 3)), text)
     with pytest.raises(ValueError, match="text embedding"):
-        networks.velocity(CFG, params, x, ts, text[..., :64])
+        cosmos_dit.velocity(CFG, params, x, ts, text[..., :64])
     with pytest.raises(ValueError, match="unknown DiT preset"):
-        networks.get_preset("predict25_7b")
+        cosmos_dit.get_preset("predict25_7b")
 
 
 def test_mlp_frame_groups_and_head_parallel_attention_keep_value_and_gradient():
@@ -268,11 +269,11 @@ def test_mlp_frame_groups_and_head_parallel_attention_keep_value_and_gradient():
     w = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
 
     def value_and_grad(config, mesh=None):
-        loss = lambda p, x: jnp.sum(networks.velocity(config, p, x, ts, text, mask, pad, mesh=mesh) * w)
+        loss = lambda p, x: jnp.sum(cosmos_dit.velocity(config, p, x, ts, text, mask, pad, mesh=mesh) * w)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
-    ref = value_and_grad(networks.get_preset("tiny", remat=True, mlp_chunk_frames=0))(params, x)
-    grouped_cfg = networks.get_preset("tiny", remat=True, mlp_chunk_frames=2)
+    ref = value_and_grad(cosmos_dit.get_preset("tiny", remat=True, mlp_chunk_frames=0))(params, x)
+    grouped_cfg = cosmos_dit.get_preset("tiny", remat=True, mlp_chunk_frames=2)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "seq": 4}, devices=jax.devices()[:4])
     sharded = value_and_grad(grouped_cfg, mesh)
     assert "all-to-all" in sharded.lower(params, x).compile().as_text()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trigflow_distill import data
-from trigflow_distill.data.write import main as write_main
+from trigflow_distill.data.cli import main as write_main
 
 LAT, TXT = (16, 3, 4, 4), (5, 8)
 
@@ -136,7 +136,7 @@ def test_writer_cli_roundtrip_and_normalize(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "trigflow_distill.data.write",
+        "trigflow_distill.data.cli",
         "--latents",
         str(tmp_path / "lat.npy"),
         "--text",

@@ -4,23 +4,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trigflow_distill import denoiser, networks
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit
 
-NET = networks.get_preset("tiny", num_blocks=1)
+NET = cosmos_dit.get_preset("tiny", num_blocks=1)
 
 
 def test_padding_mask_reaches_the_network_at_pixel_or_latent_resolution():
-    params = networks.init_params(NET, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(NET, jax.random.PRNGKey(0))
     params.pop("crossattn_proj")
     k = jax.random.split(jax.random.PRNGKey(1), 3)
     x = jax.random.normal(k[0], (2, 16, 2, 4, 6))
     ctx = jax.random.normal(k[1], (2, 5, NET.crossattn_emb_channels))
     gt = jax.random.normal(k[2], x.shape)
-    mask = denoiser.cond_mask(jnp.array([0, 1]), x.shape)
+    mask = video2world.cond_mask(jnp.array([0, 1]), x.shape)
     tau = jnp.array([0.7, 1.2])
 
     def run(pad):
-        return np.asarray(denoiser.denoise(NET, params, x, tau, ctx, gt, mask, padding_mask_b1hw=pad))
+        return np.asarray(video2world.denoise(NET, params, x, tau, ctx, gt, mask, padding_mask_b1hw=pad))
 
     pad_latent = np.zeros((2, 1, 4, 6), np.float32)
     pad_latent[:, :, :, 4:] = 1.0  # right two latent columns are padding

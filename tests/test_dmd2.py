@@ -9,17 +9,20 @@ import numpy as np
 import optax
 import pytest
 
-from trigflow_distill import denoiser, dmd2, losses, networks, optim
+from trigflow_distill.core import losses, optim
+from trigflow_distill.methods import dmd2, train_state, video2world
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.training import builder
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
-NET = networks.get_preset("tiny", num_blocks=1)
+NET = cosmos_dit.get_preset("tiny", num_blocks=1)
 B = 2
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    params = networks.init_params(NET, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(NET, jax.random.PRNGKey(0))
     # Non-zero AdaLN outputs and projection bias, so every path (and GELU(b)) matters.
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
@@ -30,7 +33,7 @@ def teacher():
         ),
         params,
     )
-    return dmd2.split_teacher(params)
+    return builder.split_teacher(params)
 
 
 def _batch(key, text_width=NET.crossattn_proj_in_channels, t=2):
@@ -43,7 +46,7 @@ def _batch(key, text_width=NET.crossattn_proj_in_channels, t=2):
 
 
 def _state(teacher, tx):
-    return dmd2.init_state(teacher, tx, tx, seed=0)
+    return train_state.init_state(teacher, tx, tx, seed=0)
 
 
 def _steps(algo, tx, teacher, batch, state):
@@ -79,10 +82,10 @@ def test_projected_context_dataset_gives_the_same_updates(teacher):
     updates; the unconditional context of projected data is GELU(b), the projection of zeros (§7, §13)."""
     raw = _batch(jax.random.PRNGKey(2))
     proj = {"crossattn_proj": teacher["text_proj"]}
-    projected = dict(raw, text=networks.project_text(NET, proj, raw["text"]))
+    projected = dict(raw, text=cosmos_dit.project_text(NET, proj, raw["text"]))
     algo = dmd2.Algo(net_config=NET)
-    cond_raw, uncond_raw = dmd2.contexts(algo, teacher, raw["text"])
-    cond_proj, uncond_proj = dmd2.contexts(algo, teacher, projected["text"])
+    cond_raw, uncond_raw = video2world.contexts(algo, teacher, raw["text"])
+    cond_proj, uncond_proj = video2world.contexts(algo, teacher, projected["text"])
     np.testing.assert_array_equal(uncond_proj, uncond_raw)
     np.testing.assert_allclose(cond_proj, cond_raw, rtol=1e-6, atol=1e-7)
     tx = optax.sgd(0.1)  # update = -lr * grad: equal updates mean equal gradients
@@ -92,9 +95,12 @@ def test_projected_context_dataset_gives_the_same_updates(teacher):
     for a, b in ((s1_raw.student, s1_proj.student), (s2_raw.critic, s2_proj.critic)):
         for x, y in zip(_leaves(a), _leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    assert dmd2.text_width_kind(NET, teacher, 96) == "raw" and dmd2.text_width_kind(NET, teacher, 64) == "projected"
+    assert (
+        video2world.text_width_kind(NET, teacher, 96) == "raw"
+        and video2world.text_width_kind(NET, teacher, 64) == "projected"
+    )
     with pytest.raises(ValueError, match=r"50 wide, but this teacher takes 96 \(raw .* maps to 64\) or 64"):
-        dmd2.text_width_kind(NET, teacher, 50)
+        video2world.text_width_kind(NET, teacher, 50)
 
 
 def _spy(monkeypatch, module, name):
@@ -110,7 +116,7 @@ def _spy(monkeypatch, module, name):
 
 
 def test_padding_mask_reaches_every_network_call(teacher, monkeypatch):
-    calls = _spy(monkeypatch, denoiser, "denoise")
+    calls = _spy(monkeypatch, video2world, "denoise")
     batch = dict(_batch(jax.random.PRNGKey(3)), padding_mask=jnp.zeros((B, 1, 32, 32)).at[:, :, :, 24:].set(1.0))
     algo = dmd2.Algo(net_config=NET)
     tx = optax.sgd(0.1)

@@ -18,7 +18,8 @@ import kill_resume  # benchmarks/ is on the pytest pythonpath
 import numpy as np
 import pytest
 
-from trigflow_distill import checkpoint, errors, lock
+from trigflow_distill.common import errors
+from trigflow_distill.training import checkpoint, lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's dropped reads
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,7 +275,7 @@ def _write_inputs(tmp_path, lat_shape=(3, 16, 2, 4, 4), text_shape=(3, 5, 64)):
 
 
 def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsys):
-    from trigflow_distill.data.write import main as write_main
+    from trigflow_distill.data.cli import main as write_main
 
     args = _write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "ds")]
     assert write_main(args) == 0
@@ -325,7 +326,7 @@ def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsy
     ],
 )
 def test_data_writer_checks_shapes_the_trainer_needs(tmp_path, capsys, lat_shape, text_shape, net, message):
-    from trigflow_distill.data.write import main as write_main
+    from trigflow_distill.data.cli import main as write_main
 
     args = _write_inputs(tmp_path, lat_shape, text_shape) + ["--net", net, "--out", str(tmp_path / "ds")]
     assert write_main(args) == 1
@@ -337,7 +338,7 @@ def test_data_writer_checks_shapes_the_trainer_needs(tmp_path, capsys, lat_shape
 
 def test_data_writer_tells_text_kind_from_width(tmp_path):
     from trigflow_distill import data
-    from trigflow_distill.data.write import main as write_main
+    from trigflow_distill.data.cli import main as write_main
 
     assert write_main(_write_inputs(tmp_path) + ["--net", "tiny", "--out", str(tmp_path / "p")]) == 0
     assert data.NpyDirSource(str(tmp_path / "p")).text_kind == "projected"  # 64 = the tiny projection's width
@@ -364,11 +365,12 @@ def _tiny_config(teacher_path, **overrides):
 
 @pytest.fixture(scope="module")
 def teacher_pt(tmp_path_factory):
-    from trigflow_distill import convert, networks
+    from trigflow_distill.models import cosmos_dit
+    from trigflow_distill.models.cosmos_dit import convert
 
-    net = networks.get_preset("tiny", num_blocks=2)
+    net = cosmos_dit.get_preset("tiny", num_blocks=2)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, path)
     return path
 
 
@@ -379,12 +381,12 @@ def _toy_source(config):
 
 
 def test_nan_learning_rate_is_refused(teacher_pt):
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
     with pytest.raises(ValueError, match=r"config.student_optim.lr=nan must be a finite number >= 0"):
-        run.validate_config(_tiny_config(teacher_pt, **{"student_optim.lr": float("nan")}))
+        run_config.validate_config(_tiny_config(teacher_pt, **{"student_optim.lr": float("nan")}))
     with pytest.raises(ValueError, match=r"config.critic_optim.eps=-1.0 must be a finite number >= 0"):
-        run.validate_config(_tiny_config(teacher_pt, **{"critic_optim.eps": -1.0}))
+        run_config.validate_config(_tiny_config(teacher_pt, **{"critic_optim.eps": -1.0}))
 
 
 @pytest.mark.parametrize(
@@ -399,16 +401,16 @@ def test_nan_learning_rate_is_refused(teacher_pt):
     ],
 )
 def test_bad_config_values_are_rejected(teacher_pt, field, value, message):
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        run.validate_config(_tiny_config(teacher_pt, **{field: value}))
+        run_config.validate_config(_tiny_config(teacher_pt, **{field: value}))
 
 
 def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
-    assert run.resume_config(_tiny_config(teacher_pt), tmp_path) is None
+    assert run_config.resume_config(_tiny_config(teacher_pt), tmp_path) is None
     saved = (tmp_path / "config.json").read_text()
     changed = _tiny_config(teacher_pt, **{"data.batch_size": 8, "student_optim.lr": 1e-3})
     with pytest.raises(
@@ -416,10 +418,10 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
         match=r"another config.* Changed: data.batch_size: 4 -> 8; student_optim.lr: "
         r"0.0001 -> 0.001\. .*--config.allow_config_change=True",
     ):
-        run.resume_config(changed, tmp_path)
+        run_config.resume_config(changed, tmp_path)
     assert (tmp_path / "config.json").read_text() == saved and os.listdir(tmp_path) == ["config.json"]
     # how long and how often may change: accepted, the previous config kept beside the new one
-    note = run.resume_config(
+    note = run_config.resume_config(
         _tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}), tmp_path
     )
     assert "only fields a resume may change" in note
@@ -429,27 +431,29 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
 
 
 def test_run_saved_before_a_field_was_added_resumes(teacher_pt, tmp_path):
-    """A config.json without the fields added later (run.ADDED_FIELDS) is the same run as the new config at their
+    """A config.json without the fields added later (run_config.ADDED_FIELDS) is the same run as the new config at their
     old-behaviour values; switching such a feature on is still a change."""
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
     old = json.loads(_tiny_config(teacher_pt).to_json_best_effort())
-    for name in run.ADDED_FIELDS:
+    for name in run_config.ADDED_FIELDS:
         section, field = name.split(".")
         del old[section][field]
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert run.config_changes(old, json.loads(_tiny_config(teacher_pt).to_json_best_effort())) == []
+    assert run_config.config_changes(old, json.loads(_tiny_config(teacher_pt).to_json_best_effort())) == []
     switched = _tiny_config(teacher_pt, **{"distill.guidance_conditioned": True})
-    assert run.config_changes(old, json.loads(switched.to_json_best_effort())) == [
+    assert run_config.config_changes(old, json.loads(switched.to_json_best_effort())) == [
         "distill.guidance_conditioned: '<absent>' -> True"
     ]
 
 
 def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
-    run.resume_config(_tiny_config(teacher_pt), tmp_path)
-    note = run.resume_config(_tiny_config(teacher_pt, allow_config_change=True, **{"critic_optim.lr": 5e-4}), tmp_path)
+    run_config.resume_config(_tiny_config(teacher_pt), tmp_path)
+    note = run_config.resume_config(
+        _tiny_config(teacher_pt, allow_config_change=True, **{"critic_optim.lr": 5e-4}), tmp_path
+    )
     assert "critic_optim.lr: 0.0002 -> 0.0005" in note
     versions = sorted(n for n in os.listdir(tmp_path) if n.startswith("config"))
     assert len(versions) == 2 and "config.json" in versions
@@ -458,61 +462,61 @@ def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):
 
 
 def test_resume_with_another_teacher_is_refused_before_anything_is_written(teacher_pt, tmp_path):
-    from trigflow_distill import run, train
+    from trigflow_distill.training import loop, run_config
 
-    run.resume_config(_tiny_config(teacher_pt), tmp_path)
+    run_config.resume_config(_tiny_config(teacher_pt), tmp_path)
     before = (tmp_path / "config.json").read_text()
     other = tmp_path.parent / "other_teacher.pt"
     other.write_bytes(teacher_pt.read_bytes())
     config = _tiny_config(other)
     with pytest.raises(ValueError, match=r"Changed: teacher.path: .*teacher.pt' -> .*other_teacher.pt'"):
-        train.train(config, str(tmp_path), _toy_source(config))
+        loop.train(config, str(tmp_path), _toy_source(config))
     assert sorted(os.listdir(tmp_path)) == ["config.json"]  # no teacher cache, no checkpoint, no lock left
     assert (tmp_path / "config.json").read_text() == before
 
 
 def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):
-    from trigflow_distill import train
+    from trigflow_distill.training import loop
 
     (tmp_path / "config.json").write_text('{"seed": 0, "total_st')
     config = _tiny_config(teacher_pt)
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))} is corrupted \("):
-        train.train(config, str(tmp_path), _toy_source(config))
+        loop.train(config, str(tmp_path), _toy_source(config))
     assert (tmp_path / "config.json").read_text() == '{"seed": 0, "total_st'
-    from trigflow_distill import run
+    from trigflow_distill.training import run_config
 
     with pytest.raises(ValueError, match=r"config.json is corrupted"):  # export / evaluate / generate read it too
-        run.read_config(tmp_path)
+        run_config.read_config(tmp_path)
 
 
 def test_workdir_that_is_a_file_or_unwritable(teacher_pt, tmp_path, monkeypatch):
-    from trigflow_distill import train
+    from trigflow_distill.training import loop
 
     config = _tiny_config(teacher_pt)
     source = _toy_source(config)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="--workdir .*file is a file; give a directory"):
-        train.train(config, str(tmp_path / "file"), source)
+        loop.train(config, str(tmp_path / "file"), source)
     with pytest.raises(ValueError, match="cannot create --workdir .*file/run"):
-        train.train(config, str(tmp_path / "file" / "run"), source)
+        loop.train(config, str(tmp_path / "file" / "run"), source)
 
     def read_only(self):
         raise PermissionError(13, "Permission denied", str(self.path))
 
     monkeypatch.setattr(lock.WorkdirLock, "acquire", read_only)
     with pytest.raises(ValueError, match=r"--workdir .*ro is not writable \(\[Errno 13\] Permission denied"):
-        train.train(config, str(tmp_path / "ro"), source)
+        loop.train(config, str(tmp_path / "ro"), source)
 
 
 def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
-    from trigflow_distill import train
+    from trigflow_distill.training import loop
 
     holder = lock.WorkdirLock(tmp_path)
     holder.acquire()
     config = _tiny_config(teacher_pt)
     try:
         with pytest.raises(errors.WorkdirLocked, match=f"pid {os.getpid()}"):
-            train.train(config, str(tmp_path), _toy_source(config))
+            loop.train(config, str(tmp_path), _toy_source(config))
         assert os.listdir(tmp_path) == [lock.LOCK_NAME]
     finally:
         holder.release()
@@ -520,7 +524,7 @@ def test_train_refuses_a_locked_workdir_before_writing(teacher_pt, tmp_path):
 
 def test_misspelled_mesh_axis_is_refused():
     """`dict(dta=-1, fsdp=1, seq=1)` used to train with every device computing the same full batch."""
-    from trigflow_distill import sharding
+    from trigflow_distill.common import sharding
 
     with pytest.raises(ValueError, match="unknown mesh axis 'dta'"):
         sharding.make_mesh(dict(dta=-1, fsdp=1, seq=1))

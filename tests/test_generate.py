@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trigflow_distill import convert, denoiser, generate, networks, run, sampling, text_encoder, torchfile, vae, video
-from trigflow_distill.networks import wan_vae
+from trigflow_distill.common import video
+from trigflow_distill.core import sampling
+from trigflow_distill.inference import generate
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit, reason1, torchfile, wan_vae
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import restore
 
-NET = networks.get_preset("tiny")  # text projection 96 -> 64: the tiny encoder below gives 2 x 48 features
+NET = cosmos_dit.get_preset("tiny")  # text projection 96 -> 64: the tiny encoder below gives 2 x 48 features
 VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
 SIZE = (64, 32)  # --size 64x32: latents 8 x 4
 FRAMES = 9  # 3 latent frames
@@ -24,20 +29,20 @@ FRAMES = 9  # 3 latent frames
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("generate")
-    student = jax.tree.map(np.asarray, networks.init_params(NET, jax.random.key(0)))
-    teacher = jax.tree.map(np.asarray, networks.init_params(NET, jax.random.key(1)))
+    student = jax.tree.map(np.asarray, cosmos_dit.init_params(NET, jax.random.key(0)))
+    teacher = jax.tree.map(np.asarray, cosmos_dit.init_params(NET, jax.random.key(1)))
     convert.export_torch(student, NET, d / "student.pt", dtype=np.float32)
     convert.export_torch(teacher, NET, d / "teacher.pt", dtype=np.float32)
     # A guidance-conditioned student (§15) with a non-zero guidance projection, so that the scale matters.
-    student_gc = networks.add_guidance_embedder(student)
+    student_gc = cosmos_dit.add_guidance_embedder(student)
     d_model = NET.model_channels
     kernel = np.asarray(jax.random.normal(jax.random.key(3), (d_model, d_model))) / np.sqrt(d_model)
-    student_gc[networks.GUIDANCE_EMBEDDER] = {"linear": {"kernel": kernel}}
+    student_gc[cosmos_dit.GUIDANCE_EMBEDDER] = {"linear": {"kernel": kernel}}
     gc_net = dataclasses.replace(NET, guidance_embedder=True)
     convert.export_torch(student_gc, gc_net, d / "student_gc.pt", dtype=np.float32)
-    text_encoder.write_tiny(d / "te", num_layers=2, hidden_size=48, words=["a", "red", "car", "blue", "boat"])
+    reason1.write_tiny(d / "te", num_layers=2, hidden_size=48, words=["a", "red", "car", "blue", "boat"])
     vae_params = wan_vae.init_params(VAE_CFG, jax.random.key(2))
-    torchfile.save(d / "vae.pth", wan_vae.to_torch(vae_params, VAE_CFG))
+    torchfile.save(d / "wan_vae.pth", wan_vae.to_torch(vae_params, VAE_CFG))
     rng = np.random.default_rng(0)
     # 48x30 frames: nearest aspect to 64x32 after a fit-inside resize is 51x32, so the padding mask is not empty
     clip = np.clip(rng.normal(128, 60, (7, 30, 48, 3)).cumsum(0) / 3, 0, 255).astype(np.uint8)
@@ -54,7 +59,7 @@ def _run(assets, out, *extra, model=("--student", "student.pt")):
         model[0],
         str(source),
         "--vae",
-        str(d / "vae.pth"),
+        str(d / "wan_vae.pth"),
         "--text-encoder",
         str(d / "te"),
         "--size",
@@ -81,16 +86,16 @@ def _latents(out, report, i):
 
 def _context(assets, prompts, params):
     """Projected context computed here: tokenizer -> Reason1 embedding -> the checkpoint's crossattn_proj."""
-    te_cfg, te_params = text_encoder.load(assets["dir"] / "te", "float32")
-    emb = text_encoder.embed(te_cfg, te_params, text_encoder.tokenize(assets["dir"] / "te", prompts))
-    return networks.project_text(NET, params, emb)
+    te_cfg, te_params = reason1.load(assets["dir"] / "te", "float32")
+    emb = reason1.embed(te_cfg, te_params, reason1.tokenize(assets["dir"] / "te", prompts))
+    return cosmos_dit.project_text(NET, params, emb)
 
 
 def _reference(assets, params, prompts, seed, gt, mask, padding, teacher_steps=None, guidance=4.0):
-    """Latents from the samplers of sampling.py, every call through denoiser.denoise (docs/algorithm.md §3, §7); a
+    """Latents from the samplers of sampling.py, every call through video2world.denoise (docs/algorithm.md §3, §7); a
     guidance-conditioned student (§15) gets `guidance` as its input."""
     context = _context(assets, prompts, params)
-    uncond = networks.project_text(NET, params, jnp.zeros((len(prompts), 512, 96)))
+    uncond = cosmos_dit.project_text(NET, params, jnp.zeros((len(prompts), 512, 96)))
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
     eps = jnp.stack([generate.initial_noise(seed, i, gt.shape[1:]) for i in range(len(prompts))])
     return _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps)
@@ -101,11 +106,11 @@ def _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, ep
     b = eps.shape[0]
     gt, mask = jnp.broadcast_to(gt, (b, *gt.shape[1:])), jnp.broadcast_to(mask, (b, *mask.shape[1:]))
 
-    conditioned = teacher_steps is None and networks.GUIDANCE_EMBEDDER in net
+    conditioned = teacher_steps is None and cosmos_dit.GUIDANCE_EMBEDDER in net
     guidance_b = jnp.full((b,), guidance) if conditioned else None
 
     def x0_fn(ctx):
-        return lambda x, tau: denoiser.denoise(
+        return lambda x, tau: video2world.denoise(
             NET, net, x, tau, ctx, gt, mask, padding_mask_b1hw=padding, guidance_b=guidance_b
         )
 
@@ -130,7 +135,7 @@ def _no_cond():
 def _encoded(assets, frames):
     """(gt, mask, padding, pixels) of conditioning frames, prepared here as docs/algorithm.md §12 says."""
     pixels, padding = video.resize_and_pad(frames, SIZE)
-    latents = np.asarray(vae.encode(VAE_CFG, assets["vae_params"], pixels[None]))
+    latents = np.asarray(wan_vae.encode(VAE_CFG, assets["vae_params"], pixels[None]))
     gt, mask, _ = _no_cond()
     n = latents.shape[2]
     gt[:, :, :n], mask[:, :, :n] = latents, 1.0
@@ -165,8 +170,8 @@ def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, t
         got, _reference(assets, assets["student"], ["a red car"], 0, gt, mask, padding)[0], atol=2e-4, rtol=2e-4
     )
     # The decoder is causal: decoding the input latent alone or followed by zeros gives the same first frame.
-    decoded_in = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :1]
-    decoded_out = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], got[None]))
+    decoded_in = np.asarray(wan_vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :1]
+    decoded_out = np.asarray(wan_vae.decode(VAE_CFG, assets["vae_params"], got[None]))
     np.testing.assert_allclose(decoded_out[:, :, :1], decoded_in, atol=1e-5)
     frames, _ = video.read_video(tmp_path / report["videos"][0]["file"])
     assert frames.shape == (FRAMES, SIZE[1], SIZE[0], 3)
@@ -181,8 +186,8 @@ def test_video_conditioning_keeps_two_latent_frames(assets, tmp_path):
     gt, _, _, latents = _encoded(assets, clip[-5:])  # the last 1 + 4 frames are 2 latent frames
     got = _latents(tmp_path, report, 0)
     np.testing.assert_array_equal(got[:, :2], latents[0])
-    decoded_in = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :5]
-    decoded_out = np.asarray(vae.decode(VAE_CFG, assets["vae_params"], got[None]))
+    decoded_in = np.asarray(wan_vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :5]
+    decoded_out = np.asarray(wan_vae.decode(VAE_CFG, assets["vae_params"], got[None]))
     np.testing.assert_allclose(decoded_out[:, :, :5], decoded_in, atol=1e-5)
     frames, _ = video.read_video(tmp_path / report["videos"][0]["file"])
     assert frames.shape == (FRAMES, SIZE[1], SIZE[0], 3)
@@ -221,7 +226,7 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
         calls.append((workdir, which))
         return config, dataclasses.replace(NET, **net_overrides), dict(assets["student"])
 
-    monkeypatch.setattr(run, "load_student", load_student)
+    monkeypatch.setattr(restore, "load_student", load_student)
     report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))
     student = _run(assets, tmp_path / "s", "--prompt", "a red car", "--steps", "2")
     assert calls == [("RUN", "ema")] and report["nfe"] == 2  # only the EMA is restored
@@ -266,7 +271,7 @@ def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
         "--student",
         str(d / "student.pt"),
         "--vae",
-        str(d / "vae.pth"),
+        str(d / "wan_vae.pth"),
         "--text-encoder",
         str(d / "te"),
         "--prompt",

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from configs import predict25_4step
-from trigflow_distill import dmd2, losses, networks, optim, rcm, run
-from trigflow_distill.networks import state_dict as sdm
+from trigflow_distill.core import losses, optim
+from trigflow_distill.methods import dmd2, rcm, train_state
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import names as sdm
+from trigflow_distill.training import builder, run_config
 
-NET = networks.get_preset("tiny", crossattn_proj_in_channels=None)
+NET = cosmos_dit.get_preset("tiny", crossattn_proj_in_channels=None)
 B, T, H, W, L = 2, 2, 4, 4, 5
 
 
@@ -25,40 +28,40 @@ def _inputs(key):
 
 
 def test_at_init_the_conditioned_net_is_the_teacher_for_every_scale():
-    teacher = networks.init_params(NET, jax.random.key(0))
-    student = networks.add_guidance_embedder(teacher)
+    teacher = cosmos_dit.init_params(NET, jax.random.key(0))
+    student = cosmos_dit.add_guidance_embedder(teacher)
     x, t, context = _inputs(jax.random.key(1))
-    want = networks.velocity(NET, teacher, x, t, context)
+    want = cosmos_dit.velocity(NET, teacher, x, t, context)
     for s in (1.0, 2.5, 4.0, 6.0, jnp.array([1.0, 6.0])):
-        np.testing.assert_array_equal(networks.velocity(NET, student, x, t, context, guidance_b=s), want)
+        np.testing.assert_array_equal(cosmos_dit.velocity(NET, student, x, t, context, guidance_b=s), want)
 
 
 def test_the_scale_reaches_the_network_and_trains_the_projection():
-    teacher = networks.init_params(NET, jax.random.key(0))
-    student = networks.add_guidance_embedder(teacher)
+    teacher = cosmos_dit.init_params(NET, jax.random.key(0))
+    student = cosmos_dit.add_guidance_embedder(teacher)
     x, t, context = _inputs(jax.random.key(1))
 
     def loss(p, s):
-        return jnp.mean(networks.velocity(NET, p, x, t, context, guidance_b=s) ** 2)
+        return jnp.mean(cosmos_dit.velocity(NET, p, x, t, context, guidance_b=s) ** 2)
 
-    grad = jax.grad(loss)(student, jnp.array([2.0, 5.0]))[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"]
+    grad = jax.grad(loss)(student, jnp.array([2.0, 5.0]))[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"]
     assert float(jnp.abs(grad).max()) > 0  # the zero projection gets a gradient at init
-    moved = {**student, networks.GUIDANCE_EMBEDDER: {"linear": {"kernel": -grad / jnp.abs(grad).max()}}}
-    out = {s: networks.velocity(NET, moved, x, t, context, guidance_b=s) for s in (2.0, 6.0)}
+    moved = {**student, cosmos_dit.GUIDANCE_EMBEDDER: {"linear": {"kernel": -grad / jnp.abs(grad).max()}}}
+    out = {s: cosmos_dit.velocity(NET, moved, x, t, context, guidance_b=s) for s in (2.0, 6.0)}
     assert float(jnp.abs(out[2.0] - out[6.0]).mean()) > 1e-3
     # per-sample scales: sample i sees only its own
-    both = networks.velocity(NET, moved, x, t, context, guidance_b=jnp.array([2.0, 6.0]))
+    both = cosmos_dit.velocity(NET, moved, x, t, context, guidance_b=jnp.array([2.0, 6.0]))
     np.testing.assert_allclose(both[0], out[2.0][0], atol=1e-6)
     np.testing.assert_allclose(both[1], out[6.0][1], atol=1e-6)
 
 
 def test_missing_or_unexpected_scale_is_an_error():
-    teacher = networks.init_params(NET, jax.random.key(0))
+    teacher = cosmos_dit.init_params(NET, jax.random.key(0))
     x, t, context = _inputs(jax.random.key(1))
     with pytest.raises(ValueError, match="guidance-conditioned student.*pass guidance_b"):
-        networks.velocity(NET, networks.add_guidance_embedder(teacher), x, t, context)
+        cosmos_dit.velocity(NET, cosmos_dit.add_guidance_embedder(teacher), x, t, context)
     with pytest.raises(ValueError, match="no guidance embedder"):
-        networks.velocity(NET, teacher, x, t, context, guidance_b=4.0)
+        cosmos_dit.velocity(NET, teacher, x, t, context, guidance_b=4.0)
 
 
 def _algo(guidance_range=(1.0, 6.0)):
@@ -74,16 +77,16 @@ def _batch(key):
 
 
 def _state(guidance_conditioned=True, lr=1e-3):
-    teacher = dmd2.split_teacher(networks.init_params(NET, jax.random.key(0)))
+    teacher = builder.split_teacher(cosmos_dit.init_params(NET, jax.random.key(0)))
     tx = optim.make_optimizer(lr)
-    return teacher, tx, dmd2.init_state(teacher, tx, tx, seed=0, guidance_conditioned=guidance_conditioned)
+    return teacher, tx, train_state.init_state(teacher, tx, tx, seed=0, guidance_conditioned=guidance_conditioned)
 
 
 def test_init_state_student_samples_equal_the_fixed_student_for_every_scale():
     teacher, _, state = _state()
     _, _, fixed = _state(guidance_conditioned=False)
     for name in ("student", "student_ema", "critic"):
-        kernel = getattr(state, name)[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"]
+        kernel = getattr(state, name)[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"]
         assert kernel.shape == (NET.model_channels,) * 2 and not np.any(kernel)
     batch, key = _batch(jax.random.key(2)), jax.random.key(3)
     want = dmd2.student_samples(_algo(None), fixed.student, teacher, batch, key)
@@ -116,11 +119,11 @@ def test_updates_train_the_guidance_projection_of_student_and_critic():
     algo = _algo()
     critic_fn, student_fn = dmd2.make_update_fns(algo, tx, tx, optim.EMA_GAMMA)
     state, _ = critic_fn(state, teacher, _batch(jax.random.key(6)))
-    assert np.any(state.critic[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"])
-    assert not np.any(state.student[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"])
+    assert np.any(state.critic[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"])
+    assert not np.any(state.student[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"])
     state, metrics = student_fn(state, teacher, _batch(jax.random.key(7)))
     assert np.isfinite(float(metrics["student/loss"])) and int(state.student_updates) == 1
-    assert np.any(state.student[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"])
+    assert np.any(state.student[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"])
     # after training, the student's samples depend on the scale
     batch, key = _batch(jax.random.key(8)), jax.random.key(9)
     a, b = (dmd2.student_samples(algo, state.student, teacher, batch, key, guidance=s) for s in (1.0, 6.0))
@@ -138,21 +141,21 @@ def test_config_switch_and_its_errors():
     algo = rcm.algo_from_config(_config(guidance_conditioned=True), NET)
     assert algo.guidance_range == (1.0, 6.0)
     assert rcm.algo_from_config(_config(), NET).guidance_range is None
-    run.validate_config(_config(guidance_conditioned=True))
+    run_config.validate_config(_config(guidance_conditioned=True))
     for bad in ((1.0,), (6.0, 1.0), (0.0, 4.0), (1.0, float("nan"))):
         with pytest.raises(ValueError, match="distill.guidance_range"):
-            run.validate_config(_config(guidance_conditioned=True, guidance_range=bad))
+            run_config.validate_config(_config(guidance_conditioned=True, guidance_range=bad))
     with pytest.raises(ValueError, match="guidance_conditioned=True is for distill.method='dmd2'"):
         rcm.algo_from_config(_config(guidance_conditioned=True, method="rcm"), NET)
 
 
 def test_export_keeps_the_guidance_weight_under_its_documented_name(tmp_path):
-    from trigflow_distill import convert
+    from trigflow_distill.models.cosmos_dit import convert
 
-    net = dataclasses.replace(networks.get_preset("tiny"), guidance_embedder=True)
-    params = jax.tree.map(np.asarray, networks.init_params(net, jax.random.key(0)))
+    net = dataclasses.replace(cosmos_dit.get_preset("tiny"), guidance_embedder=True)
+    params = jax.tree.map(np.asarray, cosmos_dit.init_params(net, jax.random.key(0)))
     kernel = np.asarray(jax.random.normal(jax.random.key(1), (net.model_channels,) * 2), np.float32)
-    params[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"] = kernel
+    params[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"] = kernel
     sd = sdm.state_dict_from_params(params, net)
     assert sdm.GUIDANCE_WEIGHT == "guidance_embedder.linear.weight"
     np.testing.assert_array_equal(sd[sdm.GUIDANCE_WEIGHT], kernel.T)  # torch layout (out, in)
@@ -160,31 +163,35 @@ def test_export_keeps_the_guidance_weight_under_its_documented_name(tmp_path):
     convert.export_torch(params, net, tmp_path / "student.pt", dtype=np.float32)
     config, loaded = convert.load_torch_checkpoint(str(tmp_path / "student.pt"))
     assert config.guidance_embedder
-    np.testing.assert_array_equal(loaded[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"], kernel)
+    np.testing.assert_array_equal(loaded[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"], kernel)
     with pytest.raises(ValueError, match="no guidance input: export it in the native format"):
         convert.export_diffusers(params, net, tmp_path / "diffusers")
     # a fixed-guidance net has no such key, as before
-    assert sdm.GUIDANCE_WEIGHT not in sdm.native_shapes(networks.get_preset("tiny"))
+    assert sdm.GUIDANCE_WEIGHT not in sdm.native_shapes(cosmos_dit.get_preset("tiny"))
 
 
 def test_a_conditioned_runs_export_keeps_the_guidance_weight(tmp_path):
     """Workdir (a conditioned TrainState checkpoint) -> export.export_student -> .pt: the EMA's guidance projection
     is written under its documented name and read back by convert with a conditioned architecture."""
-    from trigflow_distill import checkpoint, convert, export
+    from trigflow_distill.inference import export
+    from trigflow_distill.models.cosmos_dit import convert
+    from trigflow_distill.training import checkpoint
 
-    net = networks.get_preset("tiny")
+    net = cosmos_dit.get_preset("tiny")
     teacher_pt = tmp_path / "teacher.pt"
-    convert.export_torch(networks.init_params(net, jax.random.key(0)), net, teacher_pt, dtype=np.float32)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.key(0)), net, teacher_pt, dtype=np.float32)
     config = _config(guidance_conditioned=True)
     config.teacher.path = str(teacher_pt)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    _, teacher = run.load_teacher(config, str(workdir))
-    student_tx, critic_tx = dmd2.make_optimizers(config)
-    state = jax.jit(lambda t: dmd2.init_state(t, student_tx, critic_tx, seed=0, guidance_conditioned=True))(teacher)
+    _, teacher = builder.load_teacher(config, str(workdir))
+    student_tx, critic_tx = train_state.make_optimizers(config)
+    state = jax.jit(lambda t: train_state.init_state(t, student_tx, critic_tx, seed=0, guidance_conditioned=True))(
+        teacher
+    )
     kernel = np.asarray(jax.random.normal(jax.random.key(1), (net.model_channels,) * 2), np.float32)
-    ema = {**state.student_ema, networks.GUIDANCE_EMBEDDER: {"linear": {"kernel": jnp.asarray(kernel)}}}
+    ema = {**state.student_ema, cosmos_dit.GUIDANCE_EMBEDDER: {"linear": {"kernel": jnp.asarray(kernel)}}}
     manager = checkpoint.make_manager(str(workdir), save_interval_steps=1)
     checkpoint.save(manager, 1, state.replace(student_ema=ema))
     checkpoint.wait_until_finished(manager)
@@ -192,5 +199,5 @@ def test_a_conditioned_runs_export_keeps_the_guidance_weight(tmp_path):
     export.export_student(str(workdir), str(tmp_path / "student.pt"))
     loaded_config, loaded = convert.load_torch_checkpoint(str(tmp_path / "student.pt"))
     assert loaded_config.guidance_embedder
-    got = np.asarray(loaded[networks.GUIDANCE_EMBEDDER]["linear"]["kernel"], np.float32)
+    got = np.asarray(loaded[cosmos_dit.GUIDANCE_EMBEDDER]["linear"]["kernel"], np.float32)
     np.testing.assert_allclose(got, kernel, rtol=1e-2, atol=1e-2)  # bf16 export

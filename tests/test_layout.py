@@ -28,11 +28,11 @@ def _loaded_after_import(module: str) -> list[str]:
 
 
 def test_dmd2_imports_no_system_packages_and_no_toy():
-    assert _loaded_after_import("trigflow_distill.dmd2") == []
+    assert _loaded_after_import("trigflow_distill.methods.dmd2") == []
 
 
 def test_trainer_does_not_import_the_toy_world():
-    assert "trigflow_distill.toy" not in _loaded_after_import("trigflow_distill.train")
+    assert "trigflow_distill.toy" not in _loaded_after_import("trigflow_distill.training.loop")
 
 
 def _edits_sys_path(source: str) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from trigflow_distill import losses
+from trigflow_distill.core import losses
 
 SHAPE = (4, 3, 2, 5)  # (B, C, T, H) stands in for (B, C, T, H, W)
 

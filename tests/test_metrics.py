@@ -16,7 +16,8 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from tests import remote_fs
-from trigflow_distill import data_kinds, metrics
+from trigflow_distill import data_kinds
+from trigflow_distill.training import metrics
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 

@@ -18,7 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill import convert, networks, teacher_cache
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert, teacher_cache
 
 pytestmark = pytest.mark.slow  # multi-process main.py runs
 
@@ -33,8 +34,8 @@ RUN_TIMEOUT_S = 600
 def shared(tmp_path_factory):
     """Folder with a random tiny teacher, its converted cache (read by every run) and a JAX compile cache."""
     root = tmp_path_factory.mktemp("multihost")
-    net = networks.get_preset("tiny", num_blocks=1)
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, root / "teacher.pt")
+    net = cosmos_dit.get_preset("tiny", num_blocks=1)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, root / "teacher.pt")
     teacher_cache.load_teacher(root / "teacher.pt", root / "teacher_cache")
     return root
 

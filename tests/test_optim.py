@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import optim
+from trigflow_distill.core import optim
 
 
 def test_ema_gamma_is_largest_root_of_the_cubic():

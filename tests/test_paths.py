@@ -16,7 +16,11 @@ from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from tests import remote_fs
 from tests.test_metrics import summaries
-from trigflow_distill import checkpoint, convert, data, data_kinds, export, networks, run, train
+from trigflow_distill import data, data_kinds
+from trigflow_distill.inference import export
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import checkpoint, loop, restore
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -36,10 +40,10 @@ def _no_local_url_folders(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
-    net = networks.get_preset("tiny", num_blocks=2)
+    net = cosmos_dit.get_preset("tiny", num_blocks=2)
     teacher_pt = tmp_path / "teacher" / "teacher.pt"
     teacher_pt.parent.mkdir()
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(0)), net, teacher_pt)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(0)), net, teacher_pt)
     remote_fs.redirect_checkpoints(gcs, monkeypatch)
 
     config = predict25_4step.get_config("tiny")
@@ -49,7 +53,7 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
     config.log_every = config.checkpoint_every = config.sample_every = 1
     config.eval.at_end = False
     source, write_samples = data_kinds.get(config).open(config)
-    train.train(config, "gs://bucket/run", source, write_samples)
+    loop.train(config, "gs://bucket/run", source, write_samples)
 
     rundir = gcs / "bucket" / "run"
     assert json.loads((rundir / "config.json").read_text())["teacher"]["path"] == str(teacher_pt)
@@ -64,7 +68,7 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
     assert export.main(["--workdir=gs://bucket/run", "--out=gs://bucket/student.pt"]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert export.main(["--workdir=gs://bucket/run", "--out=gs://bucket/student.pt", "--overwrite"]) == 0
-    _, _, ema = run.load_student("gs://bucket/run")
+    _, _, ema = restore.load_student("gs://bucket/run")
     exported_config, exported = convert.load_torch_checkpoint(gcs / "bucket" / "student.pt")
     assert exported_config == net and set(exported) == set(ema)
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema)):

@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import clips, convert, data, encoders, networks, prepare, text_encoder, torchfile, vae, video
-from trigflow_distill.networks import wan_vae
+from trigflow_distill import data
+from trigflow_distill.common import video
+from trigflow_distill.models import cosmos_dit, reason1, torchfile, wan_vae
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.prepare import clips, encoders, job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 5
@@ -52,16 +55,16 @@ def sources(tmp_path_factory):
     captions = root / "captions.jsonl"
     captions.write_text("".join(json.dumps({"video": k, "caption": v}) + "\n" for k, v in CAPTIONS.items()))
 
-    vae_path = root / "vae.pth"
+    vae_path = root / "wan_vae.pth"
     torchfile.save(vae_path, wan_vae.to_torch(wan_vae.init_params(VAE_CFG, jax.random.key(0)), VAE_CFG))
     words = sorted({w for c in (*CAPTIONS.values(), SIDECAR[1]) for w in c.split()})
     text_path = root / "text_encoder"
-    text_cfg = text_encoder.write_tiny(text_path, hidden_size=48, words=words)
+    text_cfg = reason1.write_tiny(text_path, hidden_size=48, words=words)
     # the tiny DiT's projection: 2 layers x 48 = 96 in, 64 out (distinct widths: the trainer tells them apart)
-    net = networks.get_preset("tiny", num_blocks=1)
+    net = cosmos_dit.get_preset("tiny", num_blocks=1)
     assert net.crossattn_proj_in_channels == text_cfg.num_layers * text_cfg.hidden_size
     teacher_path = root / "teacher.pt"
-    teacher = networks.init_params(net, jax.random.key(1))
+    teacher = cosmos_dit.init_params(net, jax.random.key(1))
     convert.export_torch(teacher, net, teacher_path, dtype=np.float32)
     return dict(
         root=root,
@@ -111,7 +114,7 @@ def _args(s, out, *extra):
 @pytest.fixture(scope="module")
 def dataset(sources):
     out = sources["root"] / "dataset"
-    assert prepare.main(_args(sources, out)) == 0
+    assert job.main(_args(sources, out)) == 0
     return out
 
 
@@ -156,13 +159,13 @@ def test_records_match_an_independent_recomputation(sources, dataset):
     rec, info = next(r for r in rows if r[1]["source"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
     frames, _ = video.read_video(info["source"])
     pixels, mask = video.resize_and_pad(frames[4 : 4 + FRAMES], (256, 256))
-    cfg, params = vae.load(sources["vae"])
-    np.testing.assert_allclose(rec["latents"], np.asarray(vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
+    cfg, params = wan_vae.load(sources["vae"])
+    np.testing.assert_allclose(rec["latents"], np.asarray(wan_vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
     np.testing.assert_array_equal(rec["padding_mask"], mask)
     assert 0 < mask.mean() < 1  # 44x48 in a square bucket: padded on the left and right
-    tcfg, tparams = text_encoder.load(sources["text"], "float32")
-    raw = text_encoder.embed(tcfg, tparams, text_encoder.tokenize(sources["text"], [SIDECAR[1]]))
-    want = networks.project_text(sources["net"], sources["teacher_params"], raw)[0]
+    tcfg, tparams = reason1.load(sources["text"], "float32")
+    raw = reason1.embed(tcfg, tparams, reason1.tokenize(sources["text"], [SIDECAR[1]]))
+    want = cosmos_dit.project_text(sources["net"], sources["teacher_params"], raw)[0]
     want_bf16 = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
     assert np.abs(rec["text"] - want_bf16).max() <= 2**-8 * np.abs(want_bf16).max()  # one bfloat16 rounding
 
@@ -172,27 +175,27 @@ def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (dataset / "unit-00001").iterdir()}
     marker.unlink()  # as if the run died in unit 0: only unit 0 is redone
     (dataset / "meta.json").unlink()
-    assert prepare.main(_args(sources, dataset)) == 0
+    assert job.main(_args(sources, dataset)) == 0
     assert marker.exists() and len(data.NpyDirSource(str(dataset))) == 8
     assert before == {p.name: p.stat().st_mtime_ns for p in (dataset / "unit-00001").iterdir()}
-    assert prepare.main(_args(sources, dataset, "--clips-per-video", "1")) == 1
+    assert job.main(_args(sources, dataset, "--clips-per-video", "1")) == 1
     assert "clips_per_video" in capsys.readouterr().err
     other = sources["root"] / "not_a_dataset"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert prepare.main(_args(sources, other)) == 1
+    assert job.main(_args(sources, other)) == 1
     assert "not empty" in capsys.readouterr().err
 
 
 def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
-    assert prepare.main(_args(sources, tmp_path / "a", "--frames", "6")) == 1
+    assert job.main(_args(sources, tmp_path / "a", "--frames", "6")) == 1
     assert "1 + 4k" in capsys.readouterr().err
     wrong = tmp_path / "wrong_teacher.pt"
-    net = networks.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=64)  # the encoder gives 96
-    convert.export_torch(networks.init_params(net, jax.random.key(0)), net, wrong, dtype=np.float32)
+    net = cosmos_dit.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=64)  # the encoder gives 96
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.key(0)), net, wrong, dtype=np.float32)
     args = _args(sources, tmp_path / "b")
     args[args.index("--teacher") + 1] = str(wrong)
-    assert prepare.main(args) == 1
+    assert job.main(args) == 1
     err = capsys.readouterr().err
     assert "crossattn_proj takes 64 channels" in err and "2 layers x 48 = 96" in err
 
@@ -236,7 +239,7 @@ def test_batches_are_split_over_the_devices(sources):
     np.testing.assert_array_equal(c8.view(np.uint16), c1.view(np.uint16))
     # --keep-raw-text: the raw embedding is the one the context was projected from
     assert no_raw is None and raw.shape == (2, 512, 96) and raw.dtype == np.float32
-    want = networks.project_text(sources["net"], sources["teacher_params"], raw)
+    want = cosmos_dit.project_text(sources["net"], sources["teacher_params"], raw)
     np.testing.assert_array_equal(c1.view(np.uint16), np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
 
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import denoiser, networks, toy
+from trigflow_distill import toy
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit
 from trigflow_distill.toy import evaluate, pretrain
 
 METRICS = {
@@ -30,7 +32,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def mini_config(world):
-    return networks.get_preset(
+    return cosmos_dit.get_preset(
         "tiny",
         model_channels=32,
         num_blocks=1,
@@ -44,7 +46,7 @@ def mini_config(world):
 
 def test_velocity_loss_matches_direct_velocity(world, mini_config):
     """Through the denoiser the loss is the plain RF velocity MSE, on the non-conditional frames only."""
-    params = networks.init_params(mini_config, jax.random.PRNGKey(1))
+    params = cosmos_dit.init_params(mini_config, jax.random.PRNGKey(1))
     data = toy.sample_videos(world, 3, 4)
     x0 = jnp.asarray(data["latents"])
     num_cond = jnp.array([0, 1, 2, 0], jnp.int32)
@@ -58,11 +60,11 @@ def test_velocity_loss_matches_direct_velocity(world, mini_config):
     @jax.jit
     def direct(params):
         t = t_b[:, None, None, None, None]
-        mask = denoiser.cond_mask(num_cond, x0.shape)
+        mask = video2world.cond_mask(num_cond, x0.shape)
         net_in = mask * x0 + (1 - mask) * ((1 - t) * x0 + t * eps)
         t_cond = 1e-4 / (1 + 1e-4)
         t_frames = jnp.where(mask[:, 0, :, 0, 0] > 0.5, t_cond, t_b[:, None])
-        v = networks.velocity(mini_config, params, net_in, t_frames, data["text"], cond_mask_b1thw=mask)
+        v = cosmos_dit.velocity(mini_config, params, net_in, t_frames, data["text"], cond_mask_b1thw=mask)
         err = (1 - mask) * jnp.square(v - (eps - x0))
         return jnp.sum(err) / jnp.sum(jnp.broadcast_to(1 - mask, x0.shape))
 
@@ -76,12 +78,12 @@ def test_pretraining_lowers_the_loss(world, mini_config):
     )
     assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15])
-    assert jax.tree.structure(ema) == jax.tree.structure(networks.init_params(mini_config, jax.random.PRNGKey(0)))
+    assert jax.tree.structure(ema) == jax.tree.structure(cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0)))
 
 
 @pytest.mark.slow
 def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
-    teacher = networks.init_params(mini_config, jax.random.PRNGKey(0))
+    teacher = cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0))
     student = {k: v for k, v in teacher.items() if k != "crossattn_proj"}  # as the trainer keeps it
     out = tmp_path / "eval"
     n = 32
@@ -160,7 +162,7 @@ def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
 
 
 def test_evaluate_rejects_bad_inputs(world, mini_config, tmp_path):
-    teacher = networks.init_params(mini_config, jax.random.PRNGKey(0))
+    teacher = cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="unknown keys"):
         evaluate.evaluate(world, mini_config, teacher, {"critic": teacher}, str(tmp_path), num_samples=4)
     no_proj = {k: v for k, v in teacher.items() if k != "crossattn_proj"}

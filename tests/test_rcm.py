@@ -11,24 +11,27 @@ import numpy as np
 import pytest
 
 from tests import test_analytic_distill as world
-from trigflow_distill import denoiser, dmd2, networks, optim, rcm, trigflow
+from trigflow_distill.core import optim, trigflow
+from trigflow_distill.methods import dmd2, rcm, train_state, video2world
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.training import builder
 
 import predict25_4step
 
-NET = networks.get_preset("tiny", num_blocks=1)
+NET = cosmos_dit.get_preset("tiny", num_blocks=1)
 SHAPE = (2, 16, 2, 4, 4)  # (B, C, T, H, W)
 
 
 def _tiny_world(attention="einsum"):
     """(net_config, params without projection, x_tau, tau_b, context, gt, mask) of a 1-block tiny DiT, fp32."""
     net = dataclasses.replace(NET, attention=attention)
-    params = networks.init_params(net, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(net, jax.random.PRNGKey(0))
     params.pop("crossattn_proj")
     k = jax.random.split(jax.random.PRNGKey(1), 3)
     x = jax.random.normal(k[0], SHAPE)
     ctx = jax.random.normal(k[1], (2, 5, net.crossattn_emb_channels))
     gt = jax.random.normal(k[2], SHAPE)
-    mask = denoiser.cond_mask(jnp.array([0, 1]), SHAPE)  # sample 1 has a conditional frame
+    mask = video2world.cond_mask(jnp.array([0, 1]), SHAPE)  # sample 1 has a conditional frame
     return net, params, x, jnp.array([0.7, 1.2]), ctx, gt, mask
 
 
@@ -36,7 +39,7 @@ def _velocity_fn(net, params, ctx, gt, mask):
     """F(x_tau, tau_b): the TrigFlow velocity of the tiny DiT through the Video2World denoiser."""
 
     def f(x, tau_b):
-        x0 = denoiser.denoise(net, params, x, tau_b, ctx, gt, mask)
+        x0 = video2world.denoise(net, params, x, tau_b, ctx, gt, mask)
         return rcm.f_from_x0(x, x0, trigflow.expand_tau(tau_b, x.ndim))
 
     return f
@@ -58,7 +61,7 @@ def test_dit_jvp_equals_central_finite_difference():
     h = 1e-2
     fd = (f(x + h * v_x, tau_b + h * v_tau) - f(x - h * v_x, tau_b - h * v_tau)) / (2 * h)
     assert _rel(jvp, fd) < 1e-3, _rel(jvp, fd)
-    x0_fn = lambda x, t: denoiser.denoise(net, params, x, t, ctx, gt, mask)  # noqa: E731
+    x0_fn = lambda x, t: video2world.denoise(net, params, x, t, ctx, gt, mask)  # noqa: E731
     _, dx0 = jax.jvp(x0_fn, (x, tau_b), (v_x, v_tau))
     np.testing.assert_array_equal(dx0[1, :, 0], 0.0)  # the conditional frame is ground truth: no tangent
 
@@ -96,7 +99,7 @@ def test_blockwise_net_gets_forward_mode_attention_for_the_tangent(jvp_attention
     f_teacher = jax.random.normal(jax.random.PRNGKey(4), SHAPE)
 
     def tangent(net):
-        x0_fn = lambda p, x, t: denoiser.denoise(net, p, x, t, ctx, gt, mask)  # noqa: E731
+        x0_fn = lambda p, x, t: video2world.denoise(net, p, x, t, ctx, gt, mask)  # noqa: E731
         return rcm.student_f_and_tangent(x0_fn, params, x, tau_b, f_teacher)
 
     (f1, df1), (f2, df2) = tangent(algo.net_config), tangent(dataclasses.replace(NET, attention="einsum"))
@@ -197,7 +200,7 @@ def _tiny_training():
     algo = gmm_algo(tangent_warmup=2)
     tx = optim.make_optimizer(1e-3, warmup=2)
     teacher = {"net": world.mlp_init(jax.random.PRNGKey(0)), "text_proj": None}
-    state = dmd2.init_state(teacher, tx, tx, seed=0)
+    state = train_state.init_state(teacher, tx, tx, seed=0)
     critic = jax.jit(functools.partial(dmd2.critic_update, algo, tx))
     student = jax.jit(functools.partial(rcm.rcm_student_update, algo, tx, optim.EMA_GAMMA))
     return critic, student, teacher, gmm_batch(jax.random.PRNGKey(1), 64), state
@@ -254,7 +257,7 @@ def train_rcm(key, rounds=world.ROUNDS):
     opt_s, opt_c = optim.make_optimizer(world.STUDENT_LR), optim.make_optimizer(world.CRITIC_LR)
     k_init, key = jax.random.split(key)
     teacher = {"net": world.mlp_init(k_init), "text_proj": None}
-    state = dmd2.init_state(teacher, opt_s, opt_c, seed=0)
+    state = train_state.init_state(teacher, opt_s, opt_c, seed=0)
     critic_step = functools.partial(dmd2.critic_update, algo, opt_c)
     student_step = functools.partial(rcm.rcm_student_update, algo, opt_s, optim.EMA_GAMMA)
 
@@ -320,11 +323,11 @@ def test_method_from_config():
 def test_rcm_update_on_the_tiny_dit_with_blockwise_attention():
     """Two rCM student steps in Video2World (conditional frames, raw text) on a "blockwise" tiny DiT: the JVP pass
     runs on forward-mode attention, the first step is sCM only, the second adds DMD2; both finite and applied."""
-    net = networks.get_preset("tiny", num_blocks=1, attention="blockwise")
-    teacher = dmd2.split_teacher(networks.init_params(net, jax.random.PRNGKey(0)))
+    net = cosmos_dit.get_preset("tiny", num_blocks=1, attention="blockwise")
+    teacher = builder.split_teacher(cosmos_dit.init_params(net, jax.random.PRNGKey(0)))
     algo = rcm.RcmAlgo(net_config=net, tangent_warmup=0, sim_steps=2)
     tx = optim.make_optimizer(1e-3, warmup=2)
-    state = dmd2.init_state(teacher, tx, tx, seed=0)
+    state = train_state.init_state(teacher, tx, tx, seed=0)
     k = jax.random.split(jax.random.PRNGKey(1), 2)
     batch = {
         "latents": jax.random.normal(k[0], SHAPE),

@@ -12,7 +12,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill import checkpoint, convert, dmd2, networks, run, sharding
+from trigflow_distill.common import sharding
+from trigflow_distill.methods import train_state
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import builder, checkpoint, restore
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -30,14 +34,14 @@ def _tree_equal(a, b):
 def workdir(tmp_path_factory):
     """A run folder as the trainer leaves it: config.json, a teacher cache and a TrainState checkpoint at step 4
     whose student, EMA and critic all differ (a restore of the wrong subtree cannot pass)."""
-    net = networks.get_preset("tiny", num_blocks=2)
+    net = cosmos_dit.get_preset("tiny", num_blocks=2)
     teacher_pt = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(0)), net, teacher_pt)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(0)), net, teacher_pt)
     config = predict25_4step.get_config("tiny")
     config.teacher.path = str(teacher_pt)
     workdir = tmp_path_factory.mktemp("run")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    _, teacher = run.load_teacher(config, str(workdir))
+    _, teacher = builder.load_teacher(config, str(workdir))
     rng = np.random.default_rng(1)
 
     def copy():
@@ -46,9 +50,9 @@ def workdir(tmp_path_factory):
     def zeros_like_opt_state(tx, params):
         return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
 
-    student_tx, critic_tx = dmd2.make_optimizers(config)
+    student_tx, critic_tx = train_state.make_optimizers(config)
     student, critic = copy(), copy()
-    state = dmd2.TrainState(
+    state = train_state.TrainState(
         step=np.int32(4),
         key=np.zeros(2, np.uint32),
         student=student,
@@ -68,7 +72,7 @@ def workdir(tmp_path_factory):
 
 def test_ema_only_equals_ema_of_full_restore(workdir):
     workdir, state, _ = workdir
-    step, restored = run.restore_params(str(workdir))
+    step, restored = restore.restore_params(str(workdir))
     assert step == 4 and list(restored) == ["student_ema"]
     ema = restored["student_ema"]
     assert all(type(x) is np.ndarray and x.dtype == np.float32 for x in jax.tree.leaves(ema))  # host memory
@@ -77,14 +81,14 @@ def test_ema_only_equals_ema_of_full_restore(workdir):
     _tree_equal(ema, state.student_ema)
     assert not np.array_equal(jax.tree.leaves(ema)[0], jax.tree.leaves(state.student)[0])  # copies differ
 
-    _, both = run.restore_params(str(workdir), ("student_ema", "student"))
+    _, both = restore.restore_params(str(workdir), ("student_ema", "student"))
     _tree_equal(both["student"], full["student"])
 
 
 def test_sharded_restore(workdir):
     workdir, state, _ = workdir
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "seq": 1})
-    _, restored = run.restore_params(str(workdir), mesh=mesh)
+    _, restored = restore.restore_params(str(workdir), mesh=mesh)
     ema = restored["student_ema"]
     expected = sharding.param_sharding(ema, mesh)
     for x, s in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
@@ -93,7 +97,7 @@ def test_sharded_restore(workdir):
         len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated for x in jax.tree.leaves(ema)
     )  # some leaves really are split over the devices
     _tree_equal(ema, state.student_ema)
-    _, _, params = run.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
+    _, _, params = restore.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
     proj = jax.tree.leaves(params["crossattn_proj"])
     assert all(
         isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == len(jax.devices())
@@ -103,28 +107,28 @@ def test_sharded_restore(workdir):
 
 def test_load_student(workdir):
     workdir, state, teacher = workdir
-    config, net_config, params = run.load_student(str(workdir))
+    config, net_config, params = restore.load_student(str(workdir))
     assert config.teacher.path.endswith("teacher.pt") and net_config.num_blocks == 2
     ema = {k: v for k, v in params.items() if k != "crossattn_proj"}
     _tree_equal(ema, state.student_ema)
     _tree_equal(params["crossattn_proj"], teacher["text_proj"])
     assert np.asarray(jax.tree.leaves(params["crossattn_proj"])[0]).dtype == np.float32
-    _, _, raw = run.load_student(str(workdir), which="raw")
+    _, _, raw = restore.load_student(str(workdir), which="raw")
     _tree_equal({k: v for k, v in raw.items() if k != "crossattn_proj"}, state.student)
     with pytest.raises(ValueError, match="which='best'"):
-        run.load_student(str(workdir), which="best")
+        restore.load_student(str(workdir), which="best")
 
 
 def test_clear_errors(workdir, tmp_path):
     workdir = str(workdir[0])
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        run.load_student(str(tmp_path))
+        restore.load_student(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run.restore_params(str(tmp_path))
+        restore.restore_params(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint of step 3 .* there are \\[4\\]"):
-        run.restore_params(workdir, step=3)
+        restore.restore_params(workdir, step=3)
     with pytest.raises(ValueError, match="has no \\['student_emma'\\]"):
-        run.restore_params(workdir, ("student_emma",))
+        restore.restore_params(workdir, ("student_emma",))
 
 
 # Peak RSS of the restore alone: the high-water mark is reset (Linux: "5" > /proc/self/clear_refs) after the imports
@@ -132,14 +136,14 @@ def test_clear_errors(workdir, tmp_path):
 _RSS_SCRIPT = """
 import json, os, sys
 import jax, numpy as np
-from trigflow_distill import run
+from trigflow_distill.training import restore
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 jax.numpy.zeros(1).block_until_ready()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status("VmRSS")
-restored = run.restore_params(sys.argv[1], sys.argv[2].split(","), group_bytes=int(sys.argv[3]))[1]
+restored = restore.restore_params(sys.argv[1], sys.argv[2].split(","), group_bytes=int(sys.argv[3]))[1]
 peak = status("VmHWM")
 print(json.dumps({"base": base, "peak": peak, "read": sum(x.nbytes for x in jax.tree.leaves(restored))}))
 """

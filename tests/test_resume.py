@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill import convert, networks
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
 
 pytestmark = pytest.mark.slow  # end-to-end main.py runs in subprocesses
 
@@ -23,9 +24,9 @@ STEPS, EVERY = 24, 8
 
 @pytest.fixture(scope="module")
 def teacher_pt(tmp_path_factory):
-    net = networks.get_preset("tiny", num_blocks=1)
+    net = cosmos_dit.get_preset("tiny", num_blocks=1)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(networks.init_params(net, jax.random.PRNGKey(1)), net, path)
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, path)
     return path
 
 
@@ -118,7 +119,7 @@ def test_export_student_loads_in_torch(ref_run, tmp_path):
     torch = pytest.importorskip("torch")
     out = tmp_path / "student.pt"
     subprocess.run(
-        [sys.executable, "-m", "trigflow_distill.export", f"--workdir={ref_dir}", f"--out={out}"],
+        [sys.executable, "-m", "trigflow_distill.inference.export", f"--workdir={ref_dir}", f"--out={out}"],
         env=_env(),
         check=True,
         capture_output=True,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import sampling
-from trigflow_distill.trigflow import tau_to_rf_t
+from trigflow_distill.core import sampling
+from trigflow_distill.core.trigflow import tau_to_rf_t
 
 SCHEDULE_4 = np.array([math.pi / 2, math.atan(15.0), math.atan(5.0), math.atan(5.0 / 3.0)])
 

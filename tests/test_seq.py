@@ -8,9 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import dmd2, networks, optim, sharding
+from trigflow_distill.common import sharding
+from trigflow_distill.core import optim
+from trigflow_distill.methods import dmd2, train_state
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.training import builder
 
-NET = networks.get_preset("tiny", num_blocks=2)
+NET = cosmos_dit.get_preset("tiny", num_blocks=2)
 TEXT_LEN = 5
 
 
@@ -24,7 +28,7 @@ def _inputs(key, b, t, h, w, config=NET):
 
 
 def _velocity(config, mesh, params, x, tau, text, mask):
-    out, feats = networks.velocity(
+    out, feats = cosmos_dit.velocity(
         config, params, x, tau, text, cond_mask_b1thw=mask, return_block_outputs=(0,), mesh=mesh
     )
     return out, feats[0]
@@ -39,7 +43,7 @@ def _velocity(config, mesh, params, x, tau, text, mask):
     ],
 )
 def test_seq_sharded_network_equals_unsharded(mesh_cfg, batch, thw):
-    params = networks.init_params(NET, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(NET, jax.random.PRNGKey(0))
     # non-zero AdaLN outputs so every sub-layer contributes (init_params zeroes the last modulation layers)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), a.shape) if "linear_2" in str(p) else a,
@@ -61,15 +65,15 @@ def test_seq_sharded_network_equals_unsharded(mesh_cfg, batch, thw):
 
 @pytest.mark.slow
 def test_remat_policies_give_the_same_gradient():
-    params = networks.init_params(NET, jax.random.PRNGKey(0))
+    params = cosmos_dit.init_params(NET, jax.random.PRNGKey(0))
     inputs = _inputs(jax.random.PRNGKey(2), 1, 2, 4, 4)
 
     def loss(config, p):
-        return jnp.sum(jnp.square(networks.velocity(config, p, *inputs[:3], cond_mask_b1thw=inputs[3])))
+        return jnp.sum(jnp.square(cosmos_dit.velocity(config, p, *inputs[:3], cond_mask_b1thw=inputs[3])))
 
     ref = jax.jit(jax.grad(functools.partial(loss, NET)))(params)
     for remat in ("full", "dots_saveable", "save_attention_out"):
-        config = networks.get_preset("tiny", num_blocks=2, remat=remat)
+        config = cosmos_dit.get_preset("tiny", num_blocks=2, remat=remat)
         got = jax.jit(jax.grad(functools.partial(loss, config)))(params)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):  # recomputation may reorder fp32 sums
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(b).max())
@@ -77,18 +81,18 @@ def test_remat_policies_give_the_same_gradient():
 
 def test_bad_remat_policy_is_rejected():
     with pytest.raises(ValueError, match="remat 'sometimes' not supported"):
-        networks.get_preset("tiny", remat="sometimes")
-    assert networks.get_preset("tiny", remat=True).remat_policy == "full"
-    assert networks.get_preset("tiny", remat=False).remat_policy == "none"
+        cosmos_dit.get_preset("tiny", remat="sometimes")
+    assert cosmos_dit.get_preset("tiny", remat=True).remat_policy == "full"
+    assert cosmos_dit.get_preset("tiny", remat=False).remat_policy == "none"
 
 
 def _two_updates(mesh, thw, batch_size):
     """A student step then a critic step of the tiny DMD2 trainer on `mesh` (None: one device, no shardings)."""
-    net = networks.get_preset("tiny", num_blocks=1)
-    teacher = dmd2.split_teacher(networks.init_params(net, jax.random.PRNGKey(0)))
+    net = cosmos_dit.get_preset("tiny", num_blocks=1)
+    teacher = builder.split_teacher(cosmos_dit.init_params(net, jax.random.PRNGKey(0)))
     algo = dmd2.Algo(net_config=net, mesh=mesh)
     student_tx, critic_tx = optim.make_optimizer(1e-3, warmup=1), optim.make_optimizer(1e-3, warmup=1)
-    init = functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
+    init = functools.partial(train_state.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0)
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
     batch = {
         "latents": jax.random.normal(k1, (batch_size, 16) + thw, jnp.float32),
@@ -97,7 +101,7 @@ def _two_updates(mesh, thw, batch_size):
     shardings = None
     if mesh is not None:
         teacher_sh = sharding.param_sharding(teacher, mesh, min_size=256)
-        state_sh = dmd2.state_shardings(jax.eval_shape(init, teacher), student_tx, critic_tx, mesh)
+        state_sh = train_state.state_shardings(jax.eval_shape(init, teacher), student_tx, critic_tx, mesh)
         shardings = (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh))
         teacher = sharding.put_global(teacher, teacher_sh)
         batch = sharding.put_global(batch, {k: sharding.batch_sharding(mesh) for k in batch})

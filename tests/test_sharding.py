@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from trigflow_distill import sharding
+from trigflow_distill.common import sharding
 
 
 def test_make_mesh_fill_and_errors():

@@ -1,4 +1,4 @@
-"""sources.resolve: local paths, hf:// files/folders/revisions from a Hub cache built here (offline), remote URLs."""
+"""hub.resolve: local paths, hf:// files/folders/revisions from a Hub cache built here (offline), remote URLs."""
 
 import hashlib
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 from etils import epath
 
-from trigflow_distill import sources, text_encoder, vae
+from trigflow_distill.models import hub, reason1, wan_vae
 
 MAIN = "a" * 40
 V1 = "b" * 40
@@ -24,7 +24,7 @@ def _put(cache, repo, commit, rel, data: bytes):
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
+def hub_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     repo = "owner/model"
     _put(cache, repo, MAIN, "weights/model.pt", b"main weights")
@@ -45,19 +45,19 @@ def _read(path):
         return f.read()
 
 
-def test_hf_file_folder_revision_offline(hub):
-    assert _read(sources.resolve("hf://owner/model/weights/model.pt")) == b"main weights"
-    assert _read(sources.resolve("hf://owner/model/weights/model.pt@v1")) == b"v1 weights"
-    assert _read(sources.resolve("hf://owner/model/weights/model.pt", revision="v1")) == b"v1 weights"
-    assert _read(sources.resolve(f"hf://owner/model/weights/model.pt@{V1}")) == b"v1 weights"
-    vae = sources.resolve("hf://owner/model/vae")
+def test_hf_file_folder_revision_offline(hub_cache):
+    assert _read(hub.resolve("hf://owner/model/weights/model.pt")) == b"main weights"
+    assert _read(hub.resolve("hf://owner/model/weights/model.pt@v1")) == b"v1 weights"
+    assert _read(hub.resolve("hf://owner/model/weights/model.pt", revision="v1")) == b"v1 weights"
+    assert _read(hub.resolve(f"hf://owner/model/weights/model.pt@{V1}")) == b"v1 weights"
+    vae = hub.resolve("hf://owner/model/vae")
     assert sorted(os.listdir(vae)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert vae == str(hub / "models--owner--model" / "snapshots" / MAIN / "vae")
-    repo = sources.resolve("hf://owner/model")
+    assert vae == str(hub_cache / "models--owner--model" / "snapshots" / MAIN / "vae")
+    repo = hub.resolve("hf://owner/model")
     assert sorted(os.listdir(repo)) == ["vae", "weights"]
     # the argument wins over TRIGFLOW_HF_CACHE
     with pytest.raises(FileNotFoundError):
-        sources.resolve("hf://owner/model/weights/model.pt", cache_dir=str(hub.parent / "elsewhere"))
+        hub.resolve("hf://owner/model/weights/model.pt", cache_dir=str(hub_cache.parent / "elsewhere"))
 
 
 @pytest.mark.parametrize(
@@ -69,36 +69,36 @@ def test_hf_file_folder_revision_offline(hub):
         ("hf://owner/model/weights/model.pt@v2", "revision v2"),
     ],
 )
-def test_offline_missing_names_repo_file_revision(hub, src, what):
+def test_offline_missing_names_repo_file_revision(hub_cache, src, what):
     with pytest.raises(FileNotFoundError) as e:
-        sources.resolve(src)
+        hub.resolve(src)
     msg = str(e.value)
-    assert "\n" not in msg and what in msg and "HF_HUB_OFFLINE=1" in msg and str(hub) in msg
+    assert "\n" not in msg and what in msg and "HF_HUB_OFFLINE=1" in msg and str(hub_cache) in msg
 
 
 def test_local_and_remote(tmp_path):
     f = tmp_path / "w.pt"
     f.write_bytes(b"x")
-    assert sources.resolve(str(f)) == str(f)
-    assert sources.resolve(f"file://{f}") == str(f)
+    assert hub.resolve(str(f)) == str(f)
+    assert hub.resolve(f"file://{f}") == str(f)
     with pytest.raises(FileNotFoundError, match="nope.pt: no such file"):
-        sources.resolve(str(tmp_path / "nope.pt"))
-    assert sources.resolve("gs://bucket/teacher.pt") == "gs://bucket/teacher.pt"
+        hub.resolve(str(tmp_path / "nope.pt"))
+    assert hub.resolve("gs://bucket/teacher.pt") == "gs://bucket/teacher.pt"
 
 
 @pytest.mark.parametrize("bad", ["hf://owner", "hf://owner/model@", "hf://"])
 def test_bad_hf_urls(bad):
     with pytest.raises(ValueError, match="hf://OWNER/NAME"):
-        sources.parse_hf(bad)
+        hub.parse_hf(bad)
 
 
 def test_resolve_local_refuses_remote_weights_and_names_the_fix(tmp_path):
     """Memory-mapped weights (VAE, text encoder) must be local or hf://: gs:// is a one-line error, not a crash."""
     (tmp_path / "w.pth").write_bytes(b"x")
-    assert sources.resolve_local(str(tmp_path / "w.pth"), "the VAE") == epath.Path(tmp_path / "w.pth")
-    with pytest.raises(ValueError, match="gs://b/vae.pth: the VAE must be a local path or hf://.*copy it"):
-        sources.resolve_local("gs://b/vae.pth", "the VAE")
+    assert hub.resolve_local(str(tmp_path / "w.pth"), "the VAE") == epath.Path(tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="gs://b/wan_vae.pth: the VAE must be a local path or hf://.*copy it"):
+        hub.resolve_local("gs://b/wan_vae.pth", "the VAE")
     with pytest.raises(ValueError, match="the text encoder must be a local path"):
-        text_encoder.load("gs://b/reason1")
+        reason1.load("gs://b/reason1")
     with pytest.raises(ValueError, match="the VAE must be a local path"):
-        vae.load("gs://b/tokenizer.pth")
+        wan_vae.load("gs://b/tokenizer.pth")

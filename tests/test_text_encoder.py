@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from trigflow_distill import sharding, text_encoder
-from trigflow_distill.networks import qwen2
+from trigflow_distill.common import sharding
+from trigflow_distill.models import reason1
+from trigflow_distill.models.reason1 import qwen2
 
 # Qwen2.5-VL's chat template (chat_template.json of the Qwen2.5-VL / Reason1 folders).
 QWEN25VL_CHAT_TEMPLATE = (
@@ -79,7 +80,7 @@ def test_embed_matches_transformers_qwen2_5_vl(tmp_path):
         out = model(input_ids=ids, output_hidden_states=True)
     ref = full_concat_reference(out.hidden_states)
 
-    cfg, params = text_encoder.load(tmp_path, dtype="float32")
+    cfg, params = reason1.load(tmp_path, dtype="float32")
     assert cfg == qwen2.Qwen2Config(
         vocab_size=300,
         hidden_size=64,
@@ -90,15 +91,15 @@ def test_embed_matches_transformers_qwen2_5_vl(tmp_path):
         rms_norm_eps=1e-6,
         rope_theta=1e6,
     )
-    got = np.asarray(jax.jit(text_encoder.embed, static_argnums=0)(cfg, params, ids.numpy()))
+    got = np.asarray(jax.jit(reason1.embed, static_argnums=0)(cfg, params, ids.numpy()))
     assert got.shape == (2, 96, 3 * 64) and got.dtype == np.float32
     err = np.abs(got - ref).max()
     assert err <= 2e-5, err
 
     # bf16 weights and compute stay close to the fp32 reference (normalised features are O(1)).
-    cfg16, params16 = text_encoder.load(tmp_path, dtype="bfloat16")
+    cfg16, params16 = reason1.load(tmp_path, dtype="bfloat16")
     assert params16["layers"]["q_w"].dtype == jnp.bfloat16
-    got16 = np.asarray(jax.jit(text_encoder.embed, static_argnums=0)(cfg16, params16, ids.numpy()))
+    got16 = np.asarray(jax.jit(reason1.embed, static_argnums=0)(cfg16, params16, ids.numpy()))
     assert np.abs(got16 - ref).mean() < 0.05
 
 
@@ -137,8 +138,8 @@ def _assert_trees_equal(a, b):
 
 def test_load_layouts_sharding_and_errors(tmp_path):
     src = tmp_path / "tiny"
-    cfg = text_encoder.write_tiny(src, hidden_size=64, num_layers=2)
-    ref_cfg, ref = text_encoder.load(src, dtype="float32")
+    cfg = reason1.write_tiny(src, hidden_size=64, num_layers=2)
+    ref_cfg, ref = reason1.load(src, dtype="float32")
     assert ref_cfg == cfg
     _assert_trees_equal(ref, qwen2.init_params(cfg, jax.random.key(0)))  # save -> load round trip
 
@@ -150,13 +151,13 @@ def test_load_layouts_sharding_and_errors(tmp_path):
     index = json.loads((other / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(extra, "extra.safetensors"))
     (other / "model.safetensors.index.json").write_text(json.dumps(index))
-    cfg2, params2 = text_encoder.load(other, dtype="float32")
+    cfg2, params2 = reason1.load(other, dtype="float32")
     assert cfg2 == cfg
     _assert_trees_equal(params2, ref)
 
     # FSDP over 8 devices: same values, large tensors split over fsdp.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
-    _, sharded = text_encoder.load(other, dtype="bfloat16", mesh=mesh)
+    _, sharded = reason1.load(other, dtype="bfloat16", mesh=mesh)
     _assert_trees_equal(sharded, jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref))
     assert sharded["layers"]["gate_w"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
     assert sharded["layers"]["gate_w"].addressable_shards[0].data.shape == (2, 64, 16)
@@ -169,16 +170,16 @@ def test_load_layouts_sharding_and_errors(tmp_path):
         match=r"missing model\.layers\.1\.mlp\.up_proj\.weight; unknown "
         r"model\.layers\.1\.mlp\.upper_proj\.weight",
     ):
-        text_encoder.load(bad, dtype="float32")
+        reason1.load(bad, dtype="float32")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        text_encoder.load(tmp_path, dtype="float32")
+        reason1.load(tmp_path, dtype="float32")
     with pytest.raises(ValueError, match="dtype"):
-        text_encoder.load(src, dtype="float16")
+        reason1.load(src, dtype="float16")
 
 
 def test_tokenize_template_layout_padding_and_truncation(tmp_path):
     words = ("a", "red", "car")
-    text_encoder.write_tiny(tmp_path, words=words)
+    reason1.write_tiny(tmp_path, words=words)
     import tokenizers
 
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -191,30 +192,30 @@ def test_tokenize_template_layout_padding_and_truncation(tmp_path):
         + [tid("<|im_end|>"), tid("\n")]
     )
     assert None not in expected and len(set(expected)) > 10
-    ids = text_encoder.tokenize(tmp_path, ["a red car", "a car"])
+    ids = reason1.tokenize(tmp_path, ["a red car", "a car"])
     assert ids.shape == (2, 512) and ids.dtype == np.int32
     np.testing.assert_array_equal(ids[0, : len(expected)], expected)
     assert (ids[0, len(expected) :] == tid("<|endoftext|>")).all()
     assert (ids[1, len(expected) - 1 :] == tid("<|endoftext|>")).all()  # one word shorter
     # A Tokenizer object works too (default pad token).
-    np.testing.assert_array_equal(text_encoder.tokenize(tok, "a red car")[0], ids[0])
+    np.testing.assert_array_equal(reason1.tokenize(tok, "a red car")[0], ids[0])
 
     # Truncation: a caption longer than 512 tokens is cut at 512, the template's start kept.
-    long = text_encoder.tokenize(tmp_path, " ".join(["red"] * 600))
+    long = reason1.tokenize(tmp_path, " ".join(["red"] * 600))
     assert long.shape == (1, 512)
     np.testing.assert_array_equal(long[0, : len(expected) - 5], expected[:-5])
     assert (long[0, len(expected) - 5 :] == tid("red")).all()
 
     # The pad token comes from tokenizer_config.json, also through a loaded tokenizer.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": {"content": "<|im_end|>"}}))
-    assert (text_encoder.tokenize(tmp_path, "a car")[0, len(expected) :] == tid("<|im_end|>")).all()
-    loaded = text_encoder.load_tokenizer(tmp_path)
-    np.testing.assert_array_equal(text_encoder.tokenize(loaded, "a car"), text_encoder.tokenize(tmp_path, "a car"))
+    assert (reason1.tokenize(tmp_path, "a car")[0, len(expected) :] == tid("<|im_end|>")).all()
+    loaded = reason1.load_tokenizer(tmp_path)
+    np.testing.assert_array_equal(reason1.tokenize(loaded, "a car"), reason1.tokenize(tmp_path, "a car"))
 
     # A tokenizer without the Qwen special tokens is refused.
     plain = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
     with pytest.raises(ValueError, match="not a single special token"):
-        text_encoder.tokenize(plain, "a")
+        reason1.tokenize(plain, "a")
 
 
 @pytest.mark.torch
@@ -222,27 +223,27 @@ def test_template_matches_transformers_chat_template(tmp_path):
     pytest.importorskip("transformers")
     from transformers import PreTrainedTokenizerFast
 
-    text_encoder.write_tiny(tmp_path, words=("a", "red", "car"))
+    reason1.write_tiny(tmp_path, words=("a", "red", "car"))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), pad_token="<|endoftext|>")
     hf.chat_template = QWEN25VL_CHAT_TEMPLATE
     caption = "a red car"
     conversation = [  # as the reference builds it
-        {"role": "system", "content": [{"type": "text", "text": text_encoder.SYSTEM_PROMPT}]},
+        {"role": "system", "content": [{"type": "text", "text": reason1.SYSTEM_PROMPT}]},
         {"role": "user", "content": [{"type": "text", "text": caption}]},
     ]
     rendered = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False, add_vision_id=False)
-    assert rendered == text_encoder.render(caption)
+    assert rendered == reason1.render(caption)
     ids = hf.apply_chat_template(conversation, tokenize=True, add_generation_prompt=False, add_vision_id=False)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    ours = text_encoder.tokenize(tmp_path, caption)[0]
+    ours = reason1.tokenize(tmp_path, caption)[0]
     np.testing.assert_array_equal(ours[: len(ids)], ids)
     assert (ours[len(ids) :] == hf.pad_token_id).all()
 
 
 def test_cli_writes_embedding_and_reports_errors(tmp_path, capsys):
-    cfg = text_encoder.write_tiny(tmp_path / "te", num_layers=2, hidden_size=16)
+    cfg = reason1.write_tiny(tmp_path / "te", num_layers=2, hidden_size=16)
     out = tmp_path / "emb.npy"
-    rc = text_encoder.main(
+    rc = reason1.main(
         [
             "--text-encoder",
             str(tmp_path / "te"),
@@ -263,7 +264,7 @@ def test_cli_writes_embedding_and_reports_errors(tmp_path, capsys):
     per_layer = emb.reshape(1, 32, cfg.num_layers, cfg.hidden_size)
     np.testing.assert_allclose(per_layer.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(per_layer.std(-1, ddof=1), 1, atol=1e-4)
-    assert text_encoder.main(["--text-encoder", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 1
+    assert reason1.main(["--text-encoder", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 1
     assert "error:" in capsys.readouterr().err
 
 
@@ -285,10 +286,10 @@ def test_config_of_released_and_nested_layouts():
         "sliding_window": 32768,
         "vision_config": {"depth": 32, "hidden_size": 1280},
     }
-    assert text_encoder.config_from_json(released) == qwen2.REASON1_7B
+    assert reason1.config_from_json(released) == qwen2.REASON1_7B
     nested = _nest_text_config({k: v for k, v in released.items() if k != "rope_scaling"})
-    assert text_encoder.config_from_json(nested) == qwen2.REASON1_7B
+    assert reason1.config_from_json(nested) == qwen2.REASON1_7B
     with pytest.raises(ValueError, match="use_sliding_window"):
-        text_encoder.config_from_json({**released, "use_sliding_window": True})
+        reason1.config_from_json({**released, "use_sliding_window": True})
     with pytest.raises(ValueError, match="no 'num_hidden_layers'"):
-        text_encoder.config_from_json({k: v for k, v in released.items() if k != "num_hidden_layers"})
+        reason1.config_from_json({k: v for k, v in released.items() if k != "num_hidden_layers"})

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import denoiser, losses, networks, optim, sampling, trigflow
+from trigflow_distill.core import losses, optim, sampling, trigflow
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit
 
 torch = pytest.importorskip("torch")
 import torch_dmd2 as td  # noqa: E402  (benchmarks/ is on the pytest pythonpath; it imports torch)
@@ -65,7 +67,7 @@ def test_losses_values_and_gradients():
 @pytest.fixture(scope="module")
 def nets():
     """A 1-block tiny Cosmos DiT: teacher params (all leaves non-trivial) and a different critic."""
-    config = networks.get_preset("tiny", num_blocks=1)
+    config = cosmos_dit.get_preset("tiny", num_blocks=1)
 
     def params(seed):  # numpy draws (fast), every leaf random: kernels N(0, 1/(4 fan_in)), norm scales near 1
         rng = np.random.default_rng(seed)
@@ -77,7 +79,7 @@ def nets():
             return (0.5 * rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
         return jax.tree_util.tree_map_with_path(
-            leaf, networks.param_shapes(config), is_leaf=lambda s: isinstance(s, tuple)
+            leaf, cosmos_dit.param_shapes(config), is_leaf=lambda s: isinstance(s, tuple)
         )
 
     teacher = params(0)
@@ -100,15 +102,15 @@ def test_denoiser_simulation_and_update_losses_match(nets):
     tau_d = np.array([0.4, 1.2], np.float32)
 
     cond = td.make_cond(T(latents), T(text), T(num_cond).long(), dmd.text_proj)
-    context = networks.project_text(config, teacher, jnp.asarray(text))
-    uncond = networks.project_text(config, teacher, jnp.zeros_like(text))
+    context = cosmos_dit.project_text(config, teacher, jnp.asarray(text))
+    uncond = cosmos_dit.project_text(config, teacher, jnp.zeros_like(text))
     np.testing.assert_allclose(cond.context.numpy(), context, rtol=1e-4, atol=1e-5)
-    mask = denoiser.cond_mask(jnp.asarray(num_cond), shape)
+    mask = video2world.cond_mask(jnp.asarray(num_cond), shape)
     np.testing.assert_array_equal(cond.mask.numpy(), mask)
     taus = sampling.student_schedule(4)
 
     def x0_fn(ctx):
-        return lambda p, x, tau_b: denoiser.denoise(config, p, x, tau_b, ctx, latents, mask)
+        return lambda p, x, tau_b: video2world.denoise(config, p, x, tau_b, ctx, latents, mask)
 
     def jax_student_loss(student, n):
         g_x0 = sampling.backward_simulation(x0_fn(context), student, eps_g, n, taus, with_grad=True)

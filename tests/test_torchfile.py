@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trigflow_distill import torchfile
+from trigflow_distill.models import torchfile
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -235,7 +235,7 @@ def test_reading_needs_no_torch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save({"w": torch.arange(6.0).reshape(2, 3).t()}, path)
     code = (
-        "import sys; from trigflow_distill import convert, torchfile; "
+        "import sys; from trigflow_distill.models import torchfile; "
         f"w = torchfile.load({str(path)!r})['w']; "
         "assert w.tolist() == [[0, 3], [1, 4], [2, 5]], w; "
         "assert 'torch' not in sys.modules, 'torch was imported'"

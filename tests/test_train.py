@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import convert, data, data_kinds, dmd2, networks, optim, run, sharding, toy, train
+from trigflow_distill import data, data_kinds, toy
+from trigflow_distill.common import sharding
+from trigflow_distill.core import optim
+from trigflow_distill.methods import dmd2, train_state
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import builder, loop, run_config
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -34,8 +40,8 @@ def tiny_config(teacher_path, **overrides):
 @pytest.fixture(scope="module")
 def teacher_pt(tmp_path_factory):
     """A random tiny Cosmos DiT written as a native `.pt` (what users bring)."""
-    net = networks.get_preset("tiny", num_blocks=1)
-    params = networks.init_params(net, jax.random.PRNGKey(0))
+    net = cosmos_dit.get_preset("tiny", num_blocks=1)
+    params = cosmos_dit.init_params(net, jax.random.PRNGKey(0))
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     convert.export_torch(params, net, path)
     return path
@@ -45,10 +51,12 @@ def teacher_pt(tmp_path_factory):
 def setup(teacher_pt, tmp_path_factory):
     config = tiny_config(teacher_pt)
     workdir = str(tmp_path_factory.mktemp("run"))
-    net_config, teacher = run.load_teacher(config, workdir)
+    net_config, teacher = builder.load_teacher(config, workdir)
     algo = dmd2.algo_from_config(config, net_config)
-    student_tx, critic_tx = dmd2.make_optimizers(config)
-    state = jax.jit(functools.partial(dmd2.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0))(teacher)
+    student_tx, critic_tx = train_state.make_optimizers(config)
+    state = jax.jit(functools.partial(train_state.init_state, student_tx=student_tx, critic_tx=critic_tx, seed=0))(
+        teacher
+    )
     critic_fn, student_fn = dmd2.make_update_fns(algo, student_tx, critic_tx, optim.ema_gamma(0.1))
     source = toy.RecordSource(toy.make_world())
     records = [source[i] for i in range(BATCH)]
@@ -133,7 +141,7 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
         config = tiny_config(teacher_pt)
         devices = jax.devices()[: int(np.prod(list(mesh_cfg.values())))]
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-        algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = run.setup(config, str(tmp_path), mesh)
+        algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = builder.setup(config, str(tmp_path), mesh)
         fns = dmd2.make_update_fns(
             algo,
             stx,
@@ -155,19 +163,19 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
 def test_missing_teacher_path_is_a_clear_error():
     config = predict25_4step.get_config("")
     with pytest.raises(ValueError, match="huggingface.co/nvidia/Cosmos-Predict2.5-2B"):
-        run.validate_config(config)
+        run_config.validate_config(config)
     config.teacher.path = "/nonexistent/teacher.pt"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run.validate_config(config)
+        run_config.validate_config(config)
 
 
 def test_bad_config_values_are_rejected(teacher_pt):
     with pytest.raises(ValueError, match="cond_frame_probs"):
-        run.validate_config(tiny_config(teacher_pt, **{"distill.cond_frame_probs": (0.5, 0.2)}))
+        run_config.validate_config(tiny_config(teacher_pt, **{"distill.cond_frame_probs": (0.5, 0.2)}))
     with pytest.raises(ValueError, match="data.kind"):
         data_kinds.get(tiny_config(teacher_pt, **{"data.kind": "imagenet"}))
     with pytest.raises(ValueError, match="data.path"):
-        run.validate_config(tiny_config(teacher_pt, **{"data.kind": "dir"}))
+        run_config.validate_config(tiny_config(teacher_pt, **{"data.kind": "dir"}))
 
 
 def test_samples_use_one_fixed_validation_batch(teacher_pt, tmp_path):
@@ -179,7 +187,7 @@ def test_samples_use_one_fixed_validation_batch(teacher_pt, tmp_path):
     def write_samples(x, batch, path, writer):
         seen.append((x.shape, batch["latents"]))
 
-    train.train(config, str(tmp_path / "run"), source, write_samples)
+    loop.train(config, str(tmp_path / "run"), source, write_samples)
     first = next(data.make_iterator(source, BATCH, int(config.data.seed)))
     assert len(seen) == 2
     for shape, latents in seen:

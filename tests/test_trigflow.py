@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trigflow_distill import trigflow as tf
+from trigflow_distill.core import trigflow as tf
 
 # Grid over [0, pi/2] including both ends.
 TAU_GRID = np.concatenate([[0.0], np.linspace(1e-3, math.pi / 2 - 1e-3, 41), [math.pi / 2]])

@@ -10,9 +10,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trigflow_distill import torchfile, vae, video
-from trigflow_distill.data.records import LATENT_MEAN, LATENT_STD
-from trigflow_distill.networks import wan_vae
+from trigflow_distill.common import video
+from trigflow_distill.models import torchfile, wan_vae
+from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD
 
 CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)  # narrow, but the release structure (dim_mult 1,2,4,4; 2 res blocks)
 
@@ -76,9 +76,9 @@ def test_parity_with_diffusers_1_5_9_13_frames(params, torch_vae):
     """Our 13-frame encode/decode against diffusers on the 1-, 5-, 9- and 13-frame clips that are its prefixes
     (both are causal, so a clip's latents are a prefix of a longer clip's): one compile instead of four."""
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 13, 16, 16)).astype(np.float32)
-    z = np.asarray(vae.encode(CFG, params, x))
+    z = np.asarray(wan_vae.encode(CFG, params, x))
     assert z.shape == (2, 16, 4, 2, 2)
-    x_rec = np.asarray(vae.decode(CFG, params, _torch_encode(torch_vae, x)))
+    x_rec = np.asarray(wan_vae.decode(CFG, params, _torch_encode(torch_vae, x)))
     assert x_rec.shape == x.shape
     for t in (1, 5, 9, 13):
         enc_err, dec_err = _parity(torch_vae, x, z, x_rec, t)
@@ -86,16 +86,16 @@ def test_parity_with_diffusers_1_5_9_13_frames(params, torch_vae):
         assert enc_err <= 1e-4 and dec_err <= 1e-4
     assert np.abs(x_rec).max() > 1.0  # not clamped (the reference does not clamp; diffusers does)
     # a single image goes through the T = 1 path of its own
-    z1, x1 = np.asarray(vae.encode(CFG, params, x[:, :, :1])), np.asarray(vae.decode(CFG, params, z[:, :, :1]))
+    z1, x1 = np.asarray(wan_vae.encode(CFG, params, x[:, :, :1])), np.asarray(wan_vae.decode(CFG, params, z[:, :, :1]))
     np.testing.assert_allclose(z1, z[:, :, :1], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(x1, vae.decode(CFG, params, z)[:, :, :1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(x1, wan_vae.decode(CFG, params, z)[:, :, :1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.torch
 def test_parity_with_diffusers_other_size(params, torch_vae):
     x = np.random.default_rng(1).uniform(-1, 1, (8, 3, 5, 24, 16)).astype(np.float32)
-    z = np.asarray(vae.encode(CFG, params, x))
-    x_rec = np.asarray(vae.decode(CFG, params, _torch_encode(torch_vae, x)))
+    z = np.asarray(wan_vae.encode(CFG, params, x))
+    x_rec = np.asarray(wan_vae.decode(CFG, params, _torch_encode(torch_vae, x)))
     for t in (1, 5):
         enc_err, dec_err = _parity(torch_vae, x, z, x_rec, t)
         print(f"\nparity T={t} 24x16: encode max abs {enc_err:.2e}, decode max abs {dec_err:.2e}")
@@ -124,10 +124,10 @@ def test_name_maps_round_trip_bit_exact(params, torch_vae):
 def test_load_native_and_diffusers_and_errors(params, tmp_path):
     native = wan_vae.to_torch(params, CFG)
     torchfile.save(tmp_path / "tokenizer.pth", native)
-    cfg, loaded = vae.load(tmp_path / "tokenizer.pth")
+    cfg, loaded = wan_vae.load(tmp_path / "tokenizer.pth")
     assert cfg == CFG and all(np.array_equal(loaded[k], params[k]) for k in params)
     torchfile.save(tmp_path / "bf16.pth", {k: v.astype(ml_dtypes.bfloat16) for k, v in native.items()})
-    _, loaded16 = vae.load(tmp_path / "bf16.pth")  # bf16 checkpoints load as float32
+    _, loaded16 = wan_vae.load(tmp_path / "bf16.pth")  # bf16 checkpoints load as float32
     assert all(
         loaded16[k].dtype == np.float32 and np.array_equal(loaded16[k], params[k].astype(ml_dtypes.bfloat16))
         for k in params
@@ -139,7 +139,7 @@ def test_load_native_and_diffusers_and_errors(params, tmp_path):
     folder.mkdir()
     save_file(wan_vae.native_to_diffusers(native, CFG), str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "base_dim": 8, "z_dim": 16}))
-    cfg2, loaded2 = vae.load(folder)
+    cfg2, loaded2 = wan_vae.load(folder)
     assert cfg2 == CFG and all(np.array_equal(loaded2[k], params[k]) for k in params)
 
     bad = dict(native)
@@ -147,12 +147,12 @@ def test_load_native_and_diffusers_and_errors(params, tmp_path):
     bad["encoder.extra.weight"] = np.zeros(3, np.float32)
     torchfile.save(tmp_path / "bad.pth", bad)
     with pytest.raises(ValueError, match=r"1 missing: decoder\.head\.2\.bias; 1 unknown: encoder\.extra\.weight"):
-        vae.load(tmp_path / "bad.pth")
+        wan_vae.load(tmp_path / "bad.pth")
     torchfile.save(tmp_path / "other.pth", {"net.x_embedder.proj.1.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(ValueError, match="not a Wan2.1 VAE state dict"):
-        vae.load(tmp_path / "other.pth")
+        wan_vae.load(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError):
-        vae.load(tmp_path / "nothing.pth")
+        wan_vae.load(tmp_path / "nothing.pth")
 
 
 def test_config_inferred_from_shapes():
@@ -175,25 +175,25 @@ def test_release_shapes_match_diffusers():
 
 def test_bad_shapes_are_clear_errors(params):
     with pytest.raises(ValueError, match=r"T = 1 \+ 4k frames, got T = 6"):
-        vae.encode(CFG, params, np.zeros((1, 3, 6, 16, 16), np.float32))
+        wan_vae.encode(CFG, params, np.zeros((1, 3, 6, 16, 16), np.float32))
     with pytest.raises(ValueError, match="multiples of 8, got 12x16"):
-        vae.encode(CFG, params, np.zeros((1, 3, 5, 12, 16), np.float32))
+        wan_vae.encode(CFG, params, np.zeros((1, 3, 5, 12, 16), np.float32))
     with pytest.raises(ValueError, match=r"decode needs latents \(B, 16"):
-        vae.decode(CFG, params, np.zeros((1, 4, 2, 2, 2), np.float32))
+        wan_vae.decode(CFG, params, np.zeros((1, 4, 2, 2, 2), np.float32))
 
 
 def test_batch_sharded_equals_unsharded_and_bf16_close(params):
     devices = np.array(jax.devices()[:8])
     assert len(devices) == 8, "conftest sets 8 simulated CPU devices"
     x = np.random.default_rng(1).uniform(-1, 1, (8, 3, 5, 24, 16)).astype(np.float32)  # as in the parity test
-    want = np.asarray(vae.encode(CFG, params, x))
+    want = np.asarray(wan_vae.encode(CFG, params, x))
     sharded = jax.device_put(x, NamedSharding(Mesh(devices, ("data",)), P("data")))
-    got = vae.encode(CFG, params, sharded)
+    got = wan_vae.encode(CFG, params, sharded)
     assert got.sharding.spec[0] == "data"
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
-    z16 = np.asarray(vae.encode(CFG, params, x, dtype=jnp.bfloat16))
-    x32, x16 = (np.asarray(vae.decode(CFG, params, want, dtype=d)) for d in ("float32", "bfloat16"))
+    z16 = np.asarray(wan_vae.encode(CFG, params, x, dtype=jnp.bfloat16))
+    x32, x16 = (np.asarray(wan_vae.decode(CFG, params, want, dtype=d)) for d in ("float32", "bfloat16"))
     enc_err, dec_err = np.abs(z16 - want).max(), np.abs(x16 - x32).max()
     print(
         f"\nbf16 vs fp32: encode max abs {enc_err:.3f} (|z| max {np.abs(want).max():.2f}), "
@@ -203,19 +203,19 @@ def test_batch_sharded_equals_unsharded_and_bf16_close(params):
 
 
 def test_cli_round_trip(params, tmp_path, capsys):
-    torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(params, CFG))
+    torchfile.save(tmp_path / "wan_vae.pth", wan_vae.to_torch(params, CFG))
     frames = np.zeros((7, 36, 48, 3), np.uint8)  # 4:3 -> the 320x256 bucket at "256"
     frames[..., 0] = np.linspace(0, 255, 48, dtype=np.uint8)[None, None]
     frames[..., 1] = np.arange(7, dtype=np.uint8)[:, None, None] * 30
     video.write_mp4(tmp_path / "in.mp4", frames, 12)
     assert (
-        vae.main(
+        wan_vae.main(
             [
                 "encode",
                 str(tmp_path / "in.mp4"),
                 str(tmp_path / "z.npz"),
                 "--vae",
-                str(tmp_path / "vae.pth"),
+                str(tmp_path / "wan_vae.pth"),
                 "--resolution",
                 "256",
             ]
@@ -228,13 +228,13 @@ def test_cli_round_trip(params, tmp_path, capsys):
         mask = data["padding_mask"][0]  # 36x48 -> 240x320, centred in 256x320: 8 padded rows above and below
         assert mask[:8].all() and mask[-8:].all() and not mask[8:-8].any()
     assert (
-        vae.main(
+        wan_vae.main(
             [
                 "decode",
                 str(tmp_path / "z.npz"),
                 str(tmp_path / "out.mp4"),
                 "--vae",
-                str(tmp_path / "vae.pth"),
+                str(tmp_path / "wan_vae.pth"),
                 "--fps",
                 "12",
             ]
@@ -245,13 +245,13 @@ def test_cli_round_trip(params, tmp_path, capsys):
     assert out.shape == (5, 256, 320, 3) and fps == 12
 
     assert (
-        vae.main(
+        wan_vae.main(
             [
                 "encode",
                 str(tmp_path / "in.mp4"),
                 str(tmp_path / "y.npz"),
                 "--vae",
-                str(tmp_path / "vae.pth"),
+                str(tmp_path / "wan_vae.pth"),
                 "--frames",
                 "6",
             ]
@@ -259,5 +259,5 @@ def test_cli_round_trip(params, tmp_path, capsys):
         == 1
     )
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --frames 6")
-    assert vae.main(["decode", str(tmp_path / "missing.npz"), str(tmp_path / "o.mp4")]) == 1
+    assert wan_vae.main(["decode", str(tmp_path / "missing.npz"), str(tmp_path / "o.mp4")]) == 1
     assert "error: " in capsys.readouterr().err

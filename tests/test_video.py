@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trigflow_distill import video
+from trigflow_distill.common import video
 
 
 def _frames(t, h, w, seed=0):

@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from trigflow_distill import convert, data, data_kinds, networks, torchfile, train, vae, video, video_samples
-from trigflow_distill.networks import wan_vae
+from trigflow_distill import data, data_kinds
+from trigflow_distill.common import video
+from trigflow_distill.models import cosmos_dit, torchfile, wan_vae
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import loop, video_samples
 
 import predict25_4step
 
@@ -39,13 +42,13 @@ class FakeWriter:
 
 def test_samples_written_as_mp4_gif_and_metrics_videos(tmp_path):
     params = wan_vae.init_params(CFG, jax.random.key(0))
-    torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(params, CFG))
+    torchfile.save(tmp_path / "wan_vae.pth", wan_vae.to_torch(params, CFG))
     samples = np.asarray(jax.random.normal(jax.random.key(1), (3, 16, 2, 4, 6)))  # 5 frames of 32x48
     writer = FakeWriter()
-    samples_writer = video_samples.VideoSamples(str(tmp_path / "vae.pth"), fps=8, max_videos=2, gif_height=16)
+    samples_writer = video_samples.VideoSamples(str(tmp_path / "wan_vae.pth"), fps=8, max_videos=2, gif_height=16)
     samples_writer(samples, {"latents": samples}, str(tmp_path / "samples" / "0000500.png"), writer)
 
-    want = np.stack([video.to_uint8(p) for p in np.asarray(vae.decode(CFG, params, samples[:2]))])
+    want = np.stack([video.to_uint8(p) for p in np.asarray(wan_vae.decode(CFG, params, samples[:2]))])
     ((step, videos, fps),) = writer.calls
     assert step == 500 and fps == 8
     # decoded one at a time vs as a batch: a rare rounding difference of one level
@@ -63,9 +66,9 @@ def test_samples_written_as_mp4_gif_and_metrics_videos(tmp_path):
 @pytest.mark.slow
 def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
     """data.kind "dir" + config.vae.path: the trainer's sample writer is VideoSamples (data_kinds)."""
-    net = networks.get_preset("tiny")
-    convert.export_torch(networks.init_params(net, jax.random.key(0)), net, tmp_path / "teacher.pt")
-    torchfile.save(tmp_path / "vae.pth", wan_vae.to_torch(wan_vae.init_params(CFG, jax.random.key(1)), CFG))
+    net = cosmos_dit.get_preset("tiny")
+    convert.export_torch(cosmos_dit.init_params(net, jax.random.key(0)), net, tmp_path / "teacher.pt")
+    torchfile.save(tmp_path / "wan_vae.pth", wan_vae.to_torch(wan_vae.init_params(CFG, jax.random.key(1)), CFG))
     rng = np.random.default_rng(0)
     data.write_dataset(
         str(tmp_path / "data"),
@@ -73,14 +76,14 @@ def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
         rng.normal(size=(8, 8, 96)).astype(np.float32),
     )
     config = predict25_4step.get_config("tiny")
-    config.data.kind, config.data.path, config.vae.path = "dir", str(tmp_path / "data"), str(tmp_path / "vae.pth")
+    config.data.kind, config.data.path, config.vae.path = "dir", str(tmp_path / "data"), str(tmp_path / "wan_vae.pth")
     config.teacher.path = str(tmp_path / "teacher.pt")
     config.data.batch_size = 8  # one sample per (simulated) device
     config.total_steps = config.log_every = config.checkpoint_every = config.sample_every = 1
     config.eval.at_end = False
     source, write_samples = data_kinds.get(config).open(config)
     assert isinstance(write_samples, video_samples.VideoSamples)
-    train.train(config, str(tmp_path / "run"), source, write_samples)
+    loop.train(config, str(tmp_path / "run"), source, write_samples)
 
     samples = tmp_path / "run" / "samples"
     assert sorted(os.listdir(samples)) == ["0000001.gif"] + [f"0000001_{i}.mp4" for i in range(4)]  # max_videos

@@ -5,8 +5,9 @@ evaluation of the finished run. main.py picks from here, so the trainer never im
 import os
 from typing import Callable, NamedTuple
 
-from trigflow_distill import data, toy, video_samples
+from trigflow_distill import data, toy
 from trigflow_distill.toy import evaluate as toy_evaluate
+from trigflow_distill.training import video_samples
 
 
 class DataKind(NamedTuple):

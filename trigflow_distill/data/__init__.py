@@ -26,7 +26,7 @@ Every record of a shard has one latent shape; shards may differ (aspect buckets)
 are the same in every shard. Records are numbered across shards in order. meta.json is written last, so an
 interrupted write is not a dataset.
 
-Write one from numpy arrays with `python -m trigflow_distill.data.write --latents L.npy --text T.npy
+Write one from numpy arrays with `python -m trigflow_distill.data.cli --latents L.npy --text T.npy
 [--num-cond C.npy] [--prompt P.npy] [--padding-mask M.npy] [--text-kind raw|projected] [--normalize] --out DIR`,
 or shard by shard with `DatasetWriter(out_dir).write_shard(latents, text, bucket=..., padding_mask=...,
 info=[{"caption": ..., "source": ..., "frames": [a, b]}, ...])` and `.close()`.
@@ -36,11 +36,8 @@ Each record (and each batch, stacked) is a dict {"latents": (16,T,H,W) f32, "tex
 docs/algorithm.md.
 """
 
-from trigflow_distill.data.pipeline import default_process_slice, make_dataset, make_iterator
-from trigflow_distill.data.records import (
+from trigflow_distill.data.format import (
     FORMAT,
-    LATENT_MEAN,
-    LATENT_STD,
     NUM_COND_PROBS,
     NpyDirSource,
     RecordSpec,
@@ -49,7 +46,9 @@ from trigflow_distill.data.records import (
     normalize_latents,
     validate_record,
 )
+from trigflow_distill.data.pipeline import default_process_slice, make_dataset, make_iterator
 from trigflow_distill.data.writer import DatasetWriter, write_dataset
+from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD
 
 __all__ = [
     "FORMAT",

@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from trigflow_distill.data.records import RecordSpec, record_name, source_buckets, validate_record
+from trigflow_distill.data.format import RecordSpec, record_name, source_buckets, validate_record
 
 
 class _LoadRows:

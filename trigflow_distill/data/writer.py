@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from trigflow_distill.data.records import (
+from trigflow_distill.data.format import (
     FORMAT,
     OPTIONAL_FIELDS,
     PROJECTED_TEXT_CHANNELS,

@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from trigflow_distill import denoiser, errors, networks, run, sampling, toy
+from trigflow_distill import toy
+from trigflow_distill.common import errors
+from trigflow_distill.core import sampling
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit
 from trigflow_distill.toy import metrics as toy_metrics
 from trigflow_distill.toy import plot
+from trigflow_distill.training import restore
 
 COND_SEED = 2_000_003  # sample_videos stream of the conditioning clips (+ seed); reference / floor use others
 # Teacher samplers at the student's cost and above (issue 16): (steps, guided?). NFE = steps, x2 when guided.
@@ -56,16 +61,16 @@ def _sample_fn(
 ):
     """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
     the student's few-step sampler (the first `steps` times of its `train_steps` schedule, docs/algorithm.md §3),
-    every network call through `denoiser.denoise`. A student with a guidance embedder gets `guidance` as input
+    every network call through `video2world.denoise`. A student with a guidance embedder gets `guidance` as input
     (§15)."""
 
     def fn(params, eps, context, uncond_context, gt, mask):
         guidance_b = None
-        if not teacher and networks.GUIDANCE_EMBEDDER in params:
+        if not teacher and cosmos_dit.GUIDANCE_EMBEDDER in params:
             guidance_b = jnp.full((eps.shape[0],), guidance, jnp.float32)
 
         def x0_fn(ctx):
-            return lambda x_tau, tau_b: denoiser.denoise(
+            return lambda x_tau, tau_b: video2world.denoise(
                 net_config,
                 params,
                 x_tau,
@@ -249,10 +254,10 @@ def evaluate(
     reference = toy.reference_set(world, num_samples)
     cond = conditioning_set(world, num_samples, seed)
     prompts, num_cond, gt = cond["prompt"], cond["num_cond_frames"], cond["latents"]
-    mask = np.asarray(denoiser.cond_mask(jnp.asarray(num_cond), gt.shape))
+    mask = np.asarray(video2world.cond_mask(jnp.asarray(num_cond), gt.shape))
     eps = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), gt.shape, jnp.float32))
     raw_text = cond["text"]
-    project = jax.jit(lambda text: networks.project_text(net_config, teacher_params, text))
+    project = jax.jit(lambda text: cosmos_dit.project_text(net_config, teacher_params, text))
     projected = (np.asarray(project(raw_text)), np.asarray(project(np.zeros_like(raw_text))))
     raw = (raw_text, np.zeros_like(raw_text))
 
@@ -289,7 +294,7 @@ def evaluate(
         fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data, time_shift)
         latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
         add_row("teacher", steps, g, steps * (2 if use_cfg else 1), seconds, latents)
-    conditioned = any(networks.GUIDANCE_EMBEDDER in p for p in samplers_params.values())
+    conditioned = any(cosmos_dit.GUIDANCE_EMBEDDER in p for p in samplers_params.values())
     sweep = [float(g) for g in guidance_values if float(g) != float(guidance)] if conditioned else []
     for g in sweep:  # the teacher's reference at every other scale the conditioned student is scored at
         fn = _sample_fn(net_config, 35, g, True, scaling, sigma_data, time_shift)
@@ -299,7 +304,7 @@ def evaluate(
         if name not in samplers_params:
             continue
         params = samplers_params[name]
-        g = float(guidance) if networks.GUIDANCE_EMBEDDER in params else None
+        g = float(guidance) if cosmos_dit.GUIDANCE_EMBEDDER in params else None
         for steps in student_steps:
             fn = _sample_fn(net_config, steps, g, False, scaling, sigma_data, time_shift, train_steps)
             latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
@@ -329,7 +334,7 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
     from the run's config; num_samples None: config.eval.num_samples."""
     if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir {workdir} does not exist; pass the directory of a training run.")
-    config, net_config, teacher_params, student_params, ema_params = run.load_run(workdir)
+    config, net_config, teacher_params, student_params, ema_params = restore.load_run(workdir)
     students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
     num_samples = num_samples if num_samples is not None else int(config.eval.num_samples)
     return evaluate(

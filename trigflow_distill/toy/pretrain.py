@@ -9,7 +9,7 @@ Objective (the Predict2.5 teacher's): x_t = (1-t) x0 + t eps, the net predicts t
 - Text dropout: with probability `text_dropout` (default 0.15) the raw text is replaced by zeros, the
   unconditional text of docs/algorithm.md §7, so the same net serves both sides of classifier-free guidance.
 - Video2World: each record's first `num_cond_frames` latent frames are ground truth; the net is called through
-  `denoiser.denoise` (mask channel, GT input and output replacement, t_cond = tan(atan 1e-4)/(1 + tan(atan 1e-4)))
+  `video2world.denoise` (mask channel, GT input and output replacement, t_cond = tan(atan 1e-4)/(1 + tan(atan 1e-4)))
   and the loss covers the non-conditional frames only.
 AdamW with warm-up and cosine decay, global-norm clipping; the exported weights are an EMA of the trained ones,
 written as a native Cosmos `.pt` (`net.` prefix, bf16) by `convert.export_torch`.
@@ -29,22 +29,26 @@ import numpy as np
 import optax
 from etils import epath
 
-from trigflow_distill import convert, denoiser, networks, toy, trigflow
+from trigflow_distill import toy
+from trigflow_distill.core import trigflow
+from trigflow_distill.methods import video2world
+from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models.cosmos_dit import convert
 
 T_MIN = 1e-3  # RF-time floor: the velocity (x_t - x0_hat) / t stays well conditioned in float32
 TIME_SHIFT = 5.0
 RECORD_SEED = 12_345  # RecordSource seed of the pretraining data (its own stream: disjoint from eval clips)
 
 
-def tiny_config(world: toy.World, **overrides) -> networks.DiTConfig:
+def tiny_config(world: toy.World, **overrides) -> cosmos_dit.DiTConfig:
     """The tiny preset with its text projection sized to the world's raw text width."""
-    return networks.get_preset("tiny", crossattn_proj_in_channels=world.config.text_width, **overrides)
+    return cosmos_dit.get_preset("tiny", crossattn_proj_in_channels=world.config.text_width, **overrides)
 
 
 def velocity_loss(net_config, params, x0_bcthw, text_bld, num_cond_b, tau_b, eps_bcthw):
     """Mean squared error of the velocity estimate against eps - x0 over the non-conditional frames.
 
-    The net is called through `denoiser.denoise` at TrigFlow time tau_b (B,) in (0, pi/2]; its x0 estimate gives
+    The net is called through `video2world.denoise` at TrigFlow time tau_b (B,) in (0, pi/2]; its x0 estimate gives
     the velocity (x_t - x0_hat) / t with t = tau_to_rf_t(tau) and x_t = (1 - t) x0 + t eps. text_bld is the raw
     text (zeros = unconditional).
     """
@@ -52,8 +56,8 @@ def velocity_loss(net_config, params, x0_bcthw, text_bld, num_cond_b, tau_b, eps
     tau = trigflow.expand_tau(tau_b, x0.ndim)
     t = trigflow.tau_to_rf_t(tau)
     x_tau = trigflow.add_noise(x0, eps_bcthw, tau)
-    mask = denoiser.cond_mask(num_cond_b, x0.shape)
-    x0_hat = denoiser.denoise(net_config, params, x_tau, tau_b, text_bld, x0, mask, scaling="rectified_flow")
+    mask = video2world.cond_mask(num_cond_b, x0.shape)
+    x0_hat = video2world.denoise(net_config, params, x_tau, tau_b, text_bld, x0, mask, scaling="rectified_flow")
     x_t = (1.0 - t) * x0 + t * eps_bcthw
     v_hat = (x_t - x0_hat) / t
     weight = (1.0 - mask) * jnp.ones_like(x0)
@@ -128,7 +132,7 @@ def pretrain(
         )
     key = jax.random.PRNGKey(seed)
     k_init, k_train = jax.random.split(key)
-    params = networks.init_params(net_config, k_init)
+    params = cosmos_dit.init_params(net_config, k_init)
     ema = jax.tree.map(jnp.copy, params)
     tx = make_optimizer(lr, steps)
     opt_state = tx.init(params)

@@ -21,7 +21,7 @@ import numpy as np
 from einops import rearrange
 from etils import epath
 
-from trigflow_distill.recipe import COND_FRAME_PROBS
+from trigflow_distill.core.recipe import COND_FRAME_PROBS
 
 # Independent random streams of one world (SeedSequence entropy [world seed, stream, ...]).
 _STREAM_WORLD, _STREAM_SCALE, _STREAM_SAMPLES, _STREAM_RECORDS, STREAM_PROJECTION = 0, 1, 2, 3, 4

@@ -1,0 +1,102 @@
+"""Samplers (docs/algorithm.md §3): the few-step TrigFlow student, backward simulation, the CFG teacher."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trigflow_distill.core.losses import cfg_x0
+from trigflow_distill.core.trigflow import add_noise, rf_t_to_tau
+
+
+def shifted_rf_times(num_steps, shift=5.0):
+    """RF times 1 = t_0 > ... > t_{num_steps} = 0: uniform grid mapped by t' = s t / (1 + (s-1) t); float64 numpy."""
+    t = np.linspace(1.0, 0.0, num_steps + 1)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def student_schedule(num_steps=4, shift=5.0, train_steps=4):
+    """TrigFlow taus of the k-step student, float64 numpy (num_steps,): the first k of the train_steps schedule.
+
+    The train_steps-step schedule is the shifted RF grid (4 steps: [pi/2, atan 15, atan 5, atan 5/3]). Sampling
+    with k < train_steps uses its first k times, the states backward simulation trains on (docs/algorithm.md §3,
+    §13): k = 2 gives [pi/2, atan 15], not a re-spaced 2-step grid.
+    """
+    if not 1 <= num_steps <= train_steps:
+        raise ValueError(
+            f"num_steps must be in [1, train_steps={train_steps}] (the student is trained on the first "
+            f"train_steps times of its schedule), got {num_steps}"
+        )
+    t = shifted_rf_times(train_steps, shift)[:num_steps]
+    # Same mapping as trigflow.rf_t_to_tau (sigma_d = 1), kept in float64 so the schedule is exact.
+    return np.arctan2(t, 1.0 - t)
+
+
+def _full_tau(tau, eps):
+    return jnp.full(eps.shape[:1], tau, dtype=eps.dtype)
+
+
+def sample_student(x0_fn, eps, taus, sigma_data=1.0):
+    """k-step student sampling, k = len(taus): one x0_fn call per tau, re-noising with the same eps each time.
+
+    x0_fn(x_tau, tau_b) -> x0 with tau_b of shape (B,); eps (B, ...) is the initial noise. Returns x0 (B, ...).
+    """
+    taus = jnp.asarray(taus, dtype=eps.dtype)
+    x = eps
+    x0 = eps
+    for j in range(taus.shape[0]):
+        x0 = x0_fn(x, _full_tau(taus[j], eps))
+        if j + 1 < taus.shape[0]:
+            x = add_noise(x0, eps, taus[j + 1], sigma_data)
+    return x0
+
+
+def draw_num_steps(key, max_steps=4):
+    """Backward-simulation length n ~ U{1..max_steps}, an int32 scalar (use one key shared by all devices)."""
+    return jax.random.randint(key, (), 1, max_steps + 1, dtype=jnp.int32)
+
+
+def backward_simulation(x0_fn, params, eps, n, taus, sigma_data=1.0, with_grad=True):
+    """The student's n-step sample G_x0 (DMD2 §4.5) with gradient through the last step only (or none).
+
+    x0_fn(params, x_tau, tau_b) -> x0; eps (B, ...) initial noise; n a (traced) int in [1, len(taus)]; taus the
+    student schedule. Steps 1..n-1 run in a while loop on stop_gradient(params), so one compiled function serves
+    every n and reverse-mode differentiation never enters the loop; step n sees `params` itself if with_grad.
+    """
+    taus = jnp.asarray(taus, dtype=eps.dtype)
+    frozen = jax.lax.stop_gradient(params)
+    eps = jax.lax.stop_gradient(eps)
+
+    def no_grad_step(j, x):
+        # stop_gradient on the output too: values x0_fn closes over (e.g. a context being differentiated) must not
+        # give the loop carry a tangent, since a while loop cannot be transposed.
+        x0 = jax.lax.stop_gradient(x0_fn(frozen, x, _full_tau(taus[j], eps)))
+        return add_noise(x0, eps, taus[j + 1], sigma_data)
+
+    x_n = jax.lax.fori_loop(0, n - 1, no_grad_step, eps)
+    return x0_fn(params if with_grad else frozen, x_n, _full_tau(taus[n - 1], eps))
+
+
+def sample_teacher_cfg(x0_cond_fn, x0_uncond_fn, eps, guidance, num_steps=35, shift=5.0, sigma_data=1.0):
+    """Teacher sampling with classifier-free guidance: Euler in RF time on the shifted grid (docs/algorithm.md §3).
+
+    x0_*_fn(x_tau, tau_b) -> x0 are TrigFlow denoisers; guided x0 = x0_u + s (x0_c - x0_u). guidance None or 1
+    uses the conditional denoiser only (one call per step). Returns x0 (B, ...).
+    """
+    use_cfg = guidance is not None and not (isinstance(guidance, (int, float)) and math.isclose(guidance, 1.0))
+    t_grid = jnp.asarray(shifted_rf_times(num_steps, shift), dtype=eps.dtype)
+
+    def step(i, x_rf):
+        t, t_next = t_grid[i], t_grid[i + 1]
+        tau = rf_t_to_tau(t, sigma_data)
+        # The RF state is x_tau * sigma_d / (cos + sigma_d sin): convert to the TrigFlow state the denoisers take.
+        x_tau = x_rf * (jnp.cos(tau) + sigma_data * jnp.sin(tau)) / sigma_data
+        tau_b = _full_tau(tau, eps)
+        x0 = x0_cond_fn(x_tau, tau_b)
+        if use_cfg:
+            x0 = cfg_x0(x0, x0_uncond_fn(x_tau, tau_b), guidance)
+        velocity = (x_rf - x0) / t  # RF velocity eps - x0; t > 0 on every evaluated step
+        return x_rf + (t_next - t) * velocity
+
+    return jax.lax.fori_loop(0, num_steps, step, eps)

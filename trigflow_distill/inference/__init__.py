@@ -1,0 +1,1 @@
+"""Sampling a distilled student (or the teacher): loading a model, conditioning inputs, `generate`, `export`."""

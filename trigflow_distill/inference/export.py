@@ -1,0 +1,60 @@
+"""Export the distilled student of a training run for the PyTorch ecosystem.
+
+  python -m trigflow_distill.inference.export --workdir=/tmp/run --out=/tmp/student.pt             # native Cosmos .pt (bf16)
+  python -m trigflow_distill.inference.export --workdir=gs://bucket/run --out=gs://bucket/student --format=diffusers
+
+The EMA weights are exported unless --raw; the frozen text projection is taken from the teacher, so the file
+is a complete Cosmos DiT that loads like the teacher it came from (and samples in 4 steps without guidance). A
+guidance-conditioned student (docs/algorithm.md §15) keeps its CFG-scale projection as `guidance_embedder.linear.weight`
+(native format only: diffusers' CosmosTransformer3DModel has no guidance input); this project's convert and generate
+read it back.
+Only the exported student is read from the checkpoint (`restore.load_student`: a partial restore into host memory, no
+optimizer state), so exporting a 2B run reads 8.2 GB of fp32 weights, not the whole ~56 GB TrainState. Workdir and
+output may be local or remote (gs://, through etils.epath); an existing output is replaced only with --overwrite.
+"""
+
+import argparse
+import sys
+import time
+
+from trigflow_distill.common import errors
+from trigflow_distill.models.cosmos_dit import convert
+from trigflow_distill.training import restore
+
+
+def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = True, overwrite: bool = False) -> None:
+    if fmt not in ("torch", "diffusers"):
+        raise ValueError(f"--format={fmt!r}: use 'torch' or 'diffusers'.")
+    _, net_config, params = restore.load_student(workdir, "ema" if use_ema else "raw")
+    if fmt == "torch":
+        convert.export_torch(params, net_config, out, overwrite=overwrite)
+    else:
+        convert.export_diffusers(params, net_config, out, overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m " + __spec__.name if __spec__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint is exported)")
+    parser.add_argument("--out", required=True, help="output .pt file (torch) or folder (diffusers)")
+    parser.add_argument("--format", default="torch", choices=("torch", "diffusers"))
+    parser.add_argument("--raw", action="store_true", help="export the raw student instead of its EMA")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        export_student(args.workdir, args.out, args.format, use_ema=not args.raw, overwrite=args.overwrite)
+    except errors.CLI_ERRORS as e:
+        return errors.fail(e)
+    print(
+        f"exported the {'raw' if args.raw else 'EMA'} student of {args.workdir} to {args.out} "
+        f"({args.format}) in {time.perf_counter() - start:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from trigflow_distill.prepare.job import main
+
+sys.exit(main())

@@ -1,0 +1,440 @@
+r"""From a folder of videos and captions to a training set (docs/algorithm.md §7, §9, §11, §12).
+
+    python -m trigflow_distill.prepare --videos VIDEOS_DIR --captions captions.jsonl \
+        --vae hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth \
+        --text-encoder hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58da5711eab4b423 \
+        --teacher /ckpts/Cosmos-Predict2.5-2B/base/pre-trained/<uuid>_ema_bf16.pt --out DATASET
+
+What it does, per video: decode it with PyAV; choose the bucket of nearest aspect ratio (`--resolution`), resize
+to fit, reflection-pad and record the padding mask (§12); cut `--clips-per-video` clips of `--frames` consecutive
+frames at the source rate, EVENLY SPACED from the first frame to the last (clip k starts at
+round(k (n - frames) / (N - 1)); clips overlap when the video has fewer than N·frames frames, identical starts are
+kept once); encode them with the Wan2.1 VAE into normalised latents (§9, §10); embed the caption with the Reason1
+text encoder (§11) and project it ONCE with the teacher's frozen `crossattn_proj` into the (512, 1024) context,
+stored bfloat16. The raw (512, 28·3584) embedding is not stored unless `--keep-raw-text` (then float32, beside each
+shard as `SHARD.text_raw.npy`, outside the dataset format: the trainer reads the projected context).
+
+Inputs:
+- `--videos DIR` (every .mp4/.mov/.mkv/.webm/.avi/.m4v below it, sorted) or `--videos LIST.txt` (one path a line,
+  relative to the list's folder or absolute; blank lines and `#` comments ignored). Local paths or gs:// (epath).
+- `--captions FILE.jsonl`: one JSON object a line, `{"video": "clip_001.mp4", "caption": "A red car ..."}`; "video"
+  is the path relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video
+  without an entry uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption).
+
+Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `main.py` trains on
+(`--config.data.path=DATASET`; every batch holds one bucket):
+- `unit-NNNNN/`: the shards of unit N, one per bucket, written by `data.DatasetWriter`; a unit is `--shard-videos`
+  consecutive videos of the sorted list. Every record holds the latents, the projected context and the padding
+  mask (pixel resolution); its info (`NpyDirSource.info(i)`) {"caption", "source": the video file, "frames":
+  [start, stop), "fps", "bucket": "WxH"};
+- `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after
+  its folder is complete;
+- `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`), written last by process 0;
+- `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
+  skipped, an unfinished one is redone), different ones are refused unless `--overwrite` (which deletes what a
+  previous job wrote there);
+- `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, too short,
+  no caption); the job goes on without them.
+
+Devices and hosts: all local devices are used (mesh {"data": 1, "fsdp": all}): the clip and caption batches are
+split over them, the text encoder's parameters are FSDP-sharded. With several processes (TPU pods are detected;
+else --coordinator-address/--num-processes/--process-id) process p takes units p, p + P, p + 2P, ... and writes
+their shards; once every unit's marker is there (the hosts poll the shared --out) process 0 writes report.jsonl
+and meta.json. Units do not depend on the process count, so a job can resume on another number of hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from etils import epath
+from jax.experimental import multihost_utils
+
+from trigflow_distill.common import distributed, errors, video
+from trigflow_distill.data import DatasetWriter
+from trigflow_distill.models import wan_vae
+from trigflow_distill.prepare.clips import Clip, Item, list_videos, load_clips, make_items, read_captions
+from trigflow_distill.prepare.encoders import Encoders
+
+JOB_FILE = "job.json"
+REPORT_FILE = "report.jsonl"
+UNITS_DIR = "units"
+JOB_FORMAT = "trigflow_distill.prepare/1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: shards, unit markers, job file
+
+
+def _atomic_write_text(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".tmp-{path.name}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _unit_dir(out: epath.Path, unit: int) -> epath.Path:
+    return out / f"unit-{unit:05d}"
+
+
+def _unit_marker(out: epath.Path, unit: int) -> epath.Path:
+    return out / UNITS_DIR / f"unit-{unit:05d}.json"
+
+
+def _read_marker(path: epath.Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
+    """What determines the dataset's content (batch size, workers and device count do not)."""
+    listing = "\n".join(f"{it.path}\t{it.caption}" for it in items)
+    return {
+        "format": JOB_FORMAT,
+        "videos": args.videos,
+        "captions": args.captions,
+        "num_videos": len(items),
+        "videos_and_captions_sha256": _digest(listing),
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "teacher": args.teacher,
+        "resolution": str(args.resolution),
+        "frames": args.frames,
+        "clips_per_video": args.clips_per_video,
+        "shard_videos": args.shard_videos,
+        "teacher_prefix": args.teacher_prefix,
+        "keep_raw_text": args.keep_raw_text,
+        "text_dtype": args.text_dtype,
+        "vae_dtype": args.vae_dtype,
+    }
+
+
+def _owned_entries(out: epath.Path) -> list[epath.Path]:
+    """What a prepare job writes into its output folder."""
+    names = {JOB_FILE, REPORT_FILE, UNITS_DIR, "meta.json"}  # and the unit-NNNNN folders
+    return [p for p in out.iterdir() if p.name in names or p.name.startswith(("unit-", ".tmp-"))]
+
+
+def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
+    """Claims `out` for this job (process 0 only); True when it resumes a previous run of the same job."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        previous = _read_marker(out / JOB_FILE)
+        if overwrite:
+            for p in _owned_entries(out):
+                p.rmtree() if p.is_dir() else p.unlink()
+        elif previous == job:
+            return True
+        elif previous is None:
+            raise FileExistsError(
+                f"--out {out} exists, is not empty and holds no {JOB_FILE}; choose a new folder (or pass --overwrite)"
+            )
+        else:
+            changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+            raise FileExistsError(
+                f"--out {out} holds another prepare job (different {', '.join(changed)}); pass "
+                "the same arguments to resume it, or --overwrite to replace it"
+            )
+    (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    resolution: str
+    frames: int
+    clips_per_video: int
+    batch_size: int
+    workers: int
+
+
+def _prefetched(items: Sequence[Item], opts: Options, pool) -> Iterator[tuple[Item, list[Clip] | str]]:
+    """(item, its clips or the reason it is skipped), in order, decoding up to 2 x workers videos ahead."""
+    load = functools.partial(load_clips, resolution=opts.resolution, frames=opts.frames, clips=opts.clips_per_video)
+    queue = collections.deque()
+    it = iter(items)
+
+    def submit():
+        item = next(it, None)
+        if item is not None:
+            queue.append((item, pool.submit(load, item)))
+
+    for _ in range(2 * opts.workers):
+        submit()
+    while queue:
+        item, future = queue.popleft()
+        submit()
+        try:
+            yield item, future.result()
+        except ValueError as e:
+            yield item, str(e)
+
+
+def process_unit(
+    unit: int,
+    items: Sequence[Item],
+    enc: Encoders,
+    opts: Options,
+    out: epath.Path,
+    pool,
+    bar: tqdm.tqdm,
+    skipped_before: int = 0,
+) -> dict:
+    """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker.
+    `bar` counts clips (its total shrinks when a video gives fewer clips than asked, or none)."""
+    pending: dict[tuple, list[Clip]] = collections.defaultdict(list)
+    done: dict[tuple, list[tuple[Clip, np.ndarray]]] = collections.defaultdict(list)
+    skipped = []
+
+    def flush(bucket):
+        clips = pending.pop(bucket)
+        z = enc.latents(np.stack([c.frames_thw3 for c in clips]), opts.batch_size)
+        done[bucket].extend(zip(clips, z))
+        bar.update(len(clips))
+
+    for item, clips in _prefetched(items, opts, pool):
+        if isinstance(clips, str):
+            skipped.append({"video": item.path, "reason": clips})
+            bar.total -= opts.clips_per_video
+            bar.set_postfix(skipped=skipped_before + len(skipped), refresh=True)
+            continue
+        bar.total -= opts.clips_per_video - len(clips)
+        for clip in clips:
+            pending[clip.bucket].append(clip)
+            if len(pending[clip.bucket]) == opts.batch_size:
+                flush(clip.bucket)
+    for bucket in list(pending):
+        flush(bucket)
+
+    captions = list(dict.fromkeys(c.item.caption for clips in done.values() for c, _ in clips))
+    contexts, raws = [], []
+    for i in range(0, len(captions), opts.batch_size):
+        context, raw = enc.context(captions[i : i + opts.batch_size], opts.batch_size)
+        contexts.append(context)
+        raws.append(raw)
+    row = {c: i for i, c in enumerate(captions)}
+    context = np.concatenate(contexts) if contexts else None
+    raw = np.concatenate(raws) if raws and raws[0] is not None else None
+
+    # One dataset-format-2 directory per unit (data.DatasetWriter), one shard per bucket; leftovers of an
+    # interrupted attempt are removed first (the unit has no marker, so nothing refers to them).
+    folder = _unit_dir(out, unit)
+    if folder.exists():
+        folder.rmtree()
+    shards = []
+    if done:
+        writer = DatasetWriter(os.fspath(folder), text_kind="projected")
+        order = list(video.buckets(opts.resolution).values())
+        for bucket in sorted(done, key=order.index):
+            clips = done[bucket]
+            rows = [row[c.item.caption] for c, _ in clips]
+            info = [
+                {
+                    "caption": c.item.caption,
+                    "source": c.item.path,
+                    "frames": [c.start, c.start + opts.frames],
+                    "fps": c.fps,
+                }
+                for c, _ in clips
+            ]
+            name = writer.write_shard(
+                np.stack([z for _, z in clips]),
+                context[rows],
+                bucket=list(bucket),
+                padding_mask=np.stack([c.mask_1hw for c, _ in clips]),
+                info=info,
+            )
+            if raw is not None:  # beside the shard, outside the format: not read by the trainer
+                with (folder / f"{name}.text_raw.npy").open("wb") as f:
+                    np.save(f, raw[rows])
+            shards.append({"name": name, "bucket": list(bucket), "num_records": len(clips)})
+        writer.close()
+    marker = {
+        "unit": unit,
+        "process": jax.process_index(),
+        "videos": [it.path for it in items],
+        "shards": shards,
+        "skipped": skipped,
+    }
+    _atomic_write_text(_unit_marker(out, unit), json.dumps(marker))
+    return marker
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _wait_for_units(out: epath.Path, num_units: int, poll_s: float = 5.0) -> None:
+    """Blocks until every unit has its marker. Hosts may finish hours apart, longer than a collective barrier
+    waits, so they poll the shared output instead (a host that dies stops the others through the distributed
+    heartbeat)."""
+    while True:
+        missing = [u for u in range(num_units) if not _unit_marker(out, u).exists()]
+        if not missing:
+            return
+        time.sleep(poll_s)
+
+
+def finish(out: epath.Path, num_units: int) -> dict:
+    """Process 0, after every unit is done: report.jsonl (the skipped videos) and the dataset's meta.json, which
+    lists the shards of every unit's folder (`unit-NNNNN/shard-MMMMM`)."""
+    markers = [_read_marker(_unit_marker(out, u)) for u in range(num_units)]
+    missing = [u for u, m in enumerate(markers) if m is None]
+    if missing:
+        raise ValueError(
+            f"units {missing[:10]} of {out} are not finished (a process failed?); rerun the same command to resume them"
+        )
+    skipped = [s for m in markers for s in m["skipped"]]
+    _atomic_write_text(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
+    metas = [
+        (u, json.loads((_unit_dir(out, u) / "meta.json").read_text())) for u, m in enumerate(markers) if m["shards"]
+    ]
+    if not metas:
+        raise ValueError(f"no video of --videos gave a clip; see {out / REPORT_FILE} for the reasons")
+    meta = dict(metas[0][1])
+    for u, m in metas:
+        for key in ("format", "text_shape", "text_kind", "text_dtype", "fields"):
+            if m[key] != meta[key]:
+                raise ValueError(
+                    f"{_unit_dir(out, u)}: {key} {m[key]!r} differs from unit {metas[0][0]}'s "
+                    f"{meta[key]!r}; rerun with --overwrite"
+                )
+    meta["shards"] = [{**s, "name": f"{_unit_dir(out, u).name}/{s['name']}"} for u, m in metas for s in m["shards"]]
+    meta["num_records"] = sum(s["num_records"] for s in meta["shards"])
+    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    return {"records": meta["num_records"], "shards": len(meta["shards"]), "skipped": skipped}
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds)."""
+    t0 = time.perf_counter()
+    frames = args.frames
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"--frames {frames}: the VAE needs 1 + 4k frames (e.g. 93 -> 24 latent frames)")
+    if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
+        raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
+    video.buckets(args.resolution)  # validates the name
+    paths, root = list_videos(args.videos)
+    items = make_items(paths, root, read_captions(args.captions))
+    out = epath.Path(args.out)
+    job = job_record(args, items)
+    if jax.process_index() == 0:
+        resumed = start_job(out, job, args.overwrite)
+    _barrier("trigflow_distill.prepare.start")
+    if jax.process_index() != 0:
+        resumed = _read_marker(out / JOB_FILE) == job
+    units = [items[i : i + args.shard_videos] for i in range(0, len(items), args.shard_videos)]
+    mine = list(range(jax.process_index(), len(units), jax.process_count()))
+    todo = [u for u in mine if _read_marker(_unit_marker(out, u)) is None]
+
+    enc = Encoders(
+        args.vae,
+        args.text_encoder,
+        args.teacher,
+        text_dtype=args.text_dtype,
+        vae_dtype=args.vae_dtype,
+        keep_raw_text=args.keep_raw_text,
+        teacher_prefix=args.teacher_prefix,
+        num_devices=args.devices,
+    )
+    batch = args.batch_size or enc.num_devices
+    if batch % enc.num_devices:
+        raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} devices used (--devices)")
+    opts = Options(str(args.resolution), frames, args.clips_per_video, batch, args.workers)
+    if resumed and jax.process_index() == 0:
+        print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
+    total = sum(len(units[u]) for u in todo) * args.clips_per_video
+    clips = skipped = 0
+    with (
+        concurrent.futures.ThreadPoolExecutor(args.workers) as pool,
+        tqdm.tqdm(total=total, unit="clip", desc="prepare", dynamic_ncols=True, disable=args.no_progress) as bar,
+    ):
+        for u in todo:
+            marker = process_unit(u, units[u], enc, opts, out, pool, bar, skipped)
+            clips += sum(s["num_records"] for s in marker["shards"])
+            skipped += len(marker["skipped"])
+    if jax.process_count() > 1:
+        _wait_for_units(out, len(units))
+    summary = {"clips_this_run": clips, "seconds": time.perf_counter() - t0}
+    if jax.process_index() == 0:
+        summary.update(finish(out, len(units)))
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trigflow_distill.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--videos", required=True, help="folder of videos, or a .txt list of video paths")
+    parser.add_argument("--captions", help='JSONL of {"video": NAME, "caption": TEXT} (else sidecar NAME.txt)')
+    parser.add_argument(
+        "--vae", default=wan_vae.DEFAULT_SOURCE, help="Wan2.1 VAE: native .pth, diffusers folder, hf://"
+    )
+    parser.add_argument("--text-encoder", required=True, help="Cosmos-Reason1 (Qwen2.5-VL) folder or hf://")
+    parser.add_argument("--teacher", required=True, help="teacher .pt or diffusers folder (for crossattn_proj)")
+    parser.add_argument("--teacher-prefix", default="auto", help="key prefix in the .pt: auto, net_ema., net.")
+    parser.add_argument("--out", required=True, help="dataset folder (new, or this job's to resume)")
+    parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (§12)")
+    parser.add_argument("--frames", type=int, default=93, help="frames per clip, 1 + 4k (default 93)")
+    parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video")
+    parser.add_argument("--batch-size", type=int, default=0, help="clips per VAE call (default: devices used)")
+    parser.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
+    parser.add_argument("--shard-videos", type=int, default=32, help="videos per unit (one shard per bucket)")
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding and resizing videos")
+    parser.add_argument("--text-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"))
+    parser.add_argument("--keep-raw-text", action="store_true", help="also store the raw text embedding (large)")
+    parser.add_argument("--overwrite", action="store_true", help="replace another job's output in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's id")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        summary = prepare(args)
+    except errors.CLI_ERRORS as e:
+        return errors.fail(e)
+    if jax.process_index() == 0:
+        rate = summary["clips_this_run"] / max(summary["seconds"], 1e-9)
+        print(
+            f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
+            f"{len(summary['skipped'])} videos skipped (see {REPORT_FILE}); this run: "
+            f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s ({rate:.2f} clips/s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Opening a run: check a config, load and convert the teacher, build the sharded pieces the loop needs, and
+re-open a finished run's latest checkpoint for inference (export, evaluation, generation: `load_student`,
+`load_run`, `restore_params` read only the student weights they need, never the whole TrainState).
+
+docs/algorithm.md §9: the teacher is converted once into <workdir>/teacher_cache (or config.teacher.cache_dir) and
+re-used; the run's config is saved as <workdir>/config.json by the trainer and read back by `read_config`.
+Workdirs may be local or remote (gs://...): every path here goes through etils.epath.
+"""
+
+import json
+import math
+import os
+import time
+
+import ml_collections
+from etils import epath
+
+# Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
+# what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
+RESUME_MAY_CHANGE = (
+    "total_steps",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_consecutive_skips",
+    "allow_config_change",
+    "eval",
+    "mesh",
+    "net.remat",
+    "net.attention",
+    "net.attention_block_size",
+    "teacher.cache_dir",
+    "wandb",
+)
+
+
+def validate_config(config):
+    """Clear errors for the mistakes a user can make before anything heavy starts."""
+    if not config.teacher.path:
+        raise ValueError(
+            "config.teacher.path is empty. The real recipe distills the Cosmos Predict2.5 2B teacher: download "
+            "base/pre-trained/<uuid>_ema_bf16.pt from https://huggingface.co/nvidia/Cosmos-Predict2.5-2B and pass "
+            "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo)."
+        )
+    if "://" not in str(config.teacher.path) and not os.path.exists(config.teacher.path):
+        raise FileNotFoundError(f"config.teacher.path={config.teacher.path!r} does not exist.")
+    if config.data.kind == "dir" and not config.data.path:
+        raise ValueError(
+            "config.data.path is empty: point it at a dataset written by "
+            "`python -m trigflow_distill.data.cli` (see trigflow_distill/data/__init__.py)."
+        )
+    for name in (
+        "total_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_skips",
+        "data.batch_size",
+    ):
+        if _get(config, name) < 1:
+            raise ValueError(f"config.{name}={_get(config, name)} must be >= 1.")
+    if config.sample_every < 0:
+        raise ValueError(f"config.sample_every={config.sample_every} must be >= 0 (0: no sample pictures).")
+    for section in ("student_optim", "critic_optim"):
+        for field in ("lr", "b1", "b2", "eps", "weight_decay", "clip_norm", "warmup", "decay_steps"):
+            value = float(config[section][field])
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"config.{section}.{field}={config[section][field]} must be a finite number >= 0.")
+        if not config[section].b1 < 1 or not config[section].b2 < 1:
+            raise ValueError(f"config.{section}.b1 and .b2 must be < 1.")
+    d = config.distill
+    for field in ("guidance", "timestep_shift", "ema_rate"):
+        if not math.isfinite(float(d[field])) or float(d[field]) <= 0:
+            raise ValueError(f"config.distill.{field}={d[field]} must be a finite number > 0.")
+    if d.get("guidance_conditioned", False):
+        lo_hi = tuple(d.guidance_range)
+        if len(lo_hi) != 2 or not all(math.isfinite(float(g)) and float(g) > 0 for g in lo_hi) or lo_hi[0] > lo_hi[1]:
+            raise ValueError(
+                f"distill.guidance_range={lo_hi} must be two finite scales 0 < lo <= hi, e.g. (1.0, 6.0) (§15)."
+            )
+    if int(d.get("lambda_frame_chunks", 1)) < 1 or int(d.get("ema_start", 0)) < 0:
+        raise ValueError("distill.lambda_frame_chunks must be >= 1 and distill.ema_start >= 0.")
+    if d.student_update_freq < 1 or d.num_student_steps < 1:
+        raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
+    if len(d.cond_frame_probs) < 1 or min(d.cond_frame_probs) < 0 or abs(sum(d.cond_frame_probs) - 1) > 1e-6:
+        raise ValueError(f"distill.cond_frame_probs={tuple(d.cond_frame_probs)} must be probabilities summing to 1.")
+    if config.teacher.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"teacher.dtype={config.teacher.dtype!r}: use 'float32' or 'bfloat16'.")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Fields added after runs were saved without them, with the value that computes what those runs computed (None: any
+# value, the field is read only when another one is switched on). Absent in a saved config and at that value in the
+# new one, they are no change: a run saved by an older version resumes.
+ADDED_FIELDS = {"distill.guidance_conditioned": False, "distill.guidance_range": None}
+
+
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """ "key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
+    (fields of RESUME_MAY_CHANGE are left out, and ADDED_FIELDS absent from `saved` at their old-behaviour value)."""
+    a, b = _flatten(saved), _flatten(new)
+    missing = "<absent>"
+
+    def added(k):
+        return k not in a and k in ADDED_FIELDS and ADDED_FIELDS[k] in (None, b.get(k))
+
+    keys = sorted(
+        k
+        for k in a.keys() | b.keys()
+        if a.get(k, missing) != b.get(k, missing)
+        and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        and not added(k)
+    )
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in keys]
+
+
+def read_saved_config(workdir) -> dict | None:
+    """The config dict saved in <workdir>/config.json, None if there is none; ValueError naming the file if it is
+    damaged."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is corrupted ({e}); restore it from a config.<time>.json beside it or from a "
+            "backup, or start a new --workdir."
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{path} is corrupted (not a JSON object); restore it from a config.<time>.json beside it "
+            "or from a backup, or start a new --workdir."
+        )
+    return saved
+
+
+def resume_config(config, workdir, write: bool = True) -> str | None:
+    """Check `config` against the one saved in `workdir` and save it as <workdir>/config.json (if `write`).
+
+    A config that differs in a field that changes the run (not in RESUME_MAY_CHANGE) is refused with the fields
+    listed, before anything is written, unless config.allow_config_change. Whenever the saved config differs, it
+    is kept as config.<UTC time>.json. Returns a note for the log when the config changed, else None.
+    """
+    saved = read_saved_config(workdir)
+    new = json.loads(config.to_json_best_effort())
+    if saved == new:
+        return None
+    note = None
+    if saved is not None:
+        changes = config_changes(saved, new)
+        if changes and not config.get("allow_config_change", False):
+            raise ValueError(
+                f"{workdir} holds a run with another config; resuming would mix two runs. Changed: "
+                f"{'; '.join(changes)}. Resume with the saved config ({epath.Path(workdir) / 'config.json'}), use "
+                "a new --workdir, or pass --config.allow_config_change=True to go on with the new config (the old "
+                "one is kept)."
+            )
+        kept = epath.Path(workdir) / f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        n = 1
+        while kept.exists():
+            kept, n = kept.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}.json"), n + 1
+        if write:
+            _write_atomic(kept, json.dumps(saved, indent=2))
+        note = (
+            f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
+            f"previous config is kept as {kept}."
+        )
+    if write:
+        _write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+    return note
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    """Write `text` so that a reader sees the old or the new file, never half of one (local: rename)."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+    """The config a training run saved as <workdir>/config.json (local or gs://)."""
+    saved = read_saved_config(workdir)  # a damaged file is a ValueError naming it
+    if saved is None:
+        path = epath.Path(workdir) / "config.json"
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run main.py first).")
+    return ml_collections.ConfigDict(saved)
