@@ -6,9 +6,9 @@
         --size 1280x704 --num-frames 93 --dtype bfloat16                             # real nets on an accelerator
     python benchmarks/generate_speed.py --flops --size 1280x704 --num-frames 93     # release-size FLOPs, no weights
 
-Every stage is the code `python -m trigflow_distill.inference.generate` runs: `generate._context` (Reason1 embedding and the
-frozen text projection), `generate._sample_jit` (student: sampling.sample_student; teacher:
-sampling.sample_teacher_cfg), `wan_vae.decode`. Each is called once to compile (reported as first_call_s), then
+Every stage is the code `trigflow-generate` runs: `generate._context` (Reason1 embedding and the
+frozen text projection), `generate._sample_jit` (`video2world.sample`: the student's k-step or the
+teacher's CFG sampler), `wan_vae.decode`. Each is called once to compile (reported as first_call_s), then
 `--repeats` times, student and teacher sampling in turn each round; the table has wall-clock medians per batch of
 `--prompts` videos, block_until_ready. Without checkpoints the nets are random: the tiny DiT preset, a tiny
 Qwen2 text encoder (2 x 48 features, what the tiny DiT's projection takes) and a Wan2.1 VAE of width --vae-dim
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trigflow_distill.common import sharding
+from trigflow_distill.core import sampling
 from trigflow_distill.inference import generate, loader
 from trigflow_distill.models import cosmos_dit, reason1, wan_vae
 from trigflow_distill.models.reason1 import qwen2
@@ -103,23 +104,32 @@ def run(args) -> dict:
     mask = jnp.zeros((1, 1, *shape[2:]))
     padding = jnp.zeros((1, 1, height, width))
     samplers = {
-        "student": generate.Sampler(student.net_config, "student", 4),
-        "teacher": generate.Sampler(teacher.net_config, "teacher", args.teacher_steps, guidance=4.0),
+        "student": sampling.SamplerSettings("student", 4),
+        "teacher": sampling.SamplerSettings("teacher", args.teacher_steps, guidance=4.0),
     }
     models = {"student": student, "teacher": teacher}
     device = {k: jax.device_put(m.params, sharding.replicated(mesh)) for k, m in models.items()}
     # The text projection is frozen, so student and teacher share the context (the same text encoding).
     context = {}
     latents = {}
-    uncond = jnp.asarray(generate.uncond_context(student.net_config, student.text_proj))
+    uncond = cosmos_dit.unconditional_context(student.text_proj, (1, 1, student.net_config.crossattn_emb_channels))
 
     def text():
-        context["both"] = generate._context(te_cfg, te_params, ids, student.net_config, student.text_proj)
+        context["both"] = generate._context(te_cfg, te_params, ids, student.text_proj)
         return context["both"]
 
     def sample(name):
         latents[name] = generate._sample_jit(
-            samplers[name], device[name], context["both"], uncond, gt, mask, padding, eps
+            models[name].net_config,
+            samplers[name],
+            "rectified_flow",
+            device[name],
+            context["both"],
+            uncond,
+            gt,
+            mask,
+            padding,
+            eps,
         )
         return latents[name]
 

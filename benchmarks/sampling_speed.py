@@ -14,6 +14,7 @@ The headline speed-up divides the faster teacher form by the student.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -33,37 +34,32 @@ TEACHER_STEPS, GUIDANCE = 35, 4.0
 
 
 def teacher_samples(algo, params, batch, key, batched: bool):
-    """35-step CFG teacher samples (B,16,T,H,W) for the conditioning of `batch`."""
+    """35-step CFG teacher samples (B,16,T,H,W) for the conditioning of `batch`: `video2world.sample` (separate
+    conditional and unconditional calls), or the same x0 builder with both halves in one batched call."""
     cfg = algo.net_config
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
     gt = batch["latents"]
     mask = video2world.cond_mask(batch["num_cond_frames"], gt.shape)
-    context = cosmos_dit.project_text(cfg, params, batch["text"])
-    uncond = cosmos_dit.project_text(cfg, params, jnp.zeros_like(batch["text"]))
+    context = cosmos_dit.project_text(params["crossattn_proj"], batch["text"])
+    uncond = cosmos_dit.unconditional_context(params["crossattn_proj"], context.shape)
     eps = jax.random.normal(key, gt.shape, jnp.float32)
-
-    def x0_fn(ctx, g, m):
-        return lambda x, tau_b: video2world.denoise(
-            cfg, net, x, tau_b, ctx, g, m, scaling=algo.scaling, sigma_data=algo.sigma_data
-        )
-
-    run = functools.partial(
-        sampling.sample_teacher_cfg,
-        eps=eps,
-        num_steps=TEACHER_STEPS,
-        shift=algo.timestep_shift,
-        sigma_data=algo.sigma_data,
+    settings = sampling.SamplerSettings(
+        "teacher", TEACHER_STEPS, GUIDANCE, shift=algo.timestep_shift, sigma_data=algo.sigma_data
     )
     if not batched:
-        return run(x0_fn(context, gt, mask), x0_fn(uncond, gt, mask), guidance=GUIDANCE)
+        return video2world.sample(settings, cfg, net, context, uncond, gt, mask, eps, scaling=algo.scaling)
     two = lambda a: jnp.concatenate([a, a])  # noqa: E731
-    both = x0_fn(jnp.concatenate([context, uncond]), two(gt), two(mask))
+    both = video2world.make_x0_fn(
+        cfg, jnp.concatenate([context, uncond]), two(gt), two(mask), scaling=algo.scaling, sigma_data=algo.sigma_data
+    )
 
     def guided(x, tau_b):
-        x0_c, x0_u = jnp.split(both(two(x), two(tau_b)), 2)
+        x0_c, x0_u = jnp.split(both(net, two(x), two(tau_b)), 2)
         return losses.cfg_x0(x0_c, x0_u, GUIDANCE)
 
-    return run(guided, None, guidance=None)  # guidance None: one (already guided) call per step
+    unguided = dataclasses.replace(settings, guidance=None)  # one (already guided) call per step
+    x0 = sampling.sample(unguided, guided, None, eps)
+    return mask * gt + (1.0 - mask) * x0
 
 
 def run(args) -> dict:

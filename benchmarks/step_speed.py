@@ -237,7 +237,7 @@ def run(args) -> dict:
         (jnp.arange(latent[1]) < b["num_cond_frames"][:, None]).astype(jnp.float32)[:, None, :, None, None],
         (batch_size, 1, *latent[1:]),
     )
-    context = cosmos_dit.project_text(net_config, params, b["text"])
+    context = cosmos_dit.project_text(params["crossattn_proj"], b["text"])
     flops = network_flops(
         net_config, teacher["net"], b["latents"], jnp.full((batch_size, latent[1]), 0.5), context, mask
     )

@@ -1,8 +1,8 @@
 """DMD2 student and critic updates in PyTorch: the speed baseline of step_speed.py and sampling_speed.py.
 
-Written independently of the JAX code (only the weight-name mapping `networks.state_dict` is shared), on
-diffusers' CosmosTransformer3DModel, with the algorithm of trigflow_distill.methods.dmd2 (docs/algorithm.md §3-7): TrigFlow
-preconditioning of a rectified-flow net, Video2World GT frames at sigma 1e-4, backward simulation (first n-1
+Written independently of the JAX code (only the weight-name mapping `models.cosmos_dit.names` is shared), on
+diffusers' CosmosTransformer3DModel, with the algorithm of trigflow_distill.methods.dmd2 (docs/algorithm.md §3-7):
+TrigFlow preconditioning of a rectified-flow net, Video2World GT frames at sigma 1e-4, backward simulation (first n-1
 steps without gradient), DMD loss against the guided teacher, critic (fake-score) loss, AdamW with global-norm
 clip and warm-up, skip on non-finite, power EMA of the student. tests/test_torch_dmd2.py checks that its losses,
 denoiser and backward simulation equal the JAX ones on the same inputs.

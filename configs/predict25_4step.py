@@ -64,8 +64,9 @@ def get_config(arg: str = ""):
     # generate / evaluation. False = the reference: one student per scale.
     c.distill.guidance_conditioned = False
     c.distill.guidance_range = (1.0, 6.0)
+    # Iteration i updates the student iff i % student_update_freq == 0; every i < student_warmup does (§6).
     c.distill.student_update_freq = 5
-    c.distill.tangent_warmup = 1
+    c.distill.student_warmup = 1
     c.distill.num_student_steps = 4
     c.distill.timestep_shift = 5.0
     c.distill.cond_frame_probs = COND_FRAME_PROBS  # P(N=0), P(N=1), P(N=2) conditional latent frames
@@ -83,7 +84,7 @@ def get_config(arg: str = ""):
         dict(
             loss_scale=100.0,  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
             dmd_weight=1.0,  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-            tangent_warmup=1000,  # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
+            tangent_ramp=1000,  # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
             tangent_norm_eps=0.1,  # g / (||g|| + eps)
             p_mean=-0.8,
             p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
@@ -150,7 +151,7 @@ def get_config(arg: str = ""):
         # both worse (fd_hand 26-29). So here the EMA starts at the last student update, i.e. the exported EMA is
         # the final student; the real recipe keeps the reference's EMA (rate 0.1, start 0).
         c.distill.ema_start = c.total_steps // c.distill.student_update_freq
-        c.distill.rcm.tangent_warmup = 100  # the reference's 1000 is 1% of its run; 1500 iterations here
+        c.distill.rcm.tangent_ramp = 100  # the reference's 1000 is 1% of its run; 1500 iterations here
         c.data.kind = "toy"
         c.data.batch_size = 32
         c.mesh.update(data=-1, fsdp=1, seq=1)  # plain data parallelism

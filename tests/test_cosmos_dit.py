@@ -129,7 +129,7 @@ def test_bf16_close_to_fp32_and_projected_context(setup):
     print(f"bf16 vs fp32: max {rel.max():.2e}, mean {rel.mean():.2e} (of output std)")
     assert bf16.dtype == jnp.float32 and rel.mean() < 1e-2 and rel.max() < 8e-2
     # Projecting once outside and dropping crossattn_proj from params gives the same output (trainer path).
-    ctx = cosmos_dit.project_text(CFG, params, text)
+    ctx = cosmos_dit.project_text(params["crossattn_proj"], text)
     no_proj = {k: v for k, v in params.items() if k != "crossattn_proj"}
     np.testing.assert_allclose(cosmos_dit.velocity(CFG, no_proj, x, ts, ctx, mask, pad), ref, rtol=0, atol=1e-6)
 

@@ -82,7 +82,7 @@ def test_projected_context_dataset_gives_the_same_updates(teacher):
     updates; the unconditional context of projected data is GELU(b), the projection of zeros (§7, §13)."""
     raw = _batch(jax.random.PRNGKey(2))
     proj = {"crossattn_proj": teacher["text_proj"]}
-    projected = dict(raw, text=cosmos_dit.project_text(NET, proj, raw["text"]))
+    projected = dict(raw, text=cosmos_dit.project_text(proj["crossattn_proj"], raw["text"]))
     algo = dmd2.Algo(net_config=NET)
     cond_raw, uncond_raw = video2world.contexts(algo, teacher, raw["text"])
     cond_proj, uncond_proj = video2world.contexts(algo, teacher, projected["text"])
@@ -95,12 +95,11 @@ def test_projected_context_dataset_gives_the_same_updates(teacher):
     for a, b in ((s1_raw.student, s1_proj.student), (s2_raw.critic, s2_proj.critic)):
         for x, y in zip(_leaves(a), _leaves(b)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    assert (
-        video2world.text_width_kind(NET, teacher, 96) == "raw"
-        and video2world.text_width_kind(NET, teacher, 64) == "projected"
-    )
+    assert cosmos_dit.text_kind(NET, 96) == "raw" and cosmos_dit.text_kind(NET, 64) == "projected"
     with pytest.raises(ValueError, match=r"50 wide, but this teacher takes 96 \(raw .* maps to 64\) or 64"):
-        video2world.text_width_kind(NET, teacher, 50)
+        cosmos_dit.text_kind(NET, 50)
+    with pytest.raises(ValueError, match=r"projected text embeddings are 96 wide"):  # what the dataset declares wins
+        cosmos_dit.text_kind(NET, 96, "projected")
 
 
 def _spy(monkeypatch, module, name):

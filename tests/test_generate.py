@@ -88,14 +88,14 @@ def _context(assets, prompts, params):
     """Projected context computed here: tokenizer -> Reason1 embedding -> the checkpoint's crossattn_proj."""
     te_cfg, te_params = reason1.load(assets["dir"] / "te", "float32")
     emb = reason1.embed(te_cfg, te_params, reason1.tokenize(assets["dir"] / "te", prompts))
-    return cosmos_dit.project_text(NET, params, emb)
+    return cosmos_dit.project_text(params["crossattn_proj"], emb)
 
 
 def _reference(assets, params, prompts, seed, gt, mask, padding, teacher_steps=None, guidance=4.0):
     """Latents from the samplers of sampling.py, every call through video2world.denoise (docs/algorithm.md §3, §7); a
     guidance-conditioned student (§15) gets `guidance` as its input."""
     context = _context(assets, prompts, params)
-    uncond = cosmos_dit.project_text(NET, params, jnp.zeros((len(prompts), 512, 96)))
+    uncond = cosmos_dit.project_text(params["crossattn_proj"], jnp.zeros((len(prompts), 512, 96)))
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
     eps = jnp.stack([generate.initial_noise(seed, i, gt.shape[1:]) for i in range(len(prompts))])
     return _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import predict25_4step
+from trigflow_distill import methods
 from trigflow_distill.core import losses, optim
-from trigflow_distill.methods import dmd2, rcm, train_state
+from trigflow_distill.methods import dmd2, train_state
 from trigflow_distill.models import cosmos_dit
 from trigflow_distill.models.cosmos_dit import names as sdm
 from trigflow_distill.training import builder, run_config
@@ -138,15 +139,15 @@ def _config(**distill):
 
 def test_config_switch_and_its_errors():
     assert predict25_4step.get_config().distill.guidance_conditioned is False  # the default recipe is unchanged
-    algo = rcm.algo_from_config(_config(guidance_conditioned=True), NET)
+    algo = methods.algo_from_config(_config(guidance_conditioned=True), NET)
     assert algo.guidance_range == (1.0, 6.0)
-    assert rcm.algo_from_config(_config(), NET).guidance_range is None
+    assert methods.algo_from_config(_config(), NET).guidance_range is None
     run_config.validate_config(_config(guidance_conditioned=True))
     for bad in ((1.0,), (6.0, 1.0), (0.0, 4.0), (1.0, float("nan"))):
         with pytest.raises(ValueError, match="distill.guidance_range"):
             run_config.validate_config(_config(guidance_conditioned=True, guidance_range=bad))
     with pytest.raises(ValueError, match="guidance_conditioned=True is for distill.method='dmd2'"):
-        rcm.algo_from_config(_config(guidance_conditioned=True, method="rcm"), NET)
+        methods.algo_from_config(_config(guidance_conditioned=True, method="rcm"), NET)
 
 
 def test_export_keeps_the_guidance_weight_under_its_documented_name(tmp_path):

@@ -1,10 +1,14 @@
-"""The layering rule: the method (dmd2) loads no system packages and no toy world, the trainer no toy world; no
-sys.path edits; the data-kind registry hands the trainer its source and sample writer from the config."""
+"""The layering rule: the import-linter contracts of pyproject.toml hold (layers point one way, core is jax/optax/numpy
+only, nothing imports torch); the methods load no system packages and no toy world, the trainer no toy world; no
+sys.path edits; every console script answers --help; one x0 builder, one text projection, one data/teacher check and
+one run builder; the data-kind registry hands the trainer its source and sample writer from the config."""
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 
@@ -27,8 +31,74 @@ def _loaded_after_import(module: str) -> list[str]:
     return eval(out.stdout.strip().splitlines()[-1])
 
 
-def test_dmd2_imports_no_system_packages_and_no_toy():
-    assert _loaded_after_import("trigflow_distill.methods.dmd2") == []
+def test_import_contracts_hold():
+    """`lint-imports` (the contracts in pyproject.toml's [tool.importlinter]) passes: a layer importing one above
+    it, core importing flax/orbax/..., or the package importing torch fails here."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "3 kept, 0 broken" in out.stdout, out.stdout[-2000:]
+
+
+def test_methods_import_no_system_packages_and_no_toy():
+    for module in ("trigflow_distill.methods.dmd2", "trigflow_distill.methods.rcm"):
+        assert _loaded_after_import(module) == [], module
+
+
+def _definitions(name: str) -> list[str]:
+    """Files of the package that define a top-level function or class `name`."""
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "trigflow_distill").rglob("*.py")
+        for node in ast.parse(p.read_text()).body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name
+    )
+
+
+def test_one_of_each_shared_piece():
+    """One x0 builder, one sampling entry point, one text projection, one data/teacher check, one run builder."""
+    assert _definitions("make_x0_fn") == ["trigflow_distill/methods/video2world.py"]
+    assert _definitions("sample") == ["trigflow_distill/core/sampling.py", "trigflow_distill/methods/video2world.py"]
+    assert _definitions("project_text") == ["trigflow_distill/models/cosmos_dit/network.py"]
+    assert _definitions("check_data") == ["trigflow_distill/models/cosmos_dit/network.py"]
+    assert _definitions("build") == ["trigflow_distill/training/builder.py"]
+    # the text projection is an einsum in exactly one place
+    einsum_proj = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "trigflow_distill").rglob("*.py")
+        if "jax.nn.gelu(y + bias" in p.read_text() or "gelu(_dense(text" in p.read_text()
+    ]
+    assert einsum_proj == ["trigflow_distill/models/cosmos_dit/network.py"], einsum_proj
+
+
+def test_every_console_script_answers_help():
+    """Each [project.scripts] entry (and main.py) prints its --help and exits 0, all started at once."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = {}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        code = f"import sys; sys.argv = [{name!r}, '--help']; from {module} import {func}; {func}()"
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    procs["main.py"] = subprocess.Popen(
+        [sys.executable, "main.py", "--help"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}: {err[-2000:]}"
+        assert "usage" in (out + err).lower() or "flags" in (out + err).lower(), f"{name}: {out[:500]}"
 
 
 def test_trainer_does_not_import_the_toy_world():

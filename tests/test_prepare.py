@@ -165,7 +165,7 @@ def test_records_match_an_independent_recomputation(sources, dataset):
     assert 0 < mask.mean() < 1  # 44x48 in a square bucket: padded on the left and right
     tcfg, tparams = reason1.load(sources["text"], "float32")
     raw = reason1.embed(tcfg, tparams, reason1.tokenize(sources["text"], [SIDECAR[1]]))
-    want = cosmos_dit.project_text(sources["net"], sources["teacher_params"], raw)[0]
+    want = cosmos_dit.project_text(sources["teacher_params"]["crossattn_proj"], raw)[0]
     want_bf16 = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
     assert np.abs(rec["text"] - want_bf16).max() <= 2**-8 * np.abs(want_bf16).max()  # one bfloat16 rounding
 
@@ -239,7 +239,7 @@ def test_batches_are_split_over_the_devices(sources):
     np.testing.assert_array_equal(c8.view(np.uint16), c1.view(np.uint16))
     # --keep-raw-text: the raw embedding is the one the context was projected from
     assert no_raw is None and raw.shape == (2, 512, 96) and raw.dtype == np.float32
-    want = cosmos_dit.project_text(sources["net"], sources["teacher_params"], raw)
+    want = cosmos_dit.project_text(sources["teacher_params"]["crossattn_proj"], raw)
     np.testing.assert_array_equal(c1.view(np.uint16), np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
 
 

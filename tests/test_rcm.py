@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests import test_analytic_distill as world
+from trigflow_distill import methods
 from trigflow_distill.core import optim, trigflow
 from trigflow_distill.methods import dmd2, rcm, train_state, video2world
 from trigflow_distill.models import cosmos_dit
@@ -197,7 +198,7 @@ def gmm_algo(**overrides):
 
 def _tiny_training():
     """(critic, student update fns, teacher, batch, initial state) on the analytic world, tangent warm-up 2."""
-    algo = gmm_algo(tangent_warmup=2)
+    algo = gmm_algo(tangent_ramp=2)
     tx = optim.make_optimizer(1e-3, warmup=2)
     teacher = {"net": world.mlp_init(jax.random.PRNGKey(0)), "text_proj": None}
     state = train_state.init_state(teacher, tx, tx, seed=0)
@@ -206,10 +207,14 @@ def _tiny_training():
     return critic, student, teacher, gmm_batch(jax.random.PRNGKey(1), 64), state
 
 
+# Every 2nd iteration a student update, and iteration 0 (the algorithm's update schedule).
+SCHEDULE = dmd2.Algo(net_config=None, student_update_freq=2, student_warmup=1)
+
+
 def _run(state, critic, student, teacher, batch, steps):
     history = []
     for _ in range(steps):
-        fn = student if dmd2.is_student_step(int(state.step), 2, 1) else critic
+        fn = student if SCHEDULE.is_student_step(int(state.step)) else critic
         state, metrics = fn(state, teacher, batch)
         history.append(jax.device_get(metrics))
     return state, history
@@ -248,7 +253,7 @@ def test_rcm_alternation_skip_and_exact_resume():
 # 1 on the DMD2 term (gradient norm ~ 2 sqrt(N) for N elements per sample: ~4600 for Predict2.5 latents). With N = 2
 # here, the same balance needs a DMD2 weight of ~sqrt(5.4e6 / 2) ~ 1600; 1000 is used (100 measured worse: energy
 # 0.025 / 0.031 at 1000 rounds). Warm-up 100 iterations.
-ANALYTIC_RCM = dict(loss_scale=100.0, dmd_weight=1000.0, tangent_warmup=100)
+ANALYTIC_RCM = dict(loss_scale=100.0, dmd_weight=1000.0, tangent_ramp=100)
 
 
 def train_rcm(key, rounds=world.ROUNDS):
@@ -297,26 +302,27 @@ def test_rcm_student_at_least_as_close_to_the_teacher_as_dmd2():
 
 # ---- configuration and the Video2World update on the tiny DiT ----------------------------------------------------
 def test_method_from_config():
-    """distill.method picks the algorithm: dmd2 (default) -> dmd2.Algo, rcm -> RcmAlgo with distill.rcm; others and
+    """distill.method picks the algorithm from the methods.METHODS registry: dmd2 (default) -> dmd2.Algo, rcm -> RcmAlgo
+    with distill.rcm; others and
     a JVP attention without forward mode are one-line errors."""
     config = predict25_4step.get_config("tiny")
-    assert type(rcm.algo_from_config(config, NET)) is dmd2.Algo
+    assert type(methods.algo_from_config(config, NET)) is dmd2.Algo
     config.distill.method = "rcm"
-    algo = rcm.algo_from_config(config, NET)
+    algo = methods.algo_from_config(config, NET)
     assert isinstance(algo, rcm.RcmAlgo) and algo.student_update_fn is rcm.rcm_student_update
-    assert (algo.loss_scale, algo.dmd_weight, algo.tangent_warmup, algo.p_mean) == (100.0, 1.0, 100, -0.8)
+    assert (algo.loss_scale, algo.dmd_weight, algo.tangent_ramp, algo.p_mean) == (100.0, 1.0, 100, -0.8)
     assert algo.guidance == config.distill.guidance
     tx = optim.make_optimizer(1e-3)
     _, student = dmd2.make_update_fns(algo, tx, tx, optim.EMA_GAMMA)
     assert student.__wrapped__.func is rcm.rcm_student_update  # the dispatch in dmd2.make_update_fns
     config.distill.rcm.jvp_attention = "blockwise_jvp"
-    assert rcm.algo_from_config(config, NET).jvp_attention == "blockwise_jvp"
+    assert methods.algo_from_config(config, NET).jvp_attention == "blockwise_jvp"
     config.distill.rcm.jvp_attention = "blockwise"
     with pytest.raises(ValueError, match="jvp_attention"):
-        rcm.algo_from_config(config, NET)
+        methods.algo_from_config(config, NET)
     config.distill.method = "sid"
     with pytest.raises(ValueError, match="distill.method"):
-        rcm.algo_from_config(config, NET)
+        methods.algo_from_config(config, NET)
 
 
 @pytest.mark.slow
@@ -325,7 +331,7 @@ def test_rcm_update_on_the_tiny_dit_with_blockwise_attention():
     runs on forward-mode attention, the first step is sCM only, the second adds DMD2; both finite and applied."""
     net = cosmos_dit.get_preset("tiny", num_blocks=1, attention="blockwise")
     teacher = builder.split_teacher(cosmos_dit.init_params(net, jax.random.PRNGKey(0)))
-    algo = rcm.RcmAlgo(net_config=net, tangent_warmup=0, sim_steps=2)
+    algo = rcm.RcmAlgo(net_config=net, tangent_ramp=0, sim_steps=2)
     tx = optim.make_optimizer(1e-3, warmup=2)
     state = train_state.init_state(teacher, tx, tx, seed=0)
     k = jax.random.split(jax.random.PRNGKey(1), 2)

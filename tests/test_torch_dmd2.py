@@ -102,8 +102,8 @@ def test_denoiser_simulation_and_update_losses_match(nets):
     tau_d = np.array([0.4, 1.2], np.float32)
 
     cond = td.make_cond(T(latents), T(text), T(num_cond).long(), dmd.text_proj)
-    context = cosmos_dit.project_text(config, teacher, jnp.asarray(text))
-    uncond = cosmos_dit.project_text(config, teacher, jnp.zeros_like(text))
+    context = cosmos_dit.project_text(teacher["crossattn_proj"], jnp.asarray(text))
+    uncond = cosmos_dit.project_text(teacher["crossattn_proj"], jnp.zeros_like(text))
     np.testing.assert_allclose(cond.context.numpy(), context, rtol=1e-4, atol=1e-5)
     mask = video2world.cond_mask(jnp.asarray(num_cond), shape)
     np.testing.assert_array_equal(cond.mask.numpy(), mask)

@@ -141,15 +141,10 @@ def test_sharded_equals_unsharded(teacher_pt, tmp_path):
         config = tiny_config(teacher_pt)
         devices = jax.devices()[: int(np.prod(list(mesh_cfg.values())))]
         mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-        algo, (stx, ctx), teacher, (state_sh, teacher_sh), _, init = builder.setup(config, str(tmp_path), mesh)
-        fns = dmd2.make_update_fns(
-            algo,
-            stx,
-            ctx,
-            optim.ema_gamma(0.1),
-            (state_sh, teacher_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        )
-        state = init(teacher)
+        net_config, teacher = builder.load_teacher(config, str(tmp_path))
+        run = builder.build(config, net_config, teacher, mesh)
+        fns, teacher = (run.critic_step, run.student_step), run.teacher
+        state = run.init(teacher)
         source = toy.RecordSource(toy.make_world())
         records = [source[i] for i in range(BATCH)]
         batch = sharding.global_batch({k: np.stack([r[k] for r in records]) for k in records[0]}, BATCH, mesh)

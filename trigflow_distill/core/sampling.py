@@ -1,5 +1,8 @@
-"""Samplers (docs/algorithm.md §3): the few-step TrigFlow student, backward simulation, the CFG teacher."""
+"""Samplers (docs/algorithm.md §3): the few-step TrigFlow student, backward simulation, the CFG teacher, and the
+one sampling entry point `sample(settings, ...)` that training samples, evaluation, `generate` and the benchmarks
+share."""
 
+import dataclasses
 import math
 
 import jax
@@ -100,3 +103,56 @@ def sample_teacher_cfg(x0_cond_fn, x0_uncond_fn, eps, guidance, num_steps=35, sh
         return x_rf + (t_next - t) * velocity
 
     return jax.lax.fori_loop(0, num_steps, step, eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """How latents are sampled (hashable: static under jit; docs/algorithm.md §3).
+
+    kind "student": `steps` x0 evaluations on the first `steps` times of the `train_steps`-step schedule; a
+    guidance-conditioned student takes `guidance` as an input (§15, the caller's x0 function binds it), a fixed-scale
+    student has `guidance` None. kind "teacher": `steps` Euler steps in RF time with CFG scale `guidance` (None or 1:
+    the conditional denoiser alone).
+    """
+
+    kind: str
+    steps: int
+    guidance: float | None = None
+    shift: float = 5.0
+    sigma_data: float = 1.0
+    train_steps: int = 4
+
+    def __post_init__(self):
+        if self.kind not in ("student", "teacher"):
+            raise ValueError(f"sampler kind {self.kind!r}: use 'student' or 'teacher'")
+        if self.kind == "student" and not 1 <= self.steps <= self.train_steps:
+            raise ValueError(
+                f"the student takes 1 to {self.train_steps} steps (the first k times of its training schedule), "
+                f"not {self.steps}"
+            )
+        if self.kind == "teacher" and self.steps < 1:
+            raise ValueError(f"the teacher takes >= 1 Euler steps, not {self.steps}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        """True when every teacher step evaluates the unconditional denoiser too."""
+        return self.kind == "teacher" and self.guidance is not None and not math.isclose(self.guidance, 1.0)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample."""
+        return self.steps * (2 if self.uses_cfg else 1)
+
+
+def sample(settings: SamplerSettings, x0_cond_fn, x0_uncond_fn, eps):
+    """x0 (B, ...) from initial noise eps: the student's k-step sampler or the teacher's CFG Euler sampler.
+
+    x0_*_fn(x_tau, tau_b) -> x0 are TrigFlow denoisers; the unconditional one is used by a guided teacher only.
+    """
+    if settings.kind == "student":
+        taus = student_schedule(settings.steps, settings.shift, settings.train_steps)
+        return sample_student(x0_cond_fn, eps, taus, settings.sigma_data)
+    guidance = settings.guidance if settings.uses_cfg else None
+    return sample_teacher_cfg(
+        x0_cond_fn, x0_uncond_fn, eps, guidance, settings.steps, settings.shift, settings.sigma_data
+    )

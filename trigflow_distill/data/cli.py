@@ -52,19 +52,8 @@ def check_shapes(latents: np.ndarray, text: np.ndarray, text_kind: str | None, n
         return text_kind
     if net not in cosmos_dit.PRESETS:
         raise ValueError(f"--net={net!r}: use one of {sorted(cosmos_dit.PRESETS)} or 'any'.")
-    config = cosmos_dit.PRESETS[net]
-    widths = {"projected": config.crossattn_emb_channels}
-    if config.crossattn_proj_in_channels is not None:
-        widths["raw"] = config.crossattn_proj_in_channels
-    c = text.shape[-1]
-    kinds = [k for k, width in widths.items() if width == c and text_kind in (None, k)]
-    if not kinds:
-        expected = " or ".join(f"{width} ({k})" for k, width in widths.items() if text_kind in (None, k))
-        raise ValueError(
-            f"--text has width {c}; the {net} teacher takes {expected} channels. Pass the text "
-            "encoder's output (raw) or its projection, or --net=<preset> for another teacher."
-        )
-    return kinds[0]
+    # The trainer's own check (latent channels and patches, text width and kind) against the preset's network.
+    return cosmos_dit.check_data(cosmos_dit.PRESETS[net], latents.shape[1:], text.shape[-1], text_kind)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -76,7 +65,7 @@ def _check_out(out: str, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trigflow_distill.data.cli",
+        prog="trigflow-data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -142,5 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

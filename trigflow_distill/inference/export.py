@@ -1,7 +1,7 @@
 """Export the distilled student of a training run for the PyTorch ecosystem.
 
-  python -m trigflow_distill.inference.export --workdir=/tmp/run --out=/tmp/student.pt             # native Cosmos .pt (bf16)
-  python -m trigflow_distill.inference.export --workdir=gs://bucket/run --out=gs://bucket/student --format=diffusers
+  trigflow-export --workdir=/tmp/run --out=/tmp/student.pt             # native Cosmos .pt (bf16)
+  trigflow-export --workdir=gs://bucket/run --out=gs://bucket/student --format=diffusers
 
 The EMA weights are exported unless --raw; the frozen text projection is taken from the teacher, so the file
 is a complete Cosmos DiT that loads like the teacher it came from (and samples in 4 steps without guidance). A
@@ -34,7 +34,7 @@ def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = T
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m " + __spec__.name if __spec__ else None,
+        prog="trigflow-export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,5 +56,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

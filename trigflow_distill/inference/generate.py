@@ -2,12 +2,12 @@ r"""Generate videos: prompts (and optionally a first image or video) in, mp4s ou
 run, a native Cosmos student `.pt` (NVIDIA's `base/distilled/..._ema_bf16.pt` or this project's export) or the
 teacher with classifier-free guidance.
 
-  python -m trigflow_distill.inference.generate --workdir=/tmp/run --prompt "A robot arm stacks red cubes" --out=/tmp/gen
-  python -m trigflow_distill.inference.generate --student=hf://nvidia/Cosmos-Predict2.5-2B/base/distilled/UUID_ema_bf16.pt \
+  trigflow-generate --workdir=/tmp/run --prompt "A robot arm stacks red cubes" --out=/tmp/gen
+  trigflow-generate --student=hf://nvidia/Cosmos-Predict2.5-2B/base/distilled/UUID_ema_bf16.pt \
       --prompts=prompts.jsonl --image=first_frame.jpg --out=/tmp/gen
-  python -m trigflow_distill.inference.generate --teacher=TEACHER.pt --guidance=4 --teacher-steps=35 --prompt "..." \
+  trigflow-generate --teacher=TEACHER.pt --guidance=4 --teacher-steps=35 --prompt "..." \
       --video=start.mp4 --cond-frames=2 --out=/tmp/gen_teacher
-  python -m trigflow_distill.inference.generate --workdir=/tmp/run_gc --guidance=2.5 --prompt "..." --out=/tmp/gen_s2.5
+  trigflow-generate --workdir=/tmp/run_gc --guidance=2.5 --prompt "..." --out=/tmp/gen_s2.5
 
 A guidance-conditioned student (distill.guidance_conditioned, docs/algorithm.md §15) takes --guidance too: the CFG
 scale it reproduces, in its 4 evaluations (default: its run's distill.guidance, 4 for a .pt).
@@ -28,7 +28,6 @@ number of devices. Batches are split over all local devices (data parallel); the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import io
 import json
@@ -52,7 +51,6 @@ from trigflow_distill.inference.inputs import choose_bucket, conditioning_frames
 from trigflow_distill.inference.loader import Model, load_checkpoint, load_workdir
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit, reason1, wan_vae
-from trigflow_distill.models.cosmos_dit import DiTConfig
 from trigflow_distill.models.cosmos_dit.attention import IMPLS
 
 TEXT_ENCODER_SOURCE = "hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58da5711eab4b423"
@@ -62,134 +60,79 @@ _SHEET_WIDTH = 256  # width of one contact-sheet frame
 _CAPTION_HEIGHT = 14
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """How latents are sampled (static under jit). kind "student": `steps` evaluations on the first `steps` times
-    of the `train_steps`-step schedule (a guidance-conditioned student at scale `guidance`, §15); kind "teacher":
-    `steps` Euler steps in RF time with CFG `guidance`."""
-
-    net_config: DiTConfig
-    kind: str
-    steps: int
-    guidance: float = 4.0
-    shift: float = 5.0
-    scaling: str = "rectified_flow"
-    sigma_data: float = 1.0
-    train_steps: int = 4
-
-    @property
-    def nfe(self) -> int:
-        """Network evaluations per video."""
-        if self.kind == "student":
-            return self.steps
-        return self.steps * (1 if self.guidance == 1.0 else 2)
-
-
 def initial_noise(seed: int, index: int, shape) -> jax.Array:
     """eps of prompt `index` (float32, `shape`): independent of batching and devices."""
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
 
 
-def sample_latents(sampler: Sampler, params, context_bld, uncond_bld, gt_bcthw, mask_b1thw, padding_b1hw, eps_bcthw):
-    """Latents x0 (B, C, T, H, W) from noise eps: the k-step student (sampling.sample_student) or the CFG teacher
-    (sampling.sample_teacher_cfg), every network call through video2world.denoise with the conditional frames.
-
-    context_bld / uncond_bld: projected conditional / unconditional (all-zero text) context; gt, mask and the
-    pixel padding mask may have batch 1. The output's conditional frames are gt exactly (Video2World keeps them).
-    """
-    b = eps_bcthw.shape[0]
-    gt = jnp.broadcast_to(gt_bcthw, (b, *gt_bcthw.shape[1:]))
-    mask = jnp.broadcast_to(mask_b1thw, (b, *mask_b1thw.shape[1:]))
-    # A guidance-conditioned student takes the scale as an input (§15); the teacher applies it by CFG.
-    guidance_b = jnp.full((b,), sampler.guidance, jnp.float32) if cosmos_dit.GUIDANCE_EMBEDDER in params else None
-
-    def x0_fn(context):
-        def fn(x_tau, tau_b):
-            return video2world.denoise(
-                sampler.net_config,
-                params,
-                x_tau,
-                tau_b,
-                context,
-                gt,
-                mask,
-                scaling=sampler.scaling,
-                sigma_data=sampler.sigma_data,
-                padding_mask_b1hw=padding_b1hw,
-                guidance_b=guidance_b,
-            )
-
-        return fn
-
-    if sampler.kind == "student":
-        taus = sampling.student_schedule(sampler.steps, sampler.shift, sampler.train_steps)
-        x0 = sampling.sample_student(x0_fn(context_bld), eps_bcthw, taus, sampler.sigma_data)
-    else:
-        uncond = jnp.broadcast_to(uncond_bld, context_bld.shape)
-        x0 = sampling.sample_teacher_cfg(
-            x0_fn(context_bld),
-            x0_fn(uncond),
-            eps_bcthw,
-            sampler.guidance,
-            sampler.steps,
-            sampler.shift,
-            sampler.sigma_data,
-        )
-    return mask * gt + (1.0 - mask) * x0
+def sample_latents(
+    net_config,
+    settings: sampling.SamplerSettings,
+    scaling: str,
+    params,
+    context_bld,
+    uncond_bld,
+    gt_bcthw,
+    mask_b1thw,
+    padding_b1hw,
+    eps_bcthw,
+):
+    """Latents x0 (B, C, T, H, W) from noise eps: `video2world.sample`, the sampling path training samples and the
+    evaluation use too. gt, mask and the pixel padding mask may have batch 1; the conditional frames are kept."""
+    return video2world.sample(
+        settings,
+        net_config,
+        params,
+        context_bld,
+        uncond_bld,
+        gt_bcthw,
+        mask_b1thw,
+        eps_bcthw,
+        scaling=scaling,
+        padding_mask_b1hw=padding_b1hw,
+    )
 
 
-_sample_jit = jax.jit(sample_latents, static_argnums=0)
+_sample_jit = jax.jit(sample_latents, static_argnums=(0, 1, 2))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _context(te_cfg, te_params, ids_bl, net_config, text_proj):
-    """Projected context (B, L, D) of token ids: Reason1 embedding -> the model's frozen crossattn_proj."""
-    embedding = reason1.embed(te_cfg, te_params, ids_bl)
-    return cosmos_dit.project_text(net_config, {"crossattn_proj": text_proj}, embedding)
-
-
-def uncond_context(net_config: DiTConfig, text_proj: dict) -> np.ndarray:
-    """(1, 1, D) projection of all-zero text, GELU(b): the unconditional context of every token."""
-    zeros = jnp.zeros((1, 1, text_proj["kernel"].shape[0]), jnp.float32)
-    return np.asarray(cosmos_dit.project_text(net_config, {"crossattn_proj": text_proj}, zeros))
+@functools.partial(jax.jit, static_argnums=0)
+def _context(te_cfg, te_params, ids_bl, text_proj):
+    """Projected context (B, L, D) of token ids: Reason1 embedding -> the model's frozen text projection."""
+    return cosmos_dit.project_text(text_proj, reason1.embed(te_cfg, te_params, ids_bl))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
 
-def load_model(args) -> tuple[Model, Sampler]:
+def load_model(args) -> tuple[Model, sampling.SamplerSettings]:
+    """The model of --workdir / --student / --teacher and how to sample it (the CLI's step and guidance flags)."""
     options = dict(dtype=args.dtype, attention=args.attention, remat=False)
     if args.workdir:
         model = load_workdir(args.workdir, **options)
     else:
         model = load_checkpoint(args.student or args.teacher, **options)
     d = model.defaults
-    common = dict(
-        net_config=model.net_config,
-        shift=d["shift"],
-        scaling=d["scaling"],
-        sigma_data=d["sigma_data"],
-        train_steps=d["train_steps"],
-    )
+    common = dict(shift=d["shift"], sigma_data=d["sigma_data"], train_steps=d["train_steps"])
     if args.teacher:
-        sampler = Sampler(kind="teacher", steps=args.teacher_steps, guidance=args.guidance, **common)
-    else:
-        steps = 4 if args.steps is None else args.steps
-        if not 1 <= steps <= d["train_steps"]:
-            raise ValueError(
-                f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
-                "of its training schedule)"
-            )
-        conditioned = cosmos_dit.GUIDANCE_EMBEDDER in model.params
-        if args.guidance is not None and not conditioned:
-            raise ValueError(
-                f"--guidance {args.guidance:g}: this student was distilled at one CFG scale; --guidance picks the "
-                "scale of a guidance-conditioned student (distill.guidance_conditioned=True, docs/algorithm.md §15)"
-            )
-        guidance = d["guidance"] if args.guidance is None else args.guidance
-        sampler = Sampler(kind="student", steps=steps, guidance=guidance, **common)
-    return model, sampler
+        return model, sampling.SamplerSettings(
+            kind="teacher", steps=args.teacher_steps, guidance=args.guidance, **common
+        )
+    steps = 4 if args.steps is None else args.steps
+    if not 1 <= steps <= d["train_steps"]:
+        raise ValueError(
+            f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
+            "of its training schedule)"
+        )
+    conditioned = cosmos_dit.GUIDANCE_EMBEDDER in model.params
+    if args.guidance is not None and not conditioned:
+        raise ValueError(
+            f"--guidance {args.guidance:g}: this student was distilled at one CFG scale; --guidance picks the "
+            "scale of a guidance-conditioned student (distill.guidance_conditioned=True, docs/algorithm.md §15)"
+        )
+    guidance = (d["guidance"] if args.guidance is None else args.guidance) if conditioned else None
+    return model, sampling.SamplerSettings(kind="student", steps=steps, guidance=guidance, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +203,7 @@ def encode_prompts(
         chunk = prompts[start : start + batch_size]
         ids = reason1.tokenize(tok, chunk + [chunk[-1]] * (batch_size - len(chunk)))
         ids = jax.device_put(ids, sharding.batch_sharding(mesh))
-        out.append(np.asarray(_context(te_cfg, te_params, ids, model.net_config, proj))[: len(chunk)])
+        out.append(np.asarray(_context(te_cfg, te_params, ids, proj))[: len(chunk)])
     return np.concatenate(out)
 
 
@@ -275,7 +218,7 @@ def generate(args) -> dict:
     timings = {}
 
     t = time.perf_counter()
-    model, sampler = load_model(args)
+    model, settings = load_model(args)
     vae_cfg, vae_params = wan_vae.load(args.vae)
     timings["load_s"] = time.perf_counter() - t
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
@@ -301,7 +244,9 @@ def generate(args) -> dict:
     mesh = sharding.make_mesh({"data": -1}, devices)
     repl, split = sharding.replicated(mesh), NamedSharding(mesh, P("data"))
     params = jax.device_put(model.params, repl)
-    uncond = jax.device_put(uncond_context(model.net_config, model.text_proj), repl)
+    uncond = jax.device_put(
+        cosmos_dit.unconditional_context(model.text_proj, (1, 1, model.net_config.crossattn_emb_channels)), repl
+    )
     gt, mask, padding = (jax.device_put(x, repl) for x in (cond.gt_1cthw, cond.mask_11thw, cond.padding_11hw))
 
     out = epath.Path(args.out)
@@ -316,7 +261,9 @@ def generate(args) -> dict:
                 np.stack([np.asarray(initial_noise(args.seed, i, latent_shape)) for i in pad_idx]), split
             )
             t = time.perf_counter()
-            latents = _sample_jit(sampler, params, context, uncond, gt, mask, padding, eps).block_until_ready()
+            latents = _sample_jit(
+                model.net_config, settings, model.defaults["scaling"], params, context, uncond, gt, mask, padding, eps
+            ).block_until_ready()
             t_sample = time.perf_counter() - t
             t = time.perf_counter()
             pixels = np.asarray(wan_vae.decode(vae_cfg, vae_params, latents, dtype=args.vae_dtype))
@@ -347,13 +294,11 @@ def generate(args) -> dict:
     timings["decoding_s"] = sum(b["decoding_s"] for b in batches)
     timings["total_s"] = time.perf_counter() - t_start
     report = {
-        "model": {"kind": sampler.kind, "source": model.description},
-        "nfe": sampler.nfe,
+        "model": {"kind": settings.kind, "source": model.description},
+        "nfe": settings.nfe,
         "settings": {
-            "steps": sampler.steps,
-            "guidance": sampler.guidance
-            if sampler.kind == "teacher" or cosmos_dit.GUIDANCE_EMBEDDER in model.params
-            else None,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
             "seed": args.seed,
             "num_frames": args.num_frames,
             "resolution": args.resolution,
@@ -370,8 +315,8 @@ def generate(args) -> dict:
             "devices": len(devices),
             "vae": args.vae,
             "text_encoder": args.text_encoder,
-            "schedule_shift": sampler.shift,
-            "scaling": sampler.scaling,
+            "schedule_shift": settings.shift,
+            "scaling": model.defaults["scaling"],
         },
         "seconds_per_video": per_video,
         "seconds_per_video_note": (
@@ -426,7 +371,7 @@ def _check_args(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trigflow_distill.inference.generate",
+        prog="trigflow-generate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -502,5 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -41,13 +41,27 @@ class Algo:
     # (lo, hi): a guidance-conditioned student and critic, the CFG scale s ~ U[lo, hi] per sample and update
     # (docs/algorithm.md §15); None: one fixed scale, `guidance`. `guidance` is then the scale samples are drawn at.
     guidance_range: tuple | None = None
+    # The update schedule (docs/algorithm.md §6): iteration i updates the student iff i % student_update_freq == 0,
+    # and every iteration i < student_warmup does.
+    student_update_freq: int = 5
+    student_warmup: int = 1
+    text_kind: str | None = None  # "raw" / "projected": what the dataset declares; None: told by the text's width
+
+    def is_student_step(self, step: int) -> bool:
+        """Whether iteration `step` is a student update (else a critic update), docs/algorithm.md §6."""
+        return step % self.student_update_freq == 0 or step < self.student_warmup
 
 
-def algo_from_config(config, net_config, mesh=None) -> Algo:
+def algo_from_config(config, net_config, mesh=None, text_kind=None) -> Algo:
+    """The DMD2 algorithm of a config (docs/algorithm.md §4-6, §15) for the network `net_config` on `mesh`;
+    `text_kind` what the dataset declares its text to be (None: told by the width)."""
     d, t = config.distill, config.teacher
     return Algo(
         net_config=net_config,
         mesh=mesh,
+        text_kind=text_kind,
+        student_update_freq=int(d.student_update_freq),
+        student_warmup=int(d.student_warmup),
         scaling=t.scaling,
         sigma_data=float(t.sigma_data),
         guidance=float(d.guidance),
@@ -55,9 +69,9 @@ def algo_from_config(config, net_config, mesh=None) -> Algo:
         timestep_shift=float(d.timestep_shift),
         cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
         replace_gt_timesteps=bool(d.replace_gt_timesteps),
-        lambda_frame_chunks=int(d.get("lambda_frame_chunks", 1)),
-        ema_start=int(d.get("ema_start", 0)),
-        guidance_range=tuple(float(g) for g in d.guidance_range) if d.get("guidance_conditioned", False) else None,
+        lambda_frame_chunks=int(d.lambda_frame_chunks),
+        ema_start=int(d.ema_start),
+        guidance_range=tuple(float(g) for g in d.guidance_range) if d.guidance_conditioned else None,
     )
 
 
@@ -190,21 +204,23 @@ def make_update_fns(algo: Algo, student_tx, critic_tx, ema_gamma: float, shardin
     return jax.jit(critic, **kw), jax.jit(student, **kw)
 
 
-def is_student_step(step: int, student_update_freq: int, tangent_warmup: int) -> bool:
-    """docs/algorithm.md §6: iteration i updates the student iff i % freq == 0 (and always during the warm-up)."""
-    return step % student_update_freq == 0 or step < tangent_warmup
-
-
 def student_samples(algo: Algo, params, teacher, batch, key, guidance=None):
     """Few-step student samples (B,16,T,H,W) for the conditioning of `batch` (same conditional-frame draw as
-    training). A guidance-conditioned student samples at CFG scale `guidance` (None: algo.guidance, §15)."""
+    training), through `sampling.sample`. A guidance-conditioned student samples at CFG scale `guidance` (None:
+    algo.guidance, §15)."""
     k_cond, k_eps = jax.random.split(key)
     cond = algo.condition(algo, k_cond, teacher, batch)
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
-    guidance_b = None
     if algo.guidance_range is None and guidance is not None:
         raise ValueError("guidance is for a guidance-conditioned student; this one was distilled at one scale")
+    guidance_b = None
     if algo.guidance_range is not None:
         guidance_b = jnp.full((cond.shape[0],), algo.guidance if guidance is None else guidance, jnp.float32)
+    settings = sampling.SamplerSettings(
+        kind="student",
+        steps=algo.num_student_steps,
+        shift=algo.timestep_shift,
+        sigma_data=algo.sigma_data,
+        train_steps=algo.num_student_steps,
+    )
     x0_fn = functools.partial(_with_guidance(cond.x0_fn, guidance_b), params)
-    return sampling.sample_student(x0_fn, jax.random.normal(k_eps, cond.shape, jnp.float32), taus, algo.sigma_data)
+    return sampling.sample(settings, x0_fn, None, jax.random.normal(k_eps, cond.shape, jnp.float32))

@@ -22,7 +22,6 @@ import optax
 from trigflow_distill.core import losses, sampling, trigflow
 from trigflow_distill.methods import dmd2, train_state
 
-METHODS = ("dmd2", "rcm")
 # Attention implementations that support forward-mode autodiff. "blockwise" (custom VJP) and "splash" (Pallas) do
 # not: the JVP pass swaps them for `RcmAlgo.jvp_attention` (same numbers, its own memory profile and speed;
 # "blockwise_jvp" is "blockwise"'s tiles with a custom JVP).
@@ -35,7 +34,7 @@ class RcmAlgo(dmd2.Algo):
 
     loss_scale: float = 100.0  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
     dmd_weight: float = 1.0  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-    tangent_warmup: int = 1000  # iterations over which the tangent ramps in; DMD2 term only after them
+    tangent_ramp: int = 1000  # iterations over which the tangent ramps in; the DMD2 term only after them
     tangent_norm_eps: float = 0.1  # g / (||g|| + eps), per sample
     p_mean: float = -0.8  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
     p_std: float = 1.6
@@ -48,31 +47,26 @@ class RcmAlgo(dmd2.Algo):
         return rcm_student_update
 
 
-def algo_from_config(config, net_config, mesh=None) -> dmd2.Algo:
-    """dmd2.Algo for config.distill.method = "dmd2" (the default), RcmAlgo with config.distill.rcm for "rcm"."""
-    method = config.distill.get("method", "dmd2")
-    if method not in METHODS:
-        raise ValueError(f"distill.method={method!r}: use one of {METHODS}.")
-    algo = dmd2.algo_from_config(config, net_config, mesh)
-    if method == "dmd2":
-        return algo
+def algo_from_config(config, net_config, mesh=None, text_kind=None) -> RcmAlgo:
+    """The rCM algorithm of a config: `dmd2.algo_from_config` plus config.distill.rcm (docs/algorithm.md §14)."""
+    algo = dmd2.algo_from_config(config, net_config, mesh, text_kind)
     if algo.guidance_range is not None:
         raise ValueError(
             "distill.guidance_conditioned=True is for distill.method='dmd2' (docs/algorithm.md §15); rCM distills "
             "one guidance scale."
         )
     r = config.distill.rcm
-    if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_warmup) < 0:
+    if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_ramp) < 0:
         raise ValueError(
             f"distill.rcm.jvp_attention={r.jvp_attention!r} must be one of {FORWARD_MODE_ATTENTION} "
-            f"and distill.rcm.tangent_warmup={r.tangent_warmup} must be >= 0."
+            f"and distill.rcm.tangent_ramp={r.tangent_ramp} must be >= 0."
         )
     fields = {f.name: getattr(algo, f.name) for f in dataclasses.fields(algo)}
     return RcmAlgo(
         **fields,
         loss_scale=float(r.loss_scale),
         dmd_weight=float(r.dmd_weight),
-        tangent_warmup=int(r.tangent_warmup),
+        tangent_ramp=int(r.tangent_ramp),
         tangent_norm_eps=float(r.tangent_norm_eps),
         p_mean=float(r.p_mean),
         p_std=float(r.p_std),
@@ -138,11 +132,11 @@ def scm_loss(f_theta, f_theta_sg, g, norm_eps=0.1):
     return jnp.where(nan_b, 0.0, loss_b), {"nan_b": nan_b, "g_norm_b": g_norm_b}
 
 
-def warmup_ratio(step, tangent_warmup):
-    """r = min(1, step / tangent_warmup) (1 when there is no warm-up)."""
-    if tangent_warmup <= 0:
+def warmup_ratio(step, tangent_ramp):
+    """r = min(1, step / tangent_ramp) (1 when there is no ramp)."""
+    if tangent_ramp <= 0:
         return jnp.float32(1.0)
-    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / tangent_warmup)
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / tangent_ramp)
 
 
 def _forward_mode_algo(algo: RcmAlgo) -> RcmAlgo:
@@ -156,7 +150,7 @@ def _forward_mode_algo(algo: RcmAlgo) -> RcmAlgo:
 # ---- the student update -------------------------------------------------------------------------------------------
 def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: train_state.TrainState, teacher, batch):
     """One rCM student step (docs/algorithm.md §14): loss_scale * sCM on batch["latents"] + dmd_weight * DMD2
-    (§4, once state.step > tangent_warmup), both as per-sample sums, mean over samples. Same signature, state,
+    (§4, once state.step > tangent_ramp), both as per-sample sums, mean over samples. Same signature, state,
     skip logic and EMA as `dmd2.student_update`."""
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise, k_tau, k_noise = jax.random.split(key, 6)
@@ -172,11 +166,11 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: train
     x0_teacher = dmd2.teacher_cfg_x0(algo, cond, teacher, x_tau, tau_b)
     f_teacher = jax.lax.stop_gradient(f_from_x0(x_tau, x0_teacher, tau, sd))
     f_sg, df = student_f_and_tangent(jvp_cond.x0_fn, state.student, x_tau, tau_b, f_teacher, sd)
-    ratio = warmup_ratio(state.step, algo.tangent_warmup)
+    ratio = warmup_ratio(state.step, algo.tangent_ramp)
     g = tangent_target(f_sg, f_teacher, df, x_tau, tau, ratio)
 
     # DMD2 on a backward-simulated sample (docs/algorithm.md §4), after the warm-up.
-    dmd_on = state.step > algo.tangent_warmup
+    dmd_on = state.step > algo.tangent_ramp
     taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = dmd2.num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from trigflow_distill.core import trigflow
+from trigflow_distill.core import sampling, trigflow
 from trigflow_distill.models import cosmos_dit
 
 # Conditional frames are presented to the net at sigma = 1e-4 (docs/algorithm.md §7, `replace_gt_timesteps`).
@@ -99,75 +99,125 @@ class Conditioning(NamedTuple):
     x0_uncond_fn: Callable  # the same with the unconditional (all-zero) text
 
 
-def text_width_kind(net_config, teacher, width: int) -> str:
-    """ "raw" if text of this width goes through the teacher's frozen projection, "projected" if it is already the
-    context the networks take (a dataset of projected context, docs/algorithm.md §7, §13); a ValueError naming the
-    widths otherwise. Equal projection input and output widths count as raw."""
-    proj = teacher["text_proj"]
-    widths = {"raw": None if proj is None else proj["kernel"].shape[0], "projected": net_config.crossattn_emb_channels}
-    for kind, w in widths.items():
-        if width == w:
-            return kind
-    takes = (
-        f"{widths['raw']} (raw Cosmos-Reason1 embeddings, which its text projection maps to {widths['projected']}) or "
-        if proj is not None
-        else ""
-    ) + f"{widths['projected']} (projected context)"
-    raise ValueError(
-        f"the data's text embeddings are {width} wide, but this teacher takes {takes}; write the data for "
-        "this teacher (python -m trigflow_distill.data.cli --net=...)."
-    )
+def make_x0_fn(
+    net_config,
+    context_bld,
+    gt_bcthw,
+    mask_b1thw,
+    *,
+    scaling="rectified_flow",
+    sigma_data=1.0,
+    replace_gt_timesteps=True,
+    padding_mask_b1hw=None,
+    mesh=None,
+) -> Callable:
+    """The one Video2World x0 builder: fn(params, x_tau, tau_b, guidance_b=None) -> x0, `denoise` with this
+    context, ground truth, conditional-frame mask and padding mask. Training, evaluation, `generate` and the
+    benchmarks all build their denoisers here (docs/algorithm.md §1, §7)."""
+
+    def x0_fn(params, x_tau, tau_b, guidance_b=None):
+        return denoise(
+            net_config,
+            params,
+            x_tau,
+            tau_b,
+            context_bld,
+            gt_bcthw,
+            mask_b1thw,
+            scaling=scaling,
+            sigma_data=sigma_data,
+            replace_gt_timesteps=replace_gt_timesteps,
+            padding_mask_b1hw=padding_mask_b1hw,
+            mesh=mesh,
+            guidance_b=guidance_b,
+        )
+
+    return x0_fn
+
+
+def sample(
+    settings: sampling.SamplerSettings,
+    net_config,
+    params,
+    context_bld,
+    uncond_bld,
+    gt_bcthw,
+    mask_b1thw,
+    eps_bcthw,
+    *,
+    scaling="rectified_flow",
+    padding_mask_b1hw=None,
+    mesh=None,
+):
+    """Video2World samples x0 (B, C, T, H, W) from noise eps: `sampling.sample` over `make_x0_fn` denoisers.
+
+    context_bld / uncond_bld: projected conditional / unconditional context (uncond is read by a guided teacher
+    only); gt, mask and the padding mask may have batch 1. A guidance-conditioned student (params with a guidance
+    embedder, §15) takes settings.guidance as its input. The output's conditional frames are gt exactly.
+    """
+    b = eps_bcthw.shape[0]
+    gt = jnp.broadcast_to(gt_bcthw, (b, *gt_bcthw.shape[1:]))
+    mask = jnp.broadcast_to(mask_b1thw, (b, *mask_b1thw.shape[1:]))
+    guidance_b = None
+    if settings.kind == "student" and cosmos_dit.GUIDANCE_EMBEDDER in params:
+        if settings.guidance is None:
+            raise ValueError("a guidance-conditioned student needs the CFG scale to sample at (settings.guidance)")
+        guidance_b = jnp.full((b,), settings.guidance, jnp.float32)
+
+    def x0_for(context):
+        fn = make_x0_fn(
+            net_config,
+            context,
+            gt,
+            mask,
+            scaling=scaling,
+            sigma_data=settings.sigma_data,
+            padding_mask_b1hw=padding_mask_b1hw,
+            mesh=mesh,
+        )
+        return lambda x_tau, tau_b: fn(params, x_tau, tau_b, guidance_b)
+
+    uncond = x0_for(jnp.broadcast_to(uncond_bld, context_bld.shape)) if settings.uses_cfg else None
+    x0 = sampling.sample(settings, x0_for(context_bld), uncond, eps_bcthw)
+    return mask * gt + (1.0 - mask) * x0
 
 
 def contexts(algo, teacher, text_bld):
-    """(cond, uncond) context (B, L, D) for the networks from the batch's text: raw embeddings are projected
-    (the unconditional text is all zeros); projected context is used as is, and its unconditional twin is
-    GELU(b), the projection of zeros (docs/algorithm.md §7, §13)."""
+    """(cond, uncond) context (B, L, D) for the networks from the batch's text: raw embeddings are projected by the
+    teacher's frozen projection, projected context is used as is (its kind: algo.text_kind, what the dataset
+    declares, else told by the width: `cosmos_dit.text_kind`); the unconditional context is the projection
+    of all-zero text, GELU(b) (docs/algorithm.md §7, §13). A teacher without a projection takes the text as is."""
     proj = teacher["text_proj"]
-    kind = text_width_kind(algo.net_config, teacher, text_bld.shape[-1])
     if proj is None:
         return text_bld, jnp.zeros_like(text_bld)
-    if kind == "raw":
-
-        def project(text):
-            return cosmos_dit.project_text(algo.net_config, {"crossattn_proj": proj}, text)
-
-        return project(text_bld), project(jnp.zeros_like(text_bld))
-    uncond = jax.nn.gelu(proj["bias"].astype(jnp.float32), approximate=False)
-    return text_bld.astype(jnp.float32), jnp.broadcast_to(uncond, text_bld.shape)
+    kind = cosmos_dit.text_kind(algo.net_config, text_bld.shape[-1], algo.text_kind)
+    context = cosmos_dit.project_text(proj, text_bld) if kind == "raw" else text_bld.astype(jnp.float32)
+    return context, cosmos_dit.unconditional_context(proj, context.shape)
 
 
 def condition(algo, key, teacher, batch) -> Conditioning:
     """Video2World conditioning of a batch {"latents", "text", ["num_cond_frames"], ["padding_mask"]}: N
     conditional frames (a negative or missing N is drawn from algo.cond_frame_probs with `key`), contexts from
     `contexts` (raw or projected text), the batch's padding mask (B,1,h,w) or none (zeros); every network call
-    goes through `denoise` with all of these (docs/algorithm.md §1, §7)."""
+    goes through `make_x0_fn` with all of these (docs/algorithm.md §1, §7)."""
     gt = batch["latents"].astype(jnp.float32)
     drawn = sample_num_cond_frames(key, gt.shape[0], algo.cond_frame_probs)
     num_cond = batch.get("num_cond_frames")
     num_cond = drawn if num_cond is None else jnp.where(num_cond >= 0, num_cond, drawn)
     mask = cond_mask(num_cond, gt.shape)
-    padding_mask = batch.get("padding_mask")
 
     def x0_fn_for(context):
-        def fn(params, x_tau, tau_b, guidance_b=None):
-            return denoise(
-                algo.net_config,
-                params,
-                x_tau,
-                tau_b,
-                context,
-                gt,
-                mask,
-                scaling=algo.scaling,
-                sigma_data=algo.sigma_data,
-                replace_gt_timesteps=algo.replace_gt_timesteps,
-                padding_mask_b1hw=padding_mask,
-                mesh=algo.mesh,
-                guidance_b=guidance_b,
-            )
-
-        return fn
+        return make_x0_fn(
+            algo.net_config,
+            context,
+            gt,
+            mask,
+            scaling=algo.scaling,
+            sigma_data=algo.sigma_data,
+            replace_gt_timesteps=algo.replace_gt_timesteps,
+            padding_mask_b1hw=batch.get("padding_mask"),
+            mesh=algo.mesh,
+        )
 
     cond, uncond = contexts(algo, teacher, batch["text"])
     return Conditioning(gt.shape, x0_fn_for(cond), x0_fn_for(uncond))

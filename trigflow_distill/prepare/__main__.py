@@ -1,5 +1,5 @@
-import sys
+"""`python -m trigflow_distill.prepare` = the console script (see its module's --help)."""
 
-from trigflow_distill.prepare.job import main
+from trigflow_distill.prepare.job import run
 
-sys.exit(main())
+run()

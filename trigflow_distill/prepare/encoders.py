@@ -3,7 +3,6 @@
 projected context, stored bfloat16).
 
 - `load_projection(teacher_src)`: the projection's (kernel, bias) from a native Cosmos .pt or a diffusers folder;
-- `project(raw, kernel, bias)`: GELU_erf(raw @ kernel + bias) in float32;
 - `Encoders(vae_src, text_src, teacher_src)`: `.latents(frames, batch)` and `.context(captions, batch)`.
 """
 
@@ -20,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from trigflow_distill.common import sharding
-from trigflow_distill.models import hub, reason1, torchfile, wan_vae
+from trigflow_distill.models import cosmos_dit, hub, reason1, torchfile, wan_vae
 from trigflow_distill.models.cosmos_dit.convert import load_diffusers_folder
 
 _PROJ_KEYS = ("crossattn_proj.0.weight", "crossattn_proj.0.bias")
@@ -54,18 +53,10 @@ def load_projection(src: str, prefix: str = "auto") -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(weight.T), bias
 
 
-def project(raw_blc: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Context GELU_erf(raw @ kernel + bias) in float32 (the §11 projection of `networks.project_text`)."""
-    y = jnp.einsum(
-        "blc,cd->bld", raw_blc.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
-    return jax.nn.gelu(y + bias.astype(jnp.float32), approximate=False)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "keep_raw"))
 def _embed_project(cfg, params, ids_bl, kernel, bias, keep_raw: bool):
     raw = reason1.embed(cfg, params, ids_bl)
-    context = project(raw, kernel, bias).astype(jnp.bfloat16)
+    context = cosmos_dit.project_text({"kernel": kernel, "bias": bias}, raw).astype(jnp.bfloat16)
     return (context, raw) if keep_raw else (context, None)
 
 

@@ -388,7 +388,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m trigflow_distill.prepare",
+        prog="trigflow-prepare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -436,5 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

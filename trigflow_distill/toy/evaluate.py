@@ -56,39 +56,12 @@ def conditioning_set(world: toy.World, n: int, seed: int = 0) -> dict:
     return toy.sample_videos(world, COND_SEED + seed, n, prompts=prompts)
 
 
-def _sample_fn(
-    net_config, steps: int, guidance, teacher: bool, scaling: str, sigma_data: float, shift: float, train_steps: int = 4
-):
-    """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): the teacher's Euler CFG sampler or
-    the student's few-step sampler (the first `steps` times of its `train_steps` schedule, docs/algorithm.md §3),
-    every network call through `video2world.denoise`. A student with a guidance embedder gets `guidance` as input
-    (§15)."""
+def _sample_fn(net_config, settings: sampling.SamplerSettings, scaling: str):
+    """fn(params, eps, context, uncond_context, gt, mask) -> x0 (B,C,T,H,W): `video2world.sample`, the sampling path
+    of training samples and `generate` (a guidance-conditioned student takes settings.guidance as input, §15)."""
 
     def fn(params, eps, context, uncond_context, gt, mask):
-        guidance_b = None
-        if not teacher and cosmos_dit.GUIDANCE_EMBEDDER in params:
-            guidance_b = jnp.full((eps.shape[0],), guidance, jnp.float32)
-
-        def x0_fn(ctx):
-            return lambda x_tau, tau_b: video2world.denoise(
-                net_config,
-                params,
-                x_tau,
-                tau_b,
-                ctx,
-                gt,
-                mask,
-                scaling=scaling,
-                sigma_data=sigma_data,
-                guidance_b=guidance_b,
-            )
-
-        if teacher:
-            return sampling.sample_teacher_cfg(
-                x0_fn(context), x0_fn(uncond_context), eps, guidance, steps, shift=shift, sigma_data=sigma_data
-            )
-        taus = sampling.student_schedule(steps, shift, train_steps)
-        return sampling.sample_student(x0_fn(context), eps, taus, sigma_data)
+        return video2world.sample(settings, net_config, params, context, uncond_context, gt, mask, eps, scaling=scaling)
 
     return fn
 
@@ -208,7 +181,7 @@ def format_markdown(result: dict) -> str:
 def evaluate(
     world: toy.World,
     net_config,
-    teacher_params,
+    teacher,
     samplers_params: dict,
     out_dir: str,
     num_samples: int = 1024,
@@ -229,9 +202,9 @@ def evaluate(
     schedules (docs/algorithm.md §3); writes out_dir/eval.json, quality_vs_nfe.png (the FDs against network
     evaluations), samples_student4.npz and a PNG grid + GIF per sampler.
 
-    teacher_params: the full teacher tree, with `crossattn_proj` (it takes raw text). samplers_params: a subset of
-    {"student_ema": params, "student": params}; params without `crossattn_proj` get the text projected by the
-    teacher's. samples_student4.npz (latents, prompt) holds the 4-step samples of "student_ema" if given, else of
+    teacher: the teacher value {"net", "text_proj"} (`builder.load_teacher`): every sampler gets the clips' text
+    through its frozen projection. samplers_params: a subset of {"student_ema": params, "student": params}.
+    samples_student4.npz (latents, prompt) holds the 4-step samples of "student_ema" if given, else of
     "student" (not written without a student). Returns the eval.json content (NaN as None).
 
     A guidance-conditioned student (params with a guidance embedder, docs/algorithm.md §15) samples at `guidance`
@@ -241,11 +214,8 @@ def evaluate(
     unknown = set(samplers_params) - set(STUDENT_NAMES)
     if unknown:
         raise ValueError(f"samplers_params has unknown keys {sorted(unknown)}; use a subset of {STUDENT_NAMES}.")
-    if "crossattn_proj" not in teacher_params:
-        raise ValueError(
-            "teacher_params lack 'crossattn_proj': pass the full teacher tree (with its text "
-            "projection), not the trainer's split-off net."
-        )
+    if teacher.get("text_proj") is None:
+        raise ValueError("the teacher has no text projection: the toy world's text is raw (its tiny DiT projects it).")
     if num_samples < 2 or batch_size < 1:
         raise ValueError(f"evaluate needs num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}.")
     out = epath.Path(out_dir)  # local or remote (gs://)
@@ -256,14 +226,9 @@ def evaluate(
     prompts, num_cond, gt = cond["prompt"], cond["num_cond_frames"], cond["latents"]
     mask = np.asarray(video2world.cond_mask(jnp.asarray(num_cond), gt.shape))
     eps = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), gt.shape, jnp.float32))
-    raw_text = cond["text"]
-    project = jax.jit(lambda text: cosmos_dit.project_text(net_config, teacher_params, text))
-    projected = (np.asarray(project(raw_text)), np.asarray(project(np.zeros_like(raw_text))))
-    raw = (raw_text, np.zeros_like(raw_text))
-
-    def inputs_for(params):
-        context, uncond_context = raw if "crossattn_proj" in params else projected
-        return dict(eps=eps, context=context, uncond_context=uncond_context, gt=gt, mask=mask)
+    context = np.asarray(jax.jit(cosmos_dit.project_text)(teacher["text_proj"], cond["text"]))
+    uncond_context = np.asarray(cosmos_dit.unconditional_context(teacher["text_proj"], context.shape))
+    inputs = dict(eps=eps, context=context, uncond_context=uncond_context, gt=gt, mask=mask)
 
     rows, samples_student4, student4_from = [], None, None
 
@@ -288,32 +253,36 @@ def evaluate(
             f"fd_hand {m['fd_hand']:.3f}  fd_proj {m['fd_proj']:.3f}{ms}"
         )
 
+    def teacher_settings(steps, g):
+        return sampling.SamplerSettings("teacher", steps, g, shift=time_shift, sigma_data=sigma_data)
+
+    def student_settings(steps, g):
+        return sampling.SamplerSettings("student", steps, g, time_shift, sigma_data, train_steps)
+
     for steps, kind in TEACHER_ROWS:
-        g = float(guidance) if kind == "guided" else None
-        use_cfg = g is not None and g != 1.0
-        fn = _sample_fn(net_config, steps, g, True, scaling, sigma_data, time_shift)
-        latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
-        add_row("teacher", steps, g, steps * (2 if use_cfg else 1), seconds, latents)
+        settings = teacher_settings(steps, float(guidance) if kind == "guided" else None)
+        latents, seconds = _generate(_sample_fn(net_config, settings, scaling), teacher["net"], inputs, batch_size)
+        add_row("teacher", steps, settings.guidance, settings.nfe, seconds, latents)
     conditioned = any(cosmos_dit.GUIDANCE_EMBEDDER in p for p in samplers_params.values())
     sweep = [float(g) for g in guidance_values if float(g) != float(guidance)] if conditioned else []
     for g in sweep:  # the teacher's reference at every other scale the conditioned student is scored at
-        fn = _sample_fn(net_config, 35, g, True, scaling, sigma_data, time_shift)
-        latents, seconds = _generate(fn, teacher_params, inputs_for(teacher_params), batch_size)
-        add_row("teacher", 35, g, 70, seconds, latents, sweep=True)
+        settings = teacher_settings(35, g)
+        latents, seconds = _generate(_sample_fn(net_config, settings, scaling), teacher["net"], inputs, batch_size)
+        add_row("teacher", 35, g, settings.nfe, seconds, latents, sweep=True)
     for name in STUDENT_NAMES:
         if name not in samplers_params:
             continue
         params = samplers_params[name]
         g = float(guidance) if cosmos_dit.GUIDANCE_EMBEDDER in params else None
         for steps in student_steps:
-            fn = _sample_fn(net_config, steps, g, False, scaling, sigma_data, time_shift, train_steps)
-            latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
+            fn = _sample_fn(net_config, student_settings(steps, g), scaling)
+            latents, seconds = _generate(fn, params, inputs, batch_size)
             add_row(name, steps, g, steps, seconds, latents)
             if steps == 4 and samples_student4 is None:
                 samples_student4, student4_from = latents, name
         for s in sweep if g is not None else []:
-            fn = _sample_fn(net_config, train_steps, s, False, scaling, sigma_data, time_shift, train_steps)
-            latents, seconds = _generate(fn, params, inputs_for(params), batch_size)
+            fn = _sample_fn(net_config, student_settings(train_steps, s), scaling)
+            latents, seconds = _generate(fn, params, inputs, batch_size)
             add_row(name, train_steps, s, train_steps, seconds, latents, sweep=True)
     add_row("data", 0, None, 0, None, gt)
 
@@ -334,13 +303,13 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
     from the run's config; num_samples None: config.eval.num_samples."""
     if not epath.Path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir {workdir} does not exist; pass the directory of a training run.")
-    config, net_config, teacher_params, student_params, ema_params = restore.load_run(workdir)
+    config, net_config, teacher, student_params, ema_params = restore.load_run(workdir)
     students = {k: v for k, v in (("student_ema", ema_params), ("student", student_params)) if v is not None}
     num_samples = num_samples if num_samples is not None else int(config.eval.num_samples)
     return evaluate(
         world_from_config(config),
         net_config,
-        teacher_params,
+        teacher,
         students,
         workdir,
         num_samples=num_samples,
@@ -364,7 +333,7 @@ def world_from_config(config) -> toy.World:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m " + __spec__.name if __spec__ else None,
+        prog="trigflow-toy-evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -379,5 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -9,14 +9,19 @@ re-used.
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trigflow_distill import methods
 from trigflow_distill.common import sharding
+from trigflow_distill.core import optim
 from trigflow_distill.data import format as data_format
-from trigflow_distill.methods import rcm, train_state, video2world
+from trigflow_distill.methods import dmd2, train_state
+from trigflow_distill.models import cosmos_dit
 from trigflow_distill.models.cosmos_dit import teacher_cache
 
 
@@ -27,7 +32,7 @@ def net_options(config_net, **overrides) -> dict:
         dtype=config_net.dtype,
         remat=config_net.remat,
         attention=config_net.attention,
-        attention_block_size=int(config_net.get("attention_block_size", 512)),
+        attention_block_size=int(config_net.attention_block_size),
     )
     return {**options, **overrides}
 
@@ -49,14 +54,38 @@ def load_teacher(config, workdir):
     return net_config, split_teacher(params)
 
 
-def setup(config, workdir, mesh, loaded=None):
-    """Everything the loop needs: (algo, txs, teacher, shardings, abstract state, init fn). loaded: the
-    (net_config, teacher) of `load_teacher` when already read (for the mesh choice), else read here."""
-    net_config, teacher = load_teacher(config, workdir) if loaded is None else loaded
-    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm (§14)
+class Run(NamedTuple):
+    """Everything a run's updates need, built once by `build` (on real or abstract teacher weights)."""
+
+    algo: Any  # the method's Algo (methods.algo_from_config)
+    student_tx: Any
+    critic_tx: Any
+    teacher: dict  # {"net", "text_proj"} placed with `teacher_sharding` (or ShapeDtypeStructs carrying it)
+    abstract_state: train_state.TrainState  # ShapeDtypeStructs with their shardings: restore target, plan input
+    state_sharding: train_state.TrainState
+    teacher_sharding: Any
+    batch_sharding: Any
+    init: Callable  # jitted teacher -> TrainState (sharded)
+    critic_step: Callable  # jitted (state, teacher, batch) -> (state, metrics), state donated
+    student_step: Callable
+
+
+def _is_abstract(tree) -> bool:
+    return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def build(config, net_config, teacher, mesh, text_kind: str | None = None) -> Run:
+    """The one run builder (docs/algorithm.md §6): the method of config.distill.method for `net_config` on `mesh`,
+    its optimizers, the sharded TrainState (abstract, and the jitted init from `teacher`) and the jitted critic
+    and student updates. `teacher` = {"net", "text_proj"}: arrays (placed on the mesh here) or ShapeDtypeStructs
+    (the compile-only plan: nothing is allocated). `text_kind`: what the dataset declares its text to be."""
+    algo = methods.algo_from_config(config, net_config, mesh, text_kind)
     student_tx, critic_tx = train_state.make_optimizers(config)
     teacher_sh = sharding.param_sharding(teacher, mesh)
-    teacher = sharding.put_global(teacher, teacher_sh)
+    if _is_abstract(teacher):
+        teacher = _with_shardings(teacher, teacher_sh)
+    else:
+        teacher = sharding.put_global(teacher, teacher_sh)
     init = functools.partial(
         train_state.init_state,
         student_tx=student_tx,
@@ -66,25 +95,48 @@ def setup(config, workdir, mesh, loaded=None):
     )
     abstract = jax.eval_shape(init, teacher)
     state_sh = train_state.state_shardings(abstract, student_tx, critic_tx, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    init = jax.jit(init, in_shardings=(teacher_sh,), out_shardings=state_sh)
-    return algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init
+    batch_sh = sharding.batch_sharding(mesh)
+    critic_step, student_step = dmd2.make_update_fns(
+        algo,
+        student_tx,
+        critic_tx,
+        optim.ema_gamma(config.distill.ema_rate),
+        (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)),
+    )
+    return Run(
+        algo=algo,
+        student_tx=student_tx,
+        critic_tx=critic_tx,
+        teacher=teacher,
+        abstract_state=_with_shardings(abstract, state_sh),
+        state_sharding=state_sh,
+        teacher_sharding=teacher_sh,
+        batch_sharding=batch_sh,
+        init=jax.jit(init, in_shardings=(teacher_sh,), out_shardings=state_sh),
+        critic_step=critic_step,
+        student_step=student_step,
+    )
 
 
-def check_source(source, net_config, teacher) -> None:
-    """ValueError unless the records fit the networks: 16-channel latents patchifiable by the DiT (in every
-    bucket), text of a width the teacher takes (raw: its projection's input; projected: the context width)."""
-    for _, spec, _ in data_format.source_buckets(source):
-        c, t, h, w = spec.latent_shape
-        if (
-            c != net_config.in_channels
-            or t % net_config.patch_temporal
-            or h % net_config.patch_spatial
-            or (w % net_config.patch_spatial)
-        ):
-            raise ValueError(
-                f"the data's latents are {spec.latent_shape}; the teacher needs {net_config.in_channels} "
-                f"channels and T, H, W divisible by {net_config.patch_temporal}, "
-                f"{net_config.patch_spatial}, {net_config.patch_spatial}."
-            )
-        video2world.text_width_kind(net_config, teacher, spec.text_shape[-1])
+def abstract_teacher(config, net_config) -> dict:
+    """The teacher value as ShapeDtypeStructs (config.teacher.dtype storage, no text projection: the plan's data
+    arrives projected), for `build` without weights."""
+    net = jax.eval_shape(functools.partial(cosmos_dit.init_params, net_config), jax.random.PRNGKey(0))
+    store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
+    net = {k: v for k, v in net.items() if k != "crossattn_proj"}
+    return {"net": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, store), net), "text_proj": None}
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def check_source(source, net_config) -> str | None:
+    """The text kind of a record source's data (what its dataset declares, else told by the width); ValueError
+    unless every bucket's records fit the network (`cosmos_dit.check_data`, the one check)."""
+    declared = getattr(source, "text_kind", None)
+    kinds = {
+        cosmos_dit.check_data(net_config, spec.latent_shape, spec.text_shape[-1], declared)
+        for _, spec, _ in data_format.source_buckets(source)
+    }
+    return kinds.pop() if len(kinds) == 1 else None

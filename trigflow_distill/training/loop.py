@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 from trigflow_distill import data
 from trigflow_distill.common import distributed, sharding
 from trigflow_distill.common.errors import CheckpointError, TrainingStopped
-from trigflow_distill.core import optim
 from trigflow_distill.methods import dmd2, train_state
 from trigflow_distill.training import builder, checkpoint, lock, metrics, plan, run_config
 
@@ -57,14 +56,15 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
 def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> train_state.TrainState:
     main_process = distributed.is_main_process()
     batch_size = int(config.data.batch_size)
-    loaded = builder.load_teacher(config, str(workdir))
+    net_config, teacher = builder.load_teacher(config, str(workdir))
+    text_kind = builder.check_source(source, net_config)  # before the mesh plan: bad data fails in seconds
     # The mesh (config.mesh sizes at 0: chosen by the compile-only plan) for the largest records of the data.
     largest = max(
-        (spec for _, spec, _ in data.records.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))
+        (spec for _, spec, _ in data.format.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))
     )
     mesh = plan.run_mesh(
         config,
-        loaded[0],
+        net_config,
         largest.latent_shape,
         largest.text_shape[0],
         batch_size,
@@ -72,25 +72,17 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
         log=lambda line: print(line, flush=True) if main_process else None,
     )
     sharding.check_batch(batch_size, mesh)
-
-    algo, (student_tx, critic_tx), teacher, (state_sh, teacher_sh), abstract, init = builder.setup(
-        config, str(workdir), mesh, loaded
-    )
-    builder.check_source(source, algo.net_config, teacher)
-    repl = sharding.replicated(mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    critic_step, student_step = dmd2.make_update_fns(
-        algo, student_tx, critic_tx, optim.ema_gamma(config.distill.ema_rate), (state_sh, teacher_sh, batch_sh, repl)
-    )
+    run = builder.build(config, net_config, teacher, mesh, text_kind)
+    algo, teacher = run.algo, run.teacher
 
     data_iter = data.make_iterator(
         source, batch_size, int(config.data.seed), process_slice=sharding.local_batch_slice(batch_size, mesh)
     )
     manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
-    state, start = checkpoint.restore_latest(manager, abstract, data_iter, set_aside=True)
+    state, start = checkpoint.restore_latest(manager, run.abstract_state, data_iter, set_aside=True)
     saver = checkpoint.Saver(manager, last_committed=start if state is not None else None)
     if state is None:
-        state = init(teacher)
+        state = run.init(teacher)
         if main_process:
             print(
                 parameter_overview.get_parameter_overview(
@@ -115,7 +107,6 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     )
     agg = metrics.Aggregator()
     pending = []
-    d = config.distill
     sample_fn = jax.jit(functools.partial(dmd2.student_samples, algo))
     sample_batch = None
     if write_samples is not None and config.sample_every:
@@ -135,7 +126,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     try:
         for step in range(start, total):
             batch = sharding.global_batch(next(data_iter), batch_size, mesh)
-            fn = student_step if dmd2.is_student_step(step, d.student_update_freq, d.tangent_warmup) else critic_step
+            fn = run.student_step if algo.is_student_step(step) else run.critic_step
             state, step_metrics = fn(state, teacher, batch)
             pending.append(step_metrics)
             done = step + 1

@@ -36,7 +36,6 @@ the TPU/GPU compilers will do (fusion, layouts and collective buffers differ).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -49,9 +48,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from trigflow_distill.common import errors, sharding
-from trigflow_distill.core import optim
-from trigflow_distill.methods import dmd2, rcm, train_state
+from trigflow_distill.common import cli, errors, sharding
 from trigflow_distill.models import cosmos_dit
 from trigflow_distill.training import builder
 
@@ -61,42 +58,16 @@ CACHE_FILE = "mesh_auto.json"
 _MAX_DOUBLINGS = 12  # how far (x 4096 devices) the refusal message looks for a mesh that fits
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def _lowering_inputs(config, net_config, mesh, latent_chw, text_shape, batch_size):
-    """(critic_fn, student_fn, abstract args) of the jitted updates on `mesh`."""
+    """(critic_fn, student_fn, abstract args) of the jitted updates on `mesh`: `builder.build` on abstract teacher
+    weights, the same builder a run calls."""
     sharding.check_batch(batch_size, mesh)
-    net = jax.eval_shape(functools.partial(cosmos_dit.init_params, net_config), jax.random.PRNGKey(0))
-    store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
-    net = {k: v for k, v in net.items() if k != "crossattn_proj"}  # text arrives projected
-    teacher = {"net": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, store), net), "text_proj": None}
-    student_tx, critic_tx = train_state.make_optimizers(config)
-    algo = rcm.algo_from_config(config, net_config, mesh)  # distill.method: dmd2 or rcm, as run.setup
-    init = functools.partial(
-        train_state.init_state,
-        student_tx=student_tx,
-        critic_tx=critic_tx,
-        seed=0,
-        guidance_conditioned=algo.guidance_range is not None,
-    )
-    abstract_state = jax.eval_shape(init, teacher)
-    state_sh = train_state.state_shardings(abstract_state, student_tx, critic_tx, mesh)
-    teacher_sh = sharding.param_sharding(teacher, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
+    run = builder.build(config, net_config, builder.abstract_teacher(config, net_config), mesh)
     batch = {
-        "latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=batch_sh),
-        "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=batch_sh),
+        "latents": jax.ShapeDtypeStruct((batch_size,) + tuple(latent_chw), jnp.float32, sharding=run.batch_sharding),
+        "text": jax.ShapeDtypeStruct((batch_size,) + tuple(text_shape), jnp.float32, sharding=run.batch_sharding),
     }
-    critic, student = dmd2.make_update_fns(
-        algo,
-        student_tx,
-        critic_tx,
-        optim.ema_gamma(config.distill.ema_rate),
-        (state_sh, teacher_sh, batch_sh, sharding.replicated(mesh)),
-    )
-    return critic, student, (_abstract(abstract_state, state_sh), _abstract(teacher, teacher_sh), batch)
+    return run.critic_step, run.student_step, (run.abstract_state, run.teacher, batch)
 
 
 def compile_updates(config, net_config, mesh, latent_chw, text_shape, batch_size: int, updates=UPDATES) -> dict:
@@ -419,26 +390,29 @@ def format_table(result: dict, latent_chw) -> str:
     return "\n".join(lines)
 
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].")
-flags.DEFINE_string(
-    "mesh",
-    "data:1,fsdp:8,seq:1",
-    "Mesh axis sizes (their product is the simulated device count), "
-    "or auto: the mesh a run picks on --devices devices of --config.mesh.device_memory_gib GiB.",
-)
-flags.DEFINE_integer("devices", 8, "Simulated devices for --mesh=auto.")
-flags.DEFINE_bool("json", False, "Print the plan as JSON.")
-flags.DEFINE_integer("frames", 93, "Video frames (1 + 4k).")
-flags.DEFINE_integer("height", 704, "Video height in pixels.")
-flags.DEFINE_integer("width", 1280, "Video width in pixels.")
-flags.DEFINE_integer(
-    "batch_per_rank",
-    1,
-    "Samples per data-parallel rank (data x fsdp) for an explicit mesh; --mesh=auto uses config.data.batch_size.",
-)
-flags.DEFINE_string("net", "predict25_2b", "networks preset of the architecture.")
-flags.DEFINE_bool("verbose", False, "--mesh=auto: print every mesh tried.")
-flags.DEFINE_bool("flops", True, "Also count FLOPs (two more compiles).")
+def _define_flags() -> None:
+    """The CLI's absl flags, defined only when the CLI runs (the trainer imports this module for `run_mesh`, and
+    its own --config flag must not collide)."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].")
+    flags.DEFINE_string(
+        "mesh",
+        "data:1,fsdp:8,seq:1",
+        "Mesh axis sizes (their product is the simulated device count), "
+        "or auto: the mesh a run picks on --devices devices of --config.mesh.device_memory_gib GiB.",
+    )
+    flags.DEFINE_integer("devices", 8, "Simulated devices for --mesh=auto.")
+    flags.DEFINE_bool("json", False, "Print the plan as JSON.")
+    flags.DEFINE_integer("frames", 93, "Video frames (1 + 4k).")
+    flags.DEFINE_integer("height", 704, "Video height in pixels.")
+    flags.DEFINE_integer("width", 1280, "Video width in pixels.")
+    flags.DEFINE_integer(
+        "batch_per_rank",
+        1,
+        "Samples per data-parallel rank (data x fsdp) for an explicit mesh; --mesh=auto uses config.data.batch_size.",
+    )
+    flags.DEFINE_string("net", "predict25_2b", "networks preset of the architecture.")
+    flags.DEFINE_bool("verbose", False, "--mesh=auto: print every mesh tried.")
+    flags.DEFINE_bool("flops", True, "Also count FLOPs (two more compiles).")
 
 
 def main(argv):
@@ -468,5 +442,11 @@ def main(argv):
     print(json.dumps(result) if f.json else format_table(result, latent))
 
 
+def run() -> None:
+    """The console-script entry point (`trigflow-plan`)."""
+    _define_flags()
+    cli.run_absl(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

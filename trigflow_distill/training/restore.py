@@ -135,15 +135,12 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
 
 
 def load_run(workdir, students=("student_ema", "student")):
-    """(config, net_config, teacher_params, student_params, ema_params) of the latest checkpoint in `workdir`, for
-    evaluation: the full teacher (with its text projection `crossattn_proj`) and the students named in `students`
-    (a partial restore into host memory, see `restore_params`; no optimizer state, critic or TrainState is built).
-    A student not asked for is None.
+    """(config, net_config, teacher, student_params, ema_params) of the latest checkpoint in `workdir`, for
+    evaluation: the teacher value {"net", "text_proj"} (`builder.load_teacher`) and the students named in
+    `students` (a partial restore into host memory, see `restore_params`; no optimizer state, critic or TrainState
+    is built). A student not asked for is None.
     """
     config = run_config.read_config(workdir)
     _, restored = restore_params(workdir, students)
     net_config, teacher = builder.load_teacher(config, workdir)
-    teacher_params = dict(teacher["net"])
-    if teacher["text_proj"] is not None:
-        teacher_params["crossattn_proj"] = teacher["text_proj"]
-    return config, net_config, teacher_params, restored.get("student"), restored.get("student_ema")
+    return config, net_config, teacher, restored.get("student"), restored.get("student_ema")

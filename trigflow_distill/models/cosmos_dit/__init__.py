@@ -5,23 +5,31 @@ PyTorch / diffusers name maps (`names`), checkpoint conversion (`convert`) and t
 from trigflow_distill.models.cosmos_dit.network import (
     GUIDANCE_EMBEDDER,
     PRESETS,
+    TEXT_KINDS,
     DiTConfig,
     add_guidance_embedder,
+    check_data,
     get_preset,
     init_params,
     param_shapes,
     project_text,
+    text_kind,
+    unconditional_context,
     velocity,
 )
 
 __all__ = [
     "GUIDANCE_EMBEDDER",
     "PRESETS",
+    "TEXT_KINDS",
     "add_guidance_embedder",
+    "check_data",
     "DiTConfig",
     "get_preset",
     "init_params",
     "param_shapes",
     "project_text",
+    "text_kind",
+    "unconditional_context",
     "velocity",
 ]

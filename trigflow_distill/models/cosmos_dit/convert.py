@@ -498,8 +498,7 @@ def load_converted(ckpt_dir: str | os.PathLike, **config_overrides) -> tuple[DiT
     folder = epath.Path(ckpt_dir)
     if not (folder / _SOURCE_JSON).exists() and not (folder / COMPLETE).exists():
         raise FileNotFoundError(
-            f"{folder}: no {_SOURCE_JSON}; not a converted checkpoint (run `python -m trigflow_distill.models.cosmos_dit.convert SRC "
-            "DST` first)"
+            f"{folder}: no {_SOURCE_JSON}; not a converted checkpoint (run `trigflow-convert SRC DST` first)"
         )
     problem = check_converted(folder)
     if problem:
@@ -530,7 +529,7 @@ def _summary(what: str, params_or_folder, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trigflow_distill.models.cosmos_dit.convert",
+        prog="trigflow-convert",
         description="Convert a Cosmos Predict2.5 DiT between PyTorch (.pt or diffusers folder) and a converted "
         "folder of Flax params. Without flags: SRC (.pt / diffusers folder, local or hf://OWNER/NAME/PATH[@REV]) -> "
         "DST converted folder (local or gs://).",
@@ -571,5 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -355,7 +355,7 @@ def write_tiny(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m " + __spec__.name if __spec__ else None,
+        prog="trigflow-text-encoder",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -378,5 +378,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

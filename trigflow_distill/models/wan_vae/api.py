@@ -221,7 +221,7 @@ def _cmd_decode(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trigflow_distill.models.wan_vae",
+        prog="trigflow-vae",
         description="Encode a video into normalised Wan2.1 VAE latents (the DiT's input) or decode latents back "
         "into a video, for quick checks. Encode resizes and pads to the bucket of nearest aspect "
         "ratio (docs/algorithm.md §12) and keeps the first 1+4k frames.",
@@ -252,5 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console-script entry point: `main()` with the process exit code."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

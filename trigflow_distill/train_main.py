@@ -1,0 +1,106 @@
+r"""The training command (`python main.py` / `trigflow-train`): distill a many-step Cosmos video diffusion teacher
+into a 4-step student (DMD2, TrigFlow).
+
+  python main.py --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # CPU demo, ~15 min
+  trigflow-train --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # the same
+  python main.py --config=configs/predict25_4step.py --workdir=DIR \
+      --config.teacher.path=TEACHER.pt --config.data.path=LATENTS_DIR             # real 2B recipe
+
+Re-running with the same --workdir resumes from its latest checkpoint (the config must be the same, up to
+total_steps, log/sample/checkpoint intervals, eval and mesh; --config.allow_config_change=True overrides).
+Override any config field with --config.<field>=<value> (e.g. --config.total_steps=100); unknown fields are
+rejected. Multi-host: TPU VMs are detected automatically; elsewhere pass --coordinator_address, --num_processes
+and --process_id (or run under SLURM) — see launch/.
+"""
+
+import re
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from trigflow_distill.common import cli
+from trigflow_distill.common.errors import CLI_ERRORS, fail
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/predict25_4step.py[:tiny].", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and eval; resumed if it exists.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (not needed on TPU VMs).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl flag parsing with every mistake as one `error:` line: unknown or mistyped config fields, a missing
+    or broken config file, missing required flags."""
+    try:
+        rest = flags.FLAGS(argv)
+        flags.FLAGS.config.to_dict()  # a config file that failed to load raises only when first used
+        return rest
+    except (KeyError, AttributeError) as e:  # ml_collections: an override of a field the config lacks
+        key = str(e).strip("'\"")
+        given = [
+            a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].split(".")[-1] == key
+        ] or [f"--config...{key}"]
+        sys.exit(fail(ValueError(f"{given[0]}: the config has no field {key!r}; see the config file for its fields.")))
+    except flags.Error as e:
+        sys.exit(fail(ValueError(_one_line(e))))
+    except Exception as e:  # noqa: BLE001 - a config file is user code: whatever it raises is a config error
+        sys.exit(fail(ValueError(f"cannot load --config: {_one_line(e)}")))
+
+
+def _one_line(e: BaseException) -> str:
+    """ml_collections' errors span lines (attempted paths, the config file's traceback); keep the reason."""
+    text = str(e).strip() or type(e).__name__
+    if "Traceback (most recent call last)" in text:  # the head says where, the last line what
+        head = text.split("Traceback (most recent call last)")[0].rstrip(": \n\t")
+        text = f"{head}: {text.splitlines()[-1].strip()}"
+    text = " ".join(text.split())
+    return re.sub(r"^Configuration is not available because of an earlier failure to load: ", "", text)
+
+
+def _without_orbax_tracebacks(record) -> bool:
+    if "orbax" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(fail(ValueError(f"unexpected arguments {argv[1:]}; config fields go as --config.<field>=<value>.")))
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; our progress lines go to stdout
+        logging.set_verbosity(logging.WARNING)
+        # Orbax logs a failed background write with tracebacks from several threads; the error line says it all.
+        logging.get_absl_handler().addFilter(_without_orbax_tracebacks)
+    # Imported after flag parsing: keeps --help fast and leaves JAX uninitialised until the distributed set-up.
+    from trigflow_distill.common import distributed
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        # Only now: importing the networks may already touch the JAX backend.
+        from trigflow_distill import data_kinds
+        from trigflow_distill.training import loop, run_config
+
+        kind = data_kinds.get(config)
+        run_config.validate_config(config)
+        source, write_samples = kind.open(config)
+        loop.train(config, workdir, source, write_samples)
+        if config.eval.at_end and kind.evaluate is None:
+            print(f"config.eval.at_end: data.kind={config.data.kind!r} has no evaluation; skipped.")
+        elif config.eval.at_end and distributed.is_single_process():
+            kind.evaluate(workdir)
+        elif config.eval.at_end and distributed.is_main_process():
+            print(
+                "Multi-host run: evaluate on one host with "
+                f"`python -m trigflow_distill.toy.evaluate --workdir={workdir}`."
+            )
+    except CLI_ERRORS as e:
+        sys.exit(fail(e))
+
+
+def run() -> None:
+    """The console-script entry point (`trigflow-train`); main.py calls it too."""
+    cli.run_absl(main, flags_parser=parse_flags)
