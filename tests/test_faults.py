@@ -318,10 +318,14 @@ def test_data_writer_needs_overwrite_and_replaces_only_when_done(tmp_path, capsy
             (3, 16, 2, 4, 4),
             (3, 5, 4096),
             "predict25_2b",
-            r"width 4096; the predict25_2b teacher takes 1024 \(projected\) "
-            r"or 100352 \(raw\)",
+            r"text embeddings are 4096 wide, but this teacher takes 100352 \(raw .*\) or 1024 \(projected context\)",
         ),
-        ((3, 16, 2, 4, 4), (3, 5, 1024), "tiny", r"width 1024; the tiny teacher takes 64 \(projected\) or 96 \(raw\)"),
+        (
+            (3, 16, 2, 4, 4),
+            (3, 5, 1024),
+            "tiny",
+            r"text embeddings are 1024 wide, but this teacher takes 96 \(raw .*\) or 64 \(projected context\)",
+        ),
         ((3, 16, 2, 4, 4), (3, 5), "any", r"--text has shape \(3, 5\)"),
     ],
 )
@@ -361,17 +365,6 @@ def _tiny_config(teacher_path, **overrides):
         section, _, field = k.rpartition(".")
         (c[section] if section else c)[field] = v
     return c
-
-
-@pytest.fixture(scope="module")
-def teacher_pt(tmp_path_factory):
-    from trigflow_distill.models import cosmos_dit
-    from trigflow_distill.models.cosmos_dit import convert
-
-    net = cosmos_dit.get_preset("tiny", num_blocks=2)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, path)
-    return path
 
 
 def _toy_source(config):
@@ -431,20 +424,24 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
 
 
 def test_run_saved_before_a_field_was_added_resumes(teacher_pt, tmp_path):
-    """A config.json without the fields added later (run_config.ADDED_FIELDS) is the same run as the new config at their
-    old-behaviour values; switching such a feature on is still a change."""
+    """A config.json without fields added later is read with those fields at the recipe's defaults (which keep the
+    old behaviour), and with renamed fields under their new names: the same run as the new config; switching such a
+    feature on is still a change. read_config gives the completed config."""
     from trigflow_distill.training import run_config
 
     old = json.loads(_tiny_config(teacher_pt).to_json_best_effort())
-    for name in run_config.ADDED_FIELDS:
-        section, field = name.split(".")
-        del old[section][field]
+    del old["distill"]["guidance_conditioned"], old["distill"]["guidance_range"]
+    old["distill"]["tangent_warmup"] = old["distill"].pop("student_warmup")  # the name before the layout move
+    old["distill"]["rcm"]["tangent_warmup"] = old["distill"]["rcm"].pop("tangent_ramp")
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert run_config.config_changes(old, json.loads(_tiny_config(teacher_pt).to_json_best_effort())) == []
     switched = _tiny_config(teacher_pt, **{"distill.guidance_conditioned": True})
     assert run_config.config_changes(old, json.loads(switched.to_json_best_effort())) == [
-        "distill.guidance_conditioned: '<absent>' -> True"
+        "distill.guidance_conditioned: False -> True"
     ]
+    read = run_config.read_config(tmp_path)
+    assert read.distill.guidance_conditioned is False and read.distill.student_warmup == 1
+    assert read.distill.rcm.tangent_ramp == 100 and "tangent_warmup" not in read.distill
 
 
 def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):

@@ -13,6 +13,7 @@ from trigflow_distill import toy
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit
 from trigflow_distill.toy import evaluate, pretrain
+from trigflow_distill.training import builder
 
 METRICS = {
     "prompt_accuracy",
@@ -83,15 +84,16 @@ def test_pretraining_lowers_the_loss(world, mini_config):
 
 @pytest.mark.slow
 def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
-    teacher = cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0))
-    student = {k: v for k, v in teacher.items() if k != "crossattn_proj"}  # as the trainer keeps it
+    teacher = builder.split_teacher(cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0)))
+    student = teacher["net"]  # as the trainer keeps it: no text projection
+    raw = jax.tree.map(lambda x: x + 0.01, student)
     out = tmp_path / "eval"
     n = 32
     result = evaluate.evaluate(
         world,
         mini_config,
         teacher,
-        {"student_ema": student, "student": teacher},
+        {"student_ema": student, "student": raw},
         str(out),
         num_samples=n,
         batch_size=24,
@@ -162,9 +164,9 @@ def test_evaluate_writes_schema_and_files(world, mini_config, tmp_path):
 
 
 def test_evaluate_rejects_bad_inputs(world, mini_config, tmp_path):
-    teacher = cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0))
+    teacher = builder.split_teacher(cosmos_dit.init_params(mini_config, jax.random.PRNGKey(0)))
     with pytest.raises(ValueError, match="unknown keys"):
-        evaluate.evaluate(world, mini_config, teacher, {"critic": teacher}, str(tmp_path), num_samples=4)
-    no_proj = {k: v for k, v in teacher.items() if k != "crossattn_proj"}
-    with pytest.raises(ValueError, match="crossattn_proj"):
+        evaluate.evaluate(world, mini_config, teacher, {"critic": teacher["net"]}, str(tmp_path), num_samples=4)
+    no_proj = {"net": teacher["net"], "text_proj": None}
+    with pytest.raises(ValueError, match="no text projection"):
         evaluate.evaluate(world, mini_config, no_proj, {}, str(tmp_path), num_samples=4)

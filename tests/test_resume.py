@@ -13,21 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill.models import cosmos_dit
-from trigflow_distill.models.cosmos_dit import convert
-
 pytestmark = pytest.mark.slow  # end-to-end main.py runs in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 8
-
-
-@pytest.fixture(scope="module")
-def teacher_pt(tmp_path_factory):
-    net = cosmos_dit.get_preset("tiny", num_blocks=1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(cosmos_dit.init_params(net, jax.random.PRNGKey(1)), net, path)
-    return path
 
 
 def _cmd(workdir, teacher):

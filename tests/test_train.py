@@ -11,8 +11,6 @@ from trigflow_distill import data, data_kinds, toy
 from trigflow_distill.common import sharding
 from trigflow_distill.core import optim
 from trigflow_distill.methods import dmd2, train_state
-from trigflow_distill.models import cosmos_dit
-from trigflow_distill.models.cosmos_dit import convert
 from trigflow_distill.training import builder, loop, run_config
 
 import predict25_4step  # configs/ is on the pytest pythonpath
@@ -35,16 +33,6 @@ def tiny_config(teacher_path, **overrides):
         section, _, field = k.rpartition(".")
         (c[section] if section else c)[field] = v
     return c
-
-
-@pytest.fixture(scope="module")
-def teacher_pt(tmp_path_factory):
-    """A random tiny Cosmos DiT written as a native `.pt` (what users bring)."""
-    net = cosmos_dit.get_preset("tiny", num_blocks=1)
-    params = cosmos_dit.init_params(net, jax.random.PRNGKey(0))
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    convert.export_torch(params, net, path)
-    return path
 
 
 @pytest.fixture(scope="module")

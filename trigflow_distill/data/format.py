@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from trigflow_distill.common import paths
 from trigflow_distill.core.recipe import COND_FRAME_PROBS
 from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD
 
@@ -192,11 +193,6 @@ def shard_file(directory: str, shard: str, field: str, ext: str = "npy") -> str:
     return os.path.join(directory, f"{shard}.{field}.{ext}")
 
 
-def is_local(path: str) -> bool:
-    """Whether `path` is on the local file system (not gs://... or another etils.epath store)."""
-    return "://" not in os.fspath(path)
-
-
 class _RemoteNpy:
     """Rows of a remote `.npy` file (gs://..., through etils.epath), each read on demand with one ranged read; the
     local equivalent is np.load(mmap_mode="r")."""
@@ -313,7 +309,7 @@ class NpyDirSource:
             path = shard_file(self.directory, name, field)
             if not epath.Path(path).is_file():
                 raise FileNotFoundError(f"{path} is missing from dataset {self.directory} (listed in meta.json).")
-            arr = np.load(path, mmap_mode="r") if is_local(path) else _RemoteNpy(path)
+            arr = np.load(path, mmap_mode="r") if paths.is_local(path) else _RemoteNpy(path)
             if len(arr) != n:
                 raise ValueError(f"{path} has {len(arr)} rows, meta.json says {n}.")
             self._arrays[key] = arr

@@ -11,6 +11,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from trigflow_distill.common import paths
 from trigflow_distill.data.format import (
     FORMAT,
     OPTIONAL_FIELDS,
@@ -18,7 +19,6 @@ from trigflow_distill.data.format import (
     TEXT_KINDS,
     RecordSpec,
     bucket_name,
-    is_local,
     normalize_latents,
     shard_file,
     validate_record,
@@ -109,7 +109,7 @@ class DatasetWriter:
         }
         if pad_shape is not None:
             shapes["padding_mask"] = (pad_shape, np.uint8)
-        staging = None if is_local(self.out_dir) else tempfile.TemporaryDirectory()
+        staging = None if paths.is_local(self.out_dir) else tempfile.TemporaryDirectory()
         local_dir = self.out_dir if staging is None else staging.name
         outs = {
             f: np.lib.format.open_memmap(shard_file(local_dir, name, f), mode="w+", dtype=dt, shape=(n, *shape))

@@ -24,6 +24,8 @@ import huggingface_hub
 from etils import epath
 from huggingface_hub import errors as hf_errors
 
+from trigflow_distill.common import paths
+
 HF_SCHEME = "hf://"
 _TRUE = ("1", "true", "yes", "on")
 
@@ -35,11 +37,6 @@ _NOT_FOUND = (
     hf_errors.RevisionNotFoundError,
     hf_errors.RepositoryNotFoundError,
 )
-
-
-def is_remote(src: str) -> bool:
-    """True for URLs other than `hf://` and `file://` (read through etils.epath, not resolved here)."""
-    return "://" in src and not src.startswith((HF_SCHEME, "file://"))
 
 
 def parse_hf(src: str) -> tuple[str, str, str | None]:
@@ -79,7 +76,7 @@ def resolve_local(src: str | os.PathLike, what: str) -> epath.Path:
     """`resolve` for weights that are memory-mapped (safetensors, .pth): a local path or an `hf://` source (fetched
     into the Hub cache); a remote URL is refused with a one-line error naming `what` and the fix."""
     src = os.fspath(src)
-    if is_remote(src):
+    if paths.is_remote(src):
         raise ValueError(
             f"{src}: {what} must be a local path or hf://OWNER/NAME[/PATH][@REV] (its weights are memory-mapped); "
             "copy it to a local disk first"
@@ -95,7 +92,7 @@ def resolve(src: str | os.PathLike, *, cache_dir: str | None = None, revision: s
     """
     src = os.fspath(src)
     src = src.removeprefix("file://")
-    if is_remote(src):
+    if paths.is_remote(src):
         return src
     if not src.startswith(HF_SCHEME):
         if not os.path.exists(src):

@@ -22,7 +22,6 @@ import numpy as np
 from etils import epath
 
 from trigflow_distill.common import video
-from trigflow_distill.models import hub
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -56,7 +55,7 @@ def list_videos(videos: str) -> tuple[list[str], str]:
     for line in p.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            paths.append(line if hub.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
+            paths.append(line if paths.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
     if not paths:
         raise ValueError(f"--videos {videos}: the list file names no videos")
     return paths, root
@@ -97,7 +96,7 @@ def make_items(paths: Sequence[str], root: str, captions: dict[str, str]) -> lis
     Warns (stderr) about JSONL keys that name no video: a wrong key layout would otherwise skip every video."""
     items, used = [], set()
     for path in paths:
-        name = os.path.relpath(path, root) if not hub.is_remote(path) else path[len(root) :].lstrip("/")
+        name = os.path.relpath(path, root) if not paths.is_remote(path) else path[len(root) :].lstrip("/")
         key = next((k for k in (name, os.path.basename(path), path) if k in captions), None)
         used.add(key)
         caption = captions[key] if key is not None else _sidecar_caption(path)

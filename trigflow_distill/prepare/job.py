@@ -63,7 +63,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill.common import distributed, errors, video
+from trigflow_distill.common import distributed, errors, paths, video
 from trigflow_distill.data import DatasetWriter
 from trigflow_distill.models import wan_vae
 from trigflow_distill.prepare.clips import Clip, Item, list_videos, load_clips, make_items, read_captions
@@ -77,12 +77,6 @@ JOB_FORMAT = "trigflow_distill.prepare/1"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output: shards, unit markers, job file
-
-
-def _atomic_write_text(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".tmp-{path.name}"
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _unit_dir(out: epath.Path, unit: int) -> epath.Path:
@@ -155,7 +149,7 @@ def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
                 "the same arguments to resume it, or --overwrite to replace it"
             )
     (out / UNITS_DIR).mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
+    paths.write_text_atomic(out / JOB_FILE, json.dumps(job, indent=1))
     return False
 
 
@@ -280,7 +274,7 @@ def process_unit(
         "shards": shards,
         "skipped": skipped,
     }
-    _atomic_write_text(_unit_marker(out, unit), json.dumps(marker))
+    paths.write_text_atomic(_unit_marker(out, unit), json.dumps(marker))
     return marker
 
 
@@ -310,7 +304,7 @@ def finish(out: epath.Path, num_units: int) -> dict:
             f"units {missing[:10]} of {out} are not finished (a process failed?); rerun the same command to resume them"
         )
     skipped = [s for m in markers for s in m["skipped"]]
-    _atomic_write_text(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
+    paths.write_text_atomic(out / REPORT_FILE, "".join(json.dumps(s) + "\n" for s in skipped))
     metas = [
         (u, json.loads((_unit_dir(out, u) / "meta.json").read_text())) for u, m in enumerate(markers) if m["shards"]
     ]
@@ -326,7 +320,7 @@ def finish(out: epath.Path, num_units: int) -> dict:
                 )
     meta["shards"] = [{**s, "name": f"{_unit_dir(out, u).name}/{s['name']}"} for u, m in metas for s in m["shards"]]
     meta["num_records"] = sum(s["num_records"] for s in meta["shards"])
-    _atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    paths.write_text_atomic(out / "meta.json", json.dumps(meta, indent=1))
     return {"records": meta["num_records"], "shards": len(meta["shards"]), "skipped": skipped}
 
 

@@ -321,7 +321,7 @@ def evaluate_run(workdir: str, num_samples: int | None = None, batch_size: int =
         time_shift=float(config.distill.timestep_shift),
         student_steps=tuple(int(n) for n in config.eval.student_steps),
         train_steps=int(config.distill.num_student_steps),
-        guidance_values=tuple(float(g) for g in config.eval.get("guidance_values", ())),
+        guidance_values=tuple(float(g) for g in config.eval.guidance_values),
         log=log,
     )
 

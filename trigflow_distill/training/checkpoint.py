@@ -23,14 +23,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill.common import distributed
+from trigflow_distill.common import distributed, paths
 from trigflow_distill.common.errors import CheckpointError, TrainingStopped
 
 
 def checkpoint_dir(workdir) -> epath.Path:
     """`<workdir>/checkpoints` (absolute for local paths; gs:// and other remote paths as given)."""
     workdir = str(workdir)
-    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+    return epath.Path(os.path.abspath(workdir) if paths.is_local(workdir) else workdir) / "checkpoints"
 
 
 def make_manager(

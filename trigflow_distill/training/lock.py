@@ -26,17 +26,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill.common import distributed
+from trigflow_distill.common import distributed, paths
 from trigflow_distill.common.errors import WorkdirLocked
 
 LOCK_NAME = "lock.json"
 DEFAULT_STALE_AFTER_S = 120.0
 DEFAULT_HEARTBEAT_S = 10.0
 _SETTLE_S = 2.0  # object stores: how long a racing writer may take to show up
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -133,7 +129,7 @@ class WorkdirLock:
 
     def _write(self) -> None:
         """Replace the lock's content with ours (atomic rename where the file system has one)."""
-        if _is_local(self.path):
+        if paths.is_local(self.path):
             tmp = f"{self.path}.{self.me['token']}.tmp"
             with open(tmp, "w") as f:
                 f.write(self._content())
@@ -175,9 +171,9 @@ class WorkdirLock:
                 if reason is None:
                     raise self._locked_error(holder)
                 note = f"took over the stale lock {self.path} of {describe(holder)}: {reason}"
-                if _is_local(self.path) and not self._set_stale_aside(holder):
+                if paths.is_local(self.path) and not self._set_stale_aside(holder):
                     continue  # someone else moved it first: look again
-            if _is_local(self.path):
+            if paths.is_local(self.path):
                 if not self._create_exclusive():
                     continue
             else:

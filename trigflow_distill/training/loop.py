@@ -103,7 +103,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
         * (first.shape[3] // c.patch_spatial)
     )
     writer = metrics.Writer(
-        str(workdir), total, tokens, enabled=main_process, wandb_config=config.get("wandb"), run_config=config.to_dict()
+        str(workdir), total, tokens, enabled=main_process, wandb_config=config.wandb, run_config=config.to_dict()
     )
     agg = metrics.Aggregator()
     pending = []

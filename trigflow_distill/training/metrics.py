@@ -25,7 +25,7 @@ from clu import metrics as clu_metrics
 from etils import epath
 from PIL import Image
 
-from trigflow_distill.models import hub
+from trigflow_distill.common import paths
 
 JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -95,7 +95,7 @@ class Writer:
         from tensorboardX import SummaryWriter  # optional heavy import kept local
 
         self._workdir = epath.Path(workdir)
-        self._remote = hub.is_remote(os.fspath(workdir))
+        self._remote = paths.is_remote(os.fspath(workdir))
         self._workdir.mkdir(parents=True, exist_ok=True)
         self._local = tempfile.mkdtemp(prefix="trigflow_metrics_") if self._remote else os.fspath(workdir)
         if self._remote and (self._workdir / JSONL).exists():

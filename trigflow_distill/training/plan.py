@@ -246,7 +246,7 @@ def run_mesh(
     request = sharding.mesh_request(config.mesh)
     if not sharding.is_auto(request):
         return sharding.make_mesh(request, devices=devices)
-    memory_bytes = device_memory_bytes(devices, float(config.mesh.get("device_memory_gib", 0.0)))
+    memory_bytes = device_memory_bytes(devices, float(config.mesh.device_memory_gib))
     text_shape = (int(text_len), net_config.crossattn_emb_channels)
     key = _cache_key(config, net_config, devices, latent_chw, text_shape, batch_size, memory_bytes)
     cache = epath.Path(workdir) / CACHE_FILE if workdir else None
@@ -349,7 +349,7 @@ def plan_auto(
     """`plan` of the mesh a run of `config` would pick on `devices` (choose_mesh; `request` a
     sharding.mesh_request with the sizes to choose at 0), with "memory_bytes" added."""
     devices = list(jax.devices() if devices is None else devices)
-    memory_bytes = device_memory_bytes(devices, float(config.mesh.get("device_memory_gib", 0.0)))
+    memory_bytes = device_memory_bytes(devices, float(config.mesh.device_memory_gib))
     batch_size = int(config.data.batch_size)
     mesh_config, estimates = choose_mesh(
         config,

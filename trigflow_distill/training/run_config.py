@@ -15,6 +15,9 @@ import time
 import ml_collections
 from etils import epath
 
+from configs import predict25_4step
+from trigflow_distill.common import paths
+
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
 RESUME_MAY_CHANGE = (
@@ -43,7 +46,7 @@ def validate_config(config):
             "base/pre-trained/<uuid>_ema_bf16.pt from https://huggingface.co/nvidia/Cosmos-Predict2.5-2B and pass "
             "--config.teacher.path=/path/to/that.pt (or use configs/predict25_4step.py:tiny for the CPU demo)."
         )
-    if "://" not in str(config.teacher.path) and not os.path.exists(config.teacher.path):
+    if paths.is_local(config.teacher.path) and not os.path.exists(config.teacher.path):
         raise FileNotFoundError(f"config.teacher.path={config.teacher.path!r} does not exist.")
     if config.data.kind == "dir" and not config.data.path:
         raise ValueError(
@@ -73,13 +76,13 @@ def validate_config(config):
     for field in ("guidance", "timestep_shift", "ema_rate"):
         if not math.isfinite(float(d[field])) or float(d[field]) <= 0:
             raise ValueError(f"config.distill.{field}={d[field]} must be a finite number > 0.")
-    if d.get("guidance_conditioned", False):
+    if d.guidance_conditioned:
         lo_hi = tuple(d.guidance_range)
         if len(lo_hi) != 2 or not all(math.isfinite(float(g)) and float(g) > 0 for g in lo_hi) or lo_hi[0] > lo_hi[1]:
             raise ValueError(
                 f"distill.guidance_range={lo_hi} must be two finite scales 0 < lo <= hi, e.g. (1.0, 6.0) (§15)."
             )
-    if int(d.get("lambda_frame_chunks", 1)) < 1 or int(d.get("ema_start", 0)) < 0:
+    if int(d.lambda_frame_chunks) < 1 or int(d.ema_start) < 0:
         raise ValueError("distill.lambda_frame_chunks must be >= 1 and distill.ema_start >= 0.")
     if d.student_update_freq < 1 or d.num_student_steps < 1:
         raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
@@ -105,27 +108,49 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-# Fields added after runs were saved without them, with the value that computes what those runs computed (None: any
-# value, the field is read only when another one is switched on). Absent in a saved config and at that value in the
-# new one, they are no change: a run saved by an older version resumes.
-ADDED_FIELDS = {"distill.guidance_conditioned": False, "distill.guidance_range": None}
+# Fields renamed since runs were saved under the old names: a saved config.json is read under today's names.
+RENAMED_FIELDS = {
+    "distill.tangent_warmup": "distill.student_warmup",
+    "distill.rcm.tangent_warmup": "distill.rcm.tangent_ramp",
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The recipe's defaults (configs/predict25_4step.py `get_config()`): what a field absent from an older run's
+    config.json computed (a field is added at the value that keeps the old behaviour)."""
+    return predict25_4step.get_config()
+
+
+def complete_saved(saved: dict, defaults: dict | None = None) -> dict:
+    """A saved config dict under today's field names (RENAMED_FIELDS), with the fields it lacks filled from
+    `defaults` (None: `default_config()`). Fields the defaults do not know are kept as saved."""
+    flat = _flatten(saved)
+    for old, new in RENAMED_FIELDS.items():
+        if old in flat and new not in flat:
+            flat[new] = flat.pop(old)
+    defaults = json.loads(default_config().to_json_best_effort()) if defaults is None else defaults
+    merged = {**_flatten(defaults), **flat}
+    out: dict = {}
+    for key, value in merged.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def config_changes(saved: dict, new: dict) -> list[str]:
     """ "key: saved -> new" for every field (dotted) that differs between two config dicts and changes the run
-    (fields of RESUME_MAY_CHANGE are left out, and ADDED_FIELDS absent from `saved` at their old-behaviour value)."""
-    a, b = _flatten(saved), _flatten(new)
+    (fields of RESUME_MAY_CHANGE are left out; `saved` is read through `complete_saved`, so a field added since it
+    was written is compared at its default)."""
+    a, b = _flatten(complete_saved(saved)), _flatten(new)
     missing = "<absent>"
-
-    def added(k):
-        return k not in a and k in ADDED_FIELDS and ADDED_FIELDS[k] in (None, b.get(k))
-
     keys = sorted(
         k
         for k in a.keys() | b.keys()
         if a.get(k, missing) != b.get(k, missing)
         and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)
-        and not added(k)
     )
     return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in keys]
 
@@ -165,7 +190,7 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
     note = None
     if saved is not None:
         changes = config_changes(saved, new)
-        if changes and not config.get("allow_config_change", False):
+        if changes and not config.allow_config_change:
             raise ValueError(
                 f"{workdir} holds a run with another config; resuming would mix two runs. Changed: "
                 f"{'; '.join(changes)}. Resume with the saved config ({epath.Path(workdir) / 'config.json'}), use "
@@ -177,25 +202,14 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
         while kept.exists():
             kept, n = kept.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}.json"), n + 1
         if write:
-            _write_atomic(kept, json.dumps(saved, indent=2))
+            paths.write_text_atomic(kept, json.dumps(saved, indent=2))
         note = (
             f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
             f"previous config is kept as {kept}."
         )
     if write:
-        _write_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
+        paths.write_text_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
     return note
-
-
-def _write_atomic(path: epath.Path, text: str) -> None:
-    """Write `text` so that a reader sees the old or the new file, never half of one (local: rename)."""
-    if "://" in str(path):
-        path.write_text(text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
@@ -204,4 +218,4 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     if saved is None:
         path = epath.Path(workdir) / "config.json"
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run main.py first).")
-    return ml_collections.ConfigDict(saved)
+    return ml_collections.ConfigDict(complete_saved(saved))

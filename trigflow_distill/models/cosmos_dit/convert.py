@@ -35,6 +35,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
+from trigflow_distill.common import paths
 from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.cosmos_dit import DiTConfig, param_shapes
 from trigflow_distill.models.cosmos_dit import names as sdmap
@@ -55,10 +56,6 @@ _SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
 }
-
-
-def _is_local(path: epath.Path | str) -> bool:
-    return "://" not in os.fspath(path)
 
 
 def _select_prefix(path: str, keys, prefix: str) -> str:
@@ -166,7 +163,7 @@ def _diffusers_source(path: str) -> tuple[Mapping, dict]:
 def local_source(src: str | os.PathLike) -> str:
     """Local path of a `.pt` file or diffusers folder given as a path or `hf://` source."""
     path = hub.resolve(os.fspath(src))
-    if not _is_local(path):
+    if not paths.is_local(path):
         raise ValueError(
             f"{path}: weights are read from a local file or the Hugging Face cache; copy the file locally or "
             "use hf://OWNER/NAME/PATH"
@@ -296,7 +293,7 @@ def _cast_tree(params, dtype) -> dict:
 
 def _write_via_local(dst: epath.Path, write) -> None:
     """Runs write(local_path) on `dst` itself when local, else on a local temporary copied to `dst` afterwards."""
-    if _is_local(dst):
+    if paths.is_local(dst):
         write(os.fspath(dst))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -355,7 +352,7 @@ def _write_entry(folder: epath.Path, path: str, sd: Mapping, config: DiTConfig, 
     bar = _bar(sd, progress, os.path.basename(os.path.normpath(path)))
     for leaf, shape, dtype, fills in _leaves(path, sd, config):
         key, file = ".".join(leaf), folder / _PARAMS / ".".join(leaf)
-        if _is_local(file):  # transpose straight into the file's pages, one source tensor mapped at a time
+        if paths.is_local(file):  # transpose straight into the file's pages, one source tensor mapped at a time
             part = shape[1:] if _stacked(leaf) else shape
             part_bytes = int(np.prod(part, dtype=np.int64)) * np.dtype(dtype).itemsize
             with open(file, "wb") as f:
@@ -421,7 +418,7 @@ def convert(
         _refuse_overwrite(dst, "converted checkpoint")
     sd, fields = _source(path, prefix)
     config = _config(path, sd, fields, {})
-    if not _is_local(dst):  # object stores have no atomic folder rename: COMPLETE written last is the commit
+    if not paths.is_local(dst):  # object stores have no atomic folder rename: COMPLETE written last is the commit
         _remove(dst)
         _write_entry(dst, path, sd, config, fields, progress)
         return config
@@ -466,7 +463,7 @@ def _dtype(name: str) -> np.dtype:
 def _read_leaf(file: epath.Path, shape, dtype: np.dtype) -> np.ndarray:
     """A local leaf is memory-mapped read-only (no copy; the page cache is shared by the processes of a host), a
     remote one read into memory."""
-    if _is_local(file):
+    if paths.is_local(file):
         return np.memmap(file, dtype, "r", shape=tuple(shape))
     out = np.empty(shape, dtype)
     raw = out.reshape(-1).view(np.uint8)
