@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from trigflow_distill import models
 from trigflow_distill.core import sampling, trigflow
-from trigflow_distill.models import cosmos_dit
 
 # Conditional frames are presented to the net at sigma = 1e-4 (docs/algorithm.md §7, `replace_gt_timesteps`).
 TAU_COND = math.atan(1e-4)
@@ -56,9 +56,9 @@ def denoise(
     `padding_mask_b1hw`: 1 on padded pixels, (B or 1, 1, H_px, W_px) at pixel or (B or 1, 1, H, W) at latent
     resolution; the network resizes it (nearest) to the latent grid and takes it as an input channel
     (docs/algorithm.md §7). None means zeros (no padding).
-    `context_bld` is what `cosmos_dit.velocity` takes: the projected context when `params` has no
+    `context_bld` is what the family's `velocity` takes: the projected context when `params` has no
     `crossattn_proj` (the trainer projects once per batch), the raw embedding otherwise. `mesh`: passed to
-    `cosmos_dit.velocity` (sequence-sharded activations when it has a `seq` axis of size > 1). `guidance_b`: the CFG
+    the family's `velocity` (sequence-sharded activations when it has a `seq` axis of size > 1). `guidance_b`: the CFG
     scale (B,) a guidance-conditioned student takes (docs/algorithm.md §15); None for every other network.
     """
     tau = tau_b.astype(jnp.float32)[:, None, None, None, None]
@@ -74,7 +74,7 @@ def denoise(
         frame_is_cond_bt = mask_b1thw[:, 0, :, 0, 0] > 0.5
         c_noise_bt = jnp.where(frame_is_cond_bt, cond_noise, c_noise_bt)
 
-    out = cosmos_dit.velocity(
+    out = models.family(net_config).velocity(
         net_config,
         params,
         net_in,
@@ -159,7 +159,7 @@ def sample(
     gt = jnp.broadcast_to(gt_bcthw, (b, *gt_bcthw.shape[1:]))
     mask = jnp.broadcast_to(mask_b1thw, (b, *mask_b1thw.shape[1:]))
     guidance_b = None
-    if settings.kind == "student" and cosmos_dit.GUIDANCE_EMBEDDER in params:
+    if settings.kind == "student" and models.family(net_config).GUIDANCE_EMBEDDER in params:
         if settings.guidance is None:
             raise ValueError("a guidance-conditioned student needs the CFG scale to sample at (settings.guidance)")
         guidance_b = jnp.full((b,), settings.guidance, jnp.float32)
@@ -185,14 +185,15 @@ def sample(
 def contexts(algo, teacher, text_bld):
     """(cond, uncond) context (B, L, D) for the networks from the batch's text: raw embeddings are projected by the
     teacher's frozen projection, projected context is used as is (its kind: algo.text_kind, what the dataset
-    declares, else told by the width: `cosmos_dit.text_kind`); the unconditional context is the projection
+    declares, else told by the width: the family's `text_kind`); the unconditional context is the projection
     of all-zero text, GELU(b) (docs/algorithm.md §7, §13). A teacher without a projection takes the text as is."""
     proj = teacher["text_proj"]
     if proj is None:
         return text_bld, jnp.zeros_like(text_bld)
-    kind = cosmos_dit.text_kind(algo.net_config, text_bld.shape[-1], algo.text_kind)
-    context = cosmos_dit.project_text(proj, text_bld) if kind == "raw" else text_bld.astype(jnp.float32)
-    return context, cosmos_dit.unconditional_context(proj, context.shape)
+    net = models.family(algo.net_config)
+    kind = net.text_kind(algo.net_config, text_bld.shape[-1], algo.text_kind)
+    context = net.project_text(proj, text_bld) if kind == "raw" else text_bld.astype(jnp.float32)
+    return context, net.unconditional_context(proj, context.shape)
 
 
 def condition(algo, key, teacher, batch) -> Conditioning:
