@@ -224,7 +224,12 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
 
     def load_student(workdir, which="ema", **net_overrides):
         calls.append((workdir, which))
-        return config, dataclasses.replace(NET, **net_overrides), dict(assets["student"])
+        params = dict(assets["student"])
+        return (
+            config,
+            dataclasses.replace(NET, **net_overrides),
+            {"net": params, "text_proj": params.pop("crossattn_proj")},
+        )
 
     monkeypatch.setattr(restore, "load_student", load_student)
     report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))

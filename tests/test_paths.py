@@ -68,7 +68,8 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
     assert export.main(["--workdir=gs://bucket/run", "--out=gs://bucket/student.pt"]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert export.main(["--workdir=gs://bucket/run", "--out=gs://bucket/student.pt", "--overwrite"]) == 0
-    _, _, ema = restore.load_student("gs://bucket/run")
+    _, _, student = restore.load_student("gs://bucket/run")
+    ema = {**student["net"], "crossattn_proj": student["text_proj"]}
     exported_config, exported = convert.load_torch_checkpoint(gcs / "bucket" / "student.pt")
     assert exported_config == net and set(exported) == set(ema)
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema)):

@@ -97,8 +97,8 @@ def test_sharded_restore(workdir):
         len(x.sharding.device_set) == len(jax.devices()) and not x.is_fully_replicated for x in jax.tree.leaves(ema)
     )  # some leaves really are split over the devices
     _tree_equal(ema, state.student_ema)
-    _, _, params = restore.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
-    proj = jax.tree.leaves(params["crossattn_proj"])
+    _, _, student = restore.load_student(str(workdir), mesh=mesh)  # the text projection is replicated beside it
+    proj = jax.tree.leaves(student["text_proj"])
     assert all(
         isinstance(x, jax.Array) and x.is_fully_replicated and len(x.sharding.device_set) == len(jax.devices())
         for x in proj
@@ -107,14 +107,13 @@ def test_sharded_restore(workdir):
 
 def test_load_student(workdir):
     workdir, state, teacher = workdir
-    config, net_config, params = restore.load_student(str(workdir))
+    config, net_config, student = restore.load_student(str(workdir))
     assert config.teacher.path.endswith("teacher.pt") and net_config.num_blocks == 2
-    ema = {k: v for k, v in params.items() if k != "crossattn_proj"}
-    _tree_equal(ema, state.student_ema)
-    _tree_equal(params["crossattn_proj"], teacher["text_proj"])
-    assert np.asarray(jax.tree.leaves(params["crossattn_proj"])[0]).dtype == np.float32
+    _tree_equal(student["net"], state.student_ema)
+    _tree_equal(student["text_proj"], teacher["text_proj"])
+    assert np.asarray(jax.tree.leaves(student["text_proj"])[0]).dtype == np.float32
     _, _, raw = restore.load_student(str(workdir), which="raw")
-    _tree_equal({k: v for k, v in raw.items() if k != "crossattn_proj"}, state.student)
+    _tree_equal(raw["net"], state.student)
     with pytest.raises(ValueError, match="which='best'"):
         restore.load_student(str(workdir), which="best")
 

@@ -25,7 +25,9 @@ from trigflow_distill.training import restore
 def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = True, overwrite: bool = False) -> None:
     if fmt not in ("torch", "diffusers"):
         raise ValueError(f"--format={fmt!r}: use 'torch' or 'diffusers'.")
-    _, net_config, params = restore.load_student(workdir, "ema" if use_ema else "raw")
+    _, net_config, student = restore.load_student(workdir, "ema" if use_ema else "raw")
+    # The file holds a complete Cosmos DiT: the student's weights and the teacher's frozen text projection.
+    params = {**student["net"], **({"crossattn_proj": student["text_proj"]} if student["text_proj"] else {})}
     if fmt == "torch":
         convert.export_torch(params, net_config, out, overwrite=overwrite)
     else:

@@ -55,8 +55,10 @@ def load_checkpoint(src: str, **net_options) -> Model:
 def load_workdir(workdir: str, **net_options) -> Model:
     """The EMA student of a training run's latest checkpoint (only those weights are read), with the teacher's
     frozen text projection."""
-    config, net_config, params = restore.load_student(workdir, which="ema", **net_options)
-    params, proj = _params_and_proj(jax.tree.map(np.asarray, jax.device_get(params)), f"{workdir} (EMA student)")
+    config, net_config, student = restore.load_student(workdir, which="ema", **net_options)
+    if student["text_proj"] is None:
+        raise ValueError(f"{workdir}: the run's teacher has no text projection; generate needs one")
+    params, proj = jax.tree.map(np.asarray, jax.device_get((student["net"], student["text_proj"])))
     defaults = dict(
         scaling=config.teacher.scaling,
         sigma_data=float(config.teacher.sigma_data),

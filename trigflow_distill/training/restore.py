@@ -108,12 +108,13 @@ STUDENTS = {"ema": "student_ema", "raw": "student"}
 
 
 def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
-    """(config, net_config, params) of a run's distilled student, ready for export and generation.
+    """(config, net_config, student) of a run's distilled student, ready for export and generation.
 
-    params: the EMA (which="ema") or raw (which="raw") student of the latest checkpoint (`restore_params`: only
-    those weights are read; numpy on the host, or sharded over `mesh`) plus the teacher's frozen text projection
-    `crossattn_proj` (fp32), so it is a complete Cosmos DiT tree. net_config is the teacher's architecture with the
-    run's compute options (config.net), `net_overrides` on top. The teacher comes from its converted cache
+    student = {"net", "text_proj"} (the teacher value's form): the EMA (which="ema") or raw (which="raw") student
+    of the latest checkpoint (`restore_params`: only those weights are read; numpy on the host, or sharded over
+    `mesh`) and the teacher's frozen text projection (fp32; replicated over `mesh`), or None for a teacher without
+    one. net_config is the teacher's architecture with the run's compute options (config.net), `net_overrides` on
+    top. The teacher comes from its converted cache
     (config.teacher.cache_dir or <workdir>/teacher_cache; converted again if missing); locally only the projection
     is read from it.
     """
@@ -125,13 +126,14 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
     net_config, teacher = teacher_cache.load_teacher(
         config.teacher.path, cache_dir, **builder.net_options(config.net, **net_overrides)
     )
-    params = dict(restored[STUDENTS[which]])
+    net = dict(restored[STUDENTS[which]])
+    proj = None
     if "crossattn_proj" in teacher:
         proj = jax.tree.map(lambda x: np.array(x, np.float32), teacher["crossattn_proj"])
-        params["crossattn_proj"] = proj if mesh is None else jax.device_put(proj, sharding.replicated(mesh))
+        proj = proj if mesh is None else jax.device_put(proj, sharding.replicated(mesh))
     # A guidance-conditioned student (§15) has one more leaf than its teacher: its config says so (export sizes by it).
-    net_config = dataclasses.replace(net_config, guidance_embedder=cosmos_dit.GUIDANCE_EMBEDDER in params)
-    return config, net_config, params
+    net_config = dataclasses.replace(net_config, guidance_embedder=cosmos_dit.GUIDANCE_EMBEDDER in net)
+    return config, net_config, {"net": net, "text_proj": proj}
 
 
 def load_run(workdir, students=("student_ema", "student")):
