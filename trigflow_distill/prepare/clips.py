@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from trigflow_distill.common import video
+from trigflow_distill.common import paths, video
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
@@ -41,24 +41,24 @@ def list_videos(videos: str) -> tuple[list[str], str]:
     if not p.exists():
         raise FileNotFoundError(f"--videos {videos}: no such folder or list file")
     if p.is_dir():
-        paths = sorted(
+        video_paths = sorted(
             os.fspath(d / f)
             for d, _, files in p.walk()
             for f in files
             if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS
         )
-        if not paths:
+        if not video_paths:
             raise ValueError(f"--videos {videos}: no video files ({', '.join(VIDEO_EXTENSIONS)}) in the folder")
-        return paths, os.fspath(p)
+        return video_paths, os.fspath(p)
     root = os.fspath(p.parent)
-    paths = []
+    video_paths = []
     for line in p.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            paths.append(line if paths.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
-    if not paths:
+            video_paths.append(line if paths.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
+    if not video_paths:
         raise ValueError(f"--videos {videos}: the list file names no videos")
-    return paths, root
+    return video_paths, root
 
 
 def read_captions(path: str | None) -> dict[str, str]:
@@ -91,11 +91,11 @@ def _sidecar_caption(path: str) -> str | None:
     return txt.read_text().strip() if txt.exists() else None
 
 
-def make_items(paths: Sequence[str], root: str, captions: dict[str, str]) -> list[Item]:
+def make_items(video_paths: Sequence[str], root: str, captions: dict[str, str]) -> list[Item]:
     """Items with their captions: JSONL key = relative name, bare file name or full path; else a sidecar .txt.
     Warns (stderr) about JSONL keys that name no video: a wrong key layout would otherwise skip every video."""
     items, used = [], set()
-    for path in paths:
+    for path in video_paths:
         name = os.path.relpath(path, root) if not paths.is_remote(path) else path[len(root) :].lstrip("/")
         key = next((k for k in (name, os.path.basename(path), path) if k in captions), None)
         used.add(key)

@@ -333,8 +333,8 @@ def prepare(args: argparse.Namespace) -> dict:
     if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
         raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
     video.buckets(args.resolution)  # validates the name
-    paths, root = list_videos(args.videos)
-    items = make_items(paths, root, read_captions(args.captions))
+    video_paths, root = list_videos(args.videos)
+    items = make_items(video_paths, root, read_captions(args.captions))
     out = epath.Path(args.out)
     job = job_record(args, items)
     if jax.process_index() == 0:

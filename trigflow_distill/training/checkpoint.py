@@ -179,13 +179,13 @@ def _finite_leaves(tree):
 
 def non_finite_leaves(state: Any) -> list[str]:
     """Paths of the floating-point leaves of `state` holding a NaN or inf (one small device reduction)."""
-    paths = [
+    leaf_paths = [
         jax.tree_util.keystr(p)
         for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
         if jnp.issubdtype(x.dtype, jnp.inexact)
     ]
     ok = jax.device_get(_finite_leaves(state))
-    return [p for p, good in zip(paths, ok) if not good]
+    return [p for p, good in zip(leaf_paths, ok) if not good]
 
 
 def check_writable(directory: epath.Path) -> None:
