@@ -120,16 +120,16 @@ def run(args) -> dict:
 
     def sample(name):
         latents[name] = generate._sample_jit(
-            models[name].net_config,
             samplers[name],
-            "rectified_flow",
+            models[name].net_config,
             device[name],
             context["both"],
             uncond,
             gt,
             mask,
-            padding,
             eps,
+            scaling="rectified_flow",
+            padding_mask_b1hw=padding,
         )
         return latents[name]
 

@@ -65,35 +65,9 @@ def initial_noise(seed: int, index: int, shape) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
 
 
-def sample_latents(
-    net_config,
-    settings: sampling.SamplerSettings,
-    scaling: str,
-    params,
-    context_bld,
-    uncond_bld,
-    gt_bcthw,
-    mask_b1thw,
-    padding_b1hw,
-    eps_bcthw,
-):
-    """Latents x0 (B, C, T, H, W) from noise eps: `video2world.sample`, the sampling path training samples and the
-    evaluation use too. gt, mask and the pixel padding mask may have batch 1; the conditional frames are kept."""
-    return video2world.sample(
-        settings,
-        net_config,
-        params,
-        context_bld,
-        uncond_bld,
-        gt_bcthw,
-        mask_b1thw,
-        eps_bcthw,
-        scaling=scaling,
-        padding_mask_b1hw=padding_b1hw,
-    )
-
-
-_sample_jit = jax.jit(sample_latents, static_argnums=(0, 1, 2))
+# The one sampling path (`video2world.sample`: the student's k steps or the teacher's CFG Euler steps, conditional
+# frames kept), jitted per settings, network config and scaling.
+_sample_jit = jax.jit(video2world.sample, static_argnums=(0, 1), static_argnames=("scaling",))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -262,7 +236,16 @@ def generate(args) -> dict:
             )
             t = time.perf_counter()
             latents = _sample_jit(
-                model.net_config, settings, model.defaults["scaling"], params, context, uncond, gt, mask, padding, eps
+                settings,
+                model.net_config,
+                params,
+                context,
+                uncond,
+                gt,
+                mask,
+                eps,
+                scaling=model.defaults["scaling"],
+                padding_mask_b1hw=padding,
             ).block_until_ready()
             t_sample = time.perf_counter() - t
             t = time.perf_counter()
