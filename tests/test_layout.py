@@ -64,8 +64,8 @@ def test_one_of_each_shared_piece():
     """One x0 builder, one sampling entry point, one text projection, one data/teacher check, one run builder."""
     assert _definitions("make_x0_fn") == ["trigflow_distill/methods/video2world.py"]
     assert _definitions("sample") == ["trigflow_distill/core/sampling.py", "trigflow_distill/methods/video2world.py"]
-    assert _definitions("project_text") == ["trigflow_distill/models/cosmos_dit/network.py"]
-    assert _definitions("check_data") == ["trigflow_distill/models/cosmos_dit/network.py"]
+    assert _definitions("project_text") == ["trigflow_distill/models/cosmos_dit/conditioning.py"]
+    assert _definitions("check_data") == ["trigflow_distill/models/cosmos_dit/conditioning.py"]
     assert _definitions("build") == ["trigflow_distill/training/builder.py"]
     # the text projection is an einsum in exactly one place
     einsum_proj = [
@@ -73,7 +73,7 @@ def test_one_of_each_shared_piece():
         for p in (ROOT / "trigflow_distill").rglob("*.py")
         if "jax.nn.gelu(y + bias" in p.read_text() or "gelu(_dense(text" in p.read_text()
     ]
-    assert einsum_proj == ["trigflow_distill/models/cosmos_dit/network.py"], einsum_proj
+    assert einsum_proj == ["trigflow_distill/models/cosmos_dit/conditioning.py"], einsum_proj
 
 
 def test_every_console_script_answers_help():

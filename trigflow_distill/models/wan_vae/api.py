@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from trigflow_distill.common import video
 from trigflow_distill.models import hub, torchfile
-from trigflow_distill.models.wan_vae import network
+from trigflow_distill.models.wan_vae import names, network
 from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD, WanVAEConfig
 
 DEFAULT_SOURCE = "hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth"
@@ -65,7 +65,7 @@ def _diffusers_folder(folder: epath.Path) -> dict[str, np.ndarray]:
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (only safetensors weights are supported)")
-    return network.diffusers_to_native(_read_safetensors(weights))
+    return names.diffusers_to_native(_read_safetensors(weights))
 
 
 def load(src: str | os.PathLike) -> tuple[WanVAEConfig, dict[str, np.ndarray]]:
@@ -83,18 +83,18 @@ def load(src: str | os.PathLike) -> tuple[WanVAEConfig, dict[str, np.ndarray]]:
     elif path.suffix == ".safetensors":
         state = _read_safetensors(path)
         if "encoder.conv_in.weight" in state:
-            state = network.diffusers_to_native(state)
+            state = names.diffusers_to_native(state)
     else:
         state = torchfile.load(os.fspath(path))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     try:
-        cfg = network.infer_config(shapes)
+        cfg = names.infer_config(shapes)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     if cfg.z_dim != len(LATENT_MEAN):
         raise ValueError(f"{src}: z_dim {cfg.z_dim}, but the latent normalisation has {len(LATENT_MEAN)} channels")
     try:
-        params = network.from_torch(state, cfg)
+        params = names.from_torch(state, cfg)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     return cfg, {k: np.asarray(v, np.float32) for k, v in params.items()}

@@ -24,37 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from trigflow_distill.models.wan_vae.names import (
-    WanVAEConfig,
-    check_state_dict,
-    decoder_plan,
-    diffusers_names,
-    diffusers_to_native,
-    encoder_plan,
-    from_torch,
-    infer_config,
-    native_to_diffusers,
-    param_shapes,
-    to_torch,
-)
-
-__all__ = [
-    "ENC_CHUNK",
-    "WanVAEConfig",
-    "check_state_dict",
-    "decode_pixels",
-    "decoder_plan",
-    "diffusers_names",
-    "diffusers_to_native",
-    "encode_moments",
-    "encoder_plan",
-    "from_torch",
-    "infer_config",
-    "init_params",
-    "native_to_diffusers",
-    "param_shapes",
-    "to_torch",
-]
+from trigflow_distill.models.wan_vae.names import WanVAEConfig, decoder_plan, encoder_plan, from_torch, param_shapes
 
 ENC_CHUNK = 4  # pixel frames per encoder chunk after the first frame
 
