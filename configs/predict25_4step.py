@@ -75,16 +75,23 @@ def get_config(arg: str = ""):
     c.distill.ema_start = 0  # student updates before the power EMA starts averaging (reference: 0)
     # DMD lambda per (sample, chunk of T/K latent frames). The released 2B student was trained with 4 context-
     # parallel shards of 6 frames, each computing its own lambda: 4 reproduces that; 1 = per sample (§4, §13).
-    c.distill.lambda_frame_chunks = 1
+    # K must divide the dataset's latent frames (93 video frames = 24 latent frames).
+    c.distill.lambda_frame_chunks = 4
+    # Backward simulation (§3): "fixed" = the student's sampling schedule with one noise (the Cosmos recipe as
+    # this project reads it); "random" = NVlabs/rcm's random decreasing times with fresh noise at each re-noise.
+    c.distill.backward_simulation = "fixed"
 
     # The method (docs/algorithm.md §14): "dmd2" (§4-6) or "rcm" (sCM on the batch's real latents, regularised by
-    # DMD2; same critic). distill.rcm holds the reference's rCM constants (NVlabs/rcm, Wan2.1 1.3B run).
+    # DMD2; same critic). distill.rcm holds the reference's rCM constants (NVlabs/rcm, Wan2.1 1.3B run); its CFG
+    # scale is distill.guidance (NVlabs/rcm writes the same x0_u + s (x0_c - x0_u), s = teacher_guidance).
     c.distill.method = "dmd2"
     c.distill.rcm = ml_collections.ConfigDict(
         dict(
             loss_scale=100.0,  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
             dmd_weight=1.0,  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-            tangent_ramp=1000,  # iterations the tangent ramps in over; DMD2 term after them (14B run: 300)
+            # Iterations i < tangent_warmup are all sCM-only student steps while the tangent ramps in; the DMD2
+            # term and the critic start at i = tangent_warmup (then 1 student step in student_update_freq).
+            tangent_warmup=1000,
             tangent_norm_eps=0.1,  # g / (||g|| + eps)
             p_mean=-0.8,
             p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
@@ -151,7 +158,8 @@ def get_config(arg: str = ""):
         # both worse (fd_hand 26-29). So here the EMA starts at the last student update, i.e. the exported EMA is
         # the final student; the real recipe keeps the reference's EMA (rate 0.1, start 0).
         c.distill.ema_start = c.total_steps // c.distill.student_update_freq
-        c.distill.rcm.tangent_ramp = 100  # the reference's 1000 is 1% of its run; 1500 iterations here
+        c.distill.lambda_frame_chunks = 1  # the toy world's 4 latent frames: one lambda per sample
+        c.distill.rcm.tangent_warmup = 100  # the reference's 1000 is ~3% of its run; 1500 iterations here
         c.data.kind = "toy"
         c.data.batch_size = 32
         c.mesh.update(data=-1, fsdp=1, seq=1)  # plain data parallelism

@@ -1,7 +1,9 @@
-"""The DMD2 method at its edges (docs/algorithm.md §13): EDM teachers, projected-context data, padding masks,
-lambda per frame chunk."""
+"""The DMD2 method at its edges (docs/algorithm.md §3, §13): EDM teachers, projected-context data, padding masks,
+lambda per frame chunk, the two backward simulations."""
 
+import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from trigflow_distill.core import losses, optim
+from trigflow_distill.core import losses, optim, sampling, trigflow
+from trigflow_distill.data import format as data_format
 from trigflow_distill.methods import dmd2, train_state, video2world
 from trigflow_distill.models import cosmos_dit
-from trigflow_distill.training import builder
+from trigflow_distill.training import builder, run_config
 
 import predict25_4step  # configs/ is on the pytest pythonpath
 
@@ -144,3 +147,71 @@ def test_lambda_frame_chunks_reaches_the_loss(teacher, monkeypatch):
         _batch(jax.random.PRNGKey(4), t=4),
     )
     assert [c.get("lambda_frame_chunks") for c in calls] == [2]
+
+
+def test_random_backward_simulation_draws_decreasing_times_and_fresh_noise():
+    """NVlabs/rcm's backward simulation (docs/algorithm.md §3): tau_0 = pi/2, tau_j = min(tau_{j-1}, tau'_j) per
+    sample with tau'_j shifted-uniform, fresh noise at every re-noise. A probe x0 function that returns its time
+    input shows the times; one that returns zeros shows the noise (x = sin tau_j eps_j)."""
+    key, b = jax.random.PRNGKey(7), 64
+    eps = jax.random.normal(jax.random.PRNGKey(8), (b, 3))
+    seen = []
+
+    def probe(params, x, tau_b):
+        seen.append((x, tau_b))
+        return jnp.zeros_like(x) + tau_b[:, None]
+
+    out = sampling.backward_simulation_random(probe, None, eps, 3, key, shift=5.0)
+    # Independent reference: the same draws, written out.
+    tau, taus = np.full(b, np.pi / 2, np.float32), [np.full(b, np.pi / 2, np.float32)]
+    for j in range(2):
+        k_tau, _ = jax.random.split(jax.random.fold_in(key, j))
+        tau = np.minimum(tau, np.asarray(trigflow.sample_tau(k_tau, (b,), shift=5.0)))
+        taus.append(tau)
+    np.testing.assert_allclose(out[:, 0], taus[2], rtol=1e-6)
+    assert np.all(np.diff(np.stack(taus), axis=0) <= 0) and np.any(np.diff(np.stack(taus), axis=0) < 0)
+    assert len(np.unique(taus[2])) > b // 2  # per-sample times
+
+    zero = lambda params, x, tau_b: jnp.zeros_like(x)  # noqa: E731
+    x_in = []
+    sampling.backward_simulation_random(lambda p, x, t: (x_in.append(x), zero(p, x, t))[1], None, eps, 2, key)
+    k_tau, k_eps = jax.random.split(jax.random.fold_in(key, 0))
+    tau1 = np.minimum(np.pi / 2, np.asarray(trigflow.sample_tau(k_tau, (b,), shift=5.0)))
+    fresh = np.asarray(jax.random.normal(k_eps, eps.shape))
+    np.testing.assert_allclose(x_in[-1], np.sin(tau1)[:, None] * fresh, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fresh, eps)
+    # The fixed variant re-noises with eps itself on the schedule.
+    fixed_in = []
+    taus_fixed = sampling.student_schedule(4)
+    sampling.backward_simulation(lambda p, x, t: (fixed_in.append(x), zero(p, x, t))[1], None, eps, 2, taus_fixed)
+    np.testing.assert_allclose(fixed_in[-1], np.sin(taus_fixed[1]) * eps, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_simulation_option_reaches_both_updates(teacher):
+    """distill.backward_simulation="random" changes the student's and the critic's samples (not the fixed runs:
+    their draws are untouched), and the updates stay finite."""
+    config = predict25_4step.get_config("tiny")
+    assert config.distill.backward_simulation == "fixed"
+    tx = optax.sgd(0.1)
+    batch = _batch(jax.random.PRNGKey(5))
+    out = {}
+    for kind in ("fixed", "random"):
+        config.distill.backward_simulation = kind
+        algo = dataclasses.replace(dmd2.algo_from_config(config, NET), sim_steps=3)
+        (s1, m1), (s2, m2) = _steps(algo, tx, teacher, batch, _state(teacher, tx))
+        assert np.isfinite(float(m1["student/loss"])) and np.isfinite(float(m2["critic/loss"]))
+        out[kind] = (float(m1["student/loss"]), float(m2["critic/loss"]))
+    assert out["fixed"][0] != out["random"][0] and out["fixed"][1] != out["random"][1]
+    config.distill.backward_simulation = "euler"
+    with pytest.raises(ValueError, match="backward_simulation"):
+        run_config.validate_config(config)
+
+
+def test_lambda_chunks_that_do_not_divide_the_frames_fail_before_compiling(teacher):
+    """distill.lambda_frame_chunks = 4 (the real recipe) on data with 5 latent frames: a one-line error naming the
+    divisors, from the data check that runs before the mesh plan, not a trace from inside the loss."""
+    spec = data_format.RecordSpec(latent_shape=(16, 5, 4, 4), text_shape=(3, NET.crossattn_proj_in_channels))
+    source = types.SimpleNamespace(buckets=lambda: [("a", spec, 2)], text_kind=None)
+    with pytest.raises(ValueError, match=r"lambda_frame_chunks=4 does not divide the data's 5 latent frames.*\[1, 5\]"):
+        builder.check_source(source, NET, 4)
+    builder.check_source(source, NET, 5)

@@ -432,7 +432,8 @@ def test_run_saved_before_a_field_was_added_resumes(teacher_pt, tmp_path):
     old = json.loads(_tiny_config(teacher_pt).to_json_best_effort())
     del old["distill"]["guidance_conditioned"], old["distill"]["guidance_range"]
     old["distill"]["tangent_warmup"] = old["distill"].pop("student_warmup")  # the name before the layout move
-    old["distill"]["rcm"]["tangent_warmup"] = old["distill"]["rcm"].pop("tangent_ramp")
+    old["distill"]["rcm"]["tangent_ramp"] = old["distill"]["rcm"].pop("tangent_warmup")  # its name in between
+    del old["distill"]["backward_simulation"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert run_config.config_changes(old, json.loads(_tiny_config(teacher_pt).to_json_best_effort())) == []
     switched = _tiny_config(teacher_pt, **{"distill.guidance_conditioned": True})
@@ -441,7 +442,8 @@ def test_run_saved_before_a_field_was_added_resumes(teacher_pt, tmp_path):
     ]
     read = run_config.read_config(tmp_path)
     assert read.distill.guidance_conditioned is False and read.distill.student_warmup == 1
-    assert read.distill.rcm.tangent_ramp == 100 and "tangent_warmup" not in read.distill
+    assert read.distill.rcm.tangent_warmup == 100 and "tangent_ramp" not in read.distill.rcm
+    assert "tangent_warmup" not in read.distill and read.distill.backward_simulation == "fixed"
 
 
 def test_allowed_config_change_keeps_both_versions(teacher_pt, tmp_path):

@@ -42,7 +42,7 @@ def old_run(tmp_path):
 
 def test_old_run_reads_and_exports(old_run, tmp_path):
     config = run_config.read_config(old_run)
-    assert config.distill.student_warmup == 1 and config.distill.rcm.tangent_ramp == 100
+    assert config.distill.student_warmup == 1 and config.distill.rcm.tangent_warmup == 100
     step, restored = restore.restore_params(old_run)
     assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
     export.export_student(str(old_run), str(tmp_path / "student.pt"))

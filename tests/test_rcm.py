@@ -132,9 +132,14 @@ def test_tangent_vanishes_for_the_exact_consistency_function():
     h = 1e-3
     fd = (teacher_x0(x + h * f_teacher, tau_b + h) - teacher_x0(x - h * f_teacher, tau_b - h)) / (2 * h)
     np.testing.assert_allclose(g, jnp.cos(tau) * fd, rtol=2e-3, atol=1e-4)
-    # Warm-up r = 0: only -cos (F_θ - F_T) remains.
+    # Warm-up r = 0 (NVlabs/rcm since 2026-01-08): -cos (F_θ - F_T) and the whole JVP term remain; at r = 1/2 the
+    # JVP term is still whole and only the first two terms are ramped.
     g0 = rcm.tangent_target(f_sg + 1.0, f_teacher, df, x, tau, 0.0)
-    np.testing.assert_allclose(g0, -jnp.cos(tau) * (f_sg + 1.0 - f_teacher), rtol=1e-6)
+    np.testing.assert_allclose(g0, -jnp.cos(tau) * (f_sg + 1.0 - f_teacher) - df, rtol=1e-6, atol=1e-7)
+    cos, sin = jnp.cos(tau), jnp.sin(tau)
+    g_half = rcm.tangent_target(f_sg + 1.0, f_teacher, df, x, tau, 0.5)
+    expected = -cos * jnp.sqrt(1 - 0.25 * sin**2) * (f_sg + 1.0 - f_teacher) - 0.5 * cos * sin * x - df
+    np.testing.assert_allclose(g_half, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_scm_loss_value_gradient_and_nan_masking():
@@ -196,9 +201,12 @@ def gmm_algo(**overrides):
     return rcm.RcmAlgo(**{**kw, **overrides})
 
 
-def _tiny_training():
-    """(critic, student update fns, teacher, batch, initial state) on the analytic world, tangent warm-up 2."""
-    algo = gmm_algo(tangent_ramp=2)
+# Tangent warm-up 2, then every 2nd iteration a student update.
+SCHEDULE = gmm_algo(tangent_warmup=2, student_update_freq=2)
+
+
+def _tiny_training(algo=SCHEDULE):
+    """(critic, student update fns, teacher, batch, initial state) on the analytic world."""
     tx = optim.make_optimizer(1e-3, warmup=2)
     teacher = {"net": world.mlp_init(jax.random.PRNGKey(0)), "text_proj": None}
     state = train_state.init_state(teacher, tx, tx, seed=0)
@@ -207,30 +215,38 @@ def _tiny_training():
     return critic, student, teacher, gmm_batch(jax.random.PRNGKey(1), 64), state
 
 
-# Every 2nd iteration a student update, and iteration 0 (the algorithm's update schedule).
-SCHEDULE = dmd2.Algo(net_config=None, student_update_freq=2, student_warmup=1)
-
-
-def _run(state, critic, student, teacher, batch, steps):
+def _run(state, critic, student, teacher, batch, steps, algo=SCHEDULE):
     history = []
     for _ in range(steps):
-        fn = student if SCHEDULE.is_student_step(int(state.step)) else critic
+        fn = student if algo.is_student_step(int(state.step)) else critic
         state, metrics = fn(state, teacher, batch)
         history.append(jax.device_get(metrics))
     return state, history
 
 
+def test_rcm_schedule_counts_the_warm_up_in_student_steps():
+    """NVlabs/rcm's schedule: every iteration below the warm-up W is a student (sCM) step, then 1 student step in
+    student_update_freq counted from W; DMD2's own `student_warmup` does not apply. The reference's defaults (W 1000,
+    freq 5) give 1000 sCM steps before the first critic step, not 200 sCM and 800 critic steps."""
+    algo = rcm.RcmAlgo(net_config=None, tangent_warmup=1000, student_update_freq=5, student_warmup=1)
+    students = [i for i in range(1010) if algo.is_student_step(i)]
+    assert students == [*range(1000), 1000, 1005]
+    assert dmd2.Algo(net_config=None, student_warmup=1).is_student_step(1000)  # DMD2: i % 5 == 0 or i < 1
+
+
 def test_rcm_alternation_skip_and_exact_resume():
     critic, student, teacher, batch, state0 = _tiny_training()
-    # 5 iterations: student (r = 0, no DMD), critic, student (r = 1, no DMD yet), critic, student (with DMD).
+    # 5 iterations: student (r = 0), student (r = 1/2), student (r = 1, the DMD2 term joins at i = W = 2), critic,
+    # student (with DMD).
     state, history = _run(state0, critic, student, teacher, batch, 5)
-    assert int(state.student_updates) == 3 and int(state.total_skips) == 0
-    ratios = [h["student/warmup_ratio"] for h in history[0::2]]
-    dmd = [h["student/dmd_loss"] for h in history[0::2]]
-    np.testing.assert_allclose(ratios, [0.0, 1.0, 1.0])
-    assert dmd[0] == 0.0 and dmd[1] == 0.0 and dmd[2] > 0.0
-    assert all(np.isfinite(h["student/scm_loss"]) and h["student/scm_loss"] > 0 for h in history[0::2])
-    assert "critic/loss" in history[1] and "critic/loss" in history[3]
+    assert int(state.student_updates) == 4 and int(state.total_skips) == 0
+    students = [h for h in history if "student/loss" in h]
+    ratios = [h["student/warmup_ratio"] for h in students]
+    dmd = [h["student/dmd_loss"] for h in students]
+    np.testing.assert_allclose(ratios, [0.0, 0.5, 1.0, 1.0])
+    assert dmd[0] == 0.0 and dmd[1] == 0.0 and dmd[2] > 0.0 and dmd[3] > 0.0
+    assert all(np.isfinite(h["student/scm_loss"]) and h["student/scm_loss"] > 0 for h in students)
+    assert "critic/loss" in history[3]
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.student, state0.student)
     assert max(jax.tree.leaves(moved)) > 0  # the student learned
     # Resume: 3 iterations, a host round trip of the state (what a checkpoint is), 2 more = 5 in one go, bit for bit.
@@ -253,7 +269,7 @@ def test_rcm_alternation_skip_and_exact_resume():
 # 1 on the DMD2 term (gradient norm ~ 2 sqrt(N) for N elements per sample: ~4600 for Predict2.5 latents). With N = 2
 # here, the same balance needs a DMD2 weight of ~sqrt(5.4e6 / 2) ~ 1600; 1000 is used (100 measured worse: energy
 # 0.025 / 0.031 at 1000 rounds). Warm-up 100 iterations.
-ANALYTIC_RCM = dict(loss_scale=100.0, dmd_weight=1000.0, tangent_ramp=100)
+ANALYTIC_RCM = dict(loss_scale=100.0, dmd_weight=1000.0, tangent_warmup=100)
 
 
 def train_rcm(key, rounds=world.ROUNDS):
@@ -310,7 +326,7 @@ def test_method_from_config():
     config.distill.method = "rcm"
     algo = methods.algo_from_config(config, NET)
     assert isinstance(algo, rcm.RcmAlgo) and algo.student_update_fn is rcm.rcm_student_update
-    assert (algo.loss_scale, algo.dmd_weight, algo.tangent_ramp, algo.p_mean) == (100.0, 1.0, 100, -0.8)
+    assert (algo.loss_scale, algo.dmd_weight, algo.tangent_warmup, algo.p_mean) == (100.0, 1.0, 100, -0.8)
     assert algo.guidance == config.distill.guidance
     tx = optim.make_optimizer(1e-3)
     _, student = dmd2.make_update_fns(algo, tx, tx, optim.EMA_GAMMA)
@@ -331,7 +347,7 @@ def test_rcm_update_on_the_tiny_dit_with_blockwise_attention():
     runs on forward-mode attention, the first step is sCM only, the second adds DMD2; both finite and applied."""
     net = cosmos_dit.get_preset("tiny", num_blocks=1, attention="blockwise")
     teacher = builder.split_teacher(cosmos_dit.init_params(net, jax.random.PRNGKey(0)))
-    algo = rcm.RcmAlgo(net_config=net, tangent_ramp=0, sim_steps=2)
+    algo = rcm.RcmAlgo(net_config=net, tangent_warmup=0, sim_steps=2)
     tx = optim.make_optimizer(1e-3, warmup=2)
     state = train_state.init_state(teacher, tx, tx, seed=0)
     k = jax.random.split(jax.random.PRNGKey(1), 2)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trigflow_distill.core.losses import cfg_x0
-from trigflow_distill.core.trigflow import add_noise, rf_t_to_tau
+from trigflow_distill.core.trigflow import add_noise, expand_tau, rf_t_to_tau, sample_tau
 
 
 def shifted_rf_times(num_steps, shift=5.0):
@@ -79,6 +79,29 @@ def backward_simulation(x0_fn, params, eps, n, taus, sigma_data=1.0, with_grad=T
 
     x_n = jax.lax.fori_loop(0, n - 1, no_grad_step, eps)
     return x0_fn(params if with_grad else frozen, x_n, _full_tau(taus[n - 1], eps))
+
+
+def backward_simulation_random(x0_fn, params, eps, n, key, shift=5.0, sigma_data=1.0, with_grad=True):
+    """Backward simulation at random decreasing times with fresh noise (NVlabs/rcm's default; docs/algorithm.md §3).
+
+    Step 1 starts from eps at tau_0 = pi/2; each later step j re-noises the previous x0 at
+    tau_j = min(tau_{j-1}, tau'_j), tau'_j ~ the shifted-uniform time of §2 drawn per sample, with fresh noise
+    eps_j. Gradient through the last step only (or none), as `backward_simulation`. `key` drives the draws.
+    """
+    frozen = jax.lax.stop_gradient(params)
+    eps = jax.lax.stop_gradient(eps)
+    tau0_b = _full_tau(math.pi / 2, eps)
+
+    def no_grad_step(j, carry):
+        x, tau_b = carry
+        x0 = jax.lax.stop_gradient(x0_fn(frozen, x, tau_b))
+        k_tau, k_eps = jax.random.split(jax.random.fold_in(key, j))
+        tau_next_b = jnp.minimum(tau_b, sample_tau(k_tau, tau_b.shape, shift=shift))
+        fresh = jax.random.normal(k_eps, eps.shape, eps.dtype)
+        return add_noise(x0, fresh, expand_tau(tau_next_b, eps.ndim), sigma_data), tau_next_b
+
+    x_n, tau_n_b = jax.lax.fori_loop(0, n - 1, no_grad_step, (eps, tau0_b))
+    return x0_fn(params if with_grad else frozen, x_n, tau_n_b)
 
 
 def sample_teacher_cfg(x0_cond_fn, x0_uncond_fn, eps, guidance, num_steps=35, shift=5.0, sigma_data=1.0):

@@ -37,6 +37,9 @@ class Algo:
     # (algo, key, teacher, batch) -> Conditioning; other data (e.g. the analytic test's 2-D mixture) plug in here.
     condition: Callable = video2world.condition
     sim_steps: int | None = None  # None: backward simulation from n ~ U{1..num_student_steps}; else n fixed
+    # "fixed": backward simulation on the student's sampling schedule, one noise (§3); "random": NVlabs/rcm's
+    # random decreasing times with fresh noise at each re-noise.
+    backward_simulation: str = "fixed"
     renoise_shift: float | None = None  # time shift of the critic/teacher time tau_D; None: timestep_shift
     # (lo, hi): a guidance-conditioned student and critic, the CFG scale s ~ U[lo, hi] per sample and update
     # (docs/algorithm.md §15); None: one fixed scale, `guidance`. `guidance` is then the scale samples are drawn at.
@@ -70,6 +73,7 @@ def algo_from_config(config, net_config, mesh=None, text_kind=None) -> Algo:
         cond_frame_probs=tuple(float(p) for p in d.cond_frame_probs),
         replace_gt_timesteps=bool(d.replace_gt_timesteps),
         lambda_frame_chunks=int(d.lambda_frame_chunks),
+        backward_simulation=d.backward_simulation,
         ema_start=int(d.ema_start),
         guidance_range=tuple(float(g) for g in d.guidance_range) if d.guidance_conditioned else None,
     )
@@ -95,8 +99,11 @@ def teacher_cfg_x0(algo: Algo, cond: video2world.Conditioning, teacher, x_tau, t
     return losses.cfg_x0(cond.x0_fn(teacher["net"], x_tau, tau_b), cond.x0_uncond_fn(teacher["net"], x_tau, tau_b), s)
 
 
-# fold_in stream of the per-sample CFG scale (§15), apart from the four split keys so fixed-s runs are unchanged
+# fold_in streams of the per-sample CFG scale (§15) and of the random backward simulation's draws, apart from the
+# split keys so that runs without them are unchanged
 _GUIDANCE_STREAM = 4
+_SIMULATION_STREAM = 5
+BACKWARD_SIMULATIONS = ("fixed", "random")
 
 
 def num_sim_steps(algo: Algo, key):
@@ -105,12 +112,28 @@ def num_sim_steps(algo: Algo, key):
     return jnp.int32(algo.sim_steps)
 
 
+def _renoise_shift(algo: Algo) -> float:
+    return algo.timestep_shift if algo.renoise_shift is None else algo.renoise_shift
+
+
+def simulate(algo: Algo, x0_fn, params, key, n, eps_g, with_grad: bool):
+    """The student's n-step sample G_x0 from eps_g (docs/algorithm.md §3), gradient through the last step only if
+    with_grad: on the sampling schedule with one noise ("fixed"), or at random decreasing times with fresh noise
+    drawn from fold_in(key, _SIMULATION_STREAM) ("random")."""
+    if algo.backward_simulation == "random":
+        sim_key = jax.random.fold_in(key, _SIMULATION_STREAM)
+        return sampling.backward_simulation_random(
+            x0_fn, params, eps_g, n, sim_key, _renoise_shift(algo), algo.sigma_data, with_grad
+        )
+    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
+    return sampling.backward_simulation(x0_fn, params, eps_g, n, taus, algo.sigma_data, with_grad=with_grad)
+
+
 def renoise(algo: Algo, key, g_x0):
     """x_D = cos tau_D G_x0 / sigma_d + sin tau_D eps_D with a fresh shifted-uniform tau_D (docs/algorithm.md §2,
     §4)."""
     k_tau, k_eps = jax.random.split(key)
-    shift = algo.timestep_shift if algo.renoise_shift is None else algo.renoise_shift
-    tau_b = trigflow.sample_tau(k_tau, (g_x0.shape[0],), shift=shift)
+    tau_b = trigflow.sample_tau(k_tau, (g_x0.shape[0],), shift=_renoise_shift(algo))
     eps = jax.random.normal(k_eps, g_x0.shape, jnp.float32)
     x_d = trigflow.add_noise(g_x0, eps, trigflow.expand_tau(tau_b, g_x0.ndim), algo.sigma_data)
     return x_d, tau_b
@@ -122,10 +145,9 @@ def critic_update(algo: Algo, critic_tx, state: train_state.TrainState, teacher,
     k_cond, k_n, k_eps, k_renoise = jax.random.split(key, 4)
     cond = algo.condition(algo, k_cond, teacher, batch)
     x0_fn = _with_guidance(cond.x0_fn, draw_guidance(algo, jax.random.fold_in(key, _GUIDANCE_STREAM), cond.shape[0]))
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
-    g_x0 = sampling.backward_simulation(x0_fn, state.student, eps_g, n, taus, algo.sigma_data, with_grad=False)
+    g_x0 = simulate(algo, x0_fn, state.student, key, n, eps_g, with_grad=False)
     g_x0 = jax.lax.stop_gradient(g_x0)
     x_d, tau_d = renoise(algo, k_renoise, g_x0)
 
@@ -156,12 +178,11 @@ def student_update(algo: Algo, student_tx, ema_gamma: float, state: train_state.
     cond = algo.condition(algo, k_cond, teacher, batch)
     guidance_b = draw_guidance(algo, jax.random.fold_in(key, _GUIDANCE_STREAM), cond.shape[0])
     x0_fn = _with_guidance(cond.x0_fn, guidance_b)
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
     n = num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
 
     def loss_fn(student):
-        g_x0 = sampling.backward_simulation(x0_fn, student, eps_g, n, taus, algo.sigma_data, with_grad=True)
+        g_x0 = simulate(algo, x0_fn, student, key, n, eps_g, with_grad=True)
         x_d, tau_d = renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
         x0_fake = x0_fn(state.critic, x_d, tau_d)
         x0_teacher = teacher_cfg_x0(algo, cond, teacher, x_d, tau_d, guidance_b)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trigflow_distill.core import losses, sampling, trigflow
+from trigflow_distill.core import losses, trigflow
 from trigflow_distill.methods import dmd2, train_state
 
 # Attention implementations that support forward-mode autodiff. "blockwise" (custom VJP) and "splash" (Pallas) do
@@ -34,12 +34,20 @@ class RcmAlgo(dmd2.Algo):
 
     loss_scale: float = 100.0  # weight of the per-sample sum of the sCM loss (reference `loss_scale`)
     dmd_weight: float = 1.0  # weight of the per-sample sum of the DMD2 loss (reference `loss_scale_dmd`)
-    tangent_ramp: int = 1000  # iterations over which the tangent ramps in; the DMD2 term only after them
+    # The warm-up W (NVlabs/rcm `tangent_warmup`): iterations i < W are all student (sCM-only) steps while the
+    # tangent's warm-up ratio ramps to 1; from i = W on the DMD2 term joins and the critic trains.
+    tangent_warmup: int = 1000
     tangent_norm_eps: float = 0.1  # g / (||g|| + eps), per sample
     p_mean: float = -0.8  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
     p_std: float = 1.6
     frame_noise_scale: bool = True  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
     jvp_attention: str = "einsum"  # attention of the JVP pass when the net's own has no forward mode
+
+    def is_student_step(self, step: int) -> bool:
+        """Iteration `step` is a student step iff step < W or (step - W) % student_update_freq == 0: the warm-up is
+        counted in student steps (docs/algorithm.md §14); `distill.student_warmup` is DMD2's and does not apply."""
+        w = self.tangent_warmup
+        return step < w or (step - w) % self.student_update_freq == 0
 
     @property
     def student_update_fn(self):
@@ -56,17 +64,17 @@ def algo_from_config(config, net_config, mesh=None, text_kind=None) -> RcmAlgo:
             "one guidance scale."
         )
     r = config.distill.rcm
-    if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_ramp) < 0:
+    if r.jvp_attention not in FORWARD_MODE_ATTENTION or int(r.tangent_warmup) < 0:
         raise ValueError(
             f"distill.rcm.jvp_attention={r.jvp_attention!r} must be one of {FORWARD_MODE_ATTENTION} "
-            f"and distill.rcm.tangent_ramp={r.tangent_ramp} must be >= 0."
+            f"and distill.rcm.tangent_warmup={r.tangent_warmup} must be >= 0."
         )
     fields = {f.name: getattr(algo, f.name) for f in dataclasses.fields(algo)}
     return RcmAlgo(
         **fields,
         loss_scale=float(r.loss_scale),
         dmd_weight=float(r.dmd_weight),
-        tangent_ramp=int(r.tangent_ramp),
+        tangent_warmup=int(r.tangent_warmup),
         tangent_norm_eps=float(r.tangent_norm_eps),
         p_mean=float(r.p_mean),
         p_std=float(r.p_std),
@@ -103,15 +111,16 @@ def student_f_and_tangent(x0_fn, params, x_tau, tau_b, f_teacher, sigma_data=1.0
 
 
 def tangent_target(f_theta, f_teacher, df_theta, x_tau, tau, warmup_ratio):
-    """The sCM tangent g with warm-up ratio r in [0, 1] (the reference's form; r = 1 is sCM's
+    """The sCM tangent g with warm-up ratio r in [0, 1], as NVlabs/rcm writes it since 2026-01-08 (r = 1 is sCM's
     -cos^2 (F_θ - F_T) - cos sin (x_tau + dF_θ/dtau)):
 
-        g = -cos tau sqrt(1 - r^2 sin^2 tau) (F_θ - F_T) - r (cos tau sin tau x_tau + dF_θ)
+        g = -cos tau sqrt(1 - r^2 sin^2 tau) (F_θ - F_T) - (r cos tau sin tau x_tau + dF_θ)
 
-    with dF_θ from `student_f_and_tangent`; tau broadcastable against x_tau."""
+    The JVP term dF_θ (from `student_f_and_tangent`) is kept whole; r ramps only the other two terms
+    (docs/algorithm.md §14). tau broadcastable against x_tau."""
     cos, sin = jnp.cos(tau), jnp.sin(tau)
-    return -cos * jnp.sqrt(1.0 - (warmup_ratio * sin) ** 2) * (f_theta - f_teacher) - warmup_ratio * (
-        cos * sin * x_tau + df_theta
+    return -cos * jnp.sqrt(1.0 - (warmup_ratio * sin) ** 2) * (f_theta - f_teacher) - (
+        warmup_ratio * cos * sin * x_tau + df_theta
     )
 
 
@@ -132,11 +141,12 @@ def scm_loss(f_theta, f_theta_sg, g, norm_eps=0.1):
     return jnp.where(nan_b, 0.0, loss_b), {"nan_b": nan_b, "g_norm_b": g_norm_b}
 
 
-def warmup_ratio(step, tangent_ramp):
-    """r = min(1, step / tangent_ramp) (1 when there is no ramp)."""
-    if tangent_ramp <= 0:
+def warmup_ratio(step, tangent_warmup):
+    """r = min(1, step / tangent_warmup) (1 without a warm-up); every step of the warm-up is a student step, so
+    `step` counts student steps there."""
+    if tangent_warmup <= 0:
         return jnp.float32(1.0)
-    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / tangent_ramp)
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / tangent_warmup)
 
 
 def _forward_mode_algo(algo: RcmAlgo) -> RcmAlgo:
@@ -150,7 +160,7 @@ def _forward_mode_algo(algo: RcmAlgo) -> RcmAlgo:
 # ---- the student update -------------------------------------------------------------------------------------------
 def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: train_state.TrainState, teacher, batch):
     """One rCM student step (docs/algorithm.md §14): loss_scale * sCM on batch["latents"] + dmd_weight * DMD2
-    (§4, once state.step > tangent_ramp), both as per-sample sums, mean over samples. Same signature, state,
+    (§4, from state.step = tangent_warmup on), both as per-sample sums, mean over samples. Same signature, state,
     skip logic and EMA as `dmd2.student_update`."""
     key = jax.random.fold_in(state.key, state.step)
     k_cond, k_n, k_eps, k_renoise, k_tau, k_noise = jax.random.split(key, 6)
@@ -166,18 +176,17 @@ def rcm_student_update(algo: RcmAlgo, student_tx, ema_gamma: float, state: train
     x0_teacher = dmd2.teacher_cfg_x0(algo, cond, teacher, x_tau, tau_b)
     f_teacher = jax.lax.stop_gradient(f_from_x0(x_tau, x0_teacher, tau, sd))
     f_sg, df = student_f_and_tangent(jvp_cond.x0_fn, state.student, x_tau, tau_b, f_teacher, sd)
-    ratio = warmup_ratio(state.step, algo.tangent_ramp)
+    ratio = warmup_ratio(state.step, algo.tangent_warmup)
     g = tangent_target(f_sg, f_teacher, df, x_tau, tau, ratio)
 
-    # DMD2 on a backward-simulated sample (docs/algorithm.md §4), after the warm-up.
-    dmd_on = state.step > algo.tangent_ramp
-    taus = sampling.student_schedule(algo.num_student_steps, algo.timestep_shift, algo.num_student_steps)
+    # DMD2 on a backward-simulated sample (docs/algorithm.md §4), from the first iteration after the warm-up.
+    dmd_on = state.step >= algo.tangent_warmup
     n = dmd2.num_sim_steps(algo, k_n)
     eps_g = jax.random.normal(k_eps, cond.shape, jnp.float32)
     elements = float(np.prod(cond.shape[1:]))
 
     def dmd_term(student):
-        g_x0 = sampling.backward_simulation(cond.x0_fn, student, eps_g, n, taus, sd, with_grad=True)
+        g_x0 = dmd2.simulate(algo, cond.x0_fn, student, key, n, eps_g, with_grad=True)
         x_d, tau_d = dmd2.renoise(algo, k_renoise, jax.lax.stop_gradient(g_x0))
         x0_fake = cond.x0_fn(state.critic, x_d, tau_d)
         x0_t = dmd2.teacher_cfg_x0(algo, cond, teacher, x_d, tau_d)

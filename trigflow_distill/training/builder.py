@@ -131,12 +131,19 @@ def _with_shardings(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def check_source(source, net_config) -> str | None:
+def check_source(source, net_config, lambda_frame_chunks: int = 1) -> str | None:
     """The text kind of a record source's data (what its dataset declares, else told by the width); ValueError
-    unless every bucket's records fit the network (`cosmos_dit.check_data`, the one check)."""
+    unless every bucket's records fit the network (`cosmos_dit.check_data`, the one check) and its latent frames
+    split into `lambda_frame_chunks` equal chunks (docs/algorithm.md §13)."""
     declared = getattr(source, "text_kind", None)
-    kinds = {
-        cosmos_dit.check_data(net_config, spec.latent_shape, spec.text_shape[-1], declared)
-        for _, spec, _ in data_format.source_buckets(source)
-    }
+    kinds = set()
+    for _, spec, _ in data_format.source_buckets(source):
+        kinds.add(cosmos_dit.check_data(net_config, spec.latent_shape, spec.text_shape[-1], declared))
+        frames = int(spec.latent_shape[1])
+        if frames % lambda_frame_chunks:
+            divisors = [k for k in range(1, frames + 1) if frames % k == 0]
+            raise ValueError(
+                f"distill.lambda_frame_chunks={lambda_frame_chunks} does not divide the data's {frames} latent "
+                f"frames: set --config.distill.lambda_frame_chunks to one of {divisors} (1 = one lambda per sample)."
+            )
     return kinds.pop() if len(kinds) == 1 else None

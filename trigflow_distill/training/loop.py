@@ -57,7 +57,8 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     main_process = distributed.is_main_process()
     batch_size = int(config.data.batch_size)
     net_config, teacher = builder.load_teacher(config, str(workdir))
-    text_kind = builder.check_source(source, net_config)  # before the mesh plan: bad data fails in seconds
+    # Before the mesh plan: bad data fails in seconds.
+    text_kind = builder.check_source(source, net_config, int(config.distill.lambda_frame_chunks))
     # The mesh (config.mesh sizes at 0: chosen by the compile-only plan) for the largest records of the data.
     largest = max(
         (spec for _, spec, _ in data.format.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))

@@ -84,6 +84,8 @@ def validate_config(config):
             )
     if int(d.lambda_frame_chunks) < 1 or int(d.ema_start) < 0:
         raise ValueError("distill.lambda_frame_chunks must be >= 1 and distill.ema_start >= 0.")
+    if d.backward_simulation not in ("fixed", "random"):
+        raise ValueError(f"distill.backward_simulation={d.backward_simulation!r}: use 'fixed' or 'random' (§3).")
     if d.student_update_freq < 1 or d.num_student_steps < 1:
         raise ValueError("distill.student_update_freq and distill.num_student_steps must be >= 1.")
     if len(d.cond_frame_probs) < 1 or min(d.cond_frame_probs) < 0 or abs(sum(d.cond_frame_probs) - 1) > 1e-6:
@@ -111,7 +113,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 # Fields renamed since runs were saved under the old names: a saved config.json is read under today's names.
 RENAMED_FIELDS = {
     "distill.tangent_warmup": "distill.student_warmup",
-    "distill.rcm.tangent_warmup": "distill.rcm.tangent_ramp",
+    "distill.rcm.tangent_ramp": "distill.rcm.tangent_warmup",
 }
 
 
