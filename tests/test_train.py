@@ -1,5 +1,6 @@
 """The trainer: what each update may change, non-finite skips, loss decrease, sharded == unsharded, config errors."""
 
+import dataclasses
 import functools
 
 import jax
@@ -49,7 +50,16 @@ def setup(teacher_pt, tmp_path_factory):
     source = toy.RecordSource(toy.make_world())
     records = [source[i] for i in range(BATCH)]
     batch = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in records[0]}
-    return dict(config=config, teacher=teacher, state=state, critic=critic_fn, student=student_fn, batch=batch)
+    return dict(
+        config=config,
+        teacher=teacher,
+        state=state,
+        critic=critic_fn,
+        student=student_fn,
+        batch=batch,
+        algo=algo,
+        student_tx=student_tx,
+    )
 
 
 def _copy(tree):
@@ -95,6 +105,31 @@ def test_non_finite_batch_skips_the_update(setup):
     assert float(m["critic/skipped"]) == 1.0
     assert not _changed(before.critic, after.critic) and not _changed(before.critic_opt, after.critic_opt)
     assert int(after.consecutive_skips) == 1 and int(after.total_skips) == 1 and int(after.step) == 1
+
+
+def test_skipped_student_update_does_not_advance_the_ema_count(setup):
+    """A skipped (non-finite) student update leaves the student, its optimizer, the EMA and the EMA's update count
+    n as they were, so the next good update averages with beta(n) of the updates actually applied (docs/algorithm.md
+    §6). Cosmos' reference never skips: it zeroes non-finite gradients and counts n from the iteration number."""
+    bad = dict(setup["batch"], latents=setup["batch"]["latents"].at[0, 0, 0, 0, 0].set(jnp.inf))
+    bad["num_cond_frames"] = jnp.full((BATCH,), 1, jnp.int32)
+    gamma = optim.ema_gamma(0.1)
+    algo = dataclasses.replace(setup["algo"], ema_start=0)  # the reference's EMA (the tiny recipe delays it)
+    student = jax.jit(functools.partial(dmd2.student_update, algo, setup["student_tx"], gamma))
+    state, _ = student(jax.tree.map(jnp.array, setup["state"]), setup["teacher"], setup["batch"])
+    good = _copy(state)
+    state, m = student(state, setup["teacher"], bad)
+    assert float(m["student/skipped"]) == 1.0 and int(state.student_updates) == 1
+    for name in ("student", "student_opt", "student_ema"):
+        assert not _changed(getattr(good, name), _copy(getattr(state, name))), name
+    state, m = student(state, setup["teacher"], setup["batch"])
+    assert float(m["student/skipped"]) == 0.0 and int(state.student_updates) == 2
+    beta = float(optim.ema_beta(1, gamma))  # (1/2)^(gamma+1) = 0.0041: the EMA keeps a little of update 1
+    leaves = [jax.tree.leaves(t) for t in (state.student_ema, good.student_ema, state.student)]
+    for e_new, e_old, p in zip(*leaves):
+        expected = beta * np.asarray(e_old, np.float64) + (1 - beta) * np.asarray(p, np.float64)
+        np.testing.assert_allclose(e_new, expected, rtol=1e-6, atol=1e-9)
+    assert _changed(leaves[0], leaves[2])  # beta > 0: the EMA is not the student (beta(2) would differ too)
 
 
 def test_critic_loss_decreases(setup):
