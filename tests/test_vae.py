@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from trigflow_distill.common import video
 from trigflow_distill.models import torchfile, wan_vae
 from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD
+from trigflow_distill.training import plan
 
 CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)  # narrow, but the release structure (dim_mult 1,2,4,4; 2 res blocks)
 
@@ -261,3 +262,17 @@ def test_cli_round_trip(params, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --frames 6")
     assert wan_vae.main(["decode", str(tmp_path / "missing.npz"), str(tmp_path / "o.mp4")]) == 1
     assert "error: " in capsys.readouterr().err
+
+
+def test_frame_counts_other_than_1_plus_4k_name_the_nearest_valid_ones():
+    """The one frame-count check (prepare, generate, the plan, the VAE CLI): 1 + 4k passes, others are one line
+    naming the two nearest counts."""
+    for ok in (1, 5, 93):
+        assert wan_vae.check_frame_count(ok) == ok
+    for bad, nearest in ((90, "89 or 93"), (2, "1 or 5"), (0, "1 or 5"), (96, "93 or 97")):
+        with pytest.raises(
+            ValueError, match=rf"--frames {bad}: the Wan2.1 VAE needs 1 \+ 4k frames \(nearest: {nearest}\)"
+        ):
+            wan_vae.check_frame_count(bad)
+    with pytest.raises(ValueError, match=r"--frames 90: .*nearest: 89 or 93"):
+        plan.latent_shape(90, 704, 1280)

@@ -49,7 +49,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from trigflow_distill.common import cli, errors, sharding
-from trigflow_distill.models import cosmos_dit
+from trigflow_distill.models import cosmos_dit, wan_vae
 from trigflow_distill.training import builder
 
 GIB = 2**30
@@ -289,8 +289,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(16, T, H, W) latents of a video: Wan2.1 VAE, 4x time (first frame alone), 8x space."""
-    if frames < 1 or (frames - 1) % 4 or height % 16 or width % 16:
-        raise ValueError(f"video {frames}x{height}x{width}: frames must be 1 + 4k and height, width multiples of 16")
+    wan_vae.check_frame_count(frames)
+    if height % 16 or width % 16:
+        raise ValueError(f"video {frames}x{height}x{width}: height and width must be multiples of 16")
     return 16, 1 + (frames - 1) // 4, height // 8, width // 8
 
 

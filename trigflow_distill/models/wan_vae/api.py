@@ -174,8 +174,7 @@ def _cmd_encode(args) -> None:
         stage("read video")
         frames, fps = video.read_video(args.input)
         n = args.frames if args.frames is not None else 1 + (len(frames) - 1) // 4 * 4
-        if n < 1 or (n - 1) % 4:
-            raise ValueError(f"--frames {n}: the VAE needs 1 + 4k frames (1, 5, 9, ..., 93)")
+        names.check_frame_count(n)
         if n > len(frames):
             raise ValueError(f"{args.input}: has {len(frames)} frames, fewer than --frames {n}")
         bucket = video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)

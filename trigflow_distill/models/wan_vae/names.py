@@ -379,3 +379,13 @@ LATENT_STD = np.array(
     ],
     np.float32,
 )
+
+
+def check_frame_count(frames: int, what: str = "--frames") -> int:
+    """`frames` if the VAE can encode it (1 + 4k: frame 0 alone, then chunks of 4, §10), else ValueError naming the
+    nearest valid counts; the one frame-count check of prepare, generate, the plan and the VAE CLI."""
+    if frames >= 1 and (frames - 1) % 4 == 0:
+        return frames
+    below = 1 + max(frames - 1, 0) // 4 * 4
+    nearest = f"{below} or {below + 4}" if frames > 1 else "1 or 5"
+    raise ValueError(f"{what} {frames}: the Wan2.1 VAE needs 1 + 4k frames (nearest: {nearest})")
