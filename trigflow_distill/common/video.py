@@ -5,11 +5,14 @@
 - `resize_and_pad(frames, bucket_wh) -> (video (3,T,H,W) float32 in [-1, 1], padding_mask (1,H,W) float32)`:
   aspect-preserving bicubic antialiased resize to fit inside the bucket, centre reflection padding (edge padding
   when a pad is not smaller than the frame), mask 1 on padded pixels;
+- `resize_and_crop(frames, size_wh) -> (video, padding_mask of zeros)`: NVIDIA's inference CLI preprocessing, resize
+  to cover the target and centre-crop;
 - `to_uint8(video (3,T,H,W)) -> frames (T,H,W,3) uint8`, clamping to [-1, 1].
 """
 
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction
 
@@ -116,6 +119,29 @@ def resize_and_pad(frames_thw3: np.ndarray, bucket_wh: tuple[int, int]) -> tuple
     mask = np.ones((1, bh, bw), np.float32)
     mask[:, top : top + nh, left : left + nw] = 0.0
     return video, mask
+
+
+def resize_and_crop(frames_thw3: np.ndarray, size_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (T,H,W,3) uint8 -> (video (3,T,Hs,Ws) float32 in [-1,1], padding mask (1,Hs,Ws) of zeros).
+
+    NVIDIA's inference CLI (`resize_input` in cosmos-predict2.5 `_src/predict2/inference/video2world.py`): scale by
+    r = max(Ws/W, Hs/H) so the frame covers the target, size ceil(r*H) x ceil(r*W), bilinear with antialiasing
+    (torchvision's default on uint8; PIL's BILINEAR is the same filter), then torchvision's centre crop: top =
+    int(round((h' - Hs)/2)), left likewise (Python's round, half to even). Nothing is padded, so the mask is zeros.
+    """
+    frames = np.asarray(frames_thw3)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"resize_and_crop needs (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    sw, sh = size_wh
+    _, h, w, _ = frames.shape
+    r = max(sw / w, sh / h)
+    nh, nw = math.ceil(r * h), math.ceil(r * w)
+    if (nh, nw) != (h, w):
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((nw, nh), Image.BILINEAR)) for f in frames])
+    top, left = int(round((nh - sh) / 2.0)), int(round((nw - sw) / 2.0))
+    video = frames[:, top : top + sh, left : left + sw]
+    video = np.transpose(video, (3, 0, 1, 2)).astype(np.float32) / 127.5 - 1.0
+    return video, np.zeros((1, sh, sw), np.float32)
 
 
 def to_uint8(video_3thw: np.ndarray) -> np.ndarray:
