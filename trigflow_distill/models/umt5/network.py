@@ -110,9 +110,10 @@ def relative_position_buckets(cfg: UMT5Config, length: int) -> np.ndarray:
     half = cfg.num_buckets // 2
     exact = half // 2
     dist = np.abs(rel)
-    with np.errstate(divide="ignore"):  # log(0) for the exact distances, replaced below
-        log_ratio = np.log(dist.astype(np.float32) / np.float32(exact)) / np.float32(math.log(cfg.max_distance / exact))
-        large = exact + (log_ratio * np.float32(half - exact)).astype(np.int64)
+    # Distance 0 would take log(0); it is an exact bucket, so any finite stand-in does.
+    ratio = np.maximum(dist, 1).astype(np.float32) / np.float32(exact)
+    log_ratio = np.log(ratio) / np.float32(math.log(cfg.max_distance / exact))
+    large = exact + (log_ratio * np.float32(half - exact)).astype(np.int64)
     large = np.minimum(large, half - 1)
     buckets = (rel > 0) * half + np.where(dist < exact, dist, large)
     return buckets.astype(np.int32)
