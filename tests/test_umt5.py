@@ -280,3 +280,24 @@ def test_write_tiny_and_cli(tmp_path, capsys):
     assert umt5.main(["--text-encoder", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 1
     assert "error:" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "te" / "tokenizer.json")
+
+
+def test_load_fsdp_sharded_from_wan_pth(tmp_path):
+    from trigflow_distill.common import sharding
+
+    cfg = network.UMT5Config(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128)
+    params = network.init_params(cfg, jax.random.key(2))
+    umt5.save_wan(tmp_path / "enc.pth", cfg, params)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8})
+    _, sharded = umt5.load(tmp_path / "enc.pth", dtype="float32", mesh=mesh)
+    _assert_trees_equal(sharded, params)
+    # Stacked kernels split on their widest non-layer dim (read as transposed slices of the .pth tensors).
+    assert sharded["layers"]["wi_0"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+    assert sharded["layers"]["wi_0"].addressable_shards[0].data.shape == (2, 64, 16)
+    assert sharded["embed"].addressable_shards[0].data.shape == (32, 64)
+    ids, mask = np.ones((8, 24), np.int32), (np.arange(24)[None] < np.arange(1, 9)[:, None] * 3).astype(np.int32)
+    ids = jax.device_put(ids, sharding.batch_sharding(mesh))
+    got, lengths = jax.jit(umt5.embed, static_argnums=0)(cfg, sharded, ids, mask)
+    want, _ = jax.jit(umt5.embed, static_argnums=0)(cfg, params, np.asarray(ids), mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(lengths), np.arange(1, 9) * 3)
