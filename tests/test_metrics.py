@@ -1,10 +1,11 @@
 """metrics.Writer: JSONL + TensorBoard contents, pictures and videos, the optional W&B writer (a fake `wandb` module:
-no real install), remote workdirs (a fake gs://)."""
+the real package offline is tests/test_wandb.py), remote workdirs (a fake gs://)."""
 
 import importlib.abc
 import io
 import json
 import os
+import re
 import struct
 import sys
 import types
@@ -70,7 +71,7 @@ class FakeWandb(types.ModuleType):
                 self.data, self.format = data_or_path.getvalue(), format
 
         self.Image, self.Video, self._Run = Image, Video, Run
-        self.util = types.SimpleNamespace(generate_id=lambda: "abc123")
+        self.util = types.SimpleNamespace()  # as in wandb 0.31: no generate_id
 
     def init(self, **kwargs):
         self.calls.append(("init", kwargs))
@@ -113,6 +114,8 @@ def test_scalars_pictures_and_videos(tmp_path, fake_wandb, capsys):
     np.testing.assert_array_equal(np.asarray(gif.convert("RGB")), video[1, 2])
 
     init, *logs, finish = fake_wandb.calls
+    run_id = init[1]["id"]
+    assert re.fullmatch(r"[0-9a-f]{8}", run_id)
     assert init == (
         "init",
         dict(
@@ -120,7 +123,7 @@ def test_scalars_pictures_and_videos(tmp_path, fake_wandb, capsys):
             entity=None,
             name="run1",
             mode="offline",
-            id="abc123",
+            id=run_id,
             resume="allow",
             dir=str(tmp_path),
             config={"seed": 0},
@@ -135,12 +138,13 @@ def test_scalars_pictures_and_videos(tmp_path, fake_wandb, capsys):
     ((name, videos),) = logs[3][1].items()
     assert name == "clips" and len(videos) == 2 and videos[0].format == "gif"
     assert videos[1].data == tb[("clips/1", 3)].image.encoded_image_string
-    assert (tmp_path / "wandb_run_id").read_text() == "abc123"
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
 
-    # a resumed job continues the same W&B run, even if a new id would be drawn
-    fake_wandb.util.generate_id = lambda: "other"
+    # a resumed job continues the same W&B run; a new workdir gets a new one
     metrics.Writer(str(tmp_path), 10, 100, wandb_config=wandb_config()).close()
-    assert fake_wandb.calls[-2][1]["id"] == "abc123"
+    assert fake_wandb.calls[-2][1]["id"] == run_id
+    metrics.Writer(str(tmp_path / "other"), 10, 100, wandb_config=wandb_config()).close()
+    assert fake_wandb.calls[-2][1]["id"] not in (run_id, None)
 
 
 class _RecordImports(importlib.abc.MetaPathFinder):

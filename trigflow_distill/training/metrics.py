@@ -8,13 +8,19 @@ copies them to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` at most ev
 `close` (an existing remote metrics.jsonl is fetched first, so a resumed run appends to it). TensorBoard reads
 `gs://` log folders directly (`tensorboard --logdir=gs://bucket/run/tensorboard`).
 
-W&B (config.wandb, off by default): `wandb` is imported only when enabled; the run id is kept in
-`<workdir>/wandb_run_id` so a resumed job continues the same W&B run.
+W&B (config.wandb, off by default; `pip install -e ".[wandb]"`): `wandb` is imported only when enabled; the run id
+is drawn here (wandb.util.generate_id is gone in wandb 0.31) and kept in `<workdir>/wandb_run_id` so a resumed job
+continues the same W&B run.
+
+Speed and ETA (`Rate`): the loop reports the seconds of each step that compiled (the first step of each update and
+bucket) with `Writer.exclude`; those steps and seconds are left out of it/s and of the ETA, which otherwise swing
+with every compile.
 """
 
 import io
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -25,11 +31,65 @@ from clu import metrics as clu_metrics
 from etils import epath
 from PIL import Image
 
-from trigflow_distill.common import paths
+from trigflow_distill.common import cli, paths
 
 JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 WANDB_ID = "wandb_run_id"
+
+
+def new_run_id() -> str:
+    """A W&B run id: 8 lowercase hex characters (W&B ids are [a-z0-9], what generate_id drew)."""
+    return secrets.token_hex(4)
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 17m42s, 3h05m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Rate:
+    """Steps per second between log points and since the start, without the steps that compiled.
+
+    `start(step, now)` marks where timing begins (else the first `update` does); `exclude(seconds, steps)` takes
+    a compile step out of the current interval; `update(step, now)` -> (rate of the interval, rate so far), each
+    None while no plain step has been timed. The ETA uses the rate so far: steady across buckets of different size.
+    """
+
+    def __init__(self):
+        self._last = None  # (step, time) of the previous log point
+        self._skip_steps = 0
+        self._skip_s = 0.0
+        self._steps = 0
+        self._seconds = 0.0
+
+    def start(self, step: int, now: float):
+        self._last = (step, now)
+        self._skip_steps, self._skip_s = 0, 0.0
+
+    def exclude(self, seconds: float, steps: int = 1):
+        self._skip_steps += steps
+        self._skip_s += seconds
+
+    def update(self, step: int, now: float) -> tuple[float | None, float | None]:
+        if self._last is None:
+            self.start(step, now)
+            return None, None
+        steps = step - self._last[0] - self._skip_steps
+        seconds = now - self._last[1] - self._skip_s
+        self.start(step, now)
+        interval = None
+        if steps > 0 and seconds > 0:
+            interval = steps / seconds
+            self._steps += steps
+            self._seconds += seconds
+        overall = self._steps / self._seconds if self._seconds > 0 else None
+        return interval, overall
 
 
 class Aggregator:
@@ -88,7 +148,7 @@ class Writer:
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.sync_every_s = sync_every_s
-        self._last = None
+        self._rate = Rate()
         self._wandb = self._run = None  # the wandb module and its run, when enabled
         if not enabled:
             return
@@ -112,11 +172,11 @@ class Writer:
             import wandb  # optional dependency: imported only when config.wandb.enabled
         except ImportError as e:
             raise ValueError(
-                "config.wandb.enabled=True but the `wandb` package is not installed: `pip install "
-                "wandb`, or run with --config.wandb.enabled=False."
+                'config.wandb.enabled=True but the `wandb` package is not installed: `pip install -e ".[wandb]"` '
+                '(or `pip install "wandb>=0.25,<0.32"`), or run with --config.wandb.enabled=False.'
             ) from e
         id_file = self._workdir / WANDB_ID
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else new_run_id()
         self._wandb = wandb
         self._run = wandb.init(
             project=cfg.project or None,
@@ -131,15 +191,20 @@ class Writer:
         if not id_file.exists():
             id_file.write_text(run_id)
 
+    def start(self, step: int):
+        """Timing starts now, at `step` (the loop calls it before its first step)."""
+        self._rate.start(step, time.perf_counter())
+
+    def exclude(self, seconds: float, steps: int = 1):
+        """Leave `steps` steps taking `seconds` (a compile) out of it/s and the ETA."""
+        self._rate.exclude(seconds, steps)
+
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
-        now = time.perf_counter()
-        rate = None
-        if self._last is not None and step > self._last[0]:
-            rate = (step - self._last[0]) / (now - self._last[1])
+        rate, overall = self._rate.update(step, time.perf_counter())
+        if rate is not None:
             scalars = dict(scalars, steps_per_sec=rate, tokens_per_sec=rate * self.tokens_per_step)
-        self._last = (step, now)
         for k, v in scalars.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
@@ -148,10 +213,10 @@ class Writer:
         if self._run is not None:
             self._run.log(dict(scalars), step=step)
         self._maybe_sync()
-        eta = f"{(self.total_steps - step) / rate:6.0f}s" if rate else "     ?"
+        eta = format_duration((self.total_steps - step) / overall) if overall else "?"
         shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()) if k.endswith(("loss", "grad_norm")))
-        speed = f"{rate:.2f} it/s {rate * self.tokens_per_step:.3g} tok/s" if rate else "warm-up"
-        print(f"[{step:6d}/{self.total_steps}] {speed} eta {eta} | {shown}", flush=True)
+        speed = f"{rate:.2f} it/s {rate * self.tokens_per_step:.3g} tok/s" if rate else "compiling"
+        cli.say(f"[{step:6d}/{self.total_steps}] {speed} eta {eta} | {shown}")
 
     def write_images(self, step: int, images: dict):
         """images: {name: uint8 RGB (H,W,3) or a batch (N,H,W,3)}, e.g. a sample grid."""
