@@ -1,5 +1,6 @@
 """generate CLI with tiny random nets: mp4s for text, image and video conditioning, kept conditional frames, parity
-of the student and teacher paths with sampling.sample_student / sample_teacher_cfg, the --workdir path, errors."""
+of the student and teacher paths with sampling.sample_student / sample_teacher_cfg / sample_teacher_unipc (NVIDIA's
+reference sampler), crop vs pad preprocessing, the --workdir path and its replace_gt_timesteps, errors."""
 
 import dataclasses
 import functools
@@ -14,7 +15,7 @@ from PIL import Image
 
 from trigflow_distill.common import video
 from trigflow_distill.core import sampling
-from trigflow_distill.inference import generate
+from trigflow_distill.inference import generate, inputs
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit, reason1, torchfile, wan_vae
 from trigflow_distill.models.cosmos_dit import convert
@@ -91,18 +92,36 @@ def _context(assets, prompts, params):
     return cosmos_dit.project_text(params["crossattn_proj"], emb)
 
 
-def _reference(assets, params, prompts, seed, gt, mask, padding, teacher_steps=None, guidance=4.0):
+def _reference(
+    assets,
+    params,
+    prompts,
+    seed,
+    gt,
+    mask,
+    padding,
+    teacher_steps=None,
+    guidance=4.0,
+    replace_gt=True,
+    negative_prompt=None,
+    steps=4,
+):
     """Latents from the samplers of sampling.py, every call through video2world.denoise (docs/algorithm.md §3, §7); a
-    guidance-conditioned student (§15) gets `guidance` as its input."""
+    guidance-conditioned student (§15) gets `guidance` as its input. With `negative_prompt` the teacher is NVIDIA's
+    reference sampler (UniPC) with that prompt's context as the unconditional one, else Euler with zero text."""
     context = _context(assets, prompts, params)
-    uncond = cosmos_dit.project_text(params["crossattn_proj"], jnp.zeros((len(prompts), 512, 96)))
+    if negative_prompt is None:
+        uncond = cosmos_dit.project_text(params["crossattn_proj"], jnp.zeros((len(prompts), 512, 96)))
+    else:
+        uncond = jnp.broadcast_to(_context(assets, [negative_prompt], params), context.shape)
     net = {k: v for k, v in params.items() if k != "crossattn_proj"}
     eps = jnp.stack([generate.initial_noise(seed, i, gt.shape[1:]) for i in range(len(prompts))])
-    return _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps)
+    solver = "euler" if negative_prompt is None else "unipc"
+    return _sample(teacher_steps, guidance, solver, replace_gt, steps, net, context, uncond, gt, mask, padding, eps)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, eps):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample(teacher_steps, guidance, solver, replace_gt, steps, net, context, uncond, gt, mask, padding, eps):
     b = eps.shape[0]
     gt, mask = jnp.broadcast_to(gt, (b, *gt.shape[1:])), jnp.broadcast_to(mask, (b, *mask.shape[1:]))
 
@@ -111,12 +130,24 @@ def _sample(teacher_steps, guidance, net, context, uncond, gt, mask, padding, ep
 
     def x0_fn(ctx):
         return lambda x, tau: video2world.denoise(
-            NET, net, x, tau, ctx, gt, mask, padding_mask_b1hw=padding, guidance_b=guidance_b
+            NET,
+            net,
+            x,
+            tau,
+            ctx,
+            gt,
+            mask,
+            padding_mask_b1hw=padding,
+            guidance_b=guidance_b,
+            replace_gt_timesteps=replace_gt,
         )
 
     if teacher_steps is None:
-        return sampling.sample_student(x0_fn(context), eps, sampling.student_schedule(4))
-    x = sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond), eps, guidance, teacher_steps)
+        x = sampling.sample_student(x0_fn(context), eps, sampling.student_schedule(steps))
+    elif solver == "unipc":
+        x = sampling.sample_teacher_unipc(x0_fn(context), x0_fn(uncond), eps, guidance, teacher_steps)
+    else:
+        x = sampling.sample_teacher_cfg(x0_fn(context), x0_fn(uncond), eps, guidance, teacher_steps)
     return mask * gt + (1 - mask) * x
 
 
@@ -132,9 +163,10 @@ def _no_cond():
     return np.zeros((1, 16, t, h, w), np.float32), np.zeros((1, 1, t, h, w), np.float32), zeros
 
 
-def _encoded(assets, frames):
-    """(gt, mask, padding, pixels) of conditioning frames, prepared here as docs/algorithm.md §12 says."""
-    pixels, padding = video.resize_and_pad(frames, SIZE)
+def _encoded(assets, frames, preprocess="pad"):
+    """(gt, mask, padding, latents) of conditioning frames, prepared here as docs/algorithm.md §12 says (pad) or as
+    NVIDIA's inference CLI does (crop)."""
+    pixels, padding = (video.resize_and_crop if preprocess == "crop" else video.resize_and_pad)(frames, SIZE)
     latents = np.asarray(wan_vae.encode(VAE_CFG, assets["vae_params"], pixels[None]))
     gt, mask, _ = _no_cond()
     n = latents.shape[2]
@@ -160,10 +192,12 @@ def test_text_only_videos_match_sample_student(assets, tmp_path):
 
 
 def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, tmp_path):
+    """A .pt student crops its conditioning image by default, as NVIDIA's inference CLI (no padding mask)."""
     report = _run(assets, tmp_path, "--prompt", "a red car", "--image", str(assets["dir"] / "first.png"))
     image = np.asarray(Image.open(assets["dir"] / "first.png"))[None]
-    gt, mask, padding, latents = _encoded(assets, image)
-    assert padding.any() and report["settings"]["cond_latent_frames"] == 1
+    gt, mask, padding, latents = _encoded(assets, image, "crop")
+    assert not padding.any() and report["settings"]["cond_latent_frames"] == 1
+    assert report["settings"]["preprocess"] == "crop" and report["sampler"]["replace_gt_timesteps"] is True
     got = _latents(tmp_path, report, 0)
     np.testing.assert_array_equal(got[:, :1], latents[0])  # Video2World keeps the conditional latent frame
     np.testing.assert_allclose(
@@ -180,10 +214,20 @@ def test_image_conditioning_keeps_the_frame_and_matches_sample_student(assets, t
 
 def test_video_conditioning_keeps_two_latent_frames(assets, tmp_path):
     report = _run(
-        assets, tmp_path, "--prompt", "a boat", "--video", str(assets["dir"] / "clip.mp4"), "--cond-frames", "2"
+        assets,
+        tmp_path,
+        "--prompt",
+        "a boat",
+        "--video",
+        str(assets["dir"] / "clip.mp4"),
+        "--cond-frames",
+        "2",
+        "--preprocess",
+        "pad",
     )
     clip, _ = video.read_video(assets["dir"] / "clip.mp4")
     gt, _, _, latents = _encoded(assets, clip[-5:])  # the last 1 + 4 frames are 2 latent frames
+    assert report["settings"]["preprocess"] == "pad"
     got = _latents(tmp_path, report, 0)
     np.testing.assert_array_equal(got[:, :2], latents[0])
     decoded_in = np.asarray(wan_vae.decode(VAE_CFG, assets["vae_params"], gt))[:, :, :5]
@@ -207,23 +251,77 @@ def test_teacher_matches_sample_teacher_cfg(assets, tmp_path):
         model=("--teacher", "teacher.pt"),
     )
     assert report["nfe"] == 4 and report["model"]["kind"] == "teacher"
+    assert report["sampler"]["name"] == "dmd2-target" and report["sampler"]["solver"] == "euler"
+    assert report["sampler"]["negative_prompt"] is None and report["sampler"]["unconditional_context"] == "zero text"
     want = _reference(assets, assets["teacher"], ["a red car"], 0, *_no_cond(), teacher_steps=2, guidance=3.0)
     np.testing.assert_allclose(_latents(tmp_path, report, 0), want[0], atol=2e-4, rtol=2e-4)
 
 
 def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, monkeypatch):
+    _fake_run(monkeypatch, assets)  # a run config from before distill.replace_gt_timesteps: on, as then
+    calls = []
+    fake = restore.load_student
+
+    def load_student(workdir, which="ema", **net_overrides):
+        calls.append((workdir, which))
+        return fake(workdir, which, **net_overrides)
+
+    monkeypatch.setattr(restore, "load_student", load_student)
+    report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))
+    student = _run(assets, tmp_path / "s", "--prompt", "a red car", "--steps", "2")
+    assert calls == [("RUN", "ema")] and report["nfe"] == 2  # only the EMA is restored
+    np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
+
+
+@pytest.mark.slow
+def test_teacher_reference_sampler_is_nvidias_inference(assets, tmp_path):
+    """--teacher-sampler reference: UniPC at the net's quantized times, s = 8 (NVIDIA's guidance 7) against NVIDIA's
+    negative prompt, the image cropped (no padding mask), conditional frames fed the step's time (no GT timestep)."""
+    image_args = ("--image", str(assets["dir"] / "first.png"))
+    report = _run(
+        assets,
+        tmp_path,
+        "--prompt",
+        "a red car",
+        *image_args,
+        "--teacher-steps",
+        "3",
+        "--teacher-sampler",
+        "reference",
+        model=("--teacher", "teacher.pt"),
+    )
+    sampler = report["sampler"]
+    assert sampler["name"] == "reference" and sampler["solver"] == "unipc" and sampler["guidance"] == 8.0
+    assert sampler["negative_prompt"] == generate.DEFAULT_NEGATIVE_PROMPT and sampler["replace_gt_timesteps"] is False
+    assert report["nfe"] == 6 and report["settings"]["preprocess"] == "crop"
+    assert generate.DEFAULT_NEGATIVE_PROMPT.startswith("The video captures a series of frames showing ugly scenes")
+    image = np.asarray(Image.open(assets["dir"] / "first.png"))[None]
+    cond = _encoded(assets, image, "crop")[:3]
+    ref = functools.partial(_reference, assets, assets["teacher"], ["a red car"], 0, *cond, teacher_steps=3)
+    got = _latents(tmp_path, report, 0)
+    want = ref(guidance=8.0, replace_gt=False, negative_prompt=generate.DEFAULT_NEGATIVE_PROMPT)[0]
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+    # Each ingredient matters: GT timesteps, the zero-text unconditional context, the Euler sampler all differ.
+    for other in (
+        ref(guidance=8.0, replace_gt=True, negative_prompt=generate.DEFAULT_NEGATIVE_PROMPT),
+        ref(guidance=8.0, replace_gt=False, negative_prompt="a blue boat"),
+        ref(guidance=8.0, replace_gt=False),
+    ):
+        assert np.abs(np.asarray(other[0]) - got).max() > 1e-3
+
+
+def _fake_run(monkeypatch, assets, **distill):
+    """restore.load_student returning the tiny student under a run config with `distill` settings."""
     import ml_collections
 
     config = ml_collections.ConfigDict(
         {
             "teacher": {"scaling": "rectified_flow", "sigma_data": 1.0},
-            "distill": {"timestep_shift": 5.0, "num_student_steps": 4, "guidance": 4.0},
+            "distill": {"timestep_shift": 5.0, "num_student_steps": 4, "guidance": 4.0, **distill},
         }
     )
-    calls = []
 
     def load_student(workdir, which="ema", **net_overrides):
-        calls.append((workdir, which))
         params = dict(assets["student"])
         return (
             config,
@@ -232,10 +330,51 @@ def test_workdir_uses_the_ema_student_and_the_run_settings(assets, tmp_path, mon
         )
 
     monkeypatch.setattr(restore, "load_student", load_student)
-    report = _run(assets, tmp_path / "w", "--prompt", "a red car", "--steps", "2", model=("--workdir", "RUN"))
-    student = _run(assets, tmp_path / "s", "--prompt", "a red car", "--steps", "2")
-    assert calls == [("RUN", "ema")] and report["nfe"] == 2  # only the EMA is restored
-    np.testing.assert_array_equal(_latents(tmp_path / "w", report, 0), _latents(tmp_path / "s", student, 0))
+
+
+def test_workdir_student_without_gt_timesteps_is_sampled_without_them(assets, tmp_path, monkeypatch):
+    """A run trained with distill.replace_gt_timesteps=False is sampled so: its conditional frames see the step's
+    time, and its conditioning image is preprocessed as its training data (pad, with the padding mask)."""
+    _fake_run(monkeypatch, assets, replace_gt_timesteps=False)
+    image_args = ("--image", str(assets["dir"] / "first.png"))
+    report = _run(assets, tmp_path, "--prompt", "a red car", *image_args, "--steps", "2", model=("--workdir", "RUN"))
+    assert report["sampler"]["replace_gt_timesteps"] is False and report["settings"]["preprocess"] == "pad"
+    image = np.asarray(Image.open(assets["dir"] / "first.png"))[None]
+    gt, mask, padding, _ = _encoded(assets, image, "pad")
+    assert padding.any()
+    got = _latents(tmp_path, report, 0)
+    ref = functools.partial(_reference, assets, assets["student"], ["a red car"], 0, gt, mask, padding, steps=2)
+    np.testing.assert_allclose(got, ref(replace_gt=False)[0], atol=2e-4, rtol=2e-4)
+    assert np.abs(np.asarray(ref(replace_gt=True)[0]) - got).max() > 1e-3  # what it was sampled with before
+
+
+def test_crop_and_pad_preprocessing():
+    """crop: NVIDIA's resize-to-cover + torchvision centre crop (round half to even), zero mask; pad: fit inside +
+    reflection pad with the mask on the padding; --preprocess crop keeps the model's 16:9 size for any input."""
+    rows = np.repeat(np.repeat((np.arange(35, dtype=np.uint8) * 7)[None, :, None, None], 32, 2), 3, 3)  # (1,35,32,3)
+    pixels, mask = video.resize_and_crop(rows, (32, 32))  # no resize (r = 1); crop top = round(3 / 2) = 2
+    assert pixels.shape == (3, 1, 32, 32) and mask.shape == (1, 32, 32) and not mask.any()
+    np.testing.assert_allclose((pixels[0, 0, :, 0] + 1) * 127.5, np.arange(2, 34) * 7, atol=1e-4)
+    top = video.resize_and_crop(rows[:, :33], (32, 32))[0]  # round(1 / 2) = 0: the top rows are kept
+    np.testing.assert_allclose((top[0, 0, :, 0] + 1) * 127.5, np.arange(0, 32) * 7, atol=1e-4)
+    # A wide frame (20 x 80) into 32 x 32: scaled by 1.6 to 32 x 128, the centre 32 columns kept: the black / white
+    # edge in the middle of the frame lands in the middle of the crop.
+    halves = np.zeros((2, 20, 80, 3), np.uint8)
+    halves[:, :, 40:] = 255
+    crop, crop_mask = video.resize_and_crop(halves, (32, 32))
+    assert crop.shape == (3, 2, 32, 32) and not crop_mask.any()
+    assert (crop[:, :, :, :15] < -0.99).all() and (crop[:, :, :, 17:] > 0.99).all()
+    padded, pad_mask = video.resize_and_pad(halves, (32, 32))  # fit inside: 8 x 32 in the middle, 12 rows each side
+    assert padded.shape == (3, 2, 32, 32) and pad_mask[0, :12].all() and not pad_mask[0, 12:20].any()
+    assert pad_mask[0, 20:].all()
+
+    class Args:
+        size, aspect, resolution = None, None, "256"
+
+    portrait = np.zeros((1, 320, 180, 3), np.uint8)
+    for preprocess, want in (("crop", (320, 192)), ("pad", (192, 320))):
+        Args.preprocess = preprocess
+        assert inputs.choose_bucket(Args, portrait) == want
 
 
 def test_guidance_conditioned_student_samples_at_the_given_scale(assets, tmp_path):
@@ -268,6 +407,8 @@ def test_guidance_conditioned_student_samples_at_the_given_scale(assets, tmp_pat
         ("empty_prompts", "--prompts .*no prompts"),
         ("steps", "--steps 5: the student takes 1 to 4 steps"),
         ("guidance", "--guidance 2: this student was distilled at one CFG scale"),
+        ("teacher_sampler", "--teacher-sampler is for --teacher"),
+        ("negative_prompt", "--negative-prompt is the unconditional prompt of --teacher-sampler reference"),
     ],
 )
 def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
@@ -300,6 +441,10 @@ def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, match):
         argv = [a for a in argv if a not in ("--prompt", "a car")] + ["--prompts", str(tmp_path / "p.txt")]
     elif case == "guidance":
         argv += ["--guidance", "2"]
+    elif case == "teacher_sampler":
+        argv += ["--teacher-sampler", "reference"]
+    elif case == "negative_prompt":
+        argv += ["--negative-prompt", "ugly"]
     else:
         argv += ["--steps", "5"]
     assert generate.main(argv) == 1

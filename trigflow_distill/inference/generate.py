@@ -7,6 +7,8 @@ teacher with classifier-free guidance.
       --prompts=prompts.jsonl --image=first_frame.jpg --out=/tmp/gen
   trigflow-generate --teacher=TEACHER.pt --guidance=4 --teacher-steps=35 --prompt "..." \
       --video=start.mp4 --cond-frames=2 --out=/tmp/gen_teacher
+  trigflow-generate --teacher=TEACHER.pt --teacher-sampler=reference --image=first.jpg --prompt "..." \
+      --out=/tmp/gen_teacher_nvidia
   trigflow-generate --workdir=/tmp/run_gc --guidance=2.5 --prompt "..." --out=/tmp/gen_s2.5
 
 A guidance-conditioned student (distill.guidance_conditioned, docs/algorithm.md §15) takes --guidance too: the CFG
@@ -14,12 +16,16 @@ scale it reproduces, in its 4 evaluations (default: its run's distill.guidance, 
 
 Pipeline (docs/algorithm.md §3, §7, §10-12): prompts -> Reason1 embedding -> the model's frozen text projection;
 an `--image` (1 conditional latent frame) or the last 1 + 4(N-1) frames of a `--video` (N = --cond-frames) are
-resized and padded into the bucket of nearest aspect (§12) and encoded by the Wan2.1 VAE; the student samples in
-`--steps` network evaluations (the first k times of its training schedule), the teacher integrates
-`--teacher-steps` Euler steps with 2 evaluations each (CFG); Video2World keeps the conditional latent frames, so
-the first frames of the output are the VAE-decoded input frames. Output in --out: one mp4 per prompt,
-contact_sheet.png (a few frames per prompt), generate.json (settings, NFE, timings) and with --save-latents one
-.npz per prompt that `python -m trigflow_distill.models.wan_vae decode` reads.
+preprocessed (`--preprocess crop`: NVIDIA's inference CLI, resize to cover the model's 16:9 size and centre-crop,
+the default for --student/--teacher; `pad`: the training data's §12 bucket of nearest aspect, fit inside and
+reflection-pad, the default for --workdir) and encoded by the Wan2.1 VAE; the student samples in `--steps` network
+evaluations (the first k times of its training schedule); the teacher takes `--teacher-steps` steps with 2
+evaluations each (CFG), by `--teacher-sampler dmd2-target` (default: Euler on the shifted grid, s = 4, zero-text
+unconditional context: the target the student was distilled towards) or `reference` (NVIDIA's inference: UniPC,
+s = 8 (their guidance 7), its default negative prompt as the unconditional context); Video2World keeps the
+conditional latent frames, so the first frames of the output are the VAE-decoded input frames. Output in --out:
+one mp4 per prompt, contact_sheet.png (a few frames per prompt), generate.json (sampler, settings, NFE, timings)
+and with --save-latents one .npz per prompt that `python -m trigflow_distill.models.wan_vae decode` reads.
 
 The initial noise of prompt i is normal(fold_in(key(seed), i)): a video does not depend on the batch size or the
 number of devices. Batches are split over all local devices (data parallel); the last one is padded.
@@ -47,7 +53,13 @@ from tqdm import tqdm
 
 from trigflow_distill.common import errors, sharding, video
 from trigflow_distill.core import sampling
-from trigflow_distill.inference.inputs import choose_bucket, conditioning_frames, make_conditioning, read_prompts
+from trigflow_distill.inference.inputs import (
+    PREPROCESS,
+    choose_bucket,
+    conditioning_frames,
+    make_conditioning,
+    read_prompts,
+)
 from trigflow_distill.inference.loader import Model, load_checkpoint, load_workdir
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit, reason1, wan_vae
@@ -59,6 +71,22 @@ _SHEET_FRAMES = 4  # frames per prompt on the contact sheet
 _SHEET_WIDTH = 256  # width of one contact-sheet frame
 _CAPTION_HEIGHT = 14
 
+# NVIDIA's inference CLI default (cosmos_predict2/config.py DEFAULT_NEGATIVE_PROMPT, the same text in
+# _src/predict2/inference/video2world.py): the `reference` teacher's unconditional prompt.
+DEFAULT_NEGATIVE_PROMPT = (
+    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
+    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
+    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, jerky movements, "
+    "low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, fake elements, "
+    "unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. Overall, the video is of "
+    "poor quality."
+)
+# --teacher-sampler -> (solver, default CFG scale s in x0_u + s (x0_c - x0_u)). reference: NVIDIA's inference
+# (UniPC, their w = 7 in v_c + w (v_c - v_u), i.e. s = 8, negative prompt); dmd2-target: the teacher the DMD2 loss
+# distills towards (§4: s = 4, zero text), Euler for like-for-like comparisons with the student.
+TEACHER_SAMPLERS = {"reference": ("unipc", 8.0), "dmd2-target": ("euler", 4.0)}
+DEFAULT_TEACHER_SAMPLER = "dmd2-target"
+
 
 def initial_noise(seed: int, index: int, shape) -> jax.Array:
     """eps of prompt `index` (float32, `shape`): independent of batching and devices."""
@@ -67,7 +95,7 @@ def initial_noise(seed: int, index: int, shape) -> jax.Array:
 
 # The one sampling path (`video2world.sample`: the student's k steps or the teacher's CFG Euler steps, conditional
 # frames kept), jitted per settings, network config and scaling.
-_sample_jit = jax.jit(video2world.sample, static_argnums=(0, 1), static_argnames=("scaling",))
+_sample_jit = jax.jit(video2world.sample, static_argnums=(0, 1), static_argnames=("scaling", "replace_gt_timesteps"))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -90,8 +118,9 @@ def load_model(args) -> tuple[Model, sampling.SamplerSettings]:
     d = model.defaults
     common = dict(shift=d["shift"], sigma_data=d["sigma_data"], train_steps=d["train_steps"])
     if args.teacher:
+        solver = TEACHER_SAMPLERS[args.teacher_sampler][0]
         return model, sampling.SamplerSettings(
-            kind="teacher", steps=args.teacher_steps, guidance=args.guidance, **common
+            kind="teacher", steps=args.teacher_steps, guidance=args.guidance, solver=solver, **common
         )
     steps = 4 if args.steps is None else args.steps
     if not 1 <= steps <= d["train_steps"]:
@@ -193,6 +222,10 @@ def generate(args) -> dict:
 
     t = time.perf_counter()
     model, settings = load_model(args)
+    reference = settings.solver == "unipc"
+    # NVIDIA's teacher inference feeds conditional frames the step's time; a student is sampled as its run trained
+    # it (distill.replace_gt_timesteps; on for a .pt, as in the 2B reference distillation).
+    replace_gt = not reference and bool(model.defaults["replace_gt_timesteps"])
     vae_cfg, vae_params = wan_vae.load(args.vae)
     timings["load_s"] = time.perf_counter() - t
     t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
@@ -202,7 +235,7 @@ def generate(args) -> dict:
         bucket[1] // vae_cfg.space_factor,
         bucket[0] // vae_cfg.space_factor,
     )
-    cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape, args.vae_dtype)
+    cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape, args.vae_dtype, args.preprocess)
     if cond.num_cond >= t_lat:
         raise ValueError(
             f"--num-frames {args.num_frames} gives {t_lat} latent frames, all of them conditional "
@@ -211,16 +244,20 @@ def generate(args) -> dict:
 
     batch_size = min(args.batch_size or jax.local_device_count(), len(prompts))
     devices = _devices_for(batch_size)
+    negative = args.negative_prompt if reference else None
     t = time.perf_counter()
-    contexts = encode_prompts(args.text_encoder, prompts, batch_size, devices, model, args.text_encoder_dtype)
+    texts = prompts + ([negative] if reference else [])
+    contexts = encode_prompts(args.text_encoder, texts, batch_size, devices, model, args.text_encoder_dtype)
     timings["text_encoding_s"] = time.perf_counter() - t
 
     mesh = sharding.make_mesh({"data": -1}, devices)
     repl, split = sharding.replicated(mesh), NamedSharding(mesh, P("data"))
     params = jax.device_put(model.params, repl)
-    uncond = jax.device_put(
-        cosmos_dit.unconditional_context(model.text_proj, (1, 1, model.net_config.crossattn_emb_channels)), repl
-    )
+    if reference:  # NVIDIA's unconditional branch: the negative prompt, encoded like any prompt
+        uncond = jax.device_put(contexts[-1:], repl)
+    else:  # the projection of all-zero text (§7), what the DMD2 teacher and the students were trained with
+        shape = (1, 1, model.net_config.crossattn_emb_channels)
+        uncond = jax.device_put(cosmos_dit.unconditional_context(model.text_proj, shape), repl)
     gt, mask, padding = (jax.device_put(x, repl) for x in (cond.gt_1cthw, cond.mask_11thw, cond.padding_11hw))
 
     out = epath.Path(args.out)
@@ -246,6 +283,7 @@ def generate(args) -> dict:
                 eps,
                 scaling=model.defaults["scaling"],
                 padding_mask_b1hw=padding,
+                replace_gt_timesteps=replace_gt,
             ).block_until_ready()
             t_sample = time.perf_counter() - t
             t = time.perf_counter()
@@ -279,9 +317,19 @@ def generate(args) -> dict:
     report = {
         "model": {"kind": settings.kind, "source": model.description},
         "nfe": settings.nfe,
+        "sampler": {
+            "name": args.teacher_sampler if settings.kind == "teacher" else "student",
+            "solver": settings.solver if settings.kind == "teacher" else "student",
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "negative_prompt": negative,
+            "unconditional_context": "negative prompt" if reference else ("zero text" if settings.uses_cfg else None),
+            "replace_gt_timesteps": replace_gt,
+        },
         "settings": {
             "steps": settings.steps,
             "guidance": settings.guidance,
+            "preprocess": args.preprocess,
             "seed": args.seed,
             "num_frames": args.num_frames,
             "resolution": args.resolution,
@@ -328,13 +376,25 @@ def _check_args(args) -> None:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE, exactly one of them")
     if args.teacher is None and args.teacher_steps is not None:
         raise ValueError("--teacher-steps is for --teacher; students take --steps")
+    if args.teacher is None and args.teacher_sampler is not None:
+        raise ValueError("--teacher-sampler is for --teacher; students have their own k-step sampler")
+    if args.negative_prompt is not None and args.teacher_sampler != "reference":
+        raise ValueError(
+            "--negative-prompt is the unconditional prompt of --teacher-sampler reference; add that flag (the "
+            "dmd2-target teacher and the students use the zero-text unconditional context)"
+        )
     if args.teacher is not None and args.steps is not None:
         raise ValueError("--steps is for students; the teacher's is --teacher-steps")
     if args.cond_frames is not None and not args.video:
         raise ValueError("--cond-frames goes with --video (an --image is 1 conditional latent frame)")
+    # crop for NVIDIA's checkpoints (as its inference CLI), a run's own preprocessing for its student
+    args.preprocess = args.preprocess or ("pad" if args.workdir else "crop")
     if args.teacher is not None:
-        args.guidance = 4.0 if args.guidance is None else args.guidance
+        args.teacher_sampler = args.teacher_sampler or DEFAULT_TEACHER_SAMPLER
+        args.guidance = TEACHER_SAMPLERS[args.teacher_sampler][1] if args.guidance is None else args.guidance
         args.teacher_steps = 35 if args.teacher_steps is None else args.teacher_steps
+        if args.teacher_sampler == "reference":
+            args.negative_prompt = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     args.cond_frames = 1 if args.cond_frames is None else args.cond_frames
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
         k = max(0, (args.num_frames - 1) // 4)
@@ -372,17 +432,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--guidance",
         type=float,
-        help="CFG scale s in x0_u + s (x0_c - x0_u): the teacher's (default 4), or the one a guidance-conditioned "
-        "student reproduces (default: its run's distill.guidance)",
+        help="CFG scale s in x0_u + s (x0_c - x0_u): the teacher's (default 4 for dmd2-target, 8 for reference = "
+        "NVIDIA's guidance 7), or the one a guidance-conditioned student reproduces (default: its run's "
+        "distill.guidance)",
     )
-    parser.add_argument("--teacher-steps", type=int, help="teacher Euler steps, 2 NFE each (default 35)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher steps, 2 NFE each (default 35)")
+    parser.add_argument(
+        "--teacher-sampler",
+        choices=tuple(TEACHER_SAMPLERS),
+        help=f"teacher sampler (default {DEFAULT_TEACHER_SAMPLER}): dmd2-target = Euler on the shifted grid, s = 4, "
+        "zero-text unconditional context (the DMD2 target); reference = NVIDIA's inference (UniPC, s = 8, negative "
+        "prompt)",
+    )
+    parser.add_argument(
+        "--negative-prompt", help="unconditional prompt of --teacher-sampler reference (default: NVIDIA's)"
+    )
+    parser.add_argument(
+        "--preprocess",
+        choices=PREPROCESS,
+        help="conditioning image/video preprocessing: crop = NVIDIA's inference (16:9 size, resize to cover, "
+        "centre crop; default for --student/--teacher), pad = the training data's (bucket of nearest aspect, fit "
+        "inside, reflection pad, padding mask; default for --workdir)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-frames", type=int, default=93, help="video frames, 1 + 4k (default 93)")
     parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (default 720)")
     parser.add_argument(
         "--aspect",
         choices=tuple(video.buckets("720")),
-        help="bucket aspect (default: the image/video's nearest, else 16:9)",
+        help="bucket aspect (default: with --preprocess pad the image/video's nearest, else 16:9)",
     )
     parser.add_argument(
         "--size",

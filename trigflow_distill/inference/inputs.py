@@ -1,11 +1,13 @@
 """What generated videos are conditioned on (docs/algorithm.md §7, §12): their prompts, and an image (1
-conditional latent frame) or the last 1 + 4(N-1) frames of a video (N conditional latent frames), resized and padded
-into the bucket of nearest aspect and encoded by the Wan2.1 VAE.
+conditional latent frame) or the last 1 + 4(N-1) frames of a video (N conditional latent frames), preprocessed to
+the output size and encoded by the Wan2.1 VAE. Two preprocessings (`PREPROCESS`): "pad", the training data's (§12:
+bucket of nearest aspect, fit inside, reflection pad, padding mask), and "crop", NVIDIA's inference CLI's (the
+model's 16:9 size, resize to cover, centre crop, padding mask zeros).
 
 - `read_prompts(path)`: the prompts of a text or JSONL file;
 - `conditioning_frames(args)`: the pixel frames of --image / --video (None without them);
 - `choose_bucket(args, frames)`: the (width, height) of the output;
-- `make_conditioning(vae_cfg, vae_params, frames, bucket_wh, latent_shape) -> Conditioning`.
+- `make_conditioning(vae_cfg, vae_params, frames, bucket_wh, latent_shape, dtype, preprocess) -> Conditioning`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 
 from trigflow_distill.common import video
 from trigflow_distill.models import wan_vae
+
+PREPROCESS = ("crop", "pad")
 
 
 class Conditioning(NamedTuple):
@@ -90,28 +94,40 @@ def conditioning_frames(args) -> np.ndarray | None:
 
 
 def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
-    """(width, height): --size, else --aspect, else the nearest aspect of the conditioning frames, else 16:9."""
+    """(width, height): --size, else --aspect, else with --preprocess pad the nearest aspect of the conditioning
+    frames, else 16:9. NVIDIA's inference CLI (crop) always uses the model's 16:9 size (704 x 1280 at "720": its
+    `get_video_height_width`) whatever the input's aspect."""
     if args.size:
         return args.size
     table = video.buckets(args.resolution)
     if args.aspect:
         return table[args.aspect]
-    if frames is not None:
+    if frames is not None and args.preprocess == "pad":
         return video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)
     return table["16:9"]
 
 
 def make_conditioning(
-    vae_cfg, vae_params, frames: np.ndarray | None, bucket_wh, latent_shape, dtype: str = "float32"
+    vae_cfg,
+    vae_params,
+    frames: np.ndarray | None,
+    bucket_wh,
+    latent_shape,
+    dtype: str = "float32",
+    preprocess: str = "pad",
 ) -> Conditioning:
-    """Encodes the conditioning frames into the first latent frames of a (1, C, T, h, w) ground truth."""
+    """Encodes the conditioning frames, preprocessed by `preprocess` ("pad" or "crop"), into the first latent
+    frames of a (1, C, T, h, w) ground truth."""
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess {preprocess!r}: use one of {', '.join(PREPROCESS)}")
     c, t, h, w = latent_shape
     bw, bh = bucket_wh
     gt = np.zeros((1, c, t, h, w), np.float32)
     mask = np.zeros((1, 1, t, h, w), np.float32)
     if frames is None:
         return Conditioning(bucket_wh, gt, mask, np.zeros((1, 1, bh, bw), np.float32), 0)
-    pixels, padding = video.resize_and_pad(frames, bucket_wh)
+    resize = video.resize_and_crop if preprocess == "crop" else video.resize_and_pad
+    pixels, padding = resize(frames, bucket_wh)
     latents = np.asarray(wan_vae.encode(vae_cfg, vae_params, pixels[None], dtype=dtype))
     n = latents.shape[2]
     gt[:, :, :n] = latents

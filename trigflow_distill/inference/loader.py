@@ -19,7 +19,10 @@ from trigflow_distill.models.cosmos_dit import DiTConfig, convert
 from trigflow_distill.training import restore
 
 # Predict2.5 constants for checkpoints that carry no run config (docs/algorithm.md §1, §3).
-PREDICT25 = dict(scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4, guidance=4.0)
+# The 2B reference distillation gives conditional frames their own timestep (replace_gt_timesteps).
+PREDICT25 = dict(
+    scaling="rectified_flow", sigma_data=1.0, shift=5.0, train_steps=4, guidance=4.0, replace_gt_timesteps=True
+)
 
 
 class Model(NamedTuple):
@@ -28,7 +31,9 @@ class Model(NamedTuple):
     net_config: DiTConfig
     params: dict
     text_proj: dict  # {"kernel": (Cin, D), "bias": (D,)}
-    defaults: dict  # scaling, sigma_data, shift, train_steps, guidance (CFG scale; §15 students take it as input)
+    # scaling, sigma_data, shift, train_steps, guidance (CFG scale; §15 students take it as input),
+    # replace_gt_timesteps (how the student saw conditional frames in training)
+    defaults: dict
     description: str
 
 
@@ -65,5 +70,7 @@ def load_workdir(workdir: str, **net_options) -> Model:
         shift=float(config.distill.timestep_shift),
         train_steps=int(config.distill.num_student_steps),
         guidance=float(config.distill.guidance),
+        # Runs written before the option existed trained with it on (the default then and now).
+        replace_gt_timesteps=bool(config.distill.get("replace_gt_timesteps", True)),
     )
     return Model(net_config, params, proj, defaults, f"{workdir} (EMA student)")

@@ -148,12 +148,15 @@ def sample(
     scaling="rectified_flow",
     padding_mask_b1hw=None,
     mesh=None,
+    replace_gt_timesteps=True,
 ):
     """Video2World samples x0 (B, C, T, H, W) from noise eps: `sampling.sample` over `make_x0_fn` denoisers.
 
     context_bld / uncond_bld: projected conditional / unconditional context (uncond is read by a guided teacher
     only); gt, mask and the padding mask may have batch 1. A guidance-conditioned student (params with a guidance
-    embedder, §15) takes settings.guidance as its input. The output's conditional frames are gt exactly.
+    embedder, §15) takes settings.guidance as its input. `replace_gt_timesteps` (static under jit): conditional
+    frames get the small conditional timestep (§7), as the network was trained; NVIDIA's teacher inference feeds
+    them the step's time (False). The output's conditional frames are gt exactly.
     """
     b = eps_bcthw.shape[0]
     gt = jnp.broadcast_to(gt_bcthw, (b, *gt_bcthw.shape[1:]))
@@ -172,6 +175,7 @@ def sample(
             mask,
             scaling=scaling,
             sigma_data=settings.sigma_data,
+            replace_gt_timesteps=replace_gt_timesteps,
             padding_mask_b1hw=padding_mask_b1hw,
             mesh=mesh,
         )
