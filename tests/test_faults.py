@@ -137,9 +137,15 @@ def _damage(step_dir, how):
         biggest.unlink()
     elif how == "deleted manifest":
         (state_dir / "manifest.ocdbt").unlink()
+    elif how == "flipped bit in array data":  # Orbax decodes this to wrong numbers without an error
+        data = bytearray(biggest.read_bytes())
+        data[len(data) // 2] ^= 1
+        biggest.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncated array file", "deleted array file", "deleted manifest"])
+@pytest.mark.parametrize(
+    "how", ["truncated array file", "deleted array file", "deleted manifest", "flipped bit in array data"]
+)
 def test_restore_falls_back_to_newest_complete_checkpoint(tmp_path, how):
     _saved_run(tmp_path)
     ckpts = checkpoint.checkpoint_dir(tmp_path)
@@ -151,7 +157,9 @@ def test_restore_falls_back_to_newest_complete_checkpoint(tmp_path, how):
     )
     assert step == 2
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(2)["w"]))
-    assert lines[0].startswith(f"checkpoint 3 in {ckpts} does not read back completely (")
+    assert lines[0].startswith(f"checkpoint 3 in {ckpts} does not read back intact (")
+    if how == "flipped bit in array data":
+        assert "checksum mismatch in w: its array data changed after it was saved" in lines[0]
     assert "skipped unreadable checkpoint(s) [3], kept as unreadable-<step>" in lines[-1]
     assert (ckpts / "unreadable-3").is_dir() and not (ckpts / "3").exists()
     # the resumed run saves step 3 again, and Orbax ignores the folder set aside

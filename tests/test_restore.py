@@ -4,6 +4,7 @@ EMA's size while a full restore needs the whole state."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from trigflow_distill.common import sharding
+from trigflow_distill.common import errors, sharding
 from trigflow_distill.methods import train_state
 from trigflow_distill.models import cosmos_dit
 from trigflow_distill.models.cosmos_dit import convert
@@ -196,3 +197,98 @@ def test_peak_host_rss_is_the_ema_not_the_state(tmp_path):
     assert ema["read"] == tree_bytes and full["read"] == 7 * tree_bytes + 4
     assert ema_growth < tree_bytes + 2 * leaf_bytes + (24 << 20)  # + TensorStore / Orbax fixed overhead
     assert full_growth > 6 * tree_bytes
+
+
+# ------------------------------------------------------------------------------------------------------- integrity
+def _copy_with_step_8(workdir, tmp_path, ema):
+    """A copy of the run with a second checkpoint, step 8, whose EMA is `ema(state.student_ema)` and whose other
+    leaves are zeros (they compress to nothing: the array files are the EMA's bytes)."""
+    import dataclasses
+    import shutil
+
+    src, state, _ = workdir
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    zeros = jax.tree.map(np.zeros_like, state)
+    state8 = dataclasses.replace(zeros, step=np.int32(8), student_ema=ema(state.student_ema))
+    manager = checkpoint.make_manager(str(run), save_interval_steps=4)
+    checkpoint.save(manager, 8, state8)
+    checkpoint.wait_until_finished(manager)
+    return run, state, state8
+
+
+def _flip_a_bit(step_dir):
+    files = (step_dir / "state" / "ocdbt.process_0" / "d").iterdir()
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 1  # Orbax decodes this to wrong numbers without an error
+    biggest.write_bytes(bytes(data))
+
+
+def test_flipped_bit_is_detected_by_export_and_generate(workdir, tmp_path, capsys):
+    """A bit flipped in the newest checkpoint's EMA data fails its checksums: the readers (restore_params, export,
+    generate --workdir) say so and read the previous checkpoint; the damaged one is left in place."""
+    from trigflow_distill.inference import export, loader
+
+    run, state, _ = _copy_with_step_8(workdir, tmp_path, lambda ema: jax.tree.map(lambda x: x + 1, ema))
+    _flip_a_bit(run / "checkpoints" / "8")
+    lines = []
+    step, restored = restore.restore_params(str(run), report=lines.append)
+    assert step == 4
+    _tree_equal(restored["student_ema"], state.student_ema)
+    assert re.match(
+        rf"checkpoint 8 in {run / 'checkpoints'} does not read back intact \(ValueError: checksum mismatch in "
+        r"student_ema/\S+: its array data changed after it was saved\); trying the previous one\.",
+        lines[0],
+    ), lines
+    assert lines[-1] == "skipped unreadable checkpoint(s) [8]; read step 4."
+    with pytest.raises(errors.CheckpointError, match=r"checkpoint 8 .* checksum mismatch in student_ema/"):
+        restore.restore_params(str(run), step=8)
+
+    assert export.main([f"--workdir={run}", f"--out={tmp_path / 'student.pt'}"]) == 0
+    assert "checksum mismatch" in capsys.readouterr().out
+    _, exported = convert.load_torch_checkpoint(str(tmp_path / "student.pt"))
+    np.testing.assert_allclose(
+        np.asarray(exported["x_embedder"]["kernel"], np.float32), state.student_ema["x_embedder"]["kernel"], atol=1e-2
+    )
+    model = loader.load_workdir(str(run))  # generate --workdir
+    _tree_equal(model.params, state.student_ema)
+    assert sorted(os.listdir(run / "checkpoints")) == ["4", "8"]  # readers rename nothing
+
+
+def test_checkpoint_without_checksums_is_read_not_verified(workdir, tmp_path):
+    """Checkpoints saved before checksums existed still restore, with a line saying they are not verified."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(workdir[0], run)
+    shutil.rmtree(run / "checkpoints" / "4" / checkpoint.CHECKSUMS)
+    lines = []
+    step, restored = restore.restore_params(str(run), report=lines.append)
+    assert step == 4 and lines == [
+        f"checkpoint 4 in {run / 'checkpoints'} has no checksums (saved before they were recorded): its data is not "
+        "verified."
+    ]
+    _tree_equal(restored["student_ema"], workdir[1].student_ema)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "diffusers"])
+def test_export_refuses_non_finite_weights_naming_the_step(workdir, tmp_path, capsys, fmt):
+    from trigflow_distill.inference import export
+
+    def poison(ema):
+        ema = jax.tree.map(np.copy, ema)
+        ema["x_embedder"]["kernel"][0, 0] = np.nan
+        ema["final_layer"]["linear"]["kernel"][0, 0] = 3.4e38  # finite in fp32, inf in the bfloat16 written
+        return ema
+
+    run, _, _ = _copy_with_step_8(workdir, tmp_path, poison)
+    out = tmp_path / "student"
+    assert export.main([f"--workdir={run}", f"--out={out}", f"--format={fmt}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.fullmatch(
+        rf"error: the EMA student of step 8 in {run} has non-finite values \(final_layer/linear/kernel, "
+        r"x_embedder/kernel\) in the export's bfloat16; nothing was written\. .*\n",
+        err,
+    ), err
+    assert not out.exists()

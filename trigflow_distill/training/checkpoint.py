@@ -9,6 +9,12 @@ The trainer saves through a `Saver`: it refuses to save a state with non-finite 
 can be written before every save (an unwritable folder otherwise stalls Orbax for minutes), and reports
 "checkpoint saved at step N" only once Orbax has committed step N; a failed save raises CheckpointError naming
 the last committed step. `restore_latest` falls back to the newest checkpoint that reads back completely.
+
+Orbax stores no checksums, and a flipped bit in its compressed array files mostly decodes to wrong numbers without
+an error. So every save also writes a third item, `checksums`: per leaf of the state two 32-bit sums of its raw
+words (plain, and weighted by 2i+1 at flat index i, so any single flipped bit changes both), computed on the devices
+before the save and checked after every restore (`verify`). A mismatch is damage like a truncated file. A checkpoint
+written before checksums existed is restored and reported "not verified".
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -63,10 +70,115 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
     arrays are copied off the devices before this returns, so `state` may be donated right after. Nothing is
     confirmed here: use a `Saver` (or `wait_until_finished`) for that.
     """
-    items = {"state": ocp.args.StandardSave(state)}
+    if not (force or manager.should_save(int(step))):
+        return False
+    items = {"state": ocp.args.StandardSave(state), CHECKSUMS: ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
         items["data"] = ocp.args.JsonSave(data_iterator.get_state())
-    return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    return manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+
+# ----------------------------------------------------------------------------------------------------- checksums
+CHECKSUMS = "checksums"  # the Composite item: {leaf name: [sum, weighted sum]} of the state's raw words
+_NP_CHUNK = 1 << 24  # host leaves are summed in chunks of this many elements (bounded temporaries)
+
+
+def leaf_name(path) -> str:
+    """'student_ema/net/blocks/...': the same name for a TrainState field and a dict key of that name, so a partial
+    restore ({name: subtree}) finds its leaves' checksums."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _words(x):
+    """x's raw bits as uint32 (narrower types widened; 8-byte elements folded: both halves count)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        w = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return w[..., 0] + w[..., 1] * jnp.uint32(0x9E3779B1)
+    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
+
+
+def _leaf_sums(x):
+    # The flat index from per-axis iotas: a reshape of a sharded leaf could gather it; sums mod 2**32 are exact in
+    # any reduction order, so every mesh gives the same numbers.
+    w = _words(x)
+    index, stride = jnp.zeros(w.shape, jnp.uint32), 1
+    for axis in reversed(range(w.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % (1 << 32))
+        stride *= w.shape[axis]
+    return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (2 * index + 1), dtype=jnp.uint32)])
+
+
+_device_sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
+
+
+def _host_sums(a: np.ndarray) -> list[int]:
+    """`_leaf_sums` of a host array, in numpy (restore_params reads into host memory)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.bool_:
+        w = a.astype(np.uint32).reshape(-1)
+    elif a.dtype.itemsize == 8:
+        pair = a.reshape(-1).view(np.uint32).reshape(-1, 2)
+        w = pair[:, 0] + pair[:, 1] * np.uint32(0x9E3779B1)
+    else:
+        w = a.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+    plain = weighted = 0
+    for start in range(0, w.size, _NP_CHUNK):
+        part = w[start : start + _NP_CHUNK].astype(np.uint32)
+        odd = 2 * (np.arange(start, start + part.size, dtype=np.uint64) % (1 << 32)).astype(np.uint32) + 1
+        plain += int(part.sum(dtype=np.uint32))
+        weighted += int((part * odd).sum(dtype=np.uint32))
+    return [plain % (1 << 32), weighted % (1 << 32)]
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+    """{leaf name: [sum, weighted sum]} of `tree`'s leaves: jax arrays on their devices (one small jitted
+    reduction, any sharding), numpy arrays on the host; both give the same numbers."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    names = [leaf_name(p) for p, _ in flat]
+    on_host = [i for i, (_, x) in enumerate(flat) if not isinstance(x, jax.Array)]
+    on_device = [i for i in range(len(flat)) if i not in set(on_host)]
+    sums = dict(zip(on_device, jax.device_get(_device_sums([flat[i][1] for i in on_device]))))
+    sums.update({i: _host_sums(np.asarray(flat[i][1])) for i in on_host})
+    return {names[i]: [int(v) for v in sums[i]] for i in range(len(flat))}
+
+
+def verify(tree: Any, saved: dict, prefix: str = "") -> list[str]:
+    """Names of the leaves of `tree` whose checksums differ from (or are missing in) `saved`; `prefix`: the name
+    of the subtree `tree` is (a partial restore)."""
+    now = checksums(tree)
+    return [f"{prefix}{name}" for name, sums in now.items() if saved.get(f"{prefix}{name}") != sums]
+
+
+def read_checksums(step_dir) -> dict | None:
+    """The checksums saved with a checkpoint, None when it has none (saved before they were recorded)."""
+    folder = epath.Path(step_dir) / CHECKSUMS
+    if not folder.exists():
+        return None
+    return ocp.JsonCheckpointHandler().restore(folder)
+
+
+def mismatch_message(bad: list[str]) -> str:
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return f"checksum mismatch in {shown}: its array data changed after it was saved"
+
+
+NOT_VERIFIED = "has no checksums (saved before they were recorded): its data is not verified"
 
 
 def abstract_like(state: Any) -> Any:
@@ -74,7 +186,8 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def _report(message: str) -> None:
+def report(message: str) -> None:
+    """Print on the main process."""
     if distributed.is_main_process():
         print(message, flush=True)
 
@@ -85,7 +198,7 @@ _OS_REASON = re.compile(
 )
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """First line of an exception, capped (TensorStore errors carry pages of spec), with the OS reason if it was
     cut off."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -116,13 +229,14 @@ def restore_latest(
     abstract_state: Any,
     data_iterator: Any = None,
     set_aside: bool = False,
-    report: Callable[[str], None] = _report,
+    report: Callable[[str], None] = report,
 ) -> tuple[Any, int]:
     """(state, step) of the newest complete checkpoint that reads back completely, or (None, 0) when there is
     none at all.
 
-    A checkpoint that fails to read (a truncated or deleted array file, a deleted manifest or item) is skipped
-    with a message saying which and why, and the next older one is tried; with `set_aside` (the trainer) the
+    A checkpoint that fails to read (a truncated or deleted array file, a deleted manifest or item) or whose
+    data does not match its checksums is skipped with a message saying which and why, and the next older one is
+    tried; with `set_aside` (the trainer) the
     skipped folders are renamed `unreadable-<step>`. If checkpoints exist but none reads back, CheckpointError
     lists them all (nothing is renamed: a wrong `abstract_state` must not look like damage).
     `abstract_state`: the TrainState tree of jax.ShapeDtypeStruct with the shardings to restore into (any mesh,
@@ -135,17 +249,25 @@ def restore_latest(
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
+        verified = (epath.Path(manager.directory) / str(step) / CHECKSUMS).exists()
+        if verified:
+            items[CHECKSUMS] = ocp.args.JsonRestore()
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
             if data_iterator is not None and restored["data"] is None:
                 raise ValueError("it has no data iterator state")
+            bad = verify(restored["state"], restored[CHECKSUMS] or {}) if verified else []
+            if bad:
+                raise ValueError(mismatch_message(bad))
         except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exception for missing/truncated files
             skipped.append(step)
             report(
-                f"checkpoint {step} in {manager.directory} does not read back completely ({_short(e)}); "
+                f"checkpoint {step} in {manager.directory} does not read back intact ({short_error(e)}); "
                 "trying the previous one."
             )
             continue
+        if not verified:
+            report(f"checkpoint {step} in {manager.directory} {NOT_VERIFIED}.")
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         if skipped:
@@ -206,7 +328,7 @@ class Saver:
     """
 
     def __init__(
-        self, manager: ocp.CheckpointManager, last_committed: int | None = None, report: Callable[[str], None] = _report
+        self, manager: ocp.CheckpointManager, last_committed: int | None = None, report: Callable[[str], None] = report
     ):
         self.manager, self.last_committed, self.report = manager, last_committed, report
         self.pending: int | None = None
@@ -235,7 +357,7 @@ class Saver:
             started = save(self.manager, step, state, data_iterator, force=True)
         except Exception as e:  # noqa: BLE001 - any storage failure ends the run the same way
             raise CheckpointError(
-                f"cannot save checkpoint {step} in {self.directory} ({_short(e)}). "
+                f"cannot save checkpoint {step} in {self.directory} ({short_error(e)}). "
                 f"{self.last_good()} Free disk space or fix the folder's permissions, then "
                 "re-run the same command to resume."
             ) from e
@@ -258,7 +380,7 @@ class Saver:
             committed = ocp.step.is_checkpoint_finalized(self.directory / str(step))
         except Exception as e:  # noqa: BLE001 - TensorStore/OS errors of the background write
             raise CheckpointError(
-                f"saving checkpoint {step} in {self.directory} failed ({_short(e)}). "
+                f"saving checkpoint {step} in {self.directory} failed ({short_error(e)}). "
                 f"{self.last_good()} Free disk space or fix the folder's permissions, then "
                 "re-run the same command to resume."
             ) from e

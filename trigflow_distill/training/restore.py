@@ -16,13 +16,19 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from trigflow_distill.common import sharding
+from trigflow_distill.common.errors import CheckpointError
 from trigflow_distill.models import cosmos_dit
 from trigflow_distill.models.cosmos_dit import teacher_cache
 from trigflow_distill.training import builder, checkpoint, run_config
 
 
 def restore_params(
-    workdir, names=("student_ema",), mesh=None, step: int | None = None, group_bytes: int = 1 << 30
+    workdir,
+    names=("student_ema",),
+    mesh=None,
+    step: int | None = None,
+    group_bytes: int = 1 << 30,
+    report=checkpoint.report,
 ) -> tuple[int, dict]:
     """(step, {name: params}) of the TrainState fields `names` (e.g. "student_ema", "student") of the latest (or
     the given) checkpoint in <workdir>/checkpoints.
@@ -34,20 +40,53 @@ def restore_params(
     of about `group_bytes`: a TensorStore read holds a buffer as large as what it reads until it returns, so one
     call for everything would peak at twice the result; in groups the peak is the result plus one group (2B EMA on
     the host: 8.2 GB + its largest leaf, 1.9 GB, instead of ~16.5 GB).
+
+    What is read is checked against the checksums saved with the checkpoint (`checkpoint.verify`). Without `step`,
+    a checkpoint that does not read back intact is skipped with a `report` line (not renamed: readers never move a
+    run's files) and the previous one is used, as the trainer's resume does; a given `step` that does not read back
+    is a CheckpointError.
     """
     directory = checkpoint.checkpoint_dir(workdir)
     steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}: the run has not saved one yet.")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}; there are {sorted(steps)}.")
-    path = directory / str(step) / "state"
-    saved = ocp.PyTreeCheckpointHandler().metadata(path).tree
-    missing = [n for n in names if n not in saved]
-    if missing:
-        raise ValueError(f"{path} has no {missing}; a TrainState checkpoint has {sorted(saved)}.")
+    tried = [step] if step is not None else sorted(steps, reverse=True)
+    skipped = []
+    for candidate in tried:
+        path = directory / str(candidate) / "state"
+        try:
+            saved = ocp.PyTreeCheckpointHandler().metadata(path).tree
+            missing = [n for n in names if n not in saved]
+            if not missing:
+                restored = _read_params(path, saved, names, mesh, group_bytes)
+                sums = checkpoint.read_checksums(directory / str(candidate))
+                bad = [] if sums is None else [b for n in names for b in checkpoint.verify(restored[n], sums, f"{n}/")]
+                if bad:
+                    raise ValueError(checkpoint.mismatch_message(bad))
+        except Exception as e:  # noqa: BLE001 - TensorStore raises plain Exception for missing/truncated files
+            why = f"checkpoint {candidate} in {directory} does not read back intact ({checkpoint.short_error(e)})"
+            if step is not None:
+                raise CheckpointError(f"{why}; choose another step (there are {sorted(steps)}).") from None
+            report(f"{why}; trying the previous one.")
+            skipped.append(candidate)
+            continue
+        if missing:  # a wrong name, not damage
+            raise ValueError(f"{path} has no {missing}; a TrainState checkpoint has {sorted(saved)}.")
+        if sums is None:
+            report(f"checkpoint {candidate} in {directory} {checkpoint.NOT_VERIFIED}.")
+        if skipped:
+            report(f"skipped unreadable checkpoint(s) {skipped}; read step {candidate}.")
+        return int(candidate), restored
+    raise CheckpointError(
+        f"none of the checkpoints {tried} in {directory} reads back intact (see the messages above); restore the "
+        "folder from a backup."
+    )
+
+
+def _read_params(path, saved, names, mesh, group_bytes) -> dict:
+    """The `names` subtrees of the TrainState checkpoint item `path` (its metadata tree `saved`), group by group."""
     abstract = {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[n]) for n in names}
     if mesh is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
@@ -63,7 +102,7 @@ def restore_params(
                 ),
             )
             restored = _merge(restored, part)
-    return int(step), restored
+    return restored
 
 
 def _leaf_groups(abstract: dict, group_bytes: int) -> list:
@@ -108,7 +147,12 @@ STUDENTS = {"ema": "student_ema", "raw": "student"}
 
 
 def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
-    """(config, net_config, student) of a run's distilled student, ready for export and generation.
+    """(config, net_config, student): `load_student_at` without the step."""
+    return load_student_at(workdir, which, mesh, **net_overrides)[1:]
+
+
+def load_student_at(workdir, which: str = "ema", mesh=None, **net_overrides):
+    """(step, config, net_config, student) of a run's distilled student, ready for export and generation.
 
     student = {"net", "text_proj"} (the teacher value's form): the EMA (which="ema") or raw (which="raw") student
     of the latest checkpoint (`restore_params`: only those weights are read; numpy on the host, or sharded over
@@ -121,7 +165,7 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
     if which not in STUDENTS:
         raise ValueError(f"which={which!r}: use one of {sorted(STUDENTS)}.")
     config = run_config.read_config(workdir)
-    _, restored = restore_params(workdir, (STUDENTS[which],), mesh)
+    step, restored = restore_params(workdir, (STUDENTS[which],), mesh)
     cache_dir = config.teacher.cache_dir or str(epath.Path(workdir) / "teacher_cache")
     net_config, teacher = teacher_cache.load_teacher(
         config.teacher.path, cache_dir, **builder.net_options(config.net, **net_overrides)
@@ -133,7 +177,7 @@ def load_student(workdir, which: str = "ema", mesh=None, **net_overrides):
         proj = proj if mesh is None else jax.device_put(proj, sharding.replicated(mesh))
     # A guidance-conditioned student (§15) has one more leaf than its teacher: its config says so (export sizes by it).
     net_config = dataclasses.replace(net_config, guidance_embedder=cosmos_dit.GUIDANCE_EMBEDDER in net)
-    return config, net_config, {"net": net, "text_proj": proj}
+    return step, config, net_config, {"net": net, "text_proj": proj}
 
 
 def load_run(workdir, students=("student_ema", "student")):
