@@ -1,8 +1,11 @@
-"""hub.resolve: local paths, hf:// files/folders/revisions from a Hub cache built here (offline), remote URLs."""
+"""hub.resolve: local paths, hf:// files/folders/revisions from a Hub cache built here (offline), remote URLs, an
+unreachable Hub."""
 
 import hashlib
 import os
+import time
 
+import httpx2
 import pytest
 from etils import epath
 
@@ -102,3 +105,60 @@ def test_resolve_local_refuses_remote_weights_and_names_the_fix(tmp_path):
         reason1.load("gs://b/reason1")
     with pytest.raises(ValueError, match="the VAE must be a local path"):
         wan_vae.load("gs://b/tokenizer.pth")
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """huggingface_hub pointed at a port nothing listens on, online mode, an empty cache."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub.hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # read at import by huggingface_hub
+    monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(tmp_path / "empty_cache"))
+
+
+def test_unreachable_hub_is_one_line_in_seconds(unreachable_hub):
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as e:
+        hub.resolve("hf://owner/model/weights/model.pt")
+    assert time.monotonic() - start < 5  # huggingface_hub alone retries for ~25 s
+    msg = str(e.value)
+    assert "\n" not in msg and "not found" not in msg
+    assert "cannot be reached" in msg and "http://127.0.0.1:9" in msg and "Connection refused" in msg
+    assert "HF_HUB_OFFLINE=1 with a filled cache" in msg and "local path" in msg
+
+
+def test_unreachable_hub_still_serves_the_cache(hub_cache, unreachable_hub, monkeypatch):
+    monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(hub_cache))
+    assert _read(hub.resolve("hf://owner/model/weights/model.pt")) == b"main weights"
+    with pytest.raises(ConnectionError, match="cannot be reached"):
+        hub.resolve("hf://owner/model/weights/missing.pt")
+
+
+def test_unreachable_probe_retries_once(monkeypatch):
+    calls = []
+
+    class Session:
+        def head(self, url, timeout):
+            calls.append((url, timeout))
+            raise httpx2.ConnectTimeout("timed out")
+
+    monkeypatch.setattr(hub.huggingface_hub, "get_session", Session)
+    assert hub.hub_unreachable() == "ConnectTimeout: timed out" and len(calls) == 2
+
+
+def test_not_found_on_a_reachable_hub_keeps_its_message(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRIGFLOW_HF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/owner/missing"))
+
+    def not_found(**kw):
+        raise hub.hf_errors.RepositoryNotFoundError("Repository Not Found", response=response)
+
+    monkeypatch.setattr(hub.huggingface_hub, "hf_hub_download", not_found)
+    monkeypatch.setattr(hub.huggingface_hub, "snapshot_download", not_found)
+    with pytest.raises(FileNotFoundError) as e:
+        hub.resolve("hf://owner/missing/model.pt")
+    msg = str(e.value)
+    assert "repository owner/missing" in msg and "not found on the Hub (RepositoryNotFoundError)" in msg
+    assert "cannot be reached" not in msg

@@ -13,6 +13,9 @@ Environment:
   `HF_HOME/hub`, then `~/.cache/huggingface/hub`); the `cache_dir` argument wins over both.
 - `HF_HUB_OFFLINE=1`: nothing is downloaded; only what is in the cache resolves, and a missing entry raises
   `FileNotFoundError` naming the repository, path and revision.
+- no network (HF_HUB_OFFLINE unset): the Hub endpoint is probed first (one retry, seconds, instead of
+  huggingface_hub's ~25 s of retries); when it cannot be reached, what is in the cache still resolves and anything
+  else raises `ConnectionError` naming the two ways out (HF_HUB_OFFLINE=1 with a filled cache, or a local path).
 - `HF_TOKEN`: read by huggingface_hub for gated repositories.
 """
 
@@ -20,14 +23,17 @@ from __future__ import annotations
 
 import os
 
+import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no network"
 import huggingface_hub
 from etils import epath
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from trigflow_distill.common import paths
 
 HF_SCHEME = "hf://"
 _TRUE = ("1", "true", "yes", "on")
+PROBE_TIMEOUT_S = 5.0
 
 # Everything that means "not available here": offline and not cached, incomplete cached snapshot, no such
 # file/revision/repository online. (LocalEntryNotFoundError and IncompleteSnapshotError are EntryNotFoundErrors.)
@@ -72,6 +78,20 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
+def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hub endpoint (HF_ENDPOINT) answers at all (any HTTP status, so 404s and auth errors keep their
+    own messages); else why not (connection refused, DNS, timeout), after one retry."""
+    endpoint = hf_constants.ENDPOINT
+    reason = None
+    for _ in range(2):
+        try:
+            huggingface_hub.get_session().head(endpoint, timeout=timeout)
+            return None
+        except httpx2.TransportError as e:
+            reason = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no answer'}"
+    return reason
+
+
 def resolve_local(src: str | os.PathLike, what: str) -> epath.Path:
     """`resolve` for weights that are memory-mapped (safetensors, .pth): a local path or an `hf://` source (fetched
     into the Hub cache); a remote URL is refused with a one-line error naming `what` and the fix."""
@@ -88,7 +108,8 @@ def resolve(src: str | os.PathLike, *, cache_dir: str | None = None, revision: s
     """Local path (or unchanged remote URL) of a weights source; see the module docstring for the forms.
 
     `revision` applies to `hf://` sources without `@REVISION`. Raises FileNotFoundError (one line naming the
-    source, and for the Hub the repository, path, revision and cache) when it is not there.
+    source, and for the Hub the repository, path, revision and cache) when it is not there, ConnectionError when
+    the Hub cannot be reached and it is not in the cache.
     """
     src = os.fspath(src)
     src = src.removeprefix("file://")
@@ -114,6 +135,21 @@ def resolve(src: str | os.PathLike, *, cache_dir: str | None = None, revision: s
         if local_only
         else "not found on the Hub"
     )
+    unreachable = None if local_only else hub_unreachable()
+    try:
+        return _fetch(repo_id, path, rev, cache, local_only or unreachable is not None, where, hint)
+    except FileNotFoundError:
+        if unreachable is None:
+            raise
+    raise ConnectionError(
+        f"{where}: the Hugging Face Hub ({hf_constants.ENDPOINT}) cannot be reached ({unreachable}) and "
+        f"this is not in the Hub cache {cache or 'default (~/.cache/huggingface/hub)'}; either set HF_HUB_OFFLINE=1 "
+        "with a filled cache (download it once where there is network), or pass a local path instead of hf://"
+    )
+
+
+def _fetch(repo_id: str, path: str, rev: str | None, cache: str | None, local_only: bool, where: str, hint: str):
+    """The file or folder from huggingface_hub (only its cache when `local_only`); FileNotFoundError if absent."""
     kw = {"repo_id": repo_id, "revision": rev, "cache_dir": cache, "local_files_only": local_only}
     if path:
         try:
