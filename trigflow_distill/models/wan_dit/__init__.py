@@ -1,0 +1,16 @@
+"""The Wan2.1 DiT family (T2V 1.3B / 14B, I2V 14B): the network (`network`), its RoPE (`rope`), the release and
+diffusers name maps and config inference (`names`) and torch-free safetensors loading (`checkpoint`).
+
+Not yet a registered family (`models.FAMILIES`): its conditioning interface (`project_text`, `text_kind`, ...),
+the umT5 and CLIP encoders and the teacher cache are still to come (docs/models.md, "The Wan2.1 DiT")."""
+
+from trigflow_distill.models.wan_dit.network import (
+    PRESETS,
+    WanDiTConfig,
+    get_preset,
+    init_params,
+    param_shapes,
+    velocity,
+)
+
+__all__ = ["PRESETS", "WanDiTConfig", "get_preset", "init_params", "param_shapes", "velocity"]
