@@ -664,3 +664,55 @@ def test_overflowing_parameters_are_never_saved(teacher_pt, tmp_path):
     assert steps == [2]
     state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "2" / "state")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
+
+
+# ------------------------------------------------------------------------------------------ teacher cache integrity
+def _flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_teacher_cache_is_detected_and_rebuilt(teacher_pt, tmp_path, capsys):
+    from trigflow_distill.models.cosmos_dit import convert, teacher_cache
+
+    cache = tmp_path / "cache"
+    _, first = teacher_cache.load_teacher(teacher_pt, cache, progress=False)
+    expected = jax.tree.map(np.array, first)
+    (entry,) = cache.iterdir()
+    leaf = max((entry / "params").iterdir(), key=lambda p: p.stat().st_size)
+    _flip_middle_byte(leaf)
+    with pytest.raises(ValueError, match=rf"params/{re.escape(leaf.name)} does not match the CRC-32 recorded at"):
+        convert.load_converted(entry)
+    capsys.readouterr()
+    _, again = teacher_cache.load_teacher(teacher_pt, cache, progress=False)
+    err = capsys.readouterr().err
+    assert f"teacher cache {entry} is incomplete or corrupted (ValueError: " in err and "converting again" in err
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, again), expected)
+    # a converted folder written by the CLI: the flipped byte is a one-line error, nothing is exported
+    folder = tmp_path / "converted"
+    assert convert.main([str(teacher_pt), str(folder)]) == 0
+    _flip_middle_byte(folder / "params" / leaf.name)
+    capsys.readouterr()
+    assert convert.main([str(folder), str(tmp_path / "out.pt"), "--export-torch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder}: params/{leaf.name} does not match") and err.count("\n") == 1
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_converted_folder_without_hashes_loads_unverified_and_the_cache_rebuilds_it(teacher_pt, tmp_path, capsys):
+    from trigflow_distill.models.cosmos_dit import convert, teacher_cache
+
+    cache = tmp_path / "cache"
+    teacher_cache.load_teacher(teacher_pt, cache, progress=False)
+    (entry,) = cache.iterdir()
+    meta = json.loads((entry / "source.json").read_text())
+    for leaf in meta["params"].values():
+        del leaf["crc32"]
+    (entry / "source.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    convert.load_converted(entry)
+    assert "converted before content hashes were recorded: not verified" in capsys.readouterr().err
+    teacher_cache.load_teacher(teacher_pt, cache, progress=False)
+    assert "(no content hashes, converted by an older version); converting again" in capsys.readouterr().err
+    assert all("crc32" in v for v in json.loads((entry / "source.json").read_text())["params"].values())

@@ -2,8 +2,10 @@
 
 An entry is a converted folder (`convert`'s format) named after the source and its `source_key` (sizes, mtimes and a
 header hash of its files), so a changed source gets a new entry. One process of a job converts; the others wait for
-the entry's COMPLETE marker. An incomplete or corrupted entry is converted again. Local entries are read back as
-read-only memory maps (`convert.load_converted`): a cache hit copies nothing until the caller casts or places them.
+the entry's COMPLETE marker. An incomplete or corrupted entry (a leaf whose bytes no longer match the CRC-32 recorded
+at conversion included), or one converted before those were recorded, is converted again, saying so. Local entries
+are read back as read-only memory maps (`convert.load_converted`): a cache hit copies nothing until the caller casts or
+places them.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def load_teacher(
     name = os.path.basename(os.path.normpath(local))
     entry = epath.Path(cache_dir) / f"{name}-{prefix.strip('.') or 'noprefix'}-{source_key(local)}"
     if index == 0 or count == 1:
-        problem = convert.check_converted(entry)
+        problem = convert.check_converted(entry, require_hashes=True)
         if problem is None:
             try:
                 return convert.load_converted(entry, **config_overrides)
