@@ -420,7 +420,8 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
         r"0.0001 -> 0.001\. .*--config.allow_config_change=True",
     ):
         run_config.resume_config(changed, tmp_path)
-    assert (tmp_path / "config.json").read_text() == saved and os.listdir(tmp_path) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == saved
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "teacher_source.json"]
     # how long and how often may change: accepted, the previous config kept beside the new one
     note = run_config.resume_config(
         _tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}), tmp_path
@@ -478,8 +479,47 @@ def test_resume_with_another_teacher_is_refused_before_anything_is_written(teach
     config = _tiny_config(other)
     with pytest.raises(ValueError, match=r"Changed: teacher.path: .*teacher.pt' -> .*other_teacher.pt'"):
         loop.train(config, str(tmp_path), _toy_source(config))
-    assert sorted(os.listdir(tmp_path)) == ["config.json"]  # no teacher cache, no checkpoint, no lock left
+    # no teacher cache, no checkpoint, no lock left
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "teacher_source.json"]
     assert (tmp_path / "config.json").read_text() == before
+
+
+def test_another_teacher_file_at_the_same_path_is_refused_like_a_config_change(teacher_pt, tmp_path):
+    """teacher_source.json records the teacher file's sizes and SHA-256 at the first start: a file replaced at the
+    same path is refused before anything is written; touching it (same bytes) is fine; allow_config_change accepts
+    the new file and keeps the old record."""
+    import shutil
+
+    from trigflow_distill.training import loop, run_config
+
+    teacher = tmp_path / "teacher" / "teacher.pt"
+    teacher.parent.mkdir()
+    shutil.copy(teacher_pt, teacher)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    assert run_config.resume_config(_tiny_config(teacher), workdir) is None
+    record = json.loads((workdir / "teacher_source.json").read_text())
+    digest = __import__("hashlib").sha256(teacher.read_bytes()).hexdigest()
+    assert record["files"]["teacher.pt"]["sha256"] == digest and record["path"] == str(teacher)
+    os.utime(teacher, ns=(1, 1))  # same bytes, new mtime: the same teacher
+    assert run_config.resume_config(_tiny_config(teacher), workdir) is None
+    data = bytearray(teacher.read_bytes())
+    data[len(data) // 2] ^= 1  # e.g. another checkpoint of the same size downloaded over the old one
+    teacher.write_bytes(bytes(data))
+    before = {n: (workdir / n).read_text() for n in os.listdir(workdir)}
+    config = _tiny_config(teacher)
+    with pytest.raises(
+        ValueError,
+        match=rf"the teacher file {re.escape(str(teacher))} is not the one .* Changed: teacher.pt: \d+ bytes sha256 "
+        rf"{digest[:12]} -> \d+ bytes sha256 [0-9a-f]{{12}}\. .*--config.allow_config_change=True",
+    ):
+        loop.train(config, str(workdir), _toy_source(config))
+    assert {n: (workdir / n).read_text() for n in os.listdir(workdir)} == before  # nothing written, no lock left
+    note = run_config.resume_config(_tiny_config(teacher, allow_config_change=True), workdir)
+    assert "teacher file changed (teacher.pt: " in note
+    kept = [n for n in os.listdir(workdir) if n.startswith("teacher_source.") and n != "teacher_source.json"]
+    assert len(kept) == 1 and json.loads((workdir / kept[0]).read_text())["files"]["teacher.pt"]["sha256"] == digest
+    assert json.loads((workdir / "teacher_source.json").read_text())["files"]["teacher.pt"]["sha256"] != digest
 
 
 def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):

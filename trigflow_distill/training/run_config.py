@@ -7,6 +7,7 @@ re-used; the run's config is saved as <workdir>/config.json by the trainer and r
 Workdirs may be local or remote (gs://...): every path here goes through etils.epath.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -178,17 +179,106 @@ def read_saved_config(workdir) -> dict | None:
     return saved
 
 
+TEACHER_SOURCE = "teacher_source.json"  # beside config.json: what file the run's teacher.path held at the first start
+
+
+def _local_teacher_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".safetensors")))
+
+
+def _sha256(name: str) -> str:
+    h = hashlib.sha256()
+    with open(name, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(path: str, known: dict | None = None) -> dict | None:
+    """{"path", "files": {name: {"size", "mtime_ns", "sha256"}}} of a local `.pt` or diffusers folder (its .json and
+    .safetensors files); None for hf:// (the Hub revision names the content) and other remote sources. The full
+    SHA-256 of each file is read only when the file's size or mtime differs from `known` (an earlier fingerprint),
+    so a resume costs a stat (a first start: one read of the teacher, ~2 s per GB on a loaded CPU)."""
+    if not paths.is_local(path) or not os.path.exists(path):
+        return None
+    path = os.path.abspath(path)
+    before = (known or {}).get("files") or {}
+    files = {}
+    for name in _local_teacher_files(path):
+        st, rel = os.stat(name), os.path.relpath(name, path) if os.path.isdir(path) else os.path.basename(name)
+        old = before.get(rel) or {}
+        same_stat = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and "sha256" in old
+        sha = old["sha256"] if same_stat else _sha256(name)
+        files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    return {"path": path, "files": files}
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    a, b = old.get("files") or {}, new.get("files") or {}
+    out = []
+    for rel in sorted(a.keys() | b.keys()):
+        if rel not in a or rel not in b:
+            out.append(f"{rel}: {'added' if rel in b else 'removed'}")
+        elif (a[rel]["size"], a[rel]["sha256"]) != (b[rel]["size"], b[rel]["sha256"]):
+            out.append(
+                f"{rel}: {a[rel]['size']} bytes sha256 {a[rel]['sha256'][:12]} -> {b[rel]['size']} bytes sha256 "
+                f"{b[rel]['sha256'][:12]}"
+            )
+    return out
+
+
+def _check_teacher_source(config, workdir) -> tuple[dict | None, dict | None, str | None]:
+    """(record to write, previous record to keep, note) for the teacher file of `config`; ValueError when the file
+    at the run's teacher.path holds other contents than at the first start (unless config.allow_config_change)."""
+    record_path = epath.Path(workdir) / TEACHER_SOURCE
+    try:
+        old = json.loads(record_path.read_text()) if record_path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record_path} is corrupted ({e}); delete it to record the teacher file again.") from None
+    same_path = old is not None and old.get("path") == os.path.abspath(config.teacher.path)
+    new = teacher_fingerprint(config.teacher.path, old if same_path else None)
+    if new is None or new == old:
+        return None, None, None
+    if old is None or not same_path:  # a first start, a run from before the record, or a teacher.path change
+        return new, old, None
+    changes = _fingerprint_changes(old, new)
+    if not changes:  # touched or copied back: same contents, new mtimes
+        return new, None, None
+    if not config.allow_config_change:
+        raise ValueError(
+            f"the teacher file {config.teacher.path} is not the one {workdir} was started with; resuming would mix "
+            f"two runs. Changed: {'; '.join(changes)}. Put the original file back, use a new --workdir, or pass "
+            "--config.allow_config_change=True to go on with this file (the old record is kept)."
+        )
+    return new, old, f"teacher file changed ({'; '.join(changes)}); the previous record is kept beside {record_path}."
+
+
+def _kept_name(workdir, stem: str) -> epath.Path:
+    """<workdir>/<stem>.<UTC time>.json, numbered if taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept, n = epath.Path(workdir) / f"{stem}.{stamp}.json", 1
+    while kept.exists():
+        kept, n = epath.Path(workdir) / f"{stem}.{stamp}.{n}.json", n + 1
+    return kept
+
+
 def resume_config(config, workdir, write: bool = True) -> str | None:
     """Check `config` against the one saved in `workdir` and save it as <workdir>/config.json (if `write`).
 
     A config that differs in a field that changes the run (not in RESUME_MAY_CHANGE) is refused with the fields
     listed, before anything is written, unless config.allow_config_change. Whenever the saved config differs, it
-    is kept as config.<UTC time>.json. Returns a note for the log when the config changed, else None.
+    is kept as config.<UTC time>.json. The teacher file itself (sizes and SHA-256 of a local `.pt` or diffusers
+    folder, `teacher_fingerprint`) is recorded as <workdir>/teacher_source.json at the first start; other contents
+    at the same path are refused the same way. Returns a note for the log when something changed, else None.
     """
     saved = read_saved_config(workdir)
     new = json.loads(config.to_json_best_effort())
     if saved == new:
-        return None
+        record, previous, teacher_note = _check_teacher_source(config, workdir)
+        _write_teacher_record(workdir, record, previous, write)
+        return teacher_note
     note = None
     if saved is not None:
         changes = config_changes(saved, new)
@@ -199,10 +289,9 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
                 "a new --workdir, or pass --config.allow_config_change=True to go on with the new config (the old "
                 "one is kept)."
             )
-        kept = epath.Path(workdir) / f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-        n = 1
-        while kept.exists():
-            kept, n = kept.with_name(f"config.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{n}.json"), n + 1
+    record, previous, teacher_note = _check_teacher_source(config, workdir)  # may refuse: before any write
+    if saved is not None:
+        kept = _kept_name(workdir, "config")
         if write:
             paths.write_text_atomic(kept, json.dumps(saved, indent=2))
         note = (
@@ -211,7 +300,16 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
         )
     if write:
         paths.write_text_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
-    return note
+    _write_teacher_record(workdir, record, previous, write)
+    return "; ".join(n for n in (note, teacher_note) if n) or None
+
+
+def _write_teacher_record(workdir, record: dict | None, previous: dict | None, write: bool) -> None:
+    if not write or record is None:
+        return
+    if previous is not None:
+        paths.write_text_atomic(_kept_name(workdir, "teacher_source"), json.dumps(previous, indent=2))
+    paths.write_text_atomic(epath.Path(workdir) / TEACHER_SOURCE, json.dumps(record, indent=2))
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
