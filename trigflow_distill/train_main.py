@@ -1,7 +1,7 @@
 r"""The training command (`python main.py` / `trigflow-train`): distill a many-step Cosmos video diffusion teacher
 into a 4-step student (DMD2, TrigFlow).
 
-  python main.py --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # CPU demo, ~15 min
+  python main.py --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # CPU demo, ~17 min on 2 cores
   trigflow-train --config=configs/predict25_4step.py:tiny --workdir=/tmp/run      # the same
   python main.py --config=configs/predict25_4step.py --workdir=DIR \
       --config.teacher.path=TEACHER.pt --config.data.path=LATENTS_DIR             # real 2B recipe
@@ -80,6 +80,9 @@ def main(argv):
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
+        hint = cli.accelerator_hint()
+        if hint and distributed.is_main_process():  # a CPU jaxlib on a GPU/TPU machine would train for days
+            print(hint, file=sys.stderr, flush=True)
         # Only now: importing the networks may already touch the JAX backend.
         from trigflow_distill import data_kinds
         from trigflow_distill.training import loop, run_config
@@ -91,6 +94,7 @@ def main(argv):
         if config.eval.at_end and kind.evaluate is None:
             print(f"config.eval.at_end: data.kind={config.data.kind!r} has no evaluation; skipped.")
         elif config.eval.at_end and distributed.is_single_process():
+            cli.say(f"evaluating the run ({config.data.kind}) -> {workdir}")
             kind.evaluate(workdir)
         elif config.eval.at_end and distributed.is_main_process():
             print(

@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 
 from trigflow_distill import toy
-from trigflow_distill.common import errors
+from trigflow_distill.common import cli, errors
 from trigflow_distill.core import sampling
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit
@@ -259,28 +259,43 @@ def evaluate(
     def student_settings(steps, g):
         return sampling.SamplerSettings("student", steps, g, time_shift, sigma_data, train_steps)
 
-    for steps, kind in TEACHER_ROWS:
-        settings = teacher_settings(steps, float(guidance) if kind == "guided" else None)
-        latents, seconds = _generate(_sample_fn(net_config, settings, scaling), teacher["net"], inputs, batch_size)
-        add_row("teacher", steps, settings.guidance, settings.nfe, seconds, latents)
     conditioned = any(cosmos_dit.GUIDANCE_EMBEDDER in p for p in samplers_params.values())
     sweep = [float(g) for g in guidance_values if float(g) != float(guidance)] if conditioned else []
+    students = [name for name in STUDENT_NAMES if name in samplers_params]
+    per_student = [
+        len(student_steps) + len(sweep) * (cosmos_dit.GUIDANCE_EMBEDDER in samplers_params[n]) for n in students
+    ]
+    num_rows = len(TEACHER_ROWS) + len(sweep) + sum(per_student)
+    done = 0
+
+    def progress(name, steps, g):
+        # each sampler compiles and samples num_samples clips: minutes on a CPU, so say which one runs
+        nonlocal done
+        done += 1
+        log(f"{cli.stamp()} evaluating sampler {done}/{num_rows}: {_label(name, steps, g)} ...")
+
+    for steps, kind in TEACHER_ROWS:
+        settings = teacher_settings(steps, float(guidance) if kind == "guided" else None)
+        progress("teacher", steps, settings.guidance)
+        latents, seconds = _generate(_sample_fn(net_config, settings, scaling), teacher["net"], inputs, batch_size)
+        add_row("teacher", steps, settings.guidance, settings.nfe, seconds, latents)
     for g in sweep:  # the teacher's reference at every other scale the conditioned student is scored at
         settings = teacher_settings(35, g)
+        progress("teacher", 35, g)
         latents, seconds = _generate(_sample_fn(net_config, settings, scaling), teacher["net"], inputs, batch_size)
         add_row("teacher", 35, g, settings.nfe, seconds, latents, sweep=True)
-    for name in STUDENT_NAMES:
-        if name not in samplers_params:
-            continue
+    for name in students:
         params = samplers_params[name]
         g = float(guidance) if cosmos_dit.GUIDANCE_EMBEDDER in params else None
         for steps in student_steps:
+            progress(name, steps, g)
             fn = _sample_fn(net_config, student_settings(steps, g), scaling)
             latents, seconds = _generate(fn, params, inputs, batch_size)
             add_row(name, steps, g, steps, seconds, latents)
             if steps == 4 and samples_student4 is None:
                 samples_student4, student4_from = latents, name
         for s in sweep if g is not None else []:
+            progress(name, train_steps, s)
             fn = _sample_fn(net_config, student_settings(train_steps, s), scaling)
             latents, seconds = _generate(fn, params, inputs, batch_size)
             add_row(name, train_steps, s, train_steps, seconds, latents, sweep=True)

@@ -13,6 +13,7 @@ saved one before anything is written; checkpoints are saved only when finite and
 
 import functools
 import sys
+import time
 from typing import Callable
 
 import jax
@@ -22,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from trigflow_distill import data
-from trigflow_distill.common import distributed, sharding
+from trigflow_distill.common import cli, distributed, sharding
 from trigflow_distill.common.errors import CheckpointError, TrainingStopped
 from trigflow_distill.methods import dmd2, train_state
 from trigflow_distill.training import builder, checkpoint, lock, metrics, plan, run_config
@@ -55,7 +56,9 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
 
 def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> train_state.TrainState:
     main_process = distributed.is_main_process()
+    say = cli.say if main_process else lambda line: None  # phase lines: start-up is minutes of silence otherwise
     batch_size = int(config.data.batch_size)
+    say(f"loading the teacher {config.teacher.path} (converted once, then cached) ...")
     net_config, teacher = builder.load_teacher(config, str(workdir))
     # Before the mesh plan: bad data fails in seconds.
     text_kind = builder.check_source(source, net_config, int(config.distill.lambda_frame_chunks))
@@ -63,16 +66,12 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     largest = max(
         (spec for _, spec, _ in data.format.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))
     )
+    say("planning the mesh ...")
     mesh = plan.run_mesh(
-        config,
-        net_config,
-        largest.latent_shape,
-        largest.text_shape[0],
-        batch_size,
-        str(workdir),
-        log=lambda line: print(line, flush=True) if main_process else None,
+        config, net_config, largest.latent_shape, largest.text_shape[0], batch_size, str(workdir), log=say
     )
     sharding.check_batch(batch_size, mesh)
+    say("building the run (student, critic, optimizers) ...")
     run = builder.build(config, net_config, teacher, mesh, text_kind)
     algo, teacher = run.algo, run.teacher
 
@@ -80,9 +79,13 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
         source, batch_size, int(config.data.seed), process_slice=sharding.local_batch_slice(batch_size, mesh)
     )
     manager = checkpoint.make_manager(workdir, int(config.keep_checkpoints), int(config.checkpoint_every))
+    latest = manager.latest_step()
+    if latest is not None:
+        say(f"restoring step {latest} from {workdir} ...")
     state, start = checkpoint.restore_latest(manager, run.abstract_state, data_iter, set_aside=True)
     saver = checkpoint.Saver(manager, last_committed=start if state is not None else None)
     if state is None:
+        say("initialising the student and critic from the teacher ...")
         state = run.init(teacher)
         if main_process:
             print(
@@ -91,8 +94,8 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
                 ),
                 flush=True,
             )
-    elif main_process:
-        print(f"Resumed from {workdir} at step {start}.", flush=True)
+    else:
+        say(f"resumed from {workdir} at step {start}")
 
     total = int(config.total_steps)
     first = source[0]["latents"]  # (16,T,H,W): tokens per sample for the speed line
@@ -124,11 +127,28 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
         if workdir_lock is not None:
             workdir_lock.check()
 
+    sampler_compiled = False
+    compiled = set()  # (update, latent shape) pairs already compiled: their first step is left out of it/s and ETA
+    writer.start(start)
     try:
         for step in range(start, total):
             batch = sharding.global_batch(next(data_iter), batch_size, mesh)
-            fn = run.student_step if algo.is_student_step(step) else run.critic_step
-            state, step_metrics = fn(state, teacher, batch)
+            student = algo.is_student_step(step)
+            fn = run.student_step if student else run.critic_step
+            key = (student, tuple(batch["latents"].shape))
+            if key in compiled:
+                state, step_metrics = fn(state, teacher, batch)
+            else:
+                _, _, frames, height, width = key[1]
+                say(
+                    f"compiling the {'student' if student else 'critic'} update for bucket {width}x{height} "
+                    f"({frames} latent frames) ..."
+                )
+                jax.block_until_ready(state)  # earlier steps still running are not compile time
+                t0 = time.perf_counter()
+                state, step_metrics = jax.block_until_ready(fn(state, teacher, batch))
+                writer.exclude(time.perf_counter() - t0)
+                compiled.add(key)
             pending.append(step_metrics)
             done = step + 1
             if done % config.log_every == 0 or done == total:
@@ -149,6 +169,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
             check_lock()
             saver.save(done, state, data_iter, force=done == total)
             if write_samples is not None and config.sample_every and done % config.sample_every == 0:
+                t0 = time.perf_counter()
                 save_samples(
                     sample_fn,
                     state,
@@ -158,6 +179,9 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
                     workdir / "samples" / f"{done:07d}.png",
                     writer,
                 )
+                if not sampler_compiled:  # the first compiles the sampler; later ones are part of the run's pace
+                    writer.exclude(time.perf_counter() - t0, steps=0)
+                    sampler_compiled = True
         saver.close()
     except BaseException:
         try:  # let a save in flight finish, so the last good checkpoint is the newest one
@@ -189,5 +213,6 @@ def save_samples(
         k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items() if k != "text"
     }
     if distributed.is_main_process():
+        cli.say(f"writing samples -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_samples(np.asarray(x), host_batch, str(path), writer)
