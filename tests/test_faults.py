@@ -229,15 +229,65 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     taker.release()
 
 
+def _other_host_lock(path, heartbeat, written):
+    """lock.json of a run on node-7 whose heartbeat says `heartbeat` and that was last written at `written` (the
+    file system's time)."""
+    path.write_text(json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": heartbeat}))
+    os.utime(path, (written, written))
+
+
 def test_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
     """Shared file system: a pid on another machine cannot be probed, only the heartbeat's age tells."""
     path = tmp_path / lock.LOCK_NAME
-    path.write_text(json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time() - 5}))
+    _other_host_lock(path, time.time() - 5, time.time() - 5)
     with pytest.raises(errors.WorkdirLocked, match="host node-7 pid 1"):
         lock.WorkdirLock(tmp_path, stale_after_s=60).acquire()
-    path.write_text(json.dumps({"host": "node-7", "pid": 1, "token": "other", "heartbeat": time.time() - 61}))
+    _other_host_lock(path, time.time() - 61, time.time() - 61)
     taker = lock.WorkdirLock(tmp_path, stale_after_s=60)
     assert "no heartbeat for 61 s" in taker.acquire()
+    taker.release()
+
+
+def test_clock_skew_between_hosts_is_judged_on_the_file_systems_clock(tmp_path):
+    """node-7's clock is an hour ahead (or behind): its heartbeat is judged by the lock file's modification time
+    against a probe written now, so a dead run's lock is still taken over after the stale time and a live one is
+    never taken over early."""
+    path, now = tmp_path / lock.LOCK_NAME, time.time()
+    _other_host_lock(path, now + 3600, now - 1)  # alive, clock ahead: a fresh lock, not "-3599 s ago"
+    with pytest.raises(
+        errors.WorkdirLocked,
+        match=r"host node-7 pid 1 \(last heartbeat [01] s ago\) \(its heartbeat"
+        r" is 3[56]\d\d s ahead of the file's modification time: the hosts' clocks differ",
+    ):
+        lock.WorkdirLock(tmp_path, stale_after_s=60).acquire()
+    _other_host_lock(path, now + 3600 - 61, now - 61)  # dead for 61 s, clock ahead: stale as promised
+    taker = lock.WorkdirLock(tmp_path, stale_after_s=60)
+    assert re.search(r"no heartbeat for 6[12] s \(> 60 s\) \(its heartbeat is 36\d\d s ahead", taker.acquire())
+    taker.release()
+    _other_host_lock(path, now - 3600, now - 1)  # alive, clock behind: not taken over
+    with pytest.raises(
+        errors.WorkdirLocked, match=r"last heartbeat [01] s ago\) \(its heartbeat is 3[56]\d\d s behind"
+    ):
+        lock.WorkdirLock(tmp_path, stale_after_s=60).acquire()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"host": "node-7", "pid": 1, "heartbeat": "soon"}', ""])
+def test_malformed_lock_json_names_the_file(tmp_path, content):
+    """A lock file that is not a lock is an error naming it while fresh (a run may be writing it), and is taken over
+    once unmodified for the stale time."""
+    path = tmp_path / lock.LOCK_NAME
+    path.write_text(content)
+    with pytest.raises(errors.WorkdirLocked) as refused:
+        lock.WorkdirLock(tmp_path, stale_after_s=60).acquire()
+    assert re.fullmatch(
+        rf"the lock file {re.escape(str(path))} is malformed \(.+\) and was written [01] s ago, so a run may be "
+        rf"starting; if no run uses {re.escape(str(tmp_path))}, delete it \(it is taken over once unmodified for "
+        r"60 s\)\.",
+        str(refused.value),
+    ), str(refused.value)
+    os.utime(path, (time.time() - 61, time.time() - 61))
+    taker = lock.WorkdirLock(tmp_path, stale_after_s=60)
+    assert "the lock file is malformed (" in taker.acquire()
     taker.release()
 
 

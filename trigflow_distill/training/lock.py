@@ -6,11 +6,17 @@ taken over, when its process is gone (same host: the pid is dead or now belongs 
 heartbeat is older than `stale_after_s` (any host: the only test that works across the machines of a shared file
 system; TRIGFLOW_LOCK_STALE_S, default 120 s).
 
-Local and network file systems: the lock is created with O_EXCL; a stale one is first renamed aside (one taker
-wins the rename) and checked to be the stale lock that was read, then re-created with O_EXCL, so two runs that
-find the same stale lock cannot both win. Object stores (gs://) have no exclusive create: there the lock is
-written, re-read after a settle time, and the holder re-checks its token at every heartbeat and before every
-save (`check`), so a run that lost a race stops before it writes a checkpoint.
+The heartbeat's age is judged on the file system's own clock: the lock file's modification time against that of a
+probe file written beside it just now, so hosts whose clocks differ (a heartbeat "from the future", or one that looks
+old while its run is alive) judge a lock alike. Where the storage gives no modification times, the heartbeat written
+in the lock is compared with this host's clock. A lock file that is not a JSON object with a numeric heartbeat is
+taken over only once unmodified for `stale_after_s`; before that it is an error naming the file.
+
+Local and network file systems: the lock is created exclusively (written aside and hard-linked into place, or
+O_EXCL); a stale one is first renamed aside (one taker wins the rename) and checked to be the stale lock that was
+read, then re-created exclusively, so two runs that find the same stale lock cannot both win. Object stores (gs://)
+have no exclusive create: there the lock is written, re-read after a settle time, and the holder re-checks its token
+at every heartbeat and before every save (`check`), so a run that lost a race stops before it writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ LOCK_NAME = "lock.json"
 DEFAULT_STALE_AFTER_S = 120.0
 DEFAULT_HEARTBEAT_S = 10.0
 _SETTLE_S = 2.0  # object stores: how long a racing writer may take to show up
+SKEW_TOLERANCE_S = 5.0  # heartbeat vs file time differences below this are write latency, not clock skew
 
 
 def _proc_start(pid: int) -> str | None:
@@ -55,9 +62,31 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
-def describe(holder: dict) -> str:
-    age = time.time() - float(holder.get("heartbeat", 0))
-    return f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} (last heartbeat {age:.0f} s ago)"
+def describe(holder: dict, age: float | None = None) -> str:
+    """'host H pid P (last heartbeat N s ago)'; `age` as judged by `WorkdirLock.heartbeat_age` (default: the holder's
+    heartbeat against this host's clock)."""
+    if age is None:
+        age = time.time() - _number(holder.get("heartbeat"), 0.0)
+    return f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} (last heartbeat {max(age, 0):.0f} s ago)"
+
+
+def _number(value, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def malformed(holder: dict) -> str | None:
+    """Why a lock's content is not a lock (None when it is one)."""
+    if not holder:
+        return "not a JSON object"
+    try:
+        float(holder["heartbeat"])
+        int(holder.get("pid", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        return f"no numeric heartbeat and pid ({type(e).__name__}: {e})"
+    return None
 
 
 class WorkdirLock:
@@ -98,13 +127,60 @@ class WorkdirLock:
             time.sleep(0.2 * (attempt + 1))
         return {}
 
+    def _file_age(self) -> float | None:
+        """Seconds since the lock file was last written, on the file system's clock (the modification time of a
+        probe written now beside it); None where the storage has no modification times."""
+        probe = self.path.parent / f".lock-clock.{self.me['token']}"
+        try:
+            if paths.is_local(self.path):
+                lock_mtime = os.stat(self.path).st_mtime_ns / 1e9
+                with open(probe, "w"):
+                    pass
+                now = os.stat(probe).st_mtime_ns / 1e9
+            else:
+                lock_mtime = float(self.path.stat().mtime)
+                probe.write_text("")
+                now = float(probe.stat().mtime)
+        except (OSError, AttributeError, TypeError, ValueError, NotImplementedError):
+            return None
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return now - lock_mtime if lock_mtime > 0 and now > 0 else None  # 0: a storage that reports no times
+
+    def heartbeat_age(self, holder: dict) -> tuple[float, str]:
+        """(seconds since the holder's last heartbeat, a note when the holder's clock differs from the file
+        system's). The file system's clock decides where it has one: hosts' clocks may differ by minutes."""
+        clock_age = time.time() - _number(holder.get("heartbeat"), 0.0)
+        age = self._file_age()
+        if age is None:
+            return clock_age, ""
+        skew = age - clock_age  # > 0: the heartbeat is later than the file's time says
+        note = (
+            f" (its heartbeat is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the file's modification "
+            "time: the hosts' clocks differ; judged by the file)"
+            if abs(skew) > SKEW_TOLERANCE_S
+            else ""
+        )
+        return age, note
+
     def stale_reason(self, holder: dict) -> str | None:
-        """Why `holder`'s lock may be taken over, or None when its run looks alive."""
-        if not holder:
-            return "the lock file is unreadable"
-        age = time.time() - float(holder.get("heartbeat", 0))
+        """Why `holder`'s lock may be taken over, or None when its run looks alive; WorkdirLocked naming the file
+        when it is malformed and was written less than `stale_after_s` ago."""
+        age, skew = self.heartbeat_age(holder)
+        problem = malformed(holder)
+        if problem:
+            if age > self.stale_after_s:
+                return f"the lock file is malformed ({problem}) and unmodified for {age:.0f} s"
+            raise WorkdirLocked(
+                f"the lock file {self.path} is malformed ({problem}) and was written {max(age, 0):.0f} s ago, so a "
+                f"run may be starting; if no run uses {self.path.parent}, delete it (it is taken over once "
+                f"unmodified for {self.stale_after_s:.0f} s)."
+            )
         if age > self.stale_after_s:
-            return f"no heartbeat for {age:.0f} s (> {self.stale_after_s:.0f} s)"
+            return f"no heartbeat for {age:.0f} s (> {self.stale_after_s:.0f} s){skew}"
         if holder.get("host") == self.me["host"] and not _pid_alive(
             int(holder.get("pid", -1)), holder.get("pid_start")
         ):
@@ -116,7 +192,23 @@ class WorkdirLock:
 
     # -- writing -----------------------------------------------------------------------------------------------------
     def _create_exclusive(self) -> bool:
-        """Local: O_EXCL create. False when another run created it first."""
+        """Local: exclusive create. False when another run created it first. The content is written first and
+        hard-linked into place, so a lock file is never seen empty (a run killed between an O_EXCL create and its
+        write would leave a malformed lock that blocks the resume for the stale time); O_EXCL where links fail."""
+        tmp = f"{self.path}.{self.me['token']}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self._content())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            pass
+        finally:
+            os.remove(tmp)
         try:
             fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -149,6 +241,7 @@ class WorkdirLock:
                 moved = json.loads(f.read() or "{}")
         except (OSError, json.JSONDecodeError):
             moved = {}
+        moved = moved if isinstance(moved, dict) else {}
         if moved.get("token") != holder.get("token"):
             try:  # we moved a newer, live lock of another taker: put it back unless yet another lock exists
                 os.link(aside, self.path)
@@ -170,7 +263,8 @@ class WorkdirLock:
                 reason = self.stale_reason(holder)
                 if reason is None:
                     raise self._locked_error(holder)
-                note = f"took over the stale lock {self.path} of {describe(holder)}: {reason}"
+                age = self.heartbeat_age(holder)[0]
+                note = f"took over the stale lock {self.path} of {describe(holder, age)}: {reason}"
                 if paths.is_local(self.path) and not self._set_stale_aside(holder):
                     continue  # someone else moved it first: look again
             if paths.is_local(self.path):
@@ -187,9 +281,10 @@ class WorkdirLock:
         raise self._locked_error(self._read() or {})
 
     def _locked_error(self, holder: dict) -> WorkdirLocked:
+        age, skew = self.heartbeat_age(holder) if holder else (None, "")
         return WorkdirLocked(
-            f"{self.path.parent} is in use by another run: {describe(holder)}. Wait for it to end or use another "
-            f"--workdir; a lock whose process is gone (same host) or without heartbeat for "
+            f"{self.path.parent} is in use by another run: {describe(holder, age)}{skew}. Wait for it to end or use "
+            "another --workdir; a lock whose process is gone (same host) or without heartbeat for "
             f"{self.stale_after_s:.0f} s is taken over automatically (lock file: {self.path})."
         )
 
