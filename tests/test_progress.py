@@ -1,8 +1,12 @@
 """Start-up and progress output: timestamped phase lines, it/s and ETA without compile steps, the end-of-run
 evaluation's progress, and the hint when JAX misses the machine's accelerator."""
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,6 +21,7 @@ from trigflow_distill.training import builder, loop, metrics
 import predict25_4step  # configs/ is on the pytest pythonpath
 
 STAMP = r"\[\d\d:\d\d:\d\d\] "
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_rate_leaves_compile_steps_out():
@@ -63,6 +68,7 @@ def test_say_prefixes_the_time(capsys):
         ("cpu", None, {}, ["/dev/accel0"], "tpu"),
         ("cpu", None, {}, [], None),  # a CPU machine: nothing to say
         ("cpu", None, {"CUDA_VISIBLE_DEVICES": ""}, [], None),  # GPUs hidden on purpose
+        ("cpu", "/usr/bin/nvidia-smi", {"JAX_PLATFORMS": "cpu"}, [], None),  # the CPU asked for
         ("gpu", "/usr/bin/nvidia-smi", {"CUDA_VISIBLE_DEVICES": "0"}, [], None),
         ("tpu", None, {}, ["/dev/accel0"], None),
     ],
@@ -78,6 +84,29 @@ def test_accelerator_hint(backend, smi, env, tpu, extra):
 def test_accelerator_hint_asks_jax(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert "GPU" in cli.accelerator_hint(env={}, which=lambda name: "/usr/bin/nvidia-smi", tpu_devices=[])
+
+
+def test_training_command_prints_the_hint(tmp_path):
+    """main.py on a machine that looks like it has a GPU (CUDA_VISIBLE_DEVICES) with the CPU jaxlib: the hint on
+    stderr at start-up, before the config's own error."""
+    if importlib.util.find_spec("jax_cuda12_plugin") or importlib.util.find_spec("libtpu"):
+        pytest.skip("an accelerator jaxlib is installed: JAX would not fall back to the CPU")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/predict25_4step.py:tiny", f"--workdir={workdir}"]
+        + ["--config.data.kind=nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    hint, error = proc.stderr.strip().splitlines()[-2:]
+    assert hint.startswith("warning: this machine has an NVIDIA GPU but JAX sees only the CPU")
+    assert 'pip install -e ".[gpu]"' in hint and error.startswith("error: config.data.kind='nope'")
+    assert proc.returncode == 1 and not workdir.exists()
 
 
 @pytest.mark.slow  # compiles the toy world's metrics: ~30 s on 2 cores

@@ -42,8 +42,10 @@ def say(line: str) -> None:
 def accelerator_hint(backend: str | None = None, env=None, which=shutil.which, tpu_devices=None) -> str | None:
     """One line when this machine looks like it has an accelerator but JAX runs on the CPU (the CUDA / TPU jaxlib
     is missing): a GPU is `nvidia-smi` on PATH or CUDA_VISIBLE_DEVICES naming devices, a TPU is /dev/accel*. None
-    when nothing looks wrong."""
+    when nothing looks wrong or JAX_PLATFORMS=cpu asks for the CPU."""
     env = os.environ if env is None else env
+    if env.get("JAX_PLATFORMS", "").strip().lower() == "cpu":  # the CPU was asked for
+        return None
     if backend is None:
         import jax  # only at start-up, after flag parsing: keeps --help fast
 
