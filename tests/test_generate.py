@@ -403,7 +403,7 @@ def test_guidance_conditioned_student_samples_at_the_given_scale(assets, tmp_pat
     [
         ("missing_model", "student.pt: no such file"),
         ("bad_image", "--image .*cannot read the image"),
-        ("frames", "--num-frames 6: the VAE needs 1 \\+ 4k frames"),
+        ("frames", "--num-frames 6: the Wan2.1 VAE needs 1 \\+ 4k frames \\(nearest: 5 or 9\\)"),
         ("empty_prompts", "--prompts .*no prompts"),
         ("steps", "--steps 5: the student takes 1 to 4 steps"),
         ("guidance", "--guidance 2: this student was distilled at one CFG scale"),

@@ -396,12 +396,7 @@ def _check_args(args) -> None:
         if args.teacher_sampler == "reference":
             args.negative_prompt = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
     args.cond_frames = 1 if args.cond_frames is None else args.cond_frames
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        k = max(0, (args.num_frames - 1) // 4)
-        raise ValueError(
-            f"--num-frames {args.num_frames}: the VAE needs 1 + 4k frames (e.g. 93, 29, 5); use "
-            f"{1 + 4 * k} or {5 + 4 * k}"
-        )
+    wan_vae.check_frame_count(args.num_frames, "--num-frames")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
         raise ValueError(f"--guidance {args.guidance}: must be a finite scale > 0 (1 = no guidance)")
     if args.teacher and args.teacher_steps < 1:
