@@ -151,10 +151,15 @@ def checksums(tree: Any) -> dict[str, list[int]]:
     reduction, any sharding), numpy arrays on the host; both give the same numbers."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     names = [leaf_name(p) for p, _ in flat]
-    on_host = [i for i, (_, x) in enumerate(flat) if not isinstance(x, jax.Array)]
-    on_device = [i for i in range(len(flat)) if i not in set(on_host)]
-    sums = dict(zip(on_device, jax.device_get(_device_sums([flat[i][1] for i in on_device]))))
-    sums.update({i: _host_sums(np.asarray(flat[i][1])) for i in on_host})
+    groups: dict = {}  # one jitted call per set of devices: a restored state may hold leaves on different ones
+    sums = {}
+    for i, (_, x) in enumerate(flat):
+        if isinstance(x, jax.Array):
+            groups.setdefault(tuple(sorted(d.id for d in x.sharding.device_set)), []).append(i)
+        else:
+            sums[i] = _host_sums(np.asarray(x))
+    for members in groups.values():
+        sums.update(zip(members, jax.device_get(_device_sums([flat[i][1] for i in members]))))
     return {names[i]: [int(v) for v in sums[i]] for i in range(len(flat))}
 
 
