@@ -1,5 +1,6 @@
-"""prepare: synthetic videos (two aspect ratios, a corrupt one, a too-short one) + tiny random VAE, text encoder and
-teacher -> a dataset whose records match an independent recomputation; resume, refusal, report; then training."""
+"""prepare: synthetic videos (two aspect ratios, caption windows, a corrupt one, a too-short one, two outside the
+reference's fps range) + tiny random VAE, text encoder and teacher -> a dataset whose records match an independent
+recomputation; resume, refusal, report; then training. The clip sampling itself: tests/test_prepare_clips.py."""
 
 import json
 import os
@@ -21,14 +22,31 @@ from trigflow_distill.prepare import clips, encoders, job
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 5
 VAE_CFG = wan_vae.WanVAEConfig(dim=8, z_dim=16)
-CAPTIONS = {
-    "wide_a.mp4": "a red car drives",
-    "wide_b.mp4": "a blue boat sails",
-    "square_a.mp4": "a cat sleeps",
-    "bad.mp4": "noise",
-    "short.mp4": "too short",
-}
+FPS = 12.0  # in the reference's [10, 60]; a window needs 4 s = 48 frames
+CAPTIONS = [  # caption windows, JSONL lines in file order
+    {"video": "wide_a.mp4", "caption": "a red car drives"},
+    {"video": "wide_b.mp4", "caption": "a blue boat sails", "start": 0, "end": 4.5},  # frames [0, 54)
+    {"video": "wide_b.mp4", "caption": "a boat docks", "start": 4.5},  # the last window: dropped
+    {"video": "square_a.mp4", "caption": "a cat wakes", "start_frame": 0, "end_frame": 24},  # 2 s: too short
+    {"video": "square_a.mp4", "caption": "a cat sleeps", "start_frame": 2, "end_frame": 55},
+    {"video": "square_a.mp4", "caption": "a cat leaves"},  # the last window: dropped
+    {"video": "bad.mp4", "caption": "noise"},
+    {"video": "short.mp4", "caption": "too short"},
+    {"video": "slow.mp4", "caption": "too slow"},
+    {"video": "fast.mp4", "caption": "too fast"},
+]
 SIDECAR = ("square_b", "a dog runs")  # caption from square_b.txt, not the JSONL
+# (video, frames [start, stop), stride, window [start, end), window index) of every clip with 2 clips per window:
+# stride = window frames // 5, the 5-stride spans evenly spaced over the window (one when it has no room)
+CLIPS = {
+    ("wide_a.mp4", (0, 50), 10, (0, 50), 0),  # 50 frames: span 50, no room for a second clip
+    ("wide_b.mp4", (0, 50), 10, (0, 54), 0),
+    ("wide_b.mp4", (4, 54), 10, (0, 54), 0),
+    ("square_a.mp4", (2, 52), 10, (2, 55), 1),
+    ("square_a.mp4", (5, 55), 10, (2, 55), 1),
+    ("square_b.mp4", (0, 45), 9, (0, 49), 0),
+    ("square_b.mp4", (4, 49), 9, (0, 49), 0),
+}
 
 
 def _frames(t, h, w, seed):
@@ -45,19 +63,21 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepare")
     videos = root / "videos"
     videos.mkdir()
-    video.write_mp4(videos / "wide_a.mp4", _frames(9, 54, 96, 0), 8.0)  # 16:9 -> bucket 320x192 at "256"
-    video.write_mp4(videos / "wide_b.mp4", _frames(10, 72, 128, 1), 8.0)
-    video.write_mp4(videos / "square_a.mp4", _frames(9, 40, 40, 2), 8.0)  # 1:1 -> 256x256
-    video.write_mp4(videos / "sub" / "square_b.mp4", _frames(9, 48, 44, 3), 8.0)  # nearly square: padded
+    video.write_mp4(videos / "wide_a.mp4", _frames(50, 54, 96, 0), FPS)  # 16:9 -> bucket 320x192 at "256"
+    video.write_mp4(videos / "wide_b.mp4", _frames(61, 72, 128, 1), FPS)
+    video.write_mp4(videos / "square_a.mp4", _frames(56, 40, 40, 2), FPS)  # 1:1 -> 256x256
+    video.write_mp4(videos / "sub" / "square_b.mp4", _frames(49, 48, 44, 3), FPS)  # nearly square: padded
     (videos / "sub" / "square_b.txt").write_text(SIDECAR[1] + "\n")
     (videos / "bad.mp4").write_bytes(np.random.default_rng(0).bytes(2000))
-    video.write_mp4(videos / "short.mp4", _frames(3, 40, 40, 4), 8.0)
+    video.write_mp4(videos / "short.mp4", _frames(3, 40, 40, 4), FPS)
+    video.write_mp4(videos / "slow.mp4", _frames(30, 40, 40, 5), 5.0)  # 6 s, but under 10 fps
+    video.write_mp4(videos / "fast.mp4", _frames(9, 40, 40, 6), 120.0)
     captions = root / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"video": k, "caption": v}) + "\n" for k, v in CAPTIONS.items()))
+    captions.write_text("".join(json.dumps(line) + "\n" for line in CAPTIONS))
 
     vae_path = root / "wan_vae.pth"
     torchfile.save(vae_path, wan_vae.to_torch(wan_vae.init_params(VAE_CFG, jax.random.key(0)), VAE_CFG))
-    words = sorted({w for c in (*CAPTIONS.values(), SIDECAR[1]) for w in c.split()})
+    words = sorted({w for c in (*(line["caption"] for line in CAPTIONS), SIDECAR[1]) for w in c.split()})
     text_path = root / "text_encoder"
     text_cfg = reason1.write_tiny(text_path, hidden_size=48, words=words)
     # the tiny DiT's projection: 2 layers x 48 = 96 in, 64 out (distinct widths: the trainer tells them apart)
@@ -124,33 +144,64 @@ def _records(out):
     return source, [(source[i], source.info(i)) for i in range(len(source))]
 
 
-def test_report_lists_the_bad_files(dataset):
+def test_report_lists_the_bad_files_and_windows(dataset):
     report = [json.loads(line) for line in (dataset / "report.jsonl").read_text().splitlines()]
-    reasons = {os.path.basename(r["video"]): r["reason"] for r in report}
-    assert sorted(reasons) == ["bad.mp4", "short.mp4"]
-    assert "corrupt" in reasons["bad.mp4"]
-    assert "too short" in reasons["short.mp4"] and "3 frames" in reasons["short.mp4"]
+    reasons = {(os.path.basename(r["video"]), r.get("window")): r["reason"] for r in report}
+    assert sorted(reasons, key=str) == sorted(
+        [
+            ("bad.mp4", None),
+            ("fast.mp4", None),
+            ("short.mp4", None),
+            ("slow.mp4", None),
+            ("square_a.mp4", 0),
+            ("square_a.mp4", 2),
+            ("wide_b.mp4", 1),
+        ],
+        key=str,
+    )
+    assert "corrupt" in reasons["bad.mp4", None]
+    assert "too short" in reasons["short.mp4", None] and "3 frames" in reasons["short.mp4", None]
+    assert "fps 5 outside [10, 60]" in reasons["slow.mp4", None]
+    assert "fps 120 outside [10, 60]" in reasons["fast.mp4", None]
+    assert "2.00 s" in reasons["square_a.mp4", 0]  # 24 frames: enough frames, under 4 s
+    assert "dropped" in reasons["square_a.mp4", 2] and "dropped" in reasons["wide_b.mp4", 1]
+    square_a = next(r for r in report if r.get("window") == 0)
+    assert square_a["frames"] == [0, 24]
 
 
 def test_dataset_shapes_buckets_and_metadata(dataset):
     source, rows = _records(dataset)
     assert source.meta["format"] == data.FORMAT and source.meta["text_kind"] == "projected"
     assert source.meta["text_dtype"] == "bfloat16"
-    assert len(rows) == 8  # 4 good videos x 2 clips
+    assert len(rows) == len(CLIPS) == 7
     by_bucket = {}
     for rec, info in rows:
         w, h = map(int, info["bucket"].split("x"))
         assert rec["latents"].shape == (16, 2, h // 8, w // 8) and rec["text"].shape == (512, 64)
         assert rec["padding_mask"].shape == (1, h, w)
         by_bucket.setdefault((w, h), []).append(os.path.basename(info["source"]))
-    assert sorted(by_bucket[(320, 192)]) == ["wide_a.mp4"] * 2 + ["wide_b.mp4"] * 2
+    assert sorted(by_bucket[(320, 192)]) == ["wide_a.mp4"] + ["wide_b.mp4"] * 2
     assert sorted(by_bucket[(256, 256)]) == ["square_a.mp4"] * 2 + ["square_b.mp4"] * 2
     assert sorted(b for b, _, _ in source.buckets()) == ["256x256", "320x192"]
-    frames = {(os.path.basename(info["source"]), tuple(info["frames"])) for _, info in rows}
-    # evenly spaced clips: first and last FRAMES frames (9 frames -> starts 0, 4; 10 frames -> 0, 5)
-    assert {("wide_a.mp4", (0, 5)), ("wide_a.mp4", (4, 9)), ("wide_b.mp4", (5, 10))} <= frames
-    captions = {os.path.basename(info["source"]): info["caption"] for _, info in rows}
-    assert captions["square_b.mp4"] == SIDECAR[1] and captions["wide_a.mp4"] == CAPTIONS["wide_a.mp4"]
+    got = {
+        (
+            os.path.basename(info["source"]),
+            tuple(info["frames"]),
+            info["frame_stride"],
+            tuple(info["window"]),
+            info["window_index"],
+        )
+        for _, info in rows
+    }
+    assert got == CLIPS
+    assert {info["fps"] for _, info in rows} == {FPS}
+    captions = {(os.path.basename(info["source"]), info["window_index"]): info["caption"] for _, info in rows}
+    assert captions == {
+        ("wide_a.mp4", 0): "a red car drives",
+        ("wide_b.mp4", 0): "a blue boat sails",
+        ("square_a.mp4", 1): "a cat sleeps",  # the caption of its window
+        ("square_b.mp4", 0): SIDECAR[1],
+    }
 
 
 def test_records_match_an_independent_recomputation(sources, dataset):
@@ -158,7 +209,7 @@ def test_records_match_an_independent_recomputation(sources, dataset):
     _, rows = _records(dataset)
     rec, info = next(r for r in rows if r[1]["source"].endswith("square_b.mp4") and r[1]["frames"][0] == 4)
     frames, _ = video.read_video(info["source"])
-    pixels, mask = video.resize_and_pad(frames[4 : 4 + FRAMES], (256, 256))
+    pixels, mask = video.resize_and_pad(frames[4:49:9], (256, 256))  # 5 frames at stride 49 // 5 = 9
     cfg, params = wan_vae.load(sources["vae"])
     np.testing.assert_allclose(rec["latents"], np.asarray(wan_vae.encode(cfg, params, pixels[None]))[0], atol=1e-5)
     np.testing.assert_array_equal(rec["padding_mask"], mask)
@@ -176,10 +227,13 @@ def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
     marker.unlink()  # as if the run died in unit 0: only unit 0 is redone
     (dataset / "meta.json").unlink()
     assert job.main(_args(sources, dataset)) == 0
-    assert marker.exists() and len(data.NpyDirSource(str(dataset))) == 8
+    assert marker.exists() and len(data.NpyDirSource(str(dataset))) == len(CLIPS)
     assert before == {p.name: p.stat().st_mtime_ns for p in (dataset / "unit-00001").iterdir()}
     assert job.main(_args(sources, dataset, "--clips-per-video", "1")) == 1
     assert "clips_per_video" in capsys.readouterr().err
+    assert job.main(_args(sources, dataset, "--frame-stride", "1")) == 1  # another sampling: another job
+    assert "frame_stride" in capsys.readouterr().err
+    assert json.loads((dataset / "job.json").read_text())["frame_stride"] == "auto"
     other = sources["root"] / "not_a_dataset"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -188,8 +242,14 @@ def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
 
 
 def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
-    assert job.main(_args(sources, tmp_path / "a", "--frames", "6")) == 1
-    assert "1 + 4k" in capsys.readouterr().err
+    assert job.main(_args(sources, tmp_path / "a", "--frames", "90")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --frames 90: must be 1 + 4k") and "(nearest: 89 or 93)" in err
+    assert err.count("\n") == 1
+    assert job.main(_args(sources, tmp_path / "a", "--frames", "0")) == 1
+    assert "(nearest: 1)" in capsys.readouterr().err
+    assert job.main(_args(sources, tmp_path / "a", "--frame-stride", "x")) == 1
+    assert "--frame-stride x: give auto" in capsys.readouterr().err
     wrong = tmp_path / "wrong_teacher.pt"
     net = cosmos_dit.get_preset("tiny", num_blocks=1, crossattn_proj_in_channels=64)  # the encoder gives 96
     convert.export_torch(cosmos_dit.init_params(net, jax.random.key(0)), net, wrong, dtype=np.float32)
@@ -204,16 +264,11 @@ def test_captions_jsonl_sidecar_and_unused_keys(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     paths = [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "b.mp4"), str(tmp_path / "sub" / "c.mp4")]
     (tmp_path / "sub" / "c.txt").write_text("from the sidecar\n")
-    items = clips.make_items(paths, str(tmp_path), {"a.mp4": "by name", "sub/b.mp4": "by path", "zz.mp4": "?"})
-    assert [it.caption for it in items] == ["by name", "by path", "from the sidecar"]
+    w = clips.Window
+    captions = {"a.mp4": [w("by name")], "sub/b.mp4": [w("one", 0, 5), w("two", 5)], "zz.mp4": [w("?")]}
+    items = clips.make_items(paths, str(tmp_path), captions)
+    assert [[x.caption for x in it.windows] for it in items] == [["by name"], ["one", "two"], ["from the sidecar"]]
     assert "1 of 3 --captions entries name no video" in capsys.readouterr().err
-
-
-def test_clip_starts():
-    assert clips.clip_starts(93, 93, 1) == [0]
-    assert clips.clip_starts(92, 93, 1) == []
-    assert clips.clip_starts(200, 93, 3) == [0, 54, 107]
-    assert clips.clip_starts(94, 93, 3) == [0, 1]  # identical starts kept once
 
 
 def test_batches_are_split_over_the_devices(sources):
@@ -306,15 +361,22 @@ def test_two_processes_write_the_same_records(sources, dataset, tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
-    # units of 2 sorted videos: 0 = bad, short; 1 = square_a, sub/square_b; 2 = wide_a, wide_b
-    owners = {u: json.loads((out / "units" / f"unit-{u:05d}.json").read_text())["process"] for u in range(3)}
-    assert owners == {0: 0, 1: 1, 2: 0}
+    # units of 2 sorted videos: 0 = bad, fast; 1 = short, slow; 2 = square_a, sub/square_b; 3 = wide_a, wide_b
+    owners = {u: json.loads((out / "units" / f"unit-{u:05d}.json").read_text())["process"] for u in range(4)}
+    assert owners == {0: 0, 1: 1, 2: 0, 3: 1}
     report = [json.loads(line)["video"] for line in (out / "report.jsonl").read_text().splitlines()]
-    assert sorted(map(os.path.basename, report)) == ["bad.mp4", "short.mp4"]
+    assert sorted(set(map(os.path.basename, report))) == [
+        "bad.mp4",
+        "fast.mp4",
+        "short.mp4",
+        "slow.mp4",
+        "square_a.mp4",
+        "wide_b.mp4",
+    ]
     _, one = _records(dataset)
     _, two = _records(out)
     by_clip = {(info["source"], tuple(info["frames"])): rec for rec, info in one}
-    assert len(two) == len(by_clip) == 8
+    assert len(two) == len(by_clip) == len(CLIPS)
     for rec, info in two:
         want = by_clip[(info["source"], tuple(info["frames"]))]
         np.testing.assert_allclose(rec["latents"], want["latents"], atol=1e-5)

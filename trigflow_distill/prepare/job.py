@@ -6,35 +6,45 @@ r"""From a folder of videos and captions to a training set (docs/algorithm.md §
         --teacher /ckpts/Cosmos-Predict2.5-2B/base/pre-trained/<uuid>_ema_bf16.pt --out DATASET
 
 What it does, per video: decode it with PyAV; choose the bucket of nearest aspect ratio (`--resolution`), resize
-to fit, reflection-pad and record the padding mask (§12); cut `--clips-per-video` clips of `--frames` consecutive
-frames at the source rate, EVENLY SPACED from the first frame to the last (clip k starts at
-round(k (n - frames) / (N - 1)); clips overlap when the video has fewer than N·frames frames, identical starts are
-kept once); encode them with the Wan2.1 VAE into normalised latents (§9, §10); embed the caption with the Reason1
-text encoder (§11) and project it ONCE with the teacher's frozen `crossattn_proj` into the (512, 1024) context,
-stored bfloat16. The raw (512, 28·3584) embedding is not stored unless `--keep-raw-text` (then float32, beside each
-shard as `SHARD.text_raw.npy`, outside the dataset format: the trainer reads the projected context).
+to fit, reflection-pad and record the padding mask (§12); cut clips of `--frames` frames from its caption windows
+as NVIDIA's Video2World dataset samples them (`--frame-stride auto`, the default): a video outside [10, 60] fps is
+skipped; with several windows the last is dropped; a window needs >= 4 s and >= `--frames` frames; the stride is
+window frames // `--frames` and the `--frames`·stride span is centred in the window (the reference draws one
+window per epoch, we take every usable one). `--frame-stride N` fixes the stride instead (no fps or duration
+filter; 1 = consecutive frames). `--clips-per-video K` > 1 cuts K spans per window evenly spaced from its start to
+its end (identical ones kept once: a window with no room gives one). Only the frames the clips need are decoded.
+Then encode the clips with the Wan2.1 VAE into normalised latents (§9, §10); embed each window's caption with the
+Reason1 text encoder (§11) and project it ONCE with the teacher's frozen `crossattn_proj` into the (512, 1024)
+context, stored bfloat16. The raw (512, 28·3584) embedding is not stored unless `--keep-raw-text` (then float32,
+beside each shard as `SHARD.text_raw.npy`, outside the dataset format: the trainer reads the projected context).
 
 Inputs:
 - `--videos DIR` (every .mp4/.mov/.mkv/.webm/.avi/.m4v below it, sorted) or `--videos LIST.txt` (one path a line,
   relative to the list's folder or absolute; blank lines and `#` comments ignored). Local paths or gs:// (epath).
-- `--captions FILE.jsonl`: one JSON object a line, `{"video": "clip_001.mp4", "caption": "A red car ..."}`; "video"
-  is the path relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video
-  without an entry uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption).
+- `--captions FILE.jsonl`: one caption window a line, `{"video": "clip_001.mp4", "caption": "A red car ...",
+  "start": 3.5, "end": 9.0}` with start/end in SECONDS (rounded to the nearest frame), or `"start_frame"` /
+  `"end_frame"` in frames (end exclusive); either bound may be left out (the video's start / end), a line with
+  neither is the whole video; several lines of one video are its windows, in file order. "video" is the path
+  relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video without an entry
+  uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption of the whole video).
 
 Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `main.py` trains on
 (`--config.data.path=DATASET`; every batch holds one bucket):
 - `unit-NNNNN/`: the shards of unit N, one per bucket, written by `data.DatasetWriter`; a unit is `--shard-videos`
   consecutive videos of the sorted list. Every record holds the latents, the projected context and the padding
   mask (pixel resolution); its info (`NpyDirSource.info(i)`) {"caption", "source": the video file, "frames":
-  [start, stop), "fps", "bucket": "WxH"};
+  [start, stop) and "frame_stride" (the indices range(start, stop, stride)), "window": [start, end) frames of
+  its caption window and "window_index" (its line among the video's windows), "fps", "bucket": "WxH"};
 - `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after
   its folder is complete;
 - `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`), written last by process 0;
 - `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
   skipped, an unfinished one is redone), different ones are refused unless `--overwrite` (which deletes what a
   previous job wrote there);
-- `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, too short,
-  no caption); the job goes on without them.
+- `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, fps out
+  of range, too short, no caption window long enough, no caption), and per skipped window of a video that gave
+  clips, `{"video": PATH, "window": K, "frames": [start, end), "reason": "..."}` (too short, the dropped last
+  window); the job goes on without them.
 
 Devices and hosts: all local devices are used (mesh {"data": 1, "fsdp": all}): the clip and caption batches are
 split over them, the text encoder's parameters are FSDP-sharded. With several processes (TPU pods are detected;
@@ -66,13 +76,22 @@ from jax.experimental import multihost_utils
 from trigflow_distill.common import distributed, errors, paths, video
 from trigflow_distill.data import DatasetWriter
 from trigflow_distill.models import wan_vae
-from trigflow_distill.prepare.clips import Clip, Item, list_videos, load_clips, make_items, read_captions
+from trigflow_distill.prepare.clips import (
+    AUTO,
+    Clip,
+    Item,
+    list_videos,
+    load_clips,
+    make_items,
+    parse_stride,
+    read_captions,
+)
 from trigflow_distill.prepare.encoders import Encoders
 
 JOB_FILE = "job.json"
 REPORT_FILE = "report.jsonl"
 UNITS_DIR = "units"
-JOB_FORMAT = "trigflow_distill.prepare/1"
+JOB_FORMAT = "trigflow_distill.prepare/2"  # 2: caption windows and strided clips (§12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,7 +119,7 @@ def _digest(text: str) -> str:
 
 def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
     """What determines the dataset's content (batch size, workers and device count do not)."""
-    listing = "\n".join(f"{it.path}\t{it.caption}" for it in items)
+    listing = "\n".join(f"{it.path}\t{json.dumps([dataclasses.astuple(w) for w in it.windows])}" for it in items)
     return {
         "format": JOB_FORMAT,
         "videos": args.videos,
@@ -113,6 +132,7 @@ def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
         "resolution": str(args.resolution),
         "frames": args.frames,
         "clips_per_video": args.clips_per_video,
+        "frame_stride": parse_stride(args.frame_stride),
         "shard_videos": args.shard_videos,
         "teacher_prefix": args.teacher_prefix,
         "keep_raw_text": args.keep_raw_text,
@@ -162,13 +182,23 @@ class Options:
     resolution: str
     frames: int
     clips_per_video: int
+    frame_stride: str | int
     batch_size: int
     workers: int
 
 
-def _prefetched(items: Sequence[Item], opts: Options, pool) -> Iterator[tuple[Item, list[Clip] | str]]:
-    """(item, its clips or the reason it is skipped), in order, decoding up to 2 x workers videos ahead."""
-    load = functools.partial(load_clips, resolution=opts.resolution, frames=opts.frames, clips=opts.clips_per_video)
+def _prefetched(
+    items: Sequence[Item], opts: Options, pool
+) -> Iterator[tuple[Item, tuple[list[Clip], list[dict]] | str]]:
+    """(item, (its clips, its skipped windows) or the reason it is skipped), in order, decoding up to 2 x workers
+    videos ahead."""
+    load = functools.partial(
+        load_clips,
+        resolution=opts.resolution,
+        frames=opts.frames,
+        clips=opts.clips_per_video,
+        stride=opts.frame_stride,
+    )
     queue = collections.deque()
     it = iter(items)
 
@@ -199,7 +229,7 @@ def process_unit(
     skipped_before: int = 0,
 ) -> dict:
     """Encodes the clips of one unit, writes one shard per bucket and then the unit's completion marker.
-    `bar` counts clips (its total shrinks when a video gives fewer clips than asked, or none)."""
+    `bar` counts clips (its total is corrected when a video gives another number of clips than expected)."""
     pending: dict[tuple, list[Clip]] = collections.defaultdict(list)
     done: dict[tuple, list[tuple[Clip, np.ndarray]]] = collections.defaultdict(list)
     skipped = []
@@ -210,13 +240,15 @@ def process_unit(
         done[bucket].extend(zip(clips, z))
         bar.update(len(clips))
 
-    for item, clips in _prefetched(items, opts, pool):
-        if isinstance(clips, str):
-            skipped.append({"video": item.path, "reason": clips})
-            bar.total -= opts.clips_per_video
+    for item, loaded in _prefetched(items, opts, pool):
+        if isinstance(loaded, str):
+            skipped.append({"video": item.path, "reason": loaded})
+            bar.total -= expected_clips(item, opts.clips_per_video)
             bar.set_postfix(skipped=skipped_before + len(skipped), refresh=True)
             continue
-        bar.total -= opts.clips_per_video - len(clips)
+        clips, skipped_windows = loaded
+        skipped.extend({"video": item.path, **w} for w in skipped_windows)
+        bar.total -= expected_clips(item, opts.clips_per_video) - len(clips)
         for clip in clips:
             pending[clip.bucket].append(clip)
             if len(pending[clip.bucket]) == opts.batch_size:
@@ -224,7 +256,7 @@ def process_unit(
     for bucket in list(pending):
         flush(bucket)
 
-    captions = list(dict.fromkeys(c.item.caption for clips in done.values() for c, _ in clips))
+    captions = list(dict.fromkeys(c.caption for clips in done.values() for c, _ in clips))
     contexts, raws = [], []
     for i in range(0, len(captions), opts.batch_size):
         context, raw = enc.context(captions[i : i + opts.batch_size], opts.batch_size)
@@ -245,12 +277,15 @@ def process_unit(
         order = list(video.buckets(opts.resolution).values())
         for bucket in sorted(done, key=order.index):
             clips = done[bucket]
-            rows = [row[c.item.caption] for c, _ in clips]
+            rows = [row[c.caption] for c, _ in clips]
             info = [
                 {
-                    "caption": c.item.caption,
+                    "caption": c.caption,
                     "source": c.item.path,
-                    "frames": [c.start, c.start + opts.frames],
+                    "frames": [c.plan.indices.start, c.plan.indices.stop],
+                    "frame_stride": c.plan.indices.step,
+                    "window": list(c.plan.window_frames),
+                    "window_index": c.plan.window,
                     "fps": c.fps,
                 }
                 for c, _ in clips
@@ -324,12 +359,26 @@ def finish(out: epath.Path, num_units: int) -> dict:
     return {"records": meta["num_records"], "shards": len(meta["shards"]), "skipped": skipped}
 
 
+def expected_clips(item: Item, clips_per_video: int) -> int:
+    """Clips a video gives when all its windows are usable (the last of several is dropped): the progress total."""
+    return max(len(item.windows) - 1, 1) * clips_per_video
+
+
+def check_frames(frames: int) -> None:
+    """The VAE takes 1 + 4k frames; otherwise a one-line error naming the nearest valid counts."""
+    if frames >= 1 and (frames - 1) % 4 == 0:
+        return
+    below = frames - (frames - 1) % 4
+    nearest = f"{below} or {below + 4}" if below >= 1 else "1"
+    raise ValueError(f"--frames {frames}: must be 1 + 4k for the VAE (nearest: {nearest})")
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds)."""
     t0 = time.perf_counter()
     frames = args.frames
-    if frames < 1 or (frames - 1) % 4:
-        raise ValueError(f"--frames {frames}: the VAE needs 1 + 4k frames (e.g. 93 -> 24 latent frames)")
+    check_frames(frames)
+    stride = parse_stride(args.frame_stride)
     if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
         raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
     video.buckets(args.resolution)  # validates the name
@@ -359,10 +408,10 @@ def prepare(args: argparse.Namespace) -> dict:
     batch = args.batch_size or enc.num_devices
     if batch % enc.num_devices:
         raise ValueError(f"--batch-size {batch} must be a multiple of the {enc.num_devices} devices used (--devices)")
-    opts = Options(str(args.resolution), frames, args.clips_per_video, batch, args.workers)
+    opts = Options(str(args.resolution), frames, args.clips_per_video, stride, batch, args.workers)
     if resumed and jax.process_index() == 0:
         print(f"resuming {out}: {len(mine) - len(todo)} of {len(mine)} units already done", file=sys.stderr)
-    total = sum(len(units[u]) for u in todo) * args.clips_per_video
+    total = sum(expected_clips(it, args.clips_per_video) for u in todo for it in units[u])
     clips = skipped = 0
     with (
         concurrent.futures.ThreadPoolExecutor(args.workers) as pool,
@@ -387,7 +436,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--videos", required=True, help="folder of videos, or a .txt list of video paths")
-    parser.add_argument("--captions", help='JSONL of {"video": NAME, "caption": TEXT} (else sidecar NAME.txt)')
+    parser.add_argument(
+        "--captions",
+        help='JSONL, a caption window a line: {"video": NAME, "caption": TEXT[, "start": S, "end": S]} in seconds, '
+        'or "start_frame"/"end_frame" in frames; no start/end = the whole video (else sidecar NAME.txt)',
+    )
     parser.add_argument(
         "--vae", default=wan_vae.DEFAULT_SOURCE, help="Wan2.1 VAE: native .pth, diffusers folder, hf://"
     )
@@ -397,7 +450,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="dataset folder (new, or this job's to resume)")
     parser.add_argument("--resolution", default="720", choices=video.RESOLUTIONS, help="bucket table (§12)")
     parser.add_argument("--frames", type=int, default=93, help="frames per clip, 1 + 4k (default 93)")
-    parser.add_argument("--clips-per-video", type=int, default=1, help="evenly spaced clips per video")
+    parser.add_argument(
+        "--clips-per-video", type=int, default=1, help="clips per caption window: 1 = centred, K = evenly spaced"
+    )
+    parser.add_argument(
+        "--frame-stride",
+        default=AUTO,
+        help="auto (default, the reference's: window frames // --frames, fps in [10, 60], windows >= 4 s) or a "
+        "fixed stride N (any fps and duration; 1 = consecutive frames)",
+    )
     parser.add_argument("--batch-size", type=int, default=0, help="clips per VAE call (default: devices used)")
     parser.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
     parser.add_argument("--shard-videos", type=int, default=32, help="videos per unit (one shard per bucket)")
@@ -424,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = summary["clips_this_run"] / max(summary["seconds"], 1e-9)
         print(
             f"{args.out}: {summary['records']} clips in {summary['shards']} shards; "
-            f"{len(summary['skipped'])} videos skipped (see {REPORT_FILE}); this run: "
+            f"{len(summary['skipped'])} videos or windows skipped (see {REPORT_FILE}); this run: "
             f"{summary['clips_this_run']} clips in {summary['seconds']:.1f} s ({rate:.2f} clips/s)"
         )
     return 0
