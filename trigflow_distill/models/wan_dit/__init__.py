@@ -2,7 +2,8 @@
 diffusers name maps and config inference (`names`) and torch-free safetensors loading (`checkpoint`).
 
 Not yet a registered family (`models.FAMILIES`): its conditioning interface (`project_text`, `text_kind`, ...),
-the umT5 and CLIP encoders and the teacher cache are still to come (docs/models.md, "The Wan2.1 DiT")."""
+the CLIP image tower and the teacher cache are still to come (docs/models.md, "The Wan2.1 DiT"); the text
+encoder is `models/umt5`."""
 
 from trigflow_distill.models.wan_dit.network import (
     PRESETS,
