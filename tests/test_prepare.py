@@ -244,10 +244,10 @@ def test_rerun_resumes_and_other_jobs_are_refused(sources, dataset, capsys):
 def test_bad_arguments_are_one_line_errors(sources, tmp_path, capsys):
     assert job.main(_args(sources, tmp_path / "a", "--frames", "90")) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: --frames 90: must be 1 + 4k") and "(nearest: 89 or 93)" in err
+    assert err.startswith("error: --frames 90: the Wan2.1 VAE needs 1 + 4k frames (nearest: 89 or 93)")
     assert err.count("\n") == 1
     assert job.main(_args(sources, tmp_path / "a", "--frames", "0")) == 1
-    assert "(nearest: 1)" in capsys.readouterr().err
+    assert "(nearest: 1 or 5)" in capsys.readouterr().err
     assert job.main(_args(sources, tmp_path / "a", "--frame-stride", "x")) == 1
     assert "--frame-stride x: give auto" in capsys.readouterr().err
     wrong = tmp_path / "wrong_teacher.pt"

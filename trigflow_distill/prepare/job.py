@@ -364,20 +364,11 @@ def expected_clips(item: Item, clips_per_video: int) -> int:
     return max(len(item.windows) - 1, 1) * clips_per_video
 
 
-def check_frames(frames: int) -> None:
-    """The VAE takes 1 + 4k frames; otherwise a one-line error naming the nearest valid counts."""
-    if frames >= 1 and (frames - 1) % 4 == 0:
-        return
-    below = frames - (frames - 1) % 4
-    nearest = f"{below} or {below + 4}" if below >= 1 else "1"
-    raise ValueError(f"--frames {frames}: must be 1 + 4k for the VAE (nearest: {nearest})")
-
-
 def prepare(args: argparse.Namespace) -> dict:
     """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds)."""
     t0 = time.perf_counter()
     frames = args.frames
-    check_frames(frames)
+    wan_vae.check_frame_count(frames)
     stride = parse_stride(args.frame_stride)
     if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
         raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
