@@ -29,12 +29,14 @@ and with --save-latents one .npz per prompt that `python -m trigflow_distill.mod
 
 The initial noise of prompt i is normal(fold_in(key(seed), i)): a video does not depend on the batch size or the
 number of devices. Batches are split over all local devices (data parallel); the last one is padded.
+
+The same from Python: `from trigflow_distill.inference import Pipeline` (inference/pipeline.py); this CLI is that
+API plus its files.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import math
@@ -42,100 +44,30 @@ import re
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from trigflow_distill.common import errors, sharding, video
-from trigflow_distill.core import sampling
-from trigflow_distill.inference.inputs import (
-    PREPROCESS,
-    choose_bucket,
-    conditioning_frames,
-    make_conditioning,
-    read_prompts,
-)
-from trigflow_distill.inference.loader import Model, load_checkpoint, load_workdir
-from trigflow_distill.methods import video2world
-from trigflow_distill.models import cosmos_dit, reason1, wan_vae
+from trigflow_distill.common import errors, video
+from trigflow_distill.inference import pipeline
+from trigflow_distill.inference.inputs import PREPROCESS, conditioning_frames, read_prompts
+
+# Re-exported: the CLI's defaults and the sampling pieces that benchmarks/generate_speed.py times stage by stage.
+from trigflow_distill.inference.pipeline import DEFAULT_NEGATIVE_PROMPT as DEFAULT_NEGATIVE_PROMPT
+from trigflow_distill.inference.pipeline import DEFAULT_TEACHER_SAMPLER as DEFAULT_TEACHER_SAMPLER
+from trigflow_distill.inference.pipeline import TEACHER_SAMPLERS as TEACHER_SAMPLERS
+from trigflow_distill.inference.pipeline import TEXT_ENCODER_SOURCE as TEXT_ENCODER_SOURCE
+from trigflow_distill.inference.pipeline import VAE_SOURCE as VAE_SOURCE
+from trigflow_distill.inference.pipeline import _context as _context
+from trigflow_distill.inference.pipeline import _sample_jit as _sample_jit
+from trigflow_distill.inference.pipeline import initial_noise as initial_noise
+from trigflow_distill.models import wan_vae
 from trigflow_distill.models.cosmos_dit.attention import IMPLS
 
-TEXT_ENCODER_SOURCE = "hf://nvidia/Cosmos-Reason1-7B@3210bec0495fdc7a8d3dbb8d58da5711eab4b423"
-VAE_SOURCE = wan_vae.DEFAULT_SOURCE
 _SHEET_FRAMES = 4  # frames per prompt on the contact sheet
 _SHEET_WIDTH = 256  # width of one contact-sheet frame
 _CAPTION_HEIGHT = 14
-
-# NVIDIA's inference CLI default (cosmos_predict2/config.py DEFAULT_NEGATIVE_PROMPT, the same text in
-# _src/predict2/inference/video2world.py): the `reference` teacher's unconditional prompt.
-DEFAULT_NEGATIVE_PROMPT = (
-    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
-    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
-    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, jerky movements, "
-    "low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, fake elements, "
-    "unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. Overall, the video is of "
-    "poor quality."
-)
-# --teacher-sampler -> (solver, default CFG scale s in x0_u + s (x0_c - x0_u)). reference: NVIDIA's inference
-# (UniPC, their w = 7 in v_c + w (v_c - v_u), i.e. s = 8, negative prompt); dmd2-target: the teacher the DMD2 loss
-# distills towards (§4: s = 4, zero text), Euler for like-for-like comparisons with the student.
-TEACHER_SAMPLERS = {"reference": ("unipc", 8.0), "dmd2-target": ("euler", 4.0)}
-DEFAULT_TEACHER_SAMPLER = "dmd2-target"
-
-
-def initial_noise(seed: int, index: int, shape) -> jax.Array:
-    """eps of prompt `index` (float32, `shape`): independent of batching and devices."""
-    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), shape, jnp.float32)
-
-
-# The one sampling path (`video2world.sample`: the student's k steps or the teacher's CFG Euler steps, conditional
-# frames kept), jitted per settings, network config and scaling.
-_sample_jit = jax.jit(video2world.sample, static_argnums=(0, 1), static_argnames=("scaling", "replace_gt_timesteps"))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _context(te_cfg, te_params, ids_bl, text_proj):
-    """Projected context (B, L, D) of token ids: Reason1 embedding -> the model's frozen text projection."""
-    return cosmos_dit.project_text(text_proj, reason1.embed(te_cfg, te_params, ids_bl))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-
-
-def load_model(args) -> tuple[Model, sampling.SamplerSettings]:
-    """The model of --workdir / --student / --teacher and how to sample it (the CLI's step and guidance flags)."""
-    options = dict(dtype=args.dtype, attention=args.attention, remat=False)
-    if args.workdir:
-        model = load_workdir(args.workdir, **options)
-    else:
-        model = load_checkpoint(args.student or args.teacher, **options)
-    d = model.defaults
-    common = dict(shift=d["shift"], sigma_data=d["sigma_data"], train_steps=d["train_steps"])
-    if args.teacher:
-        solver = TEACHER_SAMPLERS[args.teacher_sampler][0]
-        return model, sampling.SamplerSettings(
-            kind="teacher", steps=args.teacher_steps, guidance=args.guidance, solver=solver, **common
-        )
-    steps = 4 if args.steps is None else args.steps
-    if not 1 <= steps <= d["train_steps"]:
-        raise ValueError(
-            f"--steps {steps}: the student takes 1 to {d['train_steps']} steps (the first k times "
-            "of its training schedule)"
-        )
-    conditioned = cosmos_dit.GUIDANCE_EMBEDDER in model.params
-    if args.guidance is not None and not conditioned:
-        raise ValueError(
-            f"--guidance {args.guidance:g}: this student was distilled at one CFG scale; --guidance picks the "
-            "scale of a guidance-conditioned student (distill.guidance_conditioned=True, docs/algorithm.md §15)"
-        )
-    guidance = (d["guidance"] if args.guidance is None else args.guidance) if conditioned else None
-    return model, sampling.SamplerSettings(kind="student", steps=steps, guidance=guidance, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,134 +110,78 @@ def _write_npz(path: epath.Path, **arrays) -> None:
 # The run
 
 
-def _devices_for(batch_size: int) -> list:
-    """The most local devices (at most batch_size) that split the batch evenly."""
-    devices = jax.local_devices()
-    n = max(d for d in range(1, min(len(devices), batch_size) + 1) if batch_size % d == 0)
-    return devices[:n]
-
-
-def encode_prompts(
-    src: str, prompts: list[str], batch_size: int, devices, model: Model, dtype: str = "bfloat16"
-) -> np.ndarray:
-    """Projected contexts (N, L, D) float32 of the prompts, in batches split over `devices` (FSDP text encoder
-    in `dtype`)."""
-    mesh = sharding.make_mesh({"fsdp": -1}, devices)
-    te_cfg, te_params = reason1.load(src, dtype, mesh=mesh)
-    expected = model.text_proj["kernel"].shape[0]
-    if te_cfg.num_layers * te_cfg.hidden_size != expected:
-        raise ValueError(
-            f"--text-encoder {src}: gives {te_cfg.num_layers} x {te_cfg.hidden_size} = "
-            f"{te_cfg.num_layers * te_cfg.hidden_size} features, the model's text projection takes "
-            f"{expected}; use the model's own text encoder (Cosmos-Reason1-7B for Predict2.5)"
-        )
-    tok = reason1.load_tokenizer(src)
-    proj = jax.device_put(model.text_proj, sharding.replicated(mesh))
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids = reason1.tokenize(tok, chunk + [chunk[-1]] * (batch_size - len(chunk)))
-        ids = jax.device_put(ids, sharding.batch_sharding(mesh))
-        out.append(np.asarray(_context(te_cfg, te_params, ids, proj))[: len(chunk)])
-    return np.concatenate(out)
+def load_pipeline(args) -> pipeline.Pipeline:
+    """The `Pipeline` of --workdir / --student / --teacher with the CLI's VAE, text encoder and dtypes."""
+    return pipeline.Pipeline.load(
+        args.student,
+        workdir=args.workdir,
+        teacher=args.teacher,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        dtype=args.dtype,
+        vae_dtype=args.vae_dtype,
+        text_encoder_dtype=args.text_encoder_dtype,
+        attention=args.attention,
+    )
 
 
 def generate(args) -> dict:
-    """Runs the CLI's work; returns what generate.json holds."""
+    """Runs the CLI's work (`Pipeline.prepare` + `Pipeline.batches`, writing each batch); returns what
+    generate.json holds."""
     t_start = time.perf_counter()
     prompts = read_prompts(args.prompts) if args.prompts else [p.strip() for p in args.prompt]
     if any(not p for p in prompts):
         raise ValueError("--prompt: empty prompt; give some text")
-    frames = conditioning_frames(args)
-    bucket = choose_bucket(args, frames)
+    frames = conditioning_frames(args)  # read before the model so that a bad file fails at once
     timings = {}
 
     t = time.perf_counter()
-    model, settings = load_model(args)
-    reference = settings.solver == "unipc"
-    # NVIDIA's teacher inference feeds conditional frames the step's time; a student is sampled as its run trained
-    # it (distill.replace_gt_timesteps; on for a .pt, as in the 2B reference distillation).
-    replace_gt = not reference and bool(model.defaults["replace_gt_timesteps"])
-    vae_cfg, vae_params = wan_vae.load(args.vae)
+    pipe = load_pipeline(args)
     timings["load_s"] = time.perf_counter() - t
-    t_lat = 1 + (args.num_frames - 1) // vae_cfg.time_factor
-    latent_shape = (
-        model.net_config.in_channels,
-        t_lat,
-        bucket[1] // vae_cfg.space_factor,
-        bucket[0] // vae_cfg.space_factor,
+    job = pipe.prepare(
+        prompts,
+        image=frames if args.image else None,
+        video=frames if args.video else None,
+        cond_frames=args.cond_frames,
+        steps=args.steps,
+        guidance=args.guidance,
+        teacher_steps=args.teacher_steps,
+        teacher_sampler=args.teacher_sampler,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_frames=args.num_frames,
+        resolution=args.resolution,
+        aspect=args.aspect,
+        size=args.size,
+        preprocess=args.preprocess,
+        batch_size=args.batch_size,
     )
-    cond = make_conditioning(vae_cfg, vae_params, frames, bucket, latent_shape, args.vae_dtype, args.preprocess)
-    if cond.num_cond >= t_lat:
-        raise ValueError(
-            f"--num-frames {args.num_frames} gives {t_lat} latent frames, all of them conditional "
-            f"({cond.num_cond}); ask for more frames"
-        )
-
-    batch_size = min(args.batch_size or jax.local_device_count(), len(prompts))
-    devices = _devices_for(batch_size)
-    negative = args.negative_prompt if reference else None
-    t = time.perf_counter()
-    texts = prompts + ([negative] if reference else [])
-    contexts = encode_prompts(args.text_encoder, texts, batch_size, devices, model, args.text_encoder_dtype)
-    timings["text_encoding_s"] = time.perf_counter() - t
-
-    mesh = sharding.make_mesh({"data": -1}, devices)
-    repl, split = sharding.replicated(mesh), NamedSharding(mesh, P("data"))
-    params = jax.device_put(model.params, repl)
-    if reference:  # NVIDIA's unconditional branch: the negative prompt, encoded like any prompt
-        uncond = jax.device_put(contexts[-1:], repl)
-    else:  # the projection of all-zero text (§7), what the DMD2 teacher and the students were trained with
-        shape = (1, 1, model.net_config.crossattn_emb_channels)
-        uncond = jax.device_put(cosmos_dit.unconditional_context(model.text_proj, shape), repl)
-    gt, mask, padding = (jax.device_put(x, repl) for x in (cond.gt_1cthw, cond.mask_11thw, cond.padding_11hw))
+    timings["text_encoding_s"] = job.text_encoding_s
+    settings, cond, bucket = job.settings, job.cond, job.bucket_wh
+    reference = settings.solver == "unipc"
 
     out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     videos, sheet_rows, batches = [], [], []
     with tqdm(total=len(prompts), unit="video", desc="generate", file=sys.stderr) as bar:
-        for start in range(0, len(prompts), batch_size):
-            idx = list(range(start, min(start + batch_size, len(prompts))))
-            pad_idx = idx + [idx[-1]] * (batch_size - len(idx))
-            context = jax.device_put(contexts[pad_idx], split)
-            eps = jax.device_put(
-                np.stack([np.asarray(initial_noise(args.seed, i, latent_shape)) for i in pad_idx]), split
-            )
-            t = time.perf_counter()
-            latents = _sample_jit(
-                settings,
-                model.net_config,
-                params,
-                context,
-                uncond,
-                gt,
-                mask,
-                eps,
-                scaling=model.defaults["scaling"],
-                padding_mask_b1hw=padding,
-                replace_gt_timesteps=replace_gt,
-            ).block_until_ready()
-            t_sample = time.perf_counter() - t
-            t = time.perf_counter()
-            pixels = np.asarray(wan_vae.decode(vae_cfg, vae_params, latents, dtype=args.vae_dtype))
-            t_decode = time.perf_counter() - t
-            latents = np.asarray(latents)
-            for j, i in enumerate(idx):
+        for batch in pipe.batches(job):
+            for j, i in enumerate(batch.indices):
                 name = f"{i:04d}_{_slug(prompts[i])}"
-                frames_u8 = video.to_uint8(pixels[j])
+                frames_u8 = video.to_uint8(batch.pixels[j])
                 video.write_mp4(out / f"{name}.mp4", frames_u8, args.fps)
                 if args.save_latents:
                     _write_npz(
                         out / f"{name}.npz",
-                        latents=latents[j],
+                        latents=batch.latents[j],
                         padding_mask=cond.padding_11hw[0],
                         bucket=np.array(bucket, np.int32),
                         fps=np.float32(args.fps),
                     )
                 sheet_rows.append((prompts[i], frames_u8))
                 videos.append({"prompt": prompts[i], "file": f"{name}.mp4", "noise_index": i})
-            batches.append({"videos": len(idx), "sampling_s": t_sample, "decoding_s": t_decode})
-            bar.update(len(idx))
+            n = len(batch.indices)
+            batches.append({"videos": n, "sampling_s": batch.sampling_s, "decoding_s": batch.decoding_s})
+            bar.update(n)
     _write_png(out / "contact_sheet.png", contact_sheet(sheet_rows))
 
     # The first batch compiles the sampler and the VAE decoder: per-video time from the later ones when there are.
@@ -315,26 +191,26 @@ def generate(args) -> dict:
     timings["decoding_s"] = sum(b["decoding_s"] for b in batches)
     timings["total_s"] = time.perf_counter() - t_start
     report = {
-        "model": {"kind": settings.kind, "source": model.description},
+        "model": {"kind": settings.kind, "source": pipe.model.description},
         "nfe": settings.nfe,
         "sampler": {
-            "name": args.teacher_sampler if settings.kind == "teacher" else "student",
+            "name": job.sampler,
             "solver": settings.solver if settings.kind == "teacher" else "student",
             "steps": settings.steps,
             "guidance": settings.guidance,
-            "negative_prompt": negative,
+            "negative_prompt": job.negative_prompt,
             "unconditional_context": "negative prompt" if reference else ("zero text" if settings.uses_cfg else None),
-            "replace_gt_timesteps": replace_gt,
+            "replace_gt_timesteps": job.replace_gt,
         },
         "settings": {
             "steps": settings.steps,
             "guidance": settings.guidance,
-            "preprocess": args.preprocess,
+            "preprocess": job.preprocess,
             "seed": args.seed,
             "num_frames": args.num_frames,
             "resolution": args.resolution,
             "bucket_wh": list(bucket),
-            "latent_shape": list(latent_shape),
+            "latent_shape": list(job.latent_shape),
             "cond_latent_frames": cond.num_cond,
             "image": args.image,
             "video": args.video,
@@ -342,12 +218,12 @@ def generate(args) -> dict:
             "dtype": args.dtype,
             "text_encoder_dtype": args.text_encoder_dtype,
             "vae_dtype": args.vae_dtype,
-            "batch_size": batch_size,
-            "devices": len(devices),
+            "batch_size": job.batch_size,
+            "devices": len(job.devices),
             "vae": args.vae,
             "text_encoder": args.text_encoder,
             "schedule_shift": settings.shift,
-            "scaling": model.defaults["scaling"],
+            "scaling": pipe.model.defaults["scaling"],
         },
         "seconds_per_video": per_video,
         "seconds_per_video_note": (
@@ -390,11 +266,9 @@ def _check_args(args) -> None:
     # crop for NVIDIA's checkpoints (as its inference CLI), a run's own preprocessing for its student
     args.preprocess = args.preprocess or ("pad" if args.workdir else "crop")
     if args.teacher is not None:
-        args.teacher_sampler = args.teacher_sampler or DEFAULT_TEACHER_SAMPLER
-        args.guidance = TEACHER_SAMPLERS[args.teacher_sampler][1] if args.guidance is None else args.guidance
-        args.teacher_steps = 35 if args.teacher_steps is None else args.teacher_steps
-        if args.teacher_sampler == "reference":
-            args.negative_prompt = DEFAULT_NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+        args.teacher_sampler, args.guidance, args.teacher_steps, args.negative_prompt = pipeline.teacher_defaults(
+            args.teacher_sampler, args.guidance, args.teacher_steps, args.negative_prompt
+        )
     args.cond_frames = 1 if args.cond_frames is None else args.cond_frames
     wan_vae.check_frame_count(args.num_frames, "--num-frames")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):

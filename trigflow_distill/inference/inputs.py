@@ -5,8 +5,10 @@ bucket of nearest aspect, fit inside, reflection pad, padding mask), and "crop",
 model's 16:9 size, resize to cover, centre crop, padding mask zeros).
 
 - `read_prompts(path)`: the prompts of a text or JSONL file;
-- `conditioning_frames(args)`: the pixel frames of --image / --video (None without them);
-- `choose_bucket(args, frames)`: the (width, height) of the output;
+- `read_conditioning(image, video, cond_frames)`: the pixel frames of an image / video (a path or an array; None
+  without them); `conditioning_frames(args)` the same for the CLI's --image / --video;
+- `output_size(frames, size, aspect, resolution, preprocess)`: the (width, height) of the output;
+  `choose_bucket(args, frames)` the same for the CLI's flags;
 - `make_conditioning(vae_cfg, vae_params, frames, bucket_wh, latent_shape, dtype, preprocess) -> Conditioning`.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -77,34 +80,61 @@ def read_image(path: str) -> np.ndarray:
         raise ValueError(f"--image {path}: cannot read the image ({e}); give a PNG/JPEG/WebP file") from None
 
 
-def conditioning_frames(args) -> np.ndarray | None:
-    """The pixel frames that become the conditional latent frames: the image, or the last 1 + 4(N-1) video frames
-    (as the reference's Video2World inference does); None without --image/--video."""
-    if args.image:
-        return read_image(args.image)
-    if not args.video:
-        return None
-    frames, _ = video.read_video(args.video)
-    need = 1 + 4 * (args.cond_frames - 1)
-    if len(frames) < need:
+def _as_frames(frames, what: str) -> np.ndarray:
+    """An image (H, W, 3) or frames (T, H, W, 3) given as an array: uint8 RGB frames (T, H, W, 3)."""
+    arr = np.asarray(frames)
+    arr = arr[None] if arr.ndim == 3 else arr
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(
-            f"--video {args.video}: has {len(frames)} frames, --cond-frames {args.cond_frames} needs the last {need}"
+            f"{what}: got an array {arr.dtype} {arr.shape}; give uint8 RGB frames (H, W, 3) or (T, H, W, 3), or a path"
         )
+    return arr
+
+
+def read_conditioning(image=None, video_=None, cond_frames: int = 1) -> np.ndarray | None:
+    """The pixel frames that become the conditional latent frames: the image, or the last 1 + 4(N-1) frames of the
+    video (as the reference's Video2World inference does), each a path or a uint8 array; None without either."""
+    if image is not None and video_ is not None:
+        raise ValueError("give an image or a video to condition on, not both")
+    if image is not None:
+        return read_image(image) if isinstance(image, (str, os.PathLike)) else _as_frames(image, "image")[:1]
+    if video_ is None:
+        return None
+    if isinstance(video_, (str, os.PathLike)):
+        frames, _ = video.read_video(video_)
+        where = f"--video {video_}"
+    else:
+        frames, where = _as_frames(video_, "video"), "the video"
+    need = 1 + 4 * (cond_frames - 1)
+    if len(frames) < need:
+        raise ValueError(f"{where}: has {len(frames)} frames, --cond-frames {cond_frames} needs the last {need}")
     return frames[-need:]
 
 
-def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
-    """(width, height): --size, else --aspect, else with --preprocess pad the nearest aspect of the conditioning
-    frames, else 16:9. NVIDIA's inference CLI (crop) always uses the model's 16:9 size (704 x 1280 at "720": its
-    `get_video_height_width`) whatever the input's aspect."""
-    if args.size:
-        return args.size
-    table = video.buckets(args.resolution)
-    if args.aspect:
-        return table[args.aspect]
-    if frames is not None and args.preprocess == "pad":
-        return video.choose_bucket(frames.shape[2], frames.shape[1], args.resolution)
+def conditioning_frames(args) -> np.ndarray | None:
+    """`read_conditioning` of the CLI's --image / --video / --cond-frames."""
+    return read_conditioning(args.image, args.video, args.cond_frames)
+
+
+def output_size(
+    frames: np.ndarray | None, size=None, aspect: str | None = None, resolution: str = "720", preprocess: str = "pad"
+) -> tuple[int, int]:
+    """(width, height): `size`, else the bucket of `aspect`, else with preprocess "pad" the nearest aspect of the
+    conditioning frames, else 16:9. NVIDIA's inference CLI (crop) always uses the model's 16:9 size (704 x 1280 at
+    "720": its `get_video_height_width`) whatever the input's aspect."""
+    if size:
+        return tuple(size)
+    table = video.buckets(resolution)
+    if aspect:
+        return table[aspect]
+    if frames is not None and preprocess == "pad":
+        return video.choose_bucket(frames.shape[2], frames.shape[1], resolution)
     return table["16:9"]
+
+
+def choose_bucket(args, frames: np.ndarray | None) -> tuple[int, int]:
+    """`output_size` of the CLI's --size / --aspect / --resolution / --preprocess."""
+    return output_size(frames, args.size, args.aspect, args.resolution, args.preprocess)
 
 
 def make_conditioning(
