@@ -30,23 +30,23 @@ def get_config(arg: str = ""):
             f"Unknown config variant {arg!r}: use configs/predict25_4step.py or configs/predict25_4step.py:tiny"
         )
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 30_000
-    c.log_every = 10
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    c.sample_every = 500
-    c.max_consecutive_skips = 10
+    c.seed = 0  # initial noise and per-step randomness of the updates
+    c.total_steps = 30_000  # training iterations (critic and student updates together)
+    c.log_every = 10  # iterations between metric lines (stdout, metrics.jsonl, TensorBoard)
+    c.checkpoint_every = 500  # iterations between checkpoints (<workdir>/checkpoints; the last step always)
+    c.keep_checkpoints = 3  # newest checkpoints kept
+    c.sample_every = 500  # iterations between validation samples (<workdir>/samples, see `sample`); 0 = none
+    c.max_consecutive_skips = 10  # stop after this many updates in a row with a non-finite loss or gradient
     # A resume must use the saved config (<workdir>/config.json) up to total_steps, intervals, eval and mesh; True
     # goes on with a changed one (the old is kept as config.<time>.json). See docs/reliability.md.
     c.allow_config_change = False
 
     # Teacher: a native Cosmos .pt (net. / net_ema. prefix) or a diffusers folder, converted once at start-up.
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.path = ""
+    c.teacher.path = ""  # local .pt / diffusers folder or hf://OWNER/NAME/PATH[@REV]; required
     c.teacher.cache_dir = ""  # "" = <workdir>/teacher_cache
-    c.teacher.scaling = "rectified_flow"
-    c.teacher.sigma_data = 1.0
+    c.teacher.scaling = "rectified_flow"  # the teacher's preconditioning: rectified_flow (Predict2.5) | edm
+    c.teacher.sigma_data = 1.0  # data standard deviation of that preconditioning
     c.teacher.dtype = "bfloat16"  # storage dtype of the frozen teacher params
 
     # Network options (architecture is inferred from the teacher checkpoint).
@@ -63,15 +63,15 @@ def get_config(arg: str = ""):
     # an update draws s ~ U[guidance_range]; `guidance` is then the scale of training samples and the default of
     # generate / evaluation. False = the reference: one student per scale.
     c.distill.guidance_conditioned = False
-    c.distill.guidance_range = (1.0, 6.0)
+    c.distill.guidance_range = (1.0, 6.0)  # the scales a guidance-conditioned student trains on
     # Iteration i updates the student iff i % student_update_freq == 0; every i < student_warmup does (§6).
     c.distill.student_update_freq = 5
-    c.distill.student_warmup = 1
-    c.distill.num_student_steps = 4
-    c.distill.timestep_shift = 5.0
+    c.distill.student_warmup = 1  # see student_update_freq
+    c.distill.num_student_steps = 4  # sampling steps of the student
+    c.distill.timestep_shift = 5.0  # shift of the student's time grid and of the training noise levels (§2)
     c.distill.cond_frame_probs = COND_FRAME_PROBS  # P(N=0), P(N=1), P(N=2) conditional latent frames
-    c.distill.replace_gt_timesteps = True
-    c.distill.ema_rate = 0.1
+    c.distill.replace_gt_timesteps = True  # conditional frames enter the net at sigma 1e-4 (§7)
+    c.distill.ema_rate = 0.1  # power-EMA rate of the student that is exported (§6)
     c.distill.ema_start = 0  # student updates before the power EMA starts averaging (reference: 0)
     # DMD lambda per (sample, chunk of T/K latent frames). The released 2B student was trained with 4 context-
     # parallel shards of 6 frames, each computing its own lambda: 4 reproduces that; 1 = per sample (§4, §13).
@@ -93,25 +93,29 @@ def get_config(arg: str = ""):
             # term and the critic start at i = tangent_warmup (then 1 student step in student_update_freq).
             tangent_warmup=1000,
             tangent_norm_eps=0.1,  # g / (||g|| + eps)
-            p_mean=-0.8,
+            p_mean=-0.8,  # sCM time: mean of ln(sigma) ...
             p_std=1.6,  # sCM time: ln(sigma) ~ N(p_mean, p_std^2) ...
             frame_noise_scale=True,  # ... times sqrt(latent frames) (reference `adjust_video_noise`)
             jvp_attention="einsum",  # JVP-pass attention of blockwise / splash nets (no forward mode); or blockwise_jvp
         )
     )
 
+    # The student's optimizer: AdamW at lr with linear warm-up over `warmup` updates and decay over `decay_steps`,
+    # gradients clipped to global norm clip_norm (§6).
     c.student_optim = ml_collections.ConfigDict(
         dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000)
     )
+    # The critic's (fake score's) optimizer, fields as student_optim.
     c.critic_optim = ml_collections.ConfigDict(
         dict(lr=2e-7, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0, warmup=100, decay_steps=400_000)
     )
 
+    # Training data: latents + text records (`trigflow-prepare` or `trigflow-data` write them).
     c.data = ml_collections.ConfigDict()
     c.data.kind = "dir"  # "dir" (data.py on-disk format) | "toy" | "synthetic"
-    c.data.path = ""
+    c.data.path = ""  # kind="dir": the dataset directory (prepare's --out)
     c.data.batch_size = 8  # global batch
-    c.data.seed = 0
+    c.data.seed = 0  # order of the shuffled batches
     c.data.latent_shape = (16, 4, 8, 8)  # only for kind="synthetic"
     c.data.text_shape = (8, 96)  # only for kind="synthetic"
 
@@ -119,20 +123,42 @@ def get_config(arg: str = ""):
     # hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth) into samples/*.mp4, *.gif and TensorBoard; "" = none.
     c.vae = ml_collections.ConfigDict(dict(path=""))
 
+    # Validation samples (every sample_every steps): the EMA student samples fixed records of the dataset, with their
+    # stored text and first latent frames as conditioning (prompts would need the 7B text encoder in training);
+    # samples/<step>.json says what each sample is (caption, source video, record, conditioning frames, seed).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.records = ()  # record indices, all of one bucket; () = the first batch of the data order
+    c.sample.num_cond_frames = -1  # conditional latent frames of every sample; -1 = the record's, else drawn
+    c.sample.seed = 0  # noise of the samples and of drawn conditioning frames
+
     # Mesh axis sizes; 0 = chosen at start from the device count and per-device memory by the compile-only plan
     # (fewest seq shards, then the most data parallelism that fits; printed, cached in <workdir>/mesh_auto.json).
     # Fixed sizes are kept, -1 fills the devices left. device_memory_gib: per-device memory for that choice,
     # 0 = the backend's (simulated CPU devices report none: set it).
-    c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, seq=0, device_memory_gib=0.0))
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=0,
+            fsdp=0,
+            seq=0,
+            device_memory_gib=0.0,  # GiB per device for the automatic choice; 0 = the backend's (needed only on CPU)
+        )
+    )
 
     # Weights & Biases, next to TensorBoard and metrics.jsonl (off by default; needs `pip install wandb` when on).
     c.wandb = ml_collections.ConfigDict(
-        dict(enabled=False, project="trigflow-distill", entity="", name="", mode="online")
-    )  # mode: online|offline
+        dict(
+            enabled=False,
+            project="trigflow-distill",
+            entity="",  # "" = your default W&B entity
+            name="",  # "" = a name W&B draws
+            mode="online",  # online | offline
+        )
+    )
 
+    # The evaluation of a finished run (data.kind="toy": the toy world's scores in eval.json).
     c.eval = ml_collections.ConfigDict()
-    c.eval.at_end = False
-    c.eval.num_samples = 1024
+    c.eval.at_end = False  # evaluate when training ends
+    c.eval.num_samples = 1024  # samples per evaluated sampler
     c.eval.student_steps = (1, 2, 4)  # student sampler step counts evaluated (toy world)
     c.eval.guidance_values = (2.0, 4.0, 6.0)  # scales a guidance-conditioned student is also scored at (toy world)
 

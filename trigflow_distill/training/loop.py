@@ -12,6 +12,8 @@ saved one before anything is written; checkpoints are saved only when finite and
 """
 
 import functools
+import json
+import math
 import sys
 import time
 from typing import Callable
@@ -23,7 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from trigflow_distill import data
-from trigflow_distill.common import cli, distributed, sharding
+from trigflow_distill.common import cli, distributed, paths, sharding
 from trigflow_distill.common.errors import CheckpointError, TrainingStopped
 from trigflow_distill.methods import dmd2, train_state
 from trigflow_distill.training import builder, checkpoint, lock, metrics, plan, run_config
@@ -62,6 +64,9 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     net_config, teacher = builder.load_teacher(config, str(workdir))
     # Before the mesh plan: bad data fails in seconds.
     text_kind = builder.check_source(source, net_config, int(config.distill.lambda_frame_chunks))
+    for line in check_batches(source, batch_size, _batch_fits(config, net_config)):
+        say(line)
+    sample_records = check_sample_records(source, tuple(config.sample.records))
     # The mesh (config.mesh sizes at 0: chosen by the compile-only plan) for the largest records of the data.
     largest = max(
         (spec for _, spec, _ in data.format.source_buckets(source)), key=lambda spec: int(np.prod(spec.latent_shape))
@@ -112,16 +117,11 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     agg = metrics.Aggregator()
     pending = []
     sample_fn = jax.jit(functools.partial(dmd2.student_samples, algo))
-    sample_batch = None
+    sample_batch = sample_meta = None
     if write_samples is not None and config.sample_every:
-        # One fixed validation batch (the dataset's first, fixed noise): samples of different steps and of resumed
-        # runs show the same prompts and conditioning.
-        first_batch = next(
-            data.make_iterator(
-                source, batch_size, int(config.data.seed), process_slice=sharding.local_batch_slice(batch_size, mesh)
-            )
-        )
-        sample_batch = sharding.global_batch(first_batch, batch_size, mesh)
+        # One fixed validation batch (fixed records, conditioning and noise): samples of different steps and of
+        # resumed runs show the same prompts and conditioning.
+        sample_batch, sample_meta = validation_batch(config, source, sample_records, mesh, algo.cond_frame_probs)
 
     def check_lock():
         if workdir_lock is not None:
@@ -178,6 +178,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
                     write_samples,
                     workdir / "samples" / f"{done:07d}.png",
                     writer,
+                    sample_meta,
                 )
                 if not sampler_compiled:  # the first compiles the sampler; later ones are part of the run's pace
                     writer.exclude(time.perf_counter() - t0, steps=0)
@@ -203,16 +204,163 @@ def save_samples(
     write_samples: SampleWriter,
     path: epath.Path,
     writer: metrics.Writer | None = None,
+    meta: dict | None = None,
 ):
     """The EMA student's samples for `batch` (the run's fixed validation batch), handed to `write_samples` (every
-    process computes, process 0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run."""
+    process computes, process 0 writes). `sample_fn` is jit(partial(dmd2.student_samples, algo)), built once per run.
+    `meta` (from `validation_batch`): the noise seed, how many rows are samples (the rest pad the batch to the mesh)
+    and what each sample is, written as <step>.json beside the pictures."""
+    seed = 0 if meta is None else int(meta["seed"])
     x = multihost_utils.process_allgather(
-        sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(0)), tiled=True
+        sample_fn(state.student_ema, teacher, batch, jax.random.PRNGKey(seed)), tiled=True
     )
     host_batch = {
         k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items() if k != "text"
     }
+    count = len(x) if meta is None else int(meta["count"])
     if distributed.is_main_process():
-        cli.say(f"writing samples -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_samples(np.asarray(x), host_batch, str(path), writer)
+        described = ""
+        if meta is not None:
+            step = int(path.stem)
+            record = {"step": step, "seed": seed, "samples": meta["samples"]}
+            paths.write_text_atomic(path.with_suffix(".json"), json.dumps(record, indent=1))
+            described = f" ({path.stem}.json says what each is)"
+        cli.say(f"writing {count} samples -> {path.parent / path.stem}.*{described}")
+        write_samples(np.asarray(x)[:count], {k: v[:count] for k, v in host_batch.items()}, str(path), writer)
+
+
+def check_batches(source, batch_size: int, fits: Callable[[int], bool] = lambda b: True) -> list[str]:
+    """Records and buckets against the batch size, from the source's metadata alone (seconds, before the mesh
+    plan): a ValueError naming config.data.batch_size and the largest value that works (`fits(b)`: a mesh can
+    split b), or notes for the log (buckets smaller than a batch, whose records are never trained on)."""
+    sizes = {name: len(source) if idx is None else len(idx) for name, _, idx in data.format.source_buckets(source)}
+    n, largest = len(source), max(sizes.values())
+
+    def fix(limit: int) -> str:
+        b = next((b for b in range(min(limit, batch_size - 1), 0, -1) if fits(b)), None)
+        return f"set --config.data.batch_size={b}" if b else "no smaller batch splits over the devices (config.mesh)"
+
+    if n < batch_size:
+        raise ValueError(
+            f"the dataset has {n} records, fewer than one batch of {batch_size} (config.data.batch_size): "
+            f"{fix(n)}, or add records."
+        )
+    if largest < batch_size:
+        raise ValueError(
+            f"no bucket holds a whole batch of {batch_size} (config.data.batch_size; every batch is one bucket, "
+            f"bucket sizes {sizes}); the largest holds {largest}: {fix(largest)}, or prepare more clips of one "
+            "aspect ratio."
+        )
+    small = {name: k for name, k in sizes.items() if k < batch_size}
+    if small:
+        return [f"note: buckets {small} hold fewer records than a batch of {batch_size}: they are never trained on."]
+    return []
+
+
+def _batch_fits(config, net_config) -> Callable[[int], bool]:
+    """Whether a global batch of b splits over a mesh of config.mesh on this run's devices."""
+    devices = jax.devices()
+    request = sharding.mesh_request(config.mesh)
+    if sharding.is_auto(request):
+        return lambda b: bool(plan.candidates(len(devices), b, net_config.num_heads, request))
+    try:
+        mesh = sharding.make_mesh(request, devices=devices)
+    except ValueError:  # a mesh that cannot be built fails with its own message once the run builds it
+        return lambda b: True
+
+    def fits(b: int) -> bool:
+        try:
+            sharding.check_batch(b, mesh)
+        except ValueError:
+            return False
+        return True
+
+    return fits
+
+
+def check_sample_records(source, records: tuple) -> tuple[int, ...]:
+    """config.sample.records as ints, checked at start: in range and all of one bucket (the samples are one batch)."""
+    n = len(source)
+    if not all(isinstance(r, (int, np.integer)) and 0 <= r < n for r in records):
+        raise ValueError(
+            f"config.sample.records={tuple(records)}: give record indices in [0, {n}), e.g. "
+            "--config.sample.records='(0, 1)'."
+        )
+    bucket_of = {}
+    for name, _, idx in data.format.source_buckets(source):
+        for r in records if idx is None else set(records) & {int(i) for i in idx}:
+            bucket_of[int(r)] = name
+    if len(set(bucket_of.values())) > 1:
+        raise ValueError(
+            f"config.sample.records={tuple(records)} come from several buckets {bucket_of}; the samples are one "
+            "batch: pick records of one bucket."
+        )
+    return tuple(int(r) for r in records)
+
+
+class _IndexLog:
+    """A record source that notes the indices read (to name the records of the data order's first batch)."""
+
+    def __init__(self, source):
+        self._source, self.read = source, []
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        self.read.append(int(index))
+        return self._source[index]
+
+    def __getattr__(self, name):  # buckets, spec, record_name, text_kind, ...
+        return getattr(self._source, name)
+
+
+def validation_batch(config, source, records: tuple[int, ...], mesh, cond_frame_probs) -> tuple[dict, dict]:
+    """(global batch, meta) of the run's validation samples: the records `records` (() = the first batch of the
+    data order at data.seed), repeated to a multiple of the mesh's batch shards, with num_cond_frames fixed here
+    (config.sample.num_cond_frames, else the record's, else drawn once with config.sample.seed), so that every
+    sample call and `meta` (what `save_samples` writes as <step>.json) agree."""
+    batch_size = int(config.data.batch_size)
+    if not records:
+        log = _IndexLog(source)
+        first = data.make_dataset(log, batch_size, int(config.data.seed), process_slice=slice(0, batch_size))
+        log.read.clear()  # building it may read a record for its shapes
+        first[0]
+        records = tuple(log.read)
+    specs = {}
+    for _, spec, idx in data.format.source_buckets(source):
+        for r in records if idx is None else set(records) & {int(i) for i in idx}:
+            specs[r] = spec
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+    size = -(-len(records) // shards) * shards
+    rows = [records[k % len(records)] for k in range(size)]
+    loaded = {r: data.validate_record(source[r], specs[r], data.format.record_name(source, r)) for r in records}
+    host = {k: np.stack([loaded[r][k] for r in rows]) for k in loaded[records[0]]}
+    frames, seed, fixed = host["latents"].shape[2], int(config.sample.seed), int(config.sample.num_cond_frames)
+    if fixed >= frames:
+        raise ValueError(f"config.sample.num_cond_frames={fixed} must be below the data's {frames} latent frames.")
+    drawn = np.random.default_rng(seed).choice(len(cond_frame_probs), size=len(records), p=cond_frame_probs)
+    given = host.get("num_cond_frames", np.full(size, -1))
+    cond, how = [], []
+    for k in range(len(records)):
+        if fixed >= 0:
+            cond.append(fixed), how.append("config.sample.num_cond_frames")
+        elif given[k] >= 0:
+            cond.append(int(given[k])), how.append("the record")
+        else:
+            cond.append(int(drawn[k])), how.append(f"drawn from distill.cond_frame_probs with sample.seed {seed}")
+    host["num_cond_frames"] = np.asarray([cond[k % len(records)] for k in range(size)], np.int32)
+    info = getattr(source, "info", None)
+    samples = []
+    for k, r in enumerate(records):
+        about = {"sample": k, "record": r}
+        if info is not None:
+            about.update(info(r))  # caption, source video, frames, bucket
+        if "prompt" in loaded[r]:
+            about["prompt"] = int(loaded[r]["prompt"])
+        about.update(num_cond_frames=cond[k], num_cond_frames_from=how[k], latent_frames=int(frames))
+        samples.append(about)
+    local = sharding.local_batch_slice(size, mesh)
+    batch = sharding.global_batch({k: v[local] for k, v in host.items()}, size, mesh)
+    return batch, {"seed": seed, "count": len(records), "samples": samples}

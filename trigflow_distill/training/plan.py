@@ -161,12 +161,7 @@ def choose_mesh(
     for it) that would fit, by scaling the smallest plan seen.
     """
     n = len(devices)
-    found = candidates(n, batch_size, net_config.num_heads, request)
-    if not found:
-        raise ValueError(
-            f"no mesh of {n} devices matches {request} and runs a global batch of {batch_size} with "
-            f"{net_config.num_heads} heads: data x fsdp must divide the batch and seq the heads"
-        )
+    found = _candidates_or_error(n, batch_size, net_config.num_heads, request)
     best = None  # (bytes per device, mesh) of the smallest plan seen
     for mesh_config in found:
         mesh = sharding.make_mesh(mesh_config, devices=devices)
@@ -193,6 +188,17 @@ def choose_mesh(
         compiled = compile_updates(config, net_config, mesh, latent_chw, text_shape, batch_size, ("student",))
         best = (memory(compiled["student"])["total_bytes"], found[-1])
     raise ValueError(_refusal(n, batch_size, net_config.num_heads, memory_bytes, *best))
+
+
+def _candidates_or_error(n: int, batch_size: int, num_heads: int, request: dict | None) -> list[dict]:
+    found = candidates(n, batch_size, num_heads, request)
+    if not found:
+        raise ValueError(
+            f"no mesh of {n} devices matches {request} and runs a global batch of {batch_size} with "
+            f"{num_heads} heads: data x fsdp must divide the batch and seq the heads; set --config.data.batch_size "
+            f"to a multiple of {n} or fix the mesh sizes (--config.mesh.data=...)"
+        )
+    return found
 
 
 def _refusal(n, batch_size, num_heads, memory_bytes, best_total, best_mesh) -> str:
@@ -241,11 +247,19 @@ def run_mesh(
 ):
     """The Mesh of a run from config.mesh: sizes all given -> `sharding.make_mesh`; some 0 -> `choose_mesh` for
     samples of `latent_chw` latents and `text_len` text tokens (cached in <workdir>/mesh_auto.json under a key of
-    everything it depends on), logged with its per-device estimate."""
+    everything it depends on), logged with its per-device estimate. With a single possible mesh (one device, or
+    sizes that leave one) there is nothing to choose: no plan, and no device memory needed."""
     devices = list(jax.devices() if devices is None else devices)
     request = sharding.mesh_request(config.mesh)
     if not sharding.is_auto(request):
         return sharding.make_mesh(request, devices=devices)
+    found = _candidates_or_error(len(devices), batch_size, net_config.num_heads, request)
+    if len(found) == 1:
+        log(
+            f"mesh auto: {format_mesh(found[0])}, the only mesh of {len(devices)} device(s) for a global batch of "
+            f"{batch_size} (no compile-only plan; `trigflow-plan` estimates its memory)"
+        )
+        return sharding.make_mesh(found[0], devices=devices)
     memory_bytes = device_memory_bytes(devices, float(config.mesh.device_memory_gib))
     text_shape = (int(text_len), net_config.crossattn_emb_channels)
     key = _cache_key(config, net_config, devices, latent_chw, text_shape, batch_size, memory_bytes)

@@ -18,6 +18,7 @@ from etils import epath
 
 from configs import predict25_4step
 from trigflow_distill.common import paths
+from trigflow_distill.training import checkpoint
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
 # what it computes. Any other difference (shapes, batch, optimizers, teacher, data, distillation) is refused.
@@ -30,6 +31,7 @@ RESUME_MAY_CHANGE = (
     "max_consecutive_skips",
     "allow_config_change",
     "eval",
+    "sample",
     "mesh",
     "net.remat",
     "net.attention",
@@ -264,6 +266,13 @@ def _kept_name(workdir, stem: str) -> epath.Path:
     return kept
 
 
+def has_checkpoints(workdir) -> bool:
+    """Whether `workdir` holds any checkpoint (complete, damaged, set aside or half-written): work a changed config
+    would mix with. Without one, config.json and teacher_source.json describe a start that trained nothing."""
+    directory = checkpoint.checkpoint_dir(workdir)
+    return directory.exists() and any(True for _ in directory.iterdir())
+
+
 def resume_config(config, workdir, write: bool = True) -> str | None:
     """Check `config` against the one saved in `workdir` and save it as <workdir>/config.json (if `write`).
 
@@ -271,37 +280,50 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
     listed, before anything is written, unless config.allow_config_change. Whenever the saved config differs, it
     is kept as config.<UTC time>.json. The teacher file itself (sizes and SHA-256 of a local `.pt` or diffusers
     folder, `teacher_fingerprint`) is recorded as <workdir>/teacher_source.json at the first start; other contents
-    at the same path are refused the same way. Returns a note for the log when something changed, else None.
+    at the same path are refused the same way. A workdir without checkpoints is fresh: a start that failed before
+    its first checkpoint (bad data, a typo) left records nothing depends on, so the corrected rerun replaces them.
+    Returns a note for the log when something changed, else None.
     """
     saved = read_saved_config(workdir)
     new = json.loads(config.to_json_best_effort())
+    fresh = saved is not None and not has_checkpoints(workdir)
+    checked = _allowing_change(config) if fresh else config  # config.json keeps the config as given
     if saved == new:
-        record, previous, teacher_note = _check_teacher_source(config, workdir)
+        record, previous, teacher_note = _check_teacher_source(checked, workdir)
         _write_teacher_record(workdir, record, previous, write)
         return teacher_note
     note = None
     if saved is not None:
         changes = config_changes(saved, new)
-        if changes and not config.allow_config_change:
+        if changes and not checked.allow_config_change:
             raise ValueError(
                 f"{workdir} holds a run with another config; resuming would mix two runs. Changed: "
                 f"{'; '.join(changes)}. Resume with the saved config ({epath.Path(workdir) / 'config.json'}), use "
                 "a new --workdir, or pass --config.allow_config_change=True to go on with the new config (the old "
                 "one is kept)."
             )
-    record, previous, teacher_note = _check_teacher_source(config, workdir)  # may refuse: before any write
+    record, previous, teacher_note = _check_teacher_source(checked, workdir)  # may refuse: before any write
     if saved is not None:
         kept = _kept_name(workdir, "config")
         if write:
             paths.write_text_atomic(kept, json.dumps(saved, indent=2))
+        what = "; ".join(changes) if changes else "only fields a resume may change"
         note = (
-            f"config changed ({'; '.join(changes) if changes else 'only fields a resume may change'}); the "
-            f"previous config is kept as {kept}."
-        )
+            f"{workdir} has no checkpoint: the config of an earlier start that trained nothing is replaced ({what})"
+            if fresh
+            else f"config changed ({what})"
+        ) + f"; the previous config is kept as {kept}."
     if write:
         paths.write_text_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
     _write_teacher_record(workdir, record, previous, write)
     return "; ".join(n for n in (note, teacher_note) if n) or None
+
+
+def _allowing_change(config) -> ml_collections.ConfigDict:
+    """`config` with allow_config_change set (for the checks only: config.json keeps what the user gave)."""
+    checked = ml_collections.ConfigDict(config.to_dict())
+    checked.allow_config_change = True
+    return checked
 
 
 def _write_teacher_record(workdir, record: dict | None, previous: dict | None, write: bool) -> None:
