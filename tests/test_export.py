@@ -59,6 +59,7 @@ def _check_card(text, file):
     assert "| training data | /data/robot_clips |" in text and f"| base model (teacher) | {TEACHER} |" in text
     assert "NVIDIA Open Model License" in text and export.LICENSE_URL in text
     assert f"trigflow-generate --student={file} " in text
+    assert ("guidance_scale=1.0" in text) == (file == "student")  # the diffusers call, for the folder only
 
 
 def test_torch_export_has_a_card_and_metadata_and_loads_as_before(run, tmp_path):
@@ -92,7 +93,11 @@ def test_diffusers_export_is_a_pipeline_folder_with_card_and_metadata(run, tmp_p
     assert index["_class_name"] == "Cosmos2_5_PredictBasePipeline"
     assert index["transformer"] == ["diffusers", "CosmosTransformer3DModel"]
     assert index["scheduler"] == ["diffusers", "UniPCMultistepScheduler"] and index["vae"] == [None, None]
-    assert index["_trigflow_components"]["text_encoder"] == "nvidia/Cosmos-Reason1-7B"
+    assert index["_trigflow_components"]["text_encoder"] == {
+        "repo": "nvidia/Cosmos-Predict2.5-2B",
+        "revision": "diffusers/base/post-trained",
+        "subfolder": "text_encoder",
+    }
     assert _modes(out) == {
         "notes.txt": 0o600,  # not ours: left as it was
         "model_index.json": 0o644,

@@ -59,8 +59,8 @@ PIPELINE_CLASS = "Cosmos2_5_PredictBasePipeline"  # diffusers' Predict2.5 pipeli
 METADATA_MEMBER = "extra/metadata.json"  # in the .pt's zip archive, beside data.pkl
 CARD = "README.md"
 FILE_MODE = 0o644
-TEXT_ENCODER = "nvidia/Cosmos-Reason1-7B"
-VAE = "hf://nvidia/Cosmos-Predict2.5-2B/tokenizer.pth"
+# The base model's diffusers revision holds its VAE, text encoder (Cosmos-Reason1) and tokenizer as subfolders.
+BASE_REPO, BASE_REVISION = "nvidia/Cosmos-Predict2.5-2B", "diffusers/base/post-trained"
 LICENSE_NAME = "NVIDIA Open Model License"
 LICENSE_URL = "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/"
 
@@ -123,12 +123,12 @@ def model_card(meta: dict[str, str], fmt: str, name: str) -> str:
             "from diffusers import AutoencoderKLWan, Cosmos2_5_PredictBasePipeline",
             "from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration",
             "",
-            'base = "nvidia/Cosmos-Predict2.5-2B"  # a diffusers copy of it: the vae/ folder',
+            f'base = dict(pretrained_model_name_or_path="{BASE_REPO}", revision="{BASE_REVISION}")',
             "pipe = Cosmos2_5_PredictBasePipeline.from_pretrained(",
             f'    "{name}",',
-            '    vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae"),',
-            f'    text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained("{TEXT_ENCODER}"),',
-            f'    tokenizer=AutoTokenizer.from_pretrained("{TEXT_ENCODER}"),',
+            '    vae=AutoencoderKLWan.from_pretrained(**base, subfolder="vae"),',
+            '    text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(**base, subfolder="text_encoder"),',
+            '    tokenizer=AutoTokenizer.from_pretrained(**base, subfolder="tokenizer"),',
             "    torch_dtype=torch.bfloat16,",
             ")",
             f'video = pipe(prompt="...", num_inference_steps={meta["steps"]}, guidance_scale=1.0).frames[0]',
@@ -231,7 +231,10 @@ def _write_diffusers_pipeline(params, net_config, folder: str, metadata: dict[st
     index = {
         "_class_name": PIPELINE_CLASS,
         "_diffusers_version": version,
-        "_trigflow_components": {"vae": VAE, "text_encoder": TEXT_ENCODER, "tokenizer": TEXT_ENCODER},
+        "_trigflow_components": {
+            part: {"repo": BASE_REPO, "revision": BASE_REVISION, "subfolder": part}
+            for part in ("vae", "text_encoder", "tokenizer")
+        },
         "transformer": ["diffusers", "CosmosTransformer3DModel"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "vae": [None, None],
