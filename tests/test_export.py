@@ -141,3 +141,19 @@ def test_diffusers_export_is_a_pipeline_folder_with_card_and_metadata(run, tmp_p
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert export.main(["--workdir=RUN", f"--out={out}", "--format=diffusers", "--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fmt", ["torch", "diffusers"])
+def test_export_to_a_remote_path_writes_the_same_files(run, tmp_path, monkeypatch, fmt):
+    from tests import remote_fs
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+    remote_fs.serve_gs(root, monkeypatch)
+    name = "student.pt" if fmt == "torch" else "student"
+    assert export.main(["--workdir=RUN", f"--out=gs://bucket/pub/{name}", f"--format={fmt}"]) == 0
+    pub = root / "bucket" / "pub"
+    want = {"student.pt", "README.md"} if fmt == "torch" else {"student/README.md", "student/model_index.json"}
+    assert want <= set(_modes(pub))
+    if fmt == "diffusers":
+        assert {"student/transformer/config.json", "student/scheduler/scheduler_config.json"} <= set(_modes(pub))

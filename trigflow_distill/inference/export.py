@@ -277,8 +277,7 @@ def export_student(workdir: str, out: str, fmt: str = "torch", use_ema: bool = T
     metadata = export_metadata(config, step, use_ema)
     name = dst.name
     # Written in a local folder, then moved (local) or copied (remote): an export is complete or absent.
-    if paths.is_local(dst):
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent if paths.is_local(dst) else None) as tmp:
         local = os.path.join(tmp, name)
         if fmt == "torch":
