@@ -80,6 +80,9 @@ def _argv(s: dict, videos: str, out: str, args) -> list[str]:
         args.resolution,
         "--frames",
         str(args.frames),
+        # consecutive frames: the 2 s synthetic videos are shorter than the reference rule's 4 s windows
+        "--frame-stride",
+        "1",
         "--batch-size",
         str(args.batch_size),
         "--workers",
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
             [os.path.join(s["videos"], "v0000.mp4")], s["videos"], clips.read_captions(s["captions"])
         )[0]
         t = time.perf_counter()
-        loaded = clips.load_clips(item, args.resolution, args.frames, 1)
+        loaded, _ = clips.load_clips(item, args.resolution, args.frames, 1, stride=1)
         decode_s = time.perf_counter() - t
         enc = encoders.Encoders(s["vae"], s["text"], s["teacher"], text_dtype="float32")
         frames = np.stack([loaded[0].frames_thw3] * args.batch_size)
