@@ -458,10 +458,17 @@ def test_bad_config_values_are_rejected(teacher_pt, field, value, message):
         run_config.validate_config(_tiny_config(teacher_pt, **{field: value}))
 
 
+def _trained(workdir):
+    """A checkpoint folder: the workdir holds work (without one a changed config replaces the saved one,
+    tests/test_first_run.py)."""
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+
+
 def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
     from trigflow_distill.training import run_config
 
     assert run_config.resume_config(_tiny_config(teacher_pt), tmp_path) is None
+    _trained(tmp_path)
     saved = (tmp_path / "config.json").read_text()
     changed = _tiny_config(teacher_pt, **{"data.batch_size": 8, "student_optim.lr": 1e-3})
     with pytest.raises(
@@ -471,7 +478,7 @@ def test_resume_with_changed_batch_or_lr_is_refused(teacher_pt, tmp_path):
     ):
         run_config.resume_config(changed, tmp_path)
     assert (tmp_path / "config.json").read_text() == saved
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "teacher_source.json"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json", "teacher_source.json"]
     # how long and how often may change: accepted, the previous config kept beside the new one
     note = run_config.resume_config(
         _tiny_config(teacher_pt, total_steps=100, log_every=7, **{"eval.num_samples": 8}), tmp_path
@@ -523,14 +530,15 @@ def test_resume_with_another_teacher_is_refused_before_anything_is_written(teach
     from trigflow_distill.training import loop, run_config
 
     run_config.resume_config(_tiny_config(teacher_pt), tmp_path)
+    _trained(tmp_path)
     before = (tmp_path / "config.json").read_text()
     other = tmp_path.parent / "other_teacher.pt"
     other.write_bytes(teacher_pt.read_bytes())
     config = _tiny_config(other)
     with pytest.raises(ValueError, match=r"Changed: teacher.path: .*teacher.pt' -> .*other_teacher.pt'"):
         loop.train(config, str(tmp_path), _toy_source(config))
-    # no teacher cache, no checkpoint, no lock left
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "teacher_source.json"]
+    # no teacher cache, no lock left
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json", "teacher_source.json"]
     assert (tmp_path / "config.json").read_text() == before
 
 
@@ -548,6 +556,7 @@ def test_another_teacher_file_at_the_same_path_is_refused_like_a_config_change(t
     workdir = tmp_path / "run"
     workdir.mkdir()
     assert run_config.resume_config(_tiny_config(teacher), workdir) is None
+    _trained(workdir)
     record = json.loads((workdir / "teacher_source.json").read_text())
     digest = __import__("hashlib").sha256(teacher.read_bytes()).hexdigest()
     assert record["files"]["teacher.pt"]["sha256"] == digest and record["path"] == str(teacher)
@@ -556,7 +565,7 @@ def test_another_teacher_file_at_the_same_path_is_refused_like_a_config_change(t
     data = bytearray(teacher.read_bytes())
     data[len(data) // 2] ^= 1  # e.g. another checkpoint of the same size downloaded over the old one
     teacher.write_bytes(bytes(data))
-    before = {n: (workdir / n).read_text() for n in os.listdir(workdir)}
+    before = {n: (workdir / n).read_text() for n in os.listdir(workdir) if (workdir / n).is_file()}
     config = _tiny_config(teacher)
     with pytest.raises(
         ValueError,
@@ -564,7 +573,9 @@ def test_another_teacher_file_at_the_same_path_is_refused_like_a_config_change(t
         rf"{digest[:12]} -> \d+ bytes sha256 [0-9a-f]{{12}}\. .*--config.allow_config_change=True",
     ):
         loop.train(config, str(workdir), _toy_source(config))
-    assert {n: (workdir / n).read_text() for n in os.listdir(workdir)} == before  # nothing written, no lock left
+    assert {
+        n: (workdir / n).read_text() for n in os.listdir(workdir) if (workdir / n).is_file()
+    } == before  # nothing written, no lock left
     note = run_config.resume_config(_tiny_config(teacher, allow_config_change=True), workdir)
     assert "teacher file changed (teacher.pt: " in note
     kept = [n for n in os.listdir(workdir) if n.startswith("teacher_source.") and n != "teacher_source.json"]
