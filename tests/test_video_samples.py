@@ -86,7 +86,8 @@ def test_training_on_a_dataset_dir_writes_decoded_sample_videos(tmp_path):
     loop.train(config, str(tmp_path / "run"), source, write_samples)
 
     samples = tmp_path / "run" / "samples"
-    assert sorted(os.listdir(samples)) == ["0000001.gif"] + [f"0000001_{i}.mp4" for i in range(4)]  # max_videos
+    # max_videos; 0000001.json says what each sample is (tests/test_first_run.py)
+    assert sorted(os.listdir(samples)) == ["0000001.gif", "0000001.json"] + [f"0000001_{i}.mp4" for i in range(4)]
     assert video.read_video(samples / "0000001_0.mp4")[0].shape == (5, 32, 48, 3)
     tags = {
         v.tag

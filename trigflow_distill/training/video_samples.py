@@ -5,8 +5,9 @@ videos (docs/algorithm.md §10).
 to `max_videos` samples (one at a time: a 93-frame 720p decode needs tens of GB beside the training state) and
 writes, next to the trainer's `<workdir>/samples/<step>.png` path, `<step>_<i>.mp4` (full resolution) and
 `<step>.gif` (the videos side by side, at most `gif_height` pixels high); the run's metrics writer gets the clips
-(`write_videos`: animated GIFs `samples/video/<i>` in TensorBoard, videos in W&B when it is on). data_kinds uses it
-for data.kind "dir" when config.vae.path is set.
+(`write_videos`: animated GIFs `samples/video/<i>` in TensorBoard, videos in W&B when it is on). The trainer writes
+`<step>.json` beside them: what sample i is (record, caption, conditioning frames, seed; `loop.validation_batch`).
+data_kinds uses it for data.kind "dir" when config.vae.path is set.
 """
 
 from __future__ import annotations
