@@ -244,7 +244,7 @@ def test_validation_samples_are_fixed_records_described_in_step_json(teacher_pt,
     assert sample["record"] == 1 and sample["caption"] == CAPTIONS[1] and sample["source"] == "clip_1.mp4"
     assert sample["num_cond_frames"] == drawn and "drawn" in sample["num_cond_frames_from"]
     out = capsys.readouterr().out
-    assert re.search(r"writing 1 samples -> .*samples/0000002\.\* \(0000002\.json says what each is\)", out)
+    assert re.search(r"writing samples -> .*samples/0000002\.png \(1 samples; 0000002\.json says what each is\)", out)
 
 
 def test_sample_records_are_checked_at_start(tmp_path):

@@ -225,8 +225,8 @@ def save_samples(
             step = int(path.stem)
             record = {"step": step, "seed": seed, "samples": meta["samples"]}
             paths.write_text_atomic(path.with_suffix(".json"), json.dumps(record, indent=1))
-            described = f" ({path.stem}.json says what each is)"
-        cli.say(f"writing {count} samples -> {path.parent / path.stem}.*{described}")
+            described = f"; {path.stem}.json says what each is"
+        cli.say(f"writing samples -> {path} ({count} samples{described})")
         write_samples(np.asarray(x)[:count], {k: v[:count] for k, v in host_batch.items()}, str(path), writer)
 
 
