@@ -10,6 +10,7 @@ import pytest
 
 from trigflow_distill import data
 from trigflow_distill.data.cli import main as write_main
+from trigflow_distill.data.format import dataset_fingerprint
 
 LAT, TXT = (16, 3, 4, 4), (5, 8)
 
@@ -330,3 +331,92 @@ def test_bfloat16_text_and_minimal_meta(tmp_path):
     assert src.info(3) == {"caption": "c", "video": "v.mp4", "frames": [0, 9], "fps": 24.0, "bucket": "32x32"}
     batch = next(data.make_iterator(src, 4, seed=0))
     assert batch["text"].dtype == np.float32 and batch["padding_mask"].shape == (4, 1, 32, 32)
+
+
+def test_full_disk_is_a_one_line_error_naming_the_shard_and_the_rerun_writes(tmp_path, monkeypatch):
+    """Shards are written through plain file writes (a memory map SIGBUSes on a full disk): ENOSPC in the middle of
+    the second shard is an OSError naming the shard and the bytes it needs, nothing partial is left, and the same
+    call run again writes the dataset."""
+    import builtins
+    import errno
+
+    from trigflow_distill.data import writer as writer_module
+
+    rng = np.random.default_rng(5)
+    lat, txt, nc = _arrays(7, rng)
+    out = str(tmp_path / "ds")
+    budget = [4 * 16 * 3 * 4 * 4 * 4 + 4000]  # the first shard's files fit, the second's latents do not
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            budget[0] -= len(b)
+            if budget[0] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def close(self):
+            self.f.close()
+
+    monkeypatch.setattr(writer_module, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(OSError) as e:
+        data.write_dataset(out, lat, txt, nc, shard_size=4)
+    message = str(e.value)
+    assert e.value.errno == errno.ENOSPC and "\n" not in message
+    assert "shard-00001" in message and "bytes needed" in message, message
+    need = 3 * (16 * 3 * 4 * 4 * 4 + 5 * 8 * 4 + 4) + 3 * 128  # its three files: records and npy headers
+    assert int(message.split(" bytes needed")[0].rsplit("(", 1)[1]) == need
+    assert not os.path.exists(out) or not os.listdir(out)  # the rerun is not refused as a non-empty --out
+
+    # A disk known to be too small is refused before anything is written.
+    monkeypatch.setattr(writer_module, "open", builtins.open)
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: shutil_usage(free=100))
+    with pytest.raises(OSError, match=r"no space left .* for shard-00000 \(4 records\) \(\d+ bytes needed, 100 free"):
+        data.write_dataset(out, lat, txt, nc, shard_size=4)
+    monkeypatch.undo()
+    src = data.NpyDirSource(data.write_dataset(out, lat, txt, nc, shard_size=4))
+    np.testing.assert_array_equal(np.stack([src[i]["latents"] for i in range(7)]), lat)
+
+
+def shutil_usage(free):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free)
+
+
+def test_meta_records_a_fingerprint_of_the_records(tmp_path):
+    """meta.json records the CRC-32 and size of each shard file and a fingerprint over them; the same records give
+    the same fingerprint, one changed value another; a meta.json edited by hand is an error."""
+    import zlib
+
+    rng = np.random.default_rng(6)
+    lat, txt, nc = _arrays(7, rng)
+    a = data.write_dataset(str(tmp_path / "a"), lat, txt, nc, shard_size=4)
+    b = data.write_dataset(str(tmp_path / "b"), lat, txt, nc, shard_size=4)
+    lat2 = lat.copy()
+    lat2[6, 0, 0, 0, 0] += 1.0
+    c = data.write_dataset(str(tmp_path / "c"), lat2, txt, nc, shard_size=4)
+    meta = json.loads(open(os.path.join(a, "meta.json")).read())
+    for shard in meta["shards"]:
+        for name, rec in shard["checksums"].items():
+            raw = open(os.path.join(a, name), "rb").read()
+            assert rec == {"bytes": len(raw), "crc32": zlib.crc32(raw)}
+    fp = dataset_fingerprint(a)
+    assert fp.startswith("sha256:") and fp == meta["fingerprint"]
+    assert dataset_fingerprint(b) == fp
+    assert dataset_fingerprint(c) != fp
+    meta["shards"][0]["num_records"] = 3
+    open(os.path.join(a, "meta.json"), "w").write(json.dumps(meta))
+    with pytest.raises(ValueError, match="fingerprint does not match"):
+        dataset_fingerprint(a)
+    # A dataset written before the checksums: the file sizes stand in for them.
+    for shard in meta["shards"]:
+        del shard["checksums"]
+    del meta["fingerprint"]
+    open(os.path.join(b, "meta.json"), "w").write(json.dumps(meta))
+    old = dataset_fingerprint(b)
+    with open(os.path.join(b, "shard-00001.latents.npy"), "ab") as f:
+        f.write(b"\0" * 4)
+    assert dataset_fingerprint(b) != old

@@ -10,6 +10,7 @@ A record is a dict {"latents": (16,T,H,W) float32, "text": (L,C) float32, ["num_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -191,6 +192,76 @@ def make_synthetic_source(
 def shard_file(directory: str, shard: str, field: str, ext: str = "npy") -> str:
     """Path of one field of one shard of a dataset directory (format in the package docstring)."""
     return os.path.join(directory, f"{shard}.{field}.{ext}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fingerprints: what identifies a dataset's records, so that a resumed run can refuse another dataset
+
+
+FINGERPRINT_KEYS = ("format", "num_records", "text_shape", "text_kind", "text_dtype", "fields", "teacher")
+
+
+def shard_files(meta: dict, shard: dict) -> list[str]:
+    """The files of one shard (relative to the dataset folder): its arrays and its records.jsonl."""
+    fields = ["latents", "text", *meta.get("fields", [])]
+    return [f"{shard['name']}.{f}.npy" for f in fields] + [f"{shard['name']}.records.jsonl"]
+
+
+def fingerprint_of(meta: dict, sizes: dict[str, int] | None = None) -> str:
+    """The fingerprint of a dataset's records from its meta.json: a SHA-256 over the shards' names, record counts,
+    buckets and per-file sizes and CRC-32s (`checksums`, recorded by the writer), the text layout and, for a
+    projected context, the teacher whose projection made it (`teacher`). A dataset written before the checksums
+    has none in meta.json: `sizes` ({file: bytes}, read from the disk) stand in for them."""
+    sizes = sizes or {}
+    shards = [
+        {
+            "name": s["name"],
+            "num_records": s["num_records"],
+            "bucket": s.get("bucket"),
+            "checksums": s.get("checksums") or {f: {"bytes": sizes[f]} for f in shard_files(meta, s) if f in sizes},
+        }
+        for s in meta.get("shards", [])
+    ]
+    body = {**{k: meta.get(k) for k in FINGERPRINT_KEYS}, "shards": shards}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_fingerprint(directory: str) -> str:
+    """The fingerprint of the dataset in `directory` (see `fingerprint_of`): equal for the same records, different
+    when a shard, a record count, the text layout or the projecting teacher changed. ValueError when meta.json's
+    recorded `fingerprint` does not match the shards it lists (meta.json edited by hand)."""
+    meta_path = epath.Path(directory) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {directory} is not a dataset directory")
+    meta = json.loads(meta_path.read_text())
+    if all(s.get("checksums") for s in meta.get("shards", [])):
+        fingerprint = fingerprint_of(meta)
+        if meta.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(
+                f"{meta_path}: its fingerprint does not match the shards it lists (edited by hand?); write the "
+                "dataset again"
+            )
+        return fingerprint
+    # Written before the checksums: the files' sizes on disk are the best record there is.
+    sizes = {}
+    for s in meta.get("shards", []):
+        for f in shard_files(meta, s):
+            p = epath.Path(directory) / f
+            if p.exists():
+                sizes[f] = p.stat().length
+    return fingerprint_of(meta, sizes)
+
+
+def projection_fingerprint(kernel: np.ndarray, bias: np.ndarray) -> str:
+    """Identity of the teacher's text projection `crossattn_proj` that made a projected context: a SHA-256 of its
+    float32 kernel (C_in, C_out) and bias (C_out,) with their shapes. Two teachers of the same widths but other
+    weights differ; recomputed from the teacher a run trains with, it tells whether the context fits that teacher."""
+    h = hashlib.sha256()
+    for a in (kernel, bias):
+        a = np.ascontiguousarray(np.asarray(a, np.float32))
+        h.update(json.dumps(list(a.shape)).encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 class _RemoteNpy:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import shutil
 import tempfile
+import zlib
 from collections.abc import Sequence
 
 import ml_dtypes
@@ -19,6 +23,7 @@ from trigflow_distill.data.format import (
     TEXT_KINDS,
     RecordSpec,
     bucket_name,
+    fingerprint_of,
     normalize_latents,
     shard_file,
     validate_record,
@@ -32,6 +37,26 @@ def _check_lengths(n: int, arrays: dict) -> None:
             raise ValueError(f"{name} has {len(arr)} records but latents has {n}; they must match.")
     if n == 0:
         raise ValueError("no records to write (latents is empty).")
+
+
+def _npy_header(shape: tuple, dtype: np.dtype) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def no_space_error(where: str, need: int, directory: str) -> OSError:
+    """The one-line error of a full disk: what was being written and the bytes it needs (`errno` ENOSPC)."""
+    try:
+        free = f", {shutil.disk_usage(directory).free} free"
+    except OSError:
+        free = ""
+    e = OSError(
+        f"no space left on the disk of {directory} for {where} ({need} bytes needed{free}); free space and rerun"
+    )
+    e.errno = errno.ENOSPC
+    return e
 
 
 class DatasetWriter:
@@ -50,6 +75,7 @@ class DatasetWriter:
             raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --out directory.")
         if text_kind is not None and text_kind not in TEXT_KINDS:
             raise ValueError(f"text_kind {text_kind!r} not in {TEXT_KINDS}.")
+        self._created = not out_path.exists()
         out_path.mkdir(parents=True, exist_ok=True)
         self.out_dir, self.text_kind = out_dir, text_kind
         self._shards, self._text_shape, self._text_dtype, self._fields, self._buckets = [], None, None, None, {}
@@ -111,32 +137,70 @@ class DatasetWriter:
             shapes["padding_mask"] = (pad_shape, np.uint8)
         staging = None if paths.is_local(self.out_dir) else tempfile.TemporaryDirectory()
         local_dir = self.out_dir if staging is None else staging.name
-        outs = {
-            f: np.lib.format.open_memmap(shard_file(local_dir, name, f), mode="w+", dtype=dt, shape=(n, *shape))
+        headers = {f: _npy_header((n, *shape), dt) for f, (shape, dt) in shapes.items()}
+        need = sum(
+            len(headers[f]) + n * int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
             for f, (shape, dt) in shapes.items()
-        }
-        for i in range(n):
-            lat = normalize_latents(latents[i]) if normalize else latents[i]
-            rec = validate_record(
-                {"latents": lat, "text": np.asarray(text[i], np.float32), **{f: extras[f][i] for f in extras}},
-                spec,
-                f"input record {first_index + i}",
-            )
-            rec["text"] = rec["text"].astype(self._text_dtype).view(text_store)
-            for f, out in outs.items():
-                out[i] = rec[f]
-        for f, out in outs.items():
-            out.flush()
-            if staging is not None:  # one shard at a time on the local disk
-                local = epath.Path(shard_file(local_dir, name, f))
-                local.copy(epath.Path(shard_file(self.out_dir, name, f)), overwrite=True)
-                local.unlink()
-        if staging is not None:
-            staging.cleanup()
-        if info is not None:
-            epath.Path(shard_file(self.out_dir, name, "records", "jsonl")).write_text(
-                "".join(json.dumps(dict(row)) + "\n" for row in info)
-            )
+        )
+        where = f"{name} ({n} records)"
+        try:
+            if shutil.disk_usage(local_dir).free < need:
+                raise no_space_error(where, need, local_dir)
+        except FileNotFoundError:  # no local disk to ask (e.g. a mounted bucket): the writes below tell
+            pass
+        # Plain writes, record by record, not a memory map: a full disk is then an OSError (ENOSPC) here instead of
+        # a SIGBUS that kills the process; the CRC-32 of each file is the shard's checksum (meta.json, fingerprint).
+        checksums, written = {}, []
+        try:
+            handles = {}
+            try:
+                for f in shapes:
+                    written.append(shard_file(local_dir, name, f))
+                    handles[f] = open(written[-1], "wb")
+                    handles[f].write(headers[f])
+                crc = {f: zlib.crc32(headers[f]) for f in shapes}
+                for i in range(n):
+                    lat = normalize_latents(latents[i]) if normalize else latents[i]
+                    rec = validate_record(
+                        {"latents": lat, "text": np.asarray(text[i], np.float32), **{f: extras[f][i] for f in extras}},
+                        spec,
+                        f"input record {first_index + i}",
+                    )
+                    rec["text"] = rec["text"].astype(self._text_dtype).view(text_store)
+                    for f, (_, dt) in shapes.items():
+                        data = np.ascontiguousarray(rec[f], dtype=dt).tobytes()
+                        handles[f].write(data)
+                        crc[f] = zlib.crc32(data, crc[f])
+            finally:
+                for fh in handles.values():
+                    fh.close()  # flushes: a full disk may show only here
+            for f, (_, dt) in shapes.items():
+                checksums[f"{name}.{f}.npy"] = {
+                    "bytes": os.path.getsize(shard_file(local_dir, name, f)),
+                    "crc32": crc[f],
+                }
+                if staging is not None:  # one shard at a time on the local disk
+                    local = epath.Path(shard_file(local_dir, name, f))
+                    local.copy(epath.Path(shard_file(self.out_dir, name, f)), overwrite=True)
+                    local.unlink()
+            if info is not None:
+                rows = "".join(json.dumps(dict(row)) + "\n" for row in info).encode()
+                path = epath.Path(shard_file(self.out_dir, name, "records", "jsonl"))
+                written.append(os.fspath(path))
+                path.write_bytes(rows)
+                checksums[f"{name}.records.jsonl"] = {"bytes": len(rows), "crc32": zlib.crc32(rows)}
+        except OSError as e:
+            for w in written:  # a partial shard is never left behind
+                try:
+                    epath.Path(w).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            if e.errno == errno.ENOSPC and "bytes needed" not in str(e):
+                raise no_space_error(where, need, local_dir) from None
+            raise
+        finally:
+            if staging is not None:
+                staging.cleanup()
         self._shards.append(
             {
                 "name": name,
@@ -144,9 +208,22 @@ class DatasetWriter:
                 "bucket": bucket,
                 "latent_shape": list(spec.latent_shape),
                 "padding_mask_shape": None if pad_shape is None else list(pad_shape),
+                "checksums": checksums,
             }
         )
         return name
+
+    def abort(self) -> None:
+        """Removes what this writer wrote (after a failure), so that the same command can simply be run again."""
+        out_path = epath.Path(self.out_dir)
+        try:
+            if self._created:
+                out_path.rmtree(missing_ok=True)
+            elif out_path.exists():  # it was empty when the writer started: everything in it is ours
+                for p in out_path.iterdir():
+                    p.rmtree() if p.is_dir() else p.unlink()
+        except OSError:  # the original error matters more; a leftover is refused (non-empty) at the rerun
+            pass
 
     def close(self) -> str:
         """Writes meta.json (last: a directory without it is an unfinished write); returns the directory."""
@@ -162,6 +239,7 @@ class DatasetWriter:
             "fields": list(self._fields),
             "shards": self._shards,
         }
+        meta["fingerprint"] = fingerprint_of(meta)
         (epath.Path(self.out_dir) / "meta.json").write_text(json.dumps(meta, indent=1))
         return self.out_dir
 
@@ -192,6 +270,16 @@ def write_dataset(
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}.")
     writer = DatasetWriter(out_dir, text_kind)
+    try:
+        _write_all(writer, latents, text, num_cond_frames, prompt, padding_mask, shard_size, normalize)
+        return writer.close()
+    except BaseException:
+        writer.abort()  # a full disk or a bad record: the rerun finds an empty --out, not an unfinished dataset
+        raise
+
+
+def _write_all(writer, latents, text, num_cond_frames, prompt, padding_mask, shard_size, normalize) -> None:
+    n = len(latents)
     for start in range(0, n, shard_size):
         part = slice(start, min(start + shard_size, n))
         writer.write_shard(
@@ -205,4 +293,3 @@ def write_dataset(
             normalize=normalize,
             first_index=start,
         )
-    return writer.close()
