@@ -3,6 +3,7 @@ Video2World rule, on tiny synthetic videos whose frames carry their index as a b
 JSONL; the fps filter; fixed strides. No encoders: decoding and planning only."""
 
 import json
+import os
 from fractions import Fraction
 
 import av
@@ -191,3 +192,63 @@ def test_sidecar_is_one_whole_video_window(tmp_path):
     (tmp_path / "a.txt").write_text("sidecar caption\n")
     items = clips.make_items([str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")], str(tmp_path), {})
     assert items[0].windows == (clips.Window("sidecar caption"),) and items[1].windows == ()
+
+
+def test_blank_captions_are_skipped_and_reported(tmp_path):
+    """An empty or blank caption would train its clips without text: its window is skipped with the reason (the
+    video's other windows are kept, the window indices and the last-window rule unchanged)."""
+    windows = [clips.Window("a car", 0, 60), clips.Window("  \t", 60, 120), clips.Window("", 120, 180)]
+    windows.append(clips.Window("the end", 180))
+    plans, skipped = clips.plan_clips(windows, 240, 30.0, 9, 1, 1)
+    assert [p.window for p in plans] == [0]
+    assert [(s["window"], s["reason"]) for s in skipped][:2] == [(1, "empty caption"), (2, "empty caption")]
+    with pytest.raises(ValueError, match="^empty caption$"):
+        clips.plan_clips([clips.Window(" ")], 240, 30.0, 9, 1, 1)
+    (tmp_path / "a.txt").write_text("\n \n")  # a blank sidecar is a blank caption too
+    item = clips.make_items([str(tmp_path / "a.mp4")], str(tmp_path), {})[0]
+    _write_mkv(tmp_path / "a.mp4", _barcode_frames(40), 30)
+    with pytest.raises(ValueError, match="empty caption"):
+        clips.load_clips(item, "256", 9, 1, 1)
+
+
+def test_links_out_of_the_videos_folder_are_refused_unless_follow_links(tmp_path):
+    videos, elsewhere = tmp_path / "videos", tmp_path / "elsewhere"
+    videos.mkdir()
+    elsewhere.mkdir()
+    _write_mkv(elsewhere / "x.mkv", _barcode_frames(12), 30)
+    _write_mkv(videos / "y.mkv", _barcode_frames(12), 30)
+    _write_mkv(videos / "z.mkv", _barcode_frames(12), 30)
+    (elsewhere / "secret.txt").write_text("a caption from outside")
+    (videos / "x.mkv").symlink_to(elsewhere / "x.mkv")
+    (videos / "y.txt").symlink_to(elsewhere / "secret.txt")
+    (videos / "inside.txt").write_text("kept")
+    (videos / "z.txt").symlink_to(videos / "inside.txt")  # a link that stays inside is fine
+    listed, root = clips.list_videos(str(videos))
+    captions = {"x.mkv": [clips.Window("listed")]}
+    items = {os.path.basename(it.path): it for it in clips.make_items(listed, root, captions, confine=True)}
+    assert items["x.mkv"].refused.startswith("refused: links to ")
+    assert str(elsewhere / "x.mkv") in items["x.mkv"].refused and "--follow-links" in items["x.mkv"].refused
+    assert "sidecar caption" in items["y.mkv"].refused and items["y.mkv"].windows == ()
+    assert items["z.mkv"].refused is None and items["z.mkv"].windows == (clips.Window("kept"),)
+    for name in ("x.mkv", "y.mkv"):
+        with pytest.raises(ValueError, match="outside --videos"):
+            clips.load_clips(items[name], "256", 9, 1, 1)
+    followed = {os.path.basename(it.path): it for it in clips.make_items(listed, root, captions, confine=False)}
+    assert followed["x.mkv"].refused is None and followed["y.mkv"].windows == (clips.Window("a caption from outside"),)
+
+
+def test_non_utf8_caption_files_name_the_file_and_line(tmp_path):
+    captions = tmp_path / "c.jsonl"
+    captions.write_bytes(b'{"video": "a.mp4", "caption": "fine"}\n{"video": "b.mp4", "caption": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"^--captions {captions} line 2: not UTF-8 text \(byte 0xe9 at column"):
+        clips.read_captions(str(captions))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.mp4\n\xff.mp4\n")
+    with pytest.raises(ValueError, match=r"--videos .*list.txt line 2: not UTF-8"):
+        clips.list_videos(str(listing))
+    (tmp_path / "s.txt").write_bytes(b"ok\n\x80bad\n")
+    item = clips.make_items([str(tmp_path / "s.mp4")], str(tmp_path), {})[0]
+    assert item.refused.startswith(f"sidecar caption {tmp_path / 's.txt'} line 2: not UTF-8")
+    # a UTF-8 byte-order mark is not part of the first line
+    captions.write_bytes(b'\xef\xbb\xbf{"video": "a.mp4", "caption": "caf\xc3\xa9"}\n')
+    assert clips.read_captions(str(captions))["a.mp4"] == [clips.Window("café")]

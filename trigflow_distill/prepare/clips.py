@@ -67,6 +67,30 @@ class Item:
     path: str
     name: str
     windows: tuple[Window, ...]
+    refused: str | None = None  # why the video is skipped before decoding (a link out of --videos)
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; ValueError naming the file and the first line that is not UTF-8."""
+    lines = epath.Path(path).read_bytes().splitlines()
+    out = []
+    for n, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{what} {path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+    return out
+
+
+def outside(path: str, root: str) -> str | None:
+    """Where `path` really is when a symbolic link takes it out of the folder `root` (local paths), else None."""
+    if paths.is_remote(path):
+        return None
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return real if os.path.commonpath([real, real_root]) != real_root else None
 
 
 def list_videos(videos: str) -> tuple[list[str], str]:
@@ -86,7 +110,7 @@ def list_videos(videos: str) -> tuple[list[str], str]:
         return video_paths, os.fspath(p)
     root = os.fspath(p.parent)
     video_paths = []
-    for line in p.read_text().splitlines():
+    for line in read_lines(videos, "--videos"):
         line = line.strip()
         if line and not line.startswith("#"):
             video_paths.append(line if paths.is_remote(line) or os.path.isabs(line) else os.path.join(root, line))
@@ -134,7 +158,7 @@ def read_captions(path: str | None) -> dict[str, list[Window]]:
     if not p.exists():
         raise FileNotFoundError(f"--captions {path}: no such file")
     out: dict[str, list[Window]] = {}
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(read_lines(path, "--captions"), 1):
         if not line.strip():
             continue
         try:
@@ -147,26 +171,44 @@ def read_captions(path: str | None) -> dict[str, list[Window]]:
     return out
 
 
-def _sidecar_caption(path: str) -> str | None:
-    txt = epath.Path(os.path.splitext(path)[0] + ".txt")
-    return txt.read_text().strip() if txt.exists() else None
+_FOLLOW = "pass --follow-links to take files that links lead out of --videos"
 
 
-def make_items(video_paths: Sequence[str], root: str, captions: dict[str, list[Window]]) -> list[Item]:
+def _sidecar_caption(path: str, confine: str | None) -> tuple[str | None, str | None]:
+    """(the caption of the sidecar .txt of a video, or None; why it is refused, or None)."""
+    txt = os.path.splitext(path)[0] + ".txt"
+    if not epath.Path(txt).exists():
+        return None, None
+    if confine is not None and (real := outside(txt, confine)):
+        return None, f"refused: its sidecar caption {txt} links to {real}, outside --videos ({_FOLLOW})"
+    try:
+        return "\n".join(read_lines(txt, "sidecar caption")).strip(), None
+    except ValueError as e:
+        return None, str(e)
+
+
+def make_items(
+    video_paths: Sequence[str], root: str, captions: dict[str, list[Window]], confine: bool = False
+) -> list[Item]:
     """Items with their windows: JSONL key = relative name, bare file name or full path; else a sidecar .txt (one
     whole-video window). Warns (stderr) about JSONL keys that name no video: a wrong key layout would otherwise skip
-    every video."""
+    every video. `confine`: a video or sidecar that a symbolic link takes out of the folder `root` is refused (the
+    item is skipped and reported); a non-UTF-8 sidecar is reported the same way."""
     items, used = [], set()
     for path in video_paths:
         name = os.path.relpath(path, root) if not paths.is_remote(path) else path[len(root) :].lstrip("/")
         key = next((k for k in (name, os.path.basename(path), path) if k in captions), None)
         used.add(key)
+        refused = None
+        if confine and (real := outside(path, root)):
+            refused = f"refused: links to {real}, outside --videos ({_FOLLOW})"
         if key is not None:
             windows = tuple(captions[key])
         else:
-            caption = _sidecar_caption(path)
+            caption, why = _sidecar_caption(path, root if confine else None)
             windows = () if caption is None else (Window(caption),)
-        items.append(Item(path, name, windows))
+            refused = refused or why
+        items.append(Item(path, name, windows, refused))
     unused = [k for k in captions if k not in used]
     if unused and jax.process_index() == 0:
         print(
@@ -241,7 +283,9 @@ def plan_clips(
             skipped.append({"window": k, "reason": str(e)})
             continue
         reason = None
-        if k == len(windows) - 1 and len(windows) > 1:
+        if not window.caption.strip():  # nothing to condition on: a blank caption would train unconditional clips
+            reason = "empty caption"
+        elif k == len(windows) - 1 and len(windows) > 1:
             reason = f"dropped: the last of {len(windows)} caption windows (the reference drops it)"
         elif end - start < frames:
             reason = f"too short: {max(end - start, 0)} frames, fewer than --frames {frames}"
@@ -356,6 +400,8 @@ def load_clips(
 ) -> tuple[list[Clip], list[dict]]:
     """(the preprocessed clips of one video (§12), its skipped windows); ValueError with the reason when it gives no
     clip (the video is skipped and reported)."""
+    if item.refused:
+        raise ValueError(item.refused)
     if not item.windows:
         raise ValueError("no caption (no --captions entry and no sidecar .txt)")
     decoded, skipped, fps, _ = read_clip_frames(item.path, item.windows, frames, stride, clips)
