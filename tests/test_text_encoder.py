@@ -293,3 +293,68 @@ def test_config_of_released_and_nested_layouts():
         reason1.config_from_json({**released, "use_sliding_window": True})
     with pytest.raises(ValueError, match="no 'num_hidden_layers'"):
         reason1.config_from_json({k: v for k, v in released.items() if k != "num_hidden_layers"})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_hidden_layers", 1e9), ("hidden_size", 10**7), ("vocab_size", -1), ("intermediate_size", "big")],
+)
+def test_oversized_config_is_refused_before_anything_is_allocated(tmp_path, field, value):
+    """A damaged config.json (1e9 layers: an 18 GB OOM kill while listing the expected tensors) is a one-line
+    error naming the file and the field, raised before the weights are looked at."""
+    src = tmp_path / "tiny"
+    reason1.write_tiny(src)
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        reason1.api.config_from_json(config, src / "config.json")
+    message = str(e.value)
+    assert str(src / "config.json") in message and field in message and "out of range" in message
+    assert "\n" not in message
+    if field != "num_hidden_layers":  # 1e9 layers would be the OOM kill on a wrong implementation
+        with pytest.raises(ValueError, match=f"config.json: {field} = .* out of range"):
+            reason1.load(src, dtype="float32")
+
+
+def _safetensors_damage(path, kind):
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif kind == "bad json":
+        path.write_bytes(data[:8] + b"{" * n + data[8 + n :])
+    elif kind == "header length past the end":
+        path.write_bytes((len(data) * 2).to_bytes(8, "little") + data[8:])
+    elif kind == "offsets outside the file":
+        name = next(k for k in header if k != "__metadata__")
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [begin + len(data), end + len(data)]
+        raw = json.dumps(header).encode()  # offsets count from the end of the header: the data stays valid
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+    elif kind == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "bad json", "header length past the end", "offsets outside the file", "empty"]
+)
+def test_broken_safetensors_is_a_one_line_error_naming_the_file(tmp_path, kind):
+    """The safetensors library's own error is a `SafetensorError` without the file's name (a traceback in the CLI)."""
+    src = tmp_path / "tiny"
+    reason1.write_tiny(src)
+    _safetensors_damage(src / "model.safetensors", kind)
+    with pytest.raises(ValueError, match="not a valid safetensors file") as e:
+        reason1.load(src, dtype="float32")
+    assert str(src / "model.safetensors") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["{", "", '{"version": "1.0"}', "\xff"])
+def test_broken_tokenizer_json_is_a_one_line_error_naming_the_file(tmp_path, content):
+    src = tmp_path / "tiny"
+    reason1.write_tiny(src)
+    (src / "tokenizer.json").write_text(content, encoding="latin1")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json") as e:
+        reason1.tokenize(src, ["a red car"])
+    assert str(src / "tokenizer.json") in str(e.value) and "\n" not in str(e.value)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import io
+import json
+import math
 import os
 import pickle
 import struct
@@ -439,3 +441,62 @@ def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], archive_nam
             write(f"data/{i}", np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
         write("version", b"3\n")
     os.replace(tmp, path)
+
+
+# safetensors dtype names -> bytes per element (the format's list; F8 variants and BOOL are one byte).
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+# The safetensors library's own limit on the header size (anything larger is a damaged length field).
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """``{name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file, checked before the file is used.
+
+    The safetensors library reports a truncated file, a header that is not JSON or offsets outside the file as
+    ``SafetensorError: Error while deserializing header: ...`` without the file's name (or maps it and fails later),
+    so every reader checks the header here first: a ``TorchFileError`` (a ValueError) naming the file and the fault.
+    """
+    path = os.fspath(path)
+
+    def bad(why: str) -> TorchFileError:
+        return TorchFileError(f"{path}: not a valid safetensors file ({why}); re-download or re-save it")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length: truncated or empty")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > _SAFETENSORS_MAX_HEADER:
+            raise bad(f"the header length {n} is larger than the file's {size - 8} remaining bytes: truncated?")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - n
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {name!r} has no dtype/shape/data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise bad(f"tensor {name!r} has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"tensor {name!r} at bytes [{begin}, {end}) is outside the {data_size} bytes of data: truncated?")
+        if end - begin != math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]:
+            raise bad(f"tensor {name!r} of shape {shape} {dtype} does not fill its {end - begin} bytes")
+        tensors[name] = entry
+    return tensors

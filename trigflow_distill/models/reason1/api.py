@@ -36,7 +36,7 @@ from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
 from trigflow_distill.common.sharding import param_sharding
-from trigflow_distill.models import hub
+from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.reason1 import qwen2
 from trigflow_distill.models.reason1.qwen2 import LAYER_TORCH_NAMES, TOP_TORCH_NAMES, Qwen2Config
 
@@ -50,6 +50,18 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _NORM_EPS = 1e-8
 # Keys of the checkpoint that are not the language model.
 _IGNORED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
+# Sane limits of the config's sizes, checked before anything is built from them: a damaged or hostile config.json
+# (num_hidden_layers: 1e9) must be an error naming the field, not an out-of-memory kill while building the list of
+# expected tensors. Reason1-7B's sizes: vocabulary 152064, hidden 3584, 28 layers, 28 heads, MLP 18944; the limits
+# leave room for a 10x larger model of the family.
+CONFIG_LIMITS = {
+    "vocab_size": 1 << 20,
+    "hidden_size": 1 << 15,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 512,
+    "num_key_value_heads": 512,
+    "intermediate_size": 1 << 18,
+}
 # transformers 5.x's in-memory layout; its save_pretrained writes the released `model.*` names, but accept both.
 _LANGUAGE_MODEL_PREFIX = "model.language_model."
 
@@ -65,7 +77,7 @@ def _local_dir(path: str | os.PathLike) -> epath.Path:
 def _read_json(path: epath.Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -86,6 +98,17 @@ def config_from_json(raw: dict, where: str = "config.json") -> Qwen2Config:
             )
         return default
 
+    def size(name, default=None):
+        value = get(name, default)
+        # bool is an int in Python; 1e9 (a float in JSON) is accepted like transformers does only if whole.
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or not 1 <= value <= CONFIG_LIMITS[name]:
+            raise ValueError(
+                f"{where}: {name} = {value!r} is out of range (a whole number in 1..{CONFIG_LIMITS[name]}); "
+                "the file is damaged or not a Qwen2.5-VL config"
+            )
+        return int(value)
+
     rope = get("rope_parameters", {}) or get("rope_scaling", {}) or {}
     theta = get("rope_theta", 0) or rope.get("rope_theta") or 1e6
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -95,15 +118,19 @@ def config_from_json(raw: dict, where: str = "config.json") -> Qwen2Config:
         raise ValueError(f"{where}: use_sliding_window=true is not supported (Reason1 uses full attention)")
     if get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {get('hidden_act')!r} is not supported (expected 'silu')")
+    try:
+        eps, theta = float(get("rms_norm_eps", 1e-6)), float(theta)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: rms_norm_eps / rope_theta are not numbers") from None
     cfg = Qwen2Config(
-        vocab_size=int(get("vocab_size")),
-        hidden_size=int(get("hidden_size")),
-        num_layers=int(get("num_hidden_layers")),
-        num_heads=int(get("num_attention_heads")),
-        num_kv_heads=int(get("num_key_value_heads", get("num_attention_heads"))),
-        intermediate_size=int(get("intermediate_size")),
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        vocab_size=size("vocab_size"),
+        hidden_size=size("hidden_size"),
+        num_layers=size("num_hidden_layers"),
+        num_heads=size("num_attention_heads"),
+        num_kv_heads=size("num_key_value_heads", get("num_attention_heads")),
+        intermediate_size=size("intermediate_size"),
+        rms_norm_eps=eps,
+        rope_theta=theta,
     )
     head_dim = text.get("head_dim", raw.get("head_dim"))
     if head_dim is not None and int(head_dim) != cfg.head_dim:
@@ -118,11 +145,14 @@ def _weight_files(folder: epath.Path) -> dict[str, str]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map'")
-        return {k: os.fspath(folder / f) for k, f in weight_map.items()}
+        files = {k: os.fspath(folder / f) for k, f in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index}: lists {file}, which does not exist (an incomplete download?)")
+        return files
     single = folder / "model.safetensors"
     if single.is_file():
-        with safe_open(os.fspath(single), framework="np") as f:
-            return dict.fromkeys(f.keys(), os.fspath(single))
+        return dict.fromkeys(torchfile.safetensors_header(single), os.fspath(single))
     raise FileNotFoundError(
         f"{folder}: no model.safetensors.index.json or model.safetensors (only safetensors weights are supported)"
     )
@@ -176,8 +206,11 @@ def load(path: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = N
         shardings = param_sharding(shapes, mesh)
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     flat_shardings = jax.tree.leaves(shardings)
+    files = sorted({f for f, _ in keys.values()})
+    for file in files:  # a damaged header is a one-line error naming the file, before anything is allocated
+        torchfile.safetensors_header(file)
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in sorted({f for f, _ in keys.values()})}
+        handles = {f: stack.enter_context(safe_open(f, framework="np")) for f in files}
 
         def read(name: str, transpose: bool, index: tuple, expected: tuple) -> np.ndarray:
             file, key = keys[name]
@@ -257,7 +290,10 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.json (expected the text encoder's folder)")
-    tok = tokenizers.Tokenizer.from_file(os.fspath(file))
+    try:
+        tok = tokenizers.Tokenizer.from_file(os.fspath(file))
+    except Exception as e:  # the Rust library raises a bare Exception ("expected value at line 1 column 1")
+        raise ValueError(f"{file}: not a valid tokenizer.json ({e}); re-download the text encoder's folder") from None
     pad = _pad_token(folder)
     if tok.token_to_id(pad) is None:
         raise ValueError(f"{folder}: pad token {pad!r} is not in tokenizer.json's vocabulary")
