@@ -817,3 +817,69 @@ def test_converted_folder_without_hashes_loads_unverified_and_the_cache_rebuilds
     teacher_cache.load_teacher(teacher_pt, cache, progress=False)
     assert "(no content hashes, converted by an older version); converting again" in capsys.readouterr().err
     assert all("crc32" in v for v in json.loads((entry / "source.json").read_text())["params"].values())
+
+
+# Issue 22 item 7: conditioning images of every PIL mode, scaled by the mode's range; decompression bombs refused.
+
+
+@pytest.mark.parametrize(
+    "mode, make, gray",
+    [
+        ("I;16", lambda: np.full((6, 8), 32896, np.uint16), 128),  # 16-bit PNG: 32896 = 128 * 257, not white
+        ("I;16", lambda: np.full((6, 8), 65535, np.uint16), 255),
+        ("I", lambda: np.full((6, 8), 257 * 200, np.int32), 200),  # 32-bit integers, taken as 16-bit
+        ("F", lambda: np.full((6, 8), 0.5, np.float32), 128),  # float in [0, 1]
+        ("F", lambda: np.full((6, 8), 7.0, np.float32), 255),  # clipped
+    ],
+)
+def test_wide_image_modes_are_scaled_not_clipped(tmp_path, mode, make, gray):
+    """PIL's convert("RGB") clips I;16 / I / F to 0..255: a 16-bit grayscale PNG became white."""
+    from PIL import Image
+
+    from trigflow_distill.inference import inputs
+
+    img = Image.fromarray(make())
+    assert img.mode == mode
+    path = tmp_path / ("image.png" if mode == "I;16" else "image.tif")
+    img.save(path)
+    frames = inputs.read_image(str(path))
+    assert frames.shape == (1, 6, 8, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, np.full((1, 6, 8, 3), gray, np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "L", "1"])
+def test_other_image_modes_become_rgb_with_transparency_over_white(tmp_path, mode):
+    from PIL import Image
+
+    from trigflow_distill.inference import inputs
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2] = (255, 0, 0, 255)  # top: opaque red
+    rgba[2:] = (0, 0, 255, 0)  # bottom: fully transparent (blue stored under alpha 0)
+    img = Image.fromarray(rgba, "RGBA")
+    if mode == "P":
+        img = img.convert("P")
+        img.info["transparency"] = img.getpixel((0, 3))
+    elif mode != "RGBA":
+        img = img.convert(mode)
+    img.save(tmp_path / "image.png" if mode != "CMYK" else tmp_path / "image.tif")
+    frames = inputs.read_image(str(tmp_path / ("image.png" if mode != "CMYK" else "image.tif")))
+    assert frames.shape == (1, 4, 4, 3) and frames.dtype == np.uint8
+    if mode in ("RGBA", "LA", "P"):
+        np.testing.assert_array_equal(frames[0, 2:], 255)  # transparent pixels over white, not the stored blue/black
+    if mode in ("RGBA", "P", "CMYK"):
+        np.testing.assert_array_equal(frames[0, :2], np.broadcast_to([255, 0, 0], (2, 4, 3)))
+
+
+@pytest.mark.parametrize("pixels", [40 * 40, 100 * 100])  # PIL's warning (1x..2x the limit) and its error (> 2x)
+def test_decompression_bomb_image_is_a_one_line_error(tmp_path, monkeypatch, pixels):
+    from PIL import Image
+
+    from trigflow_distill.inference import inputs
+
+    side = int(pixels**0.5)
+    Image.new("L", (side, side)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"bomb\.png: too large to decode safely") as e:
+        inputs.read_image(str(tmp_path / "bomb.png"))
+    assert "\n" not in str(e.value)

@@ -79,3 +79,12 @@ def test_edge_padding_when_pad_exceeds_frame_and_uint8_round_trip():
     np.testing.assert_array_equal(video.to_uint8(same), frames)
     clamped = video.to_uint8(np.array([-3.0, -1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 5).repeat(3, 0))
     assert clamped[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_empty_video_file_names_the_file_and_the_cause(tmp_path):
+    """FFmpeg's answer to a 0-byte file is "[Errno 22] Invalid argument" (an OSError, no file name)."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.mp4: empty file \(0 bytes\)") as e:
+        video.read_video(empty)
+    assert "\n" not in str(e.value)

@@ -36,6 +36,9 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such video file")
+    if p.is_file() and p.stat().length == 0:
+        # FFmpeg's own answer is a bare "[Errno 22] Invalid argument" without the file's name.
+        raise ValueError(f"{path}: empty file (0 bytes), not a video; an interrupted copy or download?")
     frames, fps = [], None
     try:
         with p.open("rb") as f, av.open(f) as container:
@@ -46,7 +49,7 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             fps = float(rate) if rate else 0.0
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
-    except (av.FFmpegError, EOFError) as e:
+    except (av.FFmpegError, EOFError, OSError) as e:  # OSError: what FFmpeg's I/O errors come out as
         raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {e}); is it a valid video file?") from e
     if not frames:
         raise ValueError(f"{path}: the video has no decodable frames")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -68,15 +69,53 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+# Background that transparent pixels (RGBA, LA, PA, P with a transparent colour) are composited over: what the
+# image shows in a viewer on a white page, rather than the arbitrary colours stored under alpha 0.
+_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a PIL image of any mode, scaled by the mode's range.
+
+    PIL's own `convert("RGB")` clips the wide modes to 0..255, so a 16-bit grayscale PNG becomes white. Here:
+    "I;16*" (16-bit: 16-bit PNG and TIFF) and "I" (32-bit integers, what PIL gives some 16-bit files) are taken as
+    0..65535 and divided by 257 (65535 -> 255, exact for 8-bit values stored as v*257); "F" (32-bit float) is taken
+    as 0..1, the float-image convention, and multiplied by 255; both are clipped to the range, NaN gives 0. Modes with
+    alpha are composited over white; CMYK, YCbCr, LAB, P, 1 and L go through PIL's conversion.
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.clip(np.asarray(img).astype(np.float64), 0, 65535) / 257.0
+    elif mode == "F":
+        gray = np.clip(np.nan_to_num(np.asarray(img, np.float64), nan=0.0), 0.0, 1.0) * 255.0
+    else:
+        if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+            return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+        return np.asarray(img.convert("RGB"))
+    gray = np.round(gray).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
 def read_image(path: str) -> np.ndarray:
-    """An image file as one RGB frame (1, H, W, 3) uint8."""
+    """An image file as one RGB frame (1, H, W, 3) uint8, any PIL mode scaled by its range (`to_rgb`)."""
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--image {path}: no such file")
     try:
-        with Image.open(io.BytesIO(p.read_bytes())) as img:
-            return np.asarray(img.convert("RGB"))[None]
-    except (UnidentifiedImageError, OSError) as e:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that: a 10k x 10k image is as much a bomb to decode here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(p.read_bytes())) as img:
+                img.load()
+                return to_rgb(img)[None]
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(
+            f"--image {path}: too large to decode safely ({e}); give an image of at most "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (it is resized to the output size anyway)"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"--image {path}: cannot read the image ({e}); give a PNG/JPEG/WebP file") from None
 
 
