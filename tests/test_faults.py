@@ -883,3 +883,26 @@ def test_decompression_bomb_image_is_a_one_line_error(tmp_path, monkeypatch, pix
     with pytest.raises(ValueError, match=r"bomb\.png: too large to decode safely") as e:
         inputs.read_image(str(tmp_path / "bomb.png"))
     assert "\n" not in str(e.value)
+
+
+# Issue 22 item 4: sizes a DiT checkpoint implies are bounded before the loader builds anything from them.
+
+
+def test_dit_block_count_from_a_damaged_name_is_refused_before_anything_is_built(tmp_path):
+    from trigflow_distill.models import cosmos_dit, torchfile
+    from trigflow_distill.models.cosmos_dit import convert
+    from trigflow_distill.models.cosmos_dit import names as sdmap
+
+    shapes = sdmap.native_shapes(cosmos_dit.get_preset("tiny"))
+    damaged = {**shapes, "blocks.999999999.mlp.layer1.weight": shapes["blocks.0.mlp.layer1.weight"]}
+    # Without the limit this returns a config of a billion blocks, whose tensor list is an out-of-memory kill.
+    with pytest.raises(ValueError, match=r"num_blocks = 1000000000 .* out of range \(1\.\.512\)"):
+        sdmap.infer_config(damaged)
+
+    # Through the loader (20000 blocks: small enough not to hurt without the limit), naming the file.
+    state = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    state["blocks.19999.mlp.layer1.weight"] = state["blocks.0.mlp.layer1.weight"]
+    torchfile.save(tmp_path / "teacher.pt", state)
+    with pytest.raises(ValueError, match=r"teacher\.pt: num_blocks = 20000 .* out of range") as e:
+        convert.load_torch_checkpoint(tmp_path / "teacher.pt")
+    assert "\n" not in str(e.value)

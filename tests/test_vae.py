@@ -276,3 +276,41 @@ def test_frame_counts_other_than_1_plus_4k_name_the_nearest_valid_ones():
             wan_vae.check_frame_count(bad)
     with pytest.raises(ValueError, match=r"--frames 90: .*nearest: 89 or 93"):
         plan.latent_shape(90, 704, 1280)
+
+
+@pytest.mark.parametrize(
+    "key, shape, field",
+    [
+        ("encoder.conv1.weight", (10**6, 3, 3, 3, 3), "dim"),
+        ("conv2.weight", (10**5, 32, 1, 1, 1), "z_dim"),
+        ("encoder.downsamples.0.residual.2.weight", (8 * 1000, 8, 3, 3, 3), "dim_mult"),
+    ],
+)
+def test_sizes_inferred_from_shapes_are_bounded(key, shape, field):
+    """A damaged header or name must not size the network: an error naming the size, before anything is built."""
+    shapes = dict(wan_vae.param_shapes(CFG))
+    shapes[key] = shape
+    with pytest.raises(ValueError, match=f"^{field} = .* is out of range"):
+        wan_vae.infer_config(shapes)
+
+
+def test_damaged_diffusers_vae_folder_is_a_one_line_error_naming_the_file(params, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file(wan_vae.native_to_diffusers(wan_vae.to_torch(params, CFG), CFG), str(weights))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "base_dim": 8, "z_dim": 16}))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="not a valid safetensors file") as e:
+        wan_vae.load(folder)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    weights.write_bytes((10**12).to_bytes(8, "little") + data[8:])  # header length past the end of the file
+    with pytest.raises(ValueError, match="header length"):
+        wan_vae.load(folder)
+    (folder / "config.json").write_text('{"_class_name": ')
+    with pytest.raises(ValueError, match="config.json: not valid JSON") as e:
+        wan_vae.load(folder)
+    assert str(folder / "config.json") in str(e.value)

@@ -227,6 +227,37 @@ def _flatten(tree, prefix=()):
     return out
 
 
+# Sane limits of the sizes a checkpoint implies, checked before anything is built from them: the block count comes
+# from the tensor names alone, so one damaged name ("blocks.999999999.") would otherwise make the loader list a
+# billion blocks' tensors (an out-of-memory kill). Predict2.5-14B: 36 blocks, width 5120, text 100352 (Reason1's
+# 28 x 3584); the limits leave room for 10x larger models.
+CONFIG_LIMITS = {
+    "num_blocks": 512,
+    "model_channels": 1 << 16,
+    "num_heads": 1024,
+    "in_channels": 4096,
+    "out_channels": 4096,
+    "patch_spatial": 64,
+    "patch_temporal": 64,
+    "adaln_lora_dim": 1 << 16,
+    "crossattn_emb_channels": 1 << 20,
+    "crossattn_proj_in_channels": 1 << 20,
+}
+
+
+def _check_limits(values: Mapping) -> None:
+    for name, limit in CONFIG_LIMITS.items():
+        value = values.get(name)
+        if value is None and name == "crossattn_proj_in_channels":
+            continue
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 1 <= value <= limit
+        if not ok:
+            raise ValueError(
+                f"{name} = {value!r} (from the checkpoint's tensors or config.json) is out of range (1..{limit}); "
+                "the file is damaged or not a Cosmos DiT"
+            )
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfig:
     """DiTConfig from native tensor shapes (docs/algorithm.md §8): width, blocks, head_dim (q_norm size), MLP width,
     LoRA dim, context dims. Patch sizes, RoPE ratios, concat_padding_mask and compute options come from `overrides`
@@ -274,7 +305,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfi
         else None,
         guidance_embedder=GUIDANCE_WEIGHT in shapes,
     )
-    return DiTConfig(**{**inferred, **overrides})
+    values = {**inferred, **overrides}
+    _check_limits(values)
+    return DiTConfig(**values)
 
 
 def _rename(sd, global_map, block_map, block_re, new_block_prefix, drop_ignored, direction):

@@ -43,6 +43,7 @@ _DIFFUSERS_CLASS = "AutoencoderKLWan"
 def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
+    torchfile.safetensors_header(path)  # a damaged header: a one-line error naming the file, before any allocation
     with safe_open(os.fspath(path), framework="np") as st:
         return {k: st.get_tensor(k) for k in st.keys()}
 
@@ -55,7 +56,14 @@ def _diffusers_folder(folder: epath.Path) -> dict[str, np.ndarray]:
             f"{folder}: no config.json (expected a diffusers {_DIFFUSERS_CLASS} folder or a native Wan .pth file)"
         )
     folder = found[0]
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{folder / 'config.json'}: not a JSON object (expected a diffusers {_DIFFUSERS_CLASS} config)"
+        )
     if config.get("_class_name") != _DIFFUSERS_CLASS:
         raise ValueError(
             f"{folder}: config.json _class_name is {config.get('_class_name')!r}, expected {_DIFFUSERS_CLASS!r}"

@@ -155,6 +155,21 @@ def param_shapes(cfg: WanVAEConfig) -> dict[str, tuple]:
     return shapes
 
 
+# Sane limits of what the tensor shapes and names imply, checked before the parameter shapes are built from them
+# (release: dim 96, z_dim 16, 4 levels, 2 residual blocks per level): a damaged name or header is an error naming the
+# size, not an out-of-memory kill.
+CONFIG_LIMITS = {"dim": 4096, "z_dim": 1024, "levels": 16, "num_res_blocks": 64, "dim_mult": 64}
+
+
+def _check_limits(**values) -> None:
+    for name, value in values.items():
+        if not 1 <= value <= CONFIG_LIMITS[name]:
+            raise ValueError(
+                f"{name} = {value} (from the tensor shapes and names) is out of range (1..{CONFIG_LIMITS[name]}); "
+                "the file is damaged or not a Wan2.1 VAE"
+            )
+
+
 def infer_config(shapes: Mapping[str, tuple]) -> WanVAEConfig:
     """Architecture from the tensor shapes of a native state dict (raises ValueError on a foreign dict)."""
     needed = ("encoder.conv1.weight", "conv2.weight")
@@ -169,12 +184,14 @@ def infer_config(shapes: Mapping[str, tuple]) -> WanVAEConfig:
     if num_res == 0:
         raise ValueError("not a Wan2.1 VAE state dict: encoder.downsamples.0 is not a residual block")
     levels = len(resamples) + 1
+    _check_limits(dim=dim, z_dim=z_dim, num_res_blocks=num_res, levels=levels)
     mult = []
     for level in range(levels):
         key = f"encoder.downsamples.{level * (num_res + 1)}.residual.2.weight"
         if key not in shapes:
             raise ValueError(f"not a Wan2.1 VAE state dict: missing {key}")
         mult.append(int(shapes[key][0]) // dim)
+        _check_limits(dim_mult=mult[-1])
     temporal = tuple(f"encoder.downsamples.{b}.time_conv.weight" in shapes for b in resamples)
     return WanVAEConfig(
         dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=num_res, temporal_downsample=temporal
