@@ -382,3 +382,61 @@ def test_two_processes_write_the_same_records(sources, dataset, tmp_path):
         np.testing.assert_allclose(rec["latents"], want["latents"], atol=1e-5)
         np.testing.assert_array_equal(rec["text"], want["text"])
         np.testing.assert_array_equal(rec["padding_mask"], want["padding_mask"])
+
+
+def test_one_job_per_out_a_stale_lock_is_taken_over(sources, dataset, capsys):
+    """prepare takes the training workdir's lock on --out: a second job refuses at once naming the holder; the lock
+    of a job that was killed is taken over, and a finished job leaves none."""
+    from trigflow_distill.common import lock
+
+    held = lock.WorkdirLock(dataset, flag="--out")
+    held.acquire()
+    try:
+        assert job.main(_args(sources, dataset)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is in use by another run" in err, err
+        assert f"pid {os.getpid()}" in err and "another --out" in err
+    finally:
+        held.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "pid_start": None, "token": "x", "heartbeat": 0}
+    (dataset / lock.LOCK_NAME).write_text(json.dumps({**stale, "started": 0}))
+    assert job.main(_args(sources, dataset)) == 0  # resumes (nothing left to do) after taking the lock over
+    assert "took over the stale lock" in capsys.readouterr().out
+    assert not (dataset / lock.LOCK_NAME).exists()
+
+
+def test_meta_records_the_fingerprint_and_the_projecting_teacher(sources, dataset):
+    from trigflow_distill.data.format import dataset_fingerprint, projection_fingerprint
+
+    meta = json.loads((dataset / "meta.json").read_text())
+    kernel, bias = encoders.load_projection(str(sources["teacher"]))
+    assert meta["teacher"] == {"path": str(sources["teacher"]), "crossattn_proj": projection_fingerprint(kernel, bias)}
+    assert dataset_fingerprint(str(dataset)) == meta["fingerprint"]
+    for shard in meta["shards"]:  # per file of every shard, named from the dataset folder
+        for name, rec in shard["checksums"].items():
+            assert name.startswith(shard["name"] + ".") and (dataset / name).stat().st_size == rec["bytes"]
+    other = encoders.load_projection(str(sources["teacher"]))[0].copy()
+    other[0, 0] += 1  # another teacher of the same widths
+    assert projection_fingerprint(other, bias) != meta["teacher"]["crossattn_proj"]
+
+
+def test_full_disk_names_the_unit_and_the_rerun_resumes(sources, dataset, capsys, monkeypatch):
+    import errno
+
+    marker = dataset / "units" / "unit-00001.json"
+    marker.unlink()  # unit 1 is to be redone
+    (dataset / "meta.json").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(data.DatasetWriter, "write_shard", full)
+        assert job.main(_args(sources, dataset)) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "no space left" in err and "writing unit 1 (unit-00001" in err, err
+    assert int(err.split("need about ")[1].split(" bytes")[0]) > 0 and "rerun the same command" in err
+    assert not (dataset / "unit-00001").exists() and not marker.exists()
+    assert job.main(_args(sources, dataset)) == 0
+    assert marker.exists() and len(data.NpyDirSource(str(dataset))) == len(CLIPS)

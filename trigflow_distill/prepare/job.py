@@ -59,6 +59,7 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -73,8 +74,9 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill.common import distributed, errors, paths, video
+from trigflow_distill.common import distributed, errors, lock, paths, video
 from trigflow_distill.data import DatasetWriter
+from trigflow_distill.data.format import fingerprint_of, projection_fingerprint
 from trigflow_distill.models import wan_vae
 from trigflow_distill.prepare.clips import (
     AUTO,
@@ -138,6 +140,8 @@ def job_record(args: argparse.Namespace, items: Sequence[Item]) -> dict:
         "keep_raw_text": args.keep_raw_text,
         "text_dtype": args.text_dtype,
         "vae_dtype": args.vae_dtype,
+        # only when given, so that the job.json of earlier jobs still matches (links were followed then)
+        **({"follow_links": True} if getattr(args, "follow_links", False) else {}),
     }
 
 
@@ -147,11 +151,16 @@ def _owned_entries(out: epath.Path) -> list[epath.Path]:
     return [p for p in out.iterdir() if p.name in names or p.name.startswith(("unit-", ".tmp-"))]
 
 
+def _is_lock_file(p: epath.Path) -> bool:
+    return p.name.startswith((lock.LOCK_NAME, ".lock-clock."))
+
+
 def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
-    """Claims `out` for this job (process 0 only); True when it resumes a previous run of the same job."""
+    """Claims `out` for this job (process 0 only, holding its lock); True when it resumes a previous run of the
+    same job."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not _is_lock_file(p) for p in out.iterdir()):
         previous = _read_marker(out / JOB_FILE)
         if overwrite:
             for p in _owned_entries(out):
@@ -271,6 +280,39 @@ def process_unit(
     folder = _unit_dir(out, unit)
     if folder.exists():
         folder.rmtree()
+    try:
+        shards = _write_unit(folder, done, context, raw, row, opts)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        need = sum(z.nbytes + c.mask_1hw.nbytes for clips in done.values() for c, z in clips)
+        need += 0 if context is None else sum(len(clips) for clips in done.values()) * context[0].nbytes
+        folder.rmtree(missing_ok=True)  # frees what it held; the unit has no marker, so the rerun redoes it
+        raise no_space(unit, folder, need, e) from None
+    marker = {
+        "unit": unit,
+        "process": jax.process_index(),
+        "videos": [it.path for it in items],
+        "shards": shards,
+        "skipped": skipped,
+    }
+    paths.write_text_atomic(_unit_marker(out, unit), json.dumps(marker))
+    return marker
+
+
+def no_space(unit: int, folder: epath.Path, need: int, e: OSError) -> OSError:
+    """The one-line error of a full disk while unit `unit` was written: the unit, the bytes it needs, the resume."""
+    error = OSError(
+        f"no space left on the disk of {folder.parent} while writing unit {unit} ({folder.name}: its clips need "
+        f"about {need} bytes; {e}); free space and rerun the same command: finished units are kept, this one is "
+        "redone"
+    )
+    error.errno = errno.ENOSPC
+    return error
+
+
+def _write_unit(folder: epath.Path, done: dict, context, raw, row: dict, opts: Options) -> list[dict]:
+    """The unit's folder: one shard per bucket (data.DatasetWriter), the raw text embeddings beside them."""
     shards = []
     if done:
         writer = DatasetWriter(os.fspath(folder), text_kind="projected")
@@ -302,15 +344,7 @@ def process_unit(
                     np.save(f, raw[rows])
             shards.append({"name": name, "bucket": list(bucket), "num_records": len(clips)})
         writer.close()
-    marker = {
-        "unit": unit,
-        "process": jax.process_index(),
-        "videos": [it.path for it in items],
-        "shards": shards,
-        "skipped": skipped,
-    }
-    paths.write_text_atomic(_unit_marker(out, unit), json.dumps(marker))
-    return marker
+    return shards
 
 
 def _barrier(name: str) -> None:
@@ -329,9 +363,11 @@ def _wait_for_units(out: epath.Path, num_units: int, poll_s: float = 5.0) -> Non
         time.sleep(poll_s)
 
 
-def finish(out: epath.Path, num_units: int) -> dict:
+def finish(out: epath.Path, num_units: int, teacher: dict | None = None) -> dict:
     """Process 0, after every unit is done: report.jsonl (the skipped videos) and the dataset's meta.json, which
-    lists the shards of every unit's folder (`unit-NNNNN/shard-MMMMM`)."""
+    lists the shards of every unit's folder (`unit-NNNNN/shard-MMMMM`), the teacher whose projection made the
+    context (`teacher`: {"path", "crossattn_proj": data.format.projection_fingerprint}) and the records'
+    `fingerprint` (data.format.dataset_fingerprint)."""
     markers = [_read_marker(_unit_marker(out, u)) for u in range(num_units)]
     missing = [u for u, m in enumerate(markers) if m is None]
     if missing:
@@ -353,8 +389,19 @@ def finish(out: epath.Path, num_units: int) -> dict:
                     f"{_unit_dir(out, u)}: {key} {m[key]!r} differs from unit {metas[0][0]}'s "
                     f"{meta[key]!r}; rerun with --overwrite"
                 )
-    meta["shards"] = [{**s, "name": f"{_unit_dir(out, u).name}/{s['name']}"} for u, m in metas for s in m["shards"]]
+    meta["shards"] = [
+        {
+            **s,
+            "name": f"{_unit_dir(out, u).name}/{s['name']}",
+            "checksums": {f"{_unit_dir(out, u).name}/{k}": v for k, v in s.get("checksums", {}).items()},
+        }
+        for u, m in metas
+        for s in m["shards"]
+    ]
     meta["num_records"] = sum(s["num_records"] for s in meta["shards"])
+    if teacher is not None:
+        meta["teacher"] = teacher
+    meta["fingerprint"] = fingerprint_of(meta)
     paths.write_text_atomic(out / "meta.json", json.dumps(meta, indent=1))
     return {"records": meta["num_records"], "shards": len(meta["shards"]), "skipped": skipped}
 
@@ -374,9 +421,23 @@ def prepare(args: argparse.Namespace) -> dict:
         raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
     video.buckets(args.resolution)  # validates the name
     video_paths, root = list_videos(args.videos)
-    items = make_items(video_paths, root, read_captions(args.captions))
+    confine = not args.follow_links and epath.Path(args.videos).is_dir()
+    items = make_items(video_paths, root, read_captions(args.captions), confine=confine)
     out = epath.Path(args.out)
     job = job_record(args, items)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    # One job per --out, like one run per training workdir: a second one refuses, naming the holder.
+    out_lock = lock.acquire_lock(out, flag="--out")
+    try:
+        return _run(args, items, out, job, stride, frames, t0)
+    finally:
+        if out_lock is not None:
+            out_lock.release()
+
+
+def _run(args, items, out: epath.Path, job: dict, stride, frames: int, t0: float) -> dict:
     if jax.process_index() == 0:
         resumed = start_job(out, job, args.overwrite)
     _barrier("trigflow_distill.prepare.start")
@@ -416,7 +477,11 @@ def prepare(args: argparse.Namespace) -> dict:
         _wait_for_units(out, len(units))
     summary = {"clips_this_run": clips, "seconds": time.perf_counter() - t0}
     if jax.process_index() == 0:
-        summary.update(finish(out, len(units)))
+        teacher = {
+            "path": args.teacher,
+            "crossattn_proj": projection_fingerprint(np.asarray(enc.kernel), np.asarray(enc.bias)),
+        }
+        summary.update(finish(out, len(units), teacher))
     return summary
 
 
@@ -458,6 +523,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae-dtype", default="float32", choices=("bfloat16", "float32"))
     parser.add_argument("--keep-raw-text", action="store_true", help="also store the raw text embedding (large)")
     parser.add_argument("--overwrite", action="store_true", help="replace another job's output in --out")
+    parser.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="take videos and sidecar captions that symbolic links lead out of the --videos folder (else skipped)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
