@@ -403,21 +403,22 @@ def _mlp(config, p, h_btsd):
     return einops.rearrange(out, "n b k s d -> b (n k) s d")[:, :t]
 
 
-def _run_blocks(config, layout, blocks, x_btsd, cond, block_ids):
-    """Scan (or unroll) the stacked blocks; split after each block in `block_ids` to return its output."""
-    step = functools.partial(_block, config, layout)
-    if config.remat_policy != "none":
+def run_blocks(block_fn, blocks, x_btsd, cond, block_ids, *, num_blocks, remat_policy, scan_blocks):
+    """Scan (or unroll) the stacked `blocks` through block_fn(x, block_params, *cond) -> x, with the remat policy;
+    split after each block in `block_ids` to return its output. Shared by the DiT families (Cosmos, Wan)."""
+    step = block_fn
+    if remat_policy != "none":
         # prevent_cse=False is only safe under scan; unrolled, XLA could merge the recomputation into the forward
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_blocks)
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan_blocks)
 
     def body(x, p):
         return step(x, p, *cond), None
 
     feats, start = {}, 0
-    for stop in [i + 1 for i in block_ids] + [config.num_blocks]:
+    for stop in [i + 1 for i in block_ids] + [num_blocks]:
         if stop > start:
             segment = jax.tree.map(lambda a, lo=start, hi=stop: a[lo:hi], blocks)
-            if config.scan_blocks:
+            if scan_blocks:
                 x_btsd, _ = jax.lax.scan(body, x_btsd, segment)
             else:
                 for i in range(stop - start):
@@ -532,7 +533,16 @@ def velocity(
         x_btsd = layout.constrain(jnp.pad(x_btsd, ((0, 0), (0, 0), (0, pad), (0, 0))))
         rope = [jnp.pad(c, ((0, 0), (0, pad), (0, 0))) for c in rope]
     cond = (emb, lora, context.astype(cfg.compute_dtype), rope)
-    x_btsd, feats = _run_blocks(cfg, layout, params["blocks"], x_btsd, cond, block_ids)
+    x_btsd, feats = run_blocks(
+        functools.partial(_block, cfg, layout),
+        params["blocks"],
+        x_btsd,
+        cond,
+        block_ids,
+        num_blocks=cfg.num_blocks,
+        remat_policy=cfg.remat_policy,
+        scan_blocks=cfg.scan_blocks,
+    )
     feats = {i: einops.rearrange(f[:, :, : hp * wp], "b t s d -> b (t s) d") for i, f in feats.items()}
 
     fl = params["final_layer"]

@@ -25,7 +25,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from trigflow_distill.models.cosmos_dit.attention import IMPLS, attention
-from trigflow_distill.models.cosmos_dit.network import REMAT_POLICIES
+from trigflow_distill.models.cosmos_dit.network import REMAT_POLICIES, run_blocks
 from trigflow_distill.models.cosmos_dit.rope import timestep_features
 from trigflow_distill.models.wan_dit.rope import apply_rope, rope_cos_sin, rope_split
 
@@ -262,31 +262,6 @@ def _block(config, x_btsd, p, e0_bt6d, text_bld, image_bid, rope):
     return x_btsd + ffn * c_gate
 
 
-def _run_blocks(config, blocks, x_btsd, cond, block_ids):
-    """Scan (or unroll) the stacked blocks; split after each block in `block_ids` to return its output."""
-    step = functools.partial(_block, config)
-    if config.remat_policy != "none":
-        # prevent_cse=False is only safe under scan; unrolled, XLA could merge the recomputation into the forward
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_blocks)
-
-    def body(x, p):
-        return step(x, p, *cond), None
-
-    feats, start = {}, 0
-    for stop in [i + 1 for i in block_ids] + [config.num_layers]:
-        if stop > start:
-            segment = jax.tree.map(lambda a, lo=start, hi=stop: a[lo:hi], blocks)
-            if config.scan_blocks:
-                x_btsd, _ = jax.lax.scan(body, x_btsd, segment)
-            else:
-                for i in range(stop - start):
-                    x_btsd, _ = body(x_btsd, jax.tree.map(lambda a, i=i: a[i], segment))
-        if stop - 1 in block_ids:
-            feats[stop - 1] = x_btsd
-        start = stop
-    return x_btsd, feats
-
-
 def _time_embedding(config, params, timesteps, b, t):
     """e (B, T', D) and the block modulation input e0 = time_projection(SiLU(e)) (B, T', 6, D), float32.
 
@@ -380,7 +355,16 @@ def velocity(
     text = _text_context(cfg, params, text_bld).astype(cfg.compute_dtype)
     image = None if cfg.image_dim is None else _image_context(cfg, params, image_bic).astype(cfg.compute_dtype)
     rope = rope_cos_sin(cfg.head_dim, tp, hp, wp, cfg.rope_theta)
-    x_btsd, feats = _run_blocks(cfg, params["blocks"], x_btsd, (e0, text, image, rope), block_ids)
+    x_btsd, feats = run_blocks(
+        functools.partial(_block, cfg),
+        params["blocks"],
+        x_btsd,
+        (e0, text, image, rope),
+        block_ids,
+        num_blocks=cfg.num_layers,
+        remat_policy=cfg.remat_policy,
+        scan_blocks=cfg.scan_blocks,
+    )
     feats = {i: einops.rearrange(f, "b t s d -> b (t s) d") for i, f in feats.items()}
 
     head = params["head"]
