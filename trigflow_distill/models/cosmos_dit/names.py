@@ -306,7 +306,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> DiTConfi
         guidance_embedder=GUIDANCE_WEIGHT in shapes,
     )
     values = {**inferred, **overrides}
-    _check_limits(values)
+    _check_limits({**defaults, **values})
     return DiTConfig(**values)
 
 
