@@ -486,3 +486,27 @@ def test_python_pipeline_generates_what_the_cli_writes(assets, tmp_path):
         pipe.generate("a red car", steps=5, size=SIZE, num_frames=FRAMES)
     with pytest.raises(ValueError, match="give exactly one of student=, workdir=, teacher="):
         Pipeline.load(student=str(d / "student.pt"), teacher=str(d / "teacher.pt"))
+
+
+def test_an_out_with_another_runs_outputs_needs_overwrite(assets, tmp_path, capsys):
+    """generate.json describes exactly the videos beside it: a second run into the same --out is refused (before the
+    model is loaded) unless --overwrite, which removes the first run's files; other files in --out stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = _run(assets, out, "--prompt", "a red car", "--prompt", "a blue boat", "--steps", "1")
+    assert len(first["videos"]) == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    d = assets["dir"]
+    argv = ["--student", str(d / "missing.pt"), "--prompt", "a dog", "--out", str(out)]
+    assert generate.main(argv) == 1  # refused before the (missing) model is looked at
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith(f"error: --out {out} holds the outputs of another generate run") and "--overwrite" in err[-1]
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    second = _run(assets, out, "--prompt", "a dog", "--steps", "1", "--overwrite")
+    files = sorted(p.name for p in out.iterdir())
+    stem = second["videos"][0]["file"][: -len(".mp4")]
+    assert files == sorted(["notes.txt", "generate.json", "contact_sheet.png", f"{stem}.mp4", f"{stem}.npz"])
+    assert [v["prompt"] for v in second["videos"]] == ["a dog"]

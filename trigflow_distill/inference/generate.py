@@ -26,6 +26,8 @@ s = 8 (their guidance 7), its default negative prompt as the unconditional conte
 conditional latent frames, so the first frames of the output are the VAE-decoded input frames. Output in --out:
 one mp4 per prompt, contact_sheet.png (a few frames per prompt), generate.json (sampler, settings, NFE, timings)
 and with --save-latents one .npz per prompt that `python -m trigflow_distill.models.wan_vae decode` reads.
+An --out that already holds a run's outputs is refused unless --overwrite, which deletes them first: generate.json
+always describes exactly the videos beside it.
 
 The initial noise of prompt i is normal(fold_in(key(seed), i)): a video does not depend on the batch size or the
 number of devices. Batches are split over all local devices (data parallel); the last one is padded.
@@ -125,6 +127,26 @@ def load_pipeline(args) -> pipeline.Pipeline:
     )
 
 
+_OUTPUT = re.compile(r"^(generate\.json|contact_sheet\.png|\d{4}_.*\.(mp4|npz))$")  # the files a run writes
+
+
+def claim_out(out: epath.Path, overwrite: bool) -> None:
+    """Makes `out` this run's: an --out that holds another run's outputs (generate.json, its mp4s, npz files and
+    contact sheet) is refused unless `overwrite`, which deletes them first, so that generate.json always describes
+    exactly the files beside it. Other files in --out are left alone."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    previous = sorted(p for p in out.iterdir() if _OUTPUT.match(p.name)) if out.exists() else []
+    if previous and not overwrite:
+        raise FileExistsError(
+            f"--out {out} holds the outputs of another generate run ({previous[0].name}, {len(previous)} files); "
+            "pass --overwrite to replace them, or choose a new --out"
+        )
+    for p in previous:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def generate(args) -> dict:
     """Runs the CLI's work (`Pipeline.prepare` + `Pipeline.batches`, writing each batch); returns what
     generate.json holds."""
@@ -133,6 +155,8 @@ def generate(args) -> dict:
     if any(not p for p in prompts):
         raise ValueError("--prompt: empty prompt; give some text")
     frames = conditioning_frames(args)  # read before the model so that a bad file fails at once
+    out = epath.Path(args.out)
+    claim_out(out, args.overwrite)  # before the model too: a refused --out costs nothing
     timings = {}
 
     t = time.perf_counter()
@@ -160,8 +184,6 @@ def generate(args) -> dict:
     settings, cond, bucket = job.settings, job.cond, job.bucket_wh
     reference = settings.solver == "unipc"
 
-    out = epath.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     videos, sheet_rows, batches = [], [], []
     with tqdm(total=len(prompts), unit="video", desc="generate", file=sys.stderr) as bar:
         for batch in pipe.batches(job):
@@ -340,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fps", type=float, default=16.0, help="frame rate of the written mp4s (default 16)")
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of an earlier run in --out (else refused)"
+    )
     parser.add_argument("--vae", default=VAE_SOURCE, help=f"Wan2.1 VAE (default {VAE_SOURCE})")
     parser.add_argument(
         "--text-encoder",
