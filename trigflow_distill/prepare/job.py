@@ -27,6 +27,9 @@ Inputs:
   neither is the whole video; several lines of one video are its windows, in file order. "video" is the path
   relative to DIR (or to the list's folder), the bare file name, or the absolute path. A video without an entry
   uses a sidecar text file next to it (`clip_001.txt`, the whole file is the caption of the whole video).
+  A blank caption's window is skipped and reported; in a --videos folder, videos and sidecars that symbolic links
+  take out of it are skipped and reported unless `--follow-links`; a non-UTF-8 captions or list file is an error
+  naming the file and line.
 
 Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `main.py` trains on
 (`--config.data.path=DATASET`; every batch holds one bucket):
@@ -37,7 +40,9 @@ Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `mai
   its caption window and "window_index" (its line among the video's windows), "fps", "bucket": "WxH"};
 - `units/unit-NNNNN.json`: the completion marker of a unit (its shards and its skipped videos), written after
   its folder is complete;
-- `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`), written last by process 0;
+- `meta.json`: every unit's shards (`unit-NNNNN/shard-MMMMM`) with their files' sizes and CRC-32s, the records'
+  `fingerprint` and the projecting `teacher` (data.format.dataset_fingerprint), written last by process 0;
+- `lock.json`: held while a job runs (common.lock, as a training workdir's): a second job on --out is refused;
 - `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
   skipped, an unfinished one is redone), different ones are refused unless `--overwrite` (which deletes what a
   previous job wrote there);
