@@ -241,3 +241,28 @@ def test_reading_needs_no_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_safetensors_header_checks_name_the_file(tmp_path):
+    """`safetensors_header` is what every safetensors reader calls first (the library's errors name no file)."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(4, np.int64)}, str(path))
+    header = torchfile.safetensors_header(path)
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == {"a": ("F32", [2, 3]), "b": ("I64", [4])}
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    cases = {
+        b"": "shorter than the 8-byte header length",
+        data[:-8]: "outside the",
+        data[:8] + b"[" * n + data[8 + n :]: "not valid JSON",
+        (len(data)).to_bytes(8, "little") + data[8:]: "header length",
+        data.replace(b'"F32"', b'"F99"'): "unknown dtype 'F99'",
+        data.replace(b"[2,3]", b"[3,3]"): "does not fill its 24 bytes",
+    }
+    for content, why in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(torchfile.TorchFileError, match=why) as e:
+            torchfile.safetensors_header(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
