@@ -18,8 +18,8 @@ import kill_resume  # benchmarks/ is on the pytest pythonpath
 import numpy as np
 import pytest
 
-from trigflow_distill.common import errors
-from trigflow_distill.training import checkpoint, lock
+from trigflow_distill.common import errors, lock
+from trigflow_distill.training import checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's dropped reads
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

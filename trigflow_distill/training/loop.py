@@ -25,10 +25,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from trigflow_distill import data
-from trigflow_distill.common import cli, distributed, paths, sharding
+from trigflow_distill.common import cli, distributed, lock, paths, sharding
 from trigflow_distill.common.errors import CheckpointError, TrainingStopped
 from trigflow_distill.methods import dmd2, train_state
-from trigflow_distill.training import builder, checkpoint, lock, metrics, plan, run_config
+from trigflow_distill.training import builder, checkpoint, metrics, plan, run_config
 
 # write_samples(samples_bcthw, batch, path, writer): pictures of the EMA student's samples; batch holds the gathered
 # host arrays of the current batch (every field but "text"); writer is the run's metrics.Writer, whose
