@@ -1,9 +1,11 @@
 """The command-line convention shared by every command: bad input is one `error: ...` line and exit code 1
 (`errors.fail`), a usage mistake exit code 2 (argparse), `--help` exit code 0 — absl commands included (absl's
-help flag exits 1); timestamped progress lines (`say`); the start-up hint when JAX misses the accelerator."""
+help flag exits 1) — and shows every option's default (`HelpFormatter`); timestamped progress lines (`say`); the
+start-up hint when JAX misses the accelerator."""
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import shutil
@@ -14,6 +16,17 @@ from collections.abc import Callable
 from absl import app
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The argparse formatter of every command: the module docstring as written, and each option's default appended
+    unless its help already states one (or it has none to state)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def run_absl(main: Callable, flags_parser: Callable | None = None) -> None:

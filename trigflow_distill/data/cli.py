@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from trigflow_distill.common import cli
 from trigflow_distill.common.errors import CLI_ERRORS, fail
 from trigflow_distill.data.format import TEXT_KINDS, NpyDirSource
 from trigflow_distill.data.writer import write_dataset
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-data",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--latents", required=True, help=".npy (N,16,T,H,W) float latents")
     parser.add_argument("--text", required=True, help=".npy (N,L,C) text embeddings, raw or projected")

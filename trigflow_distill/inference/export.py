@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from trigflow_distill.common import errors, paths
+from trigflow_distill.common import cli, errors, paths
 from trigflow_distill.core import sampling
 from trigflow_distill.models.cosmos_dit import convert
 from trigflow_distill.training import restore
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-export",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint is exported)")
     parser.add_argument("--out", required=True, help="output .pt file (torch) or folder (diffusers)")

@@ -51,7 +51,7 @@ from etils import epath
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from trigflow_distill.common import errors, video
+from trigflow_distill.common import cli, errors, video
 from trigflow_distill.inference import pipeline
 from trigflow_distill.inference.inputs import PREPROCESS, conditioning_frames, read_prompts
 
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-generate",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--workdir", help="training run: its latest checkpoint's EMA student")

@@ -30,6 +30,7 @@ import optax
 from etils import epath
 
 from trigflow_distill import toy
+from trigflow_distill.common import cli
 from trigflow_distill.core import trigflow
 from trigflow_distill.methods import video2world
 from trigflow_distill.models import cosmos_dit
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-toy-pretrain",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output .pt (native Cosmos layout, net. prefix, bf16)")
     parser.add_argument("--steps", type=int, default=3500)

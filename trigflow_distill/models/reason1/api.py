@@ -35,6 +35,7 @@ from safetensors.numpy import save as safetensors_bytes
 from tokenizers import models, pre_tokenizers
 from tqdm import tqdm
 
+from trigflow_distill.common import cli
 from trigflow_distill.common.sharding import param_sharding
 from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.reason1 import qwen2
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-text-encoder",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--text-encoder", required=True, help="Qwen2.5-VL folder or hf://OWNER/NAME[@REV]")
     parser.add_argument("--prompt", required=True, action="append", help="caption (repeat for a batch)")

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from trigflow_distill.common import video
+from trigflow_distill.common import cli, video
 from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.wan_vae import names, network
 from trigflow_distill.models.wan_vae.names import LATENT_MEAN, LATENT_STD, WanVAEConfig
@@ -229,6 +229,7 @@ def _cmd_decode(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-vae",
+        formatter_class=cli.HelpFormatter,
         description="Encode a video into normalised Wan2.1 VAE latents (the DiT's input) or decode latents back "
         "into a video, for quick checks. Encode resizes and pads to the bucket of nearest aspect "
         "ratio (docs/algorithm.md §12) and keeps the first 1+4k frames.",
