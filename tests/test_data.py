@@ -420,3 +420,18 @@ def test_meta_records_a_fingerprint_of_the_records(tmp_path):
     with open(os.path.join(b, "shard-00001.latents.npy"), "ab") as f:
         f.write(b"\0" * 4)
     assert dataset_fingerprint(b) != old
+
+
+def test_dataset_record_is_the_directory_and_its_fingerprint(tmp_path):
+    """What a run records of its dataset (dataset.json): a dataset directory's path and meta.json fingerprint; an
+    in-memory source has none."""
+    from trigflow_distill.training import run_config
+
+    lat, txt, nc = _arrays(5, np.random.default_rng(7))
+    out = data.write_dataset(str(tmp_path / "d"), lat, txt, nc)
+    record = run_config.dataset_record(data.NpyDirSource(out))
+    assert record == {
+        "path": out,
+        "fingerprint": json.loads(open(os.path.join(out, "meta.json")).read())["fingerprint"],
+    }
+    assert run_config.dataset_record(data.make_synthetic_source(4, LAT, TXT, seed=0)) is None

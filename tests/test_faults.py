@@ -583,6 +583,76 @@ def test_another_teacher_file_at_the_same_path_is_refused_like_a_config_change(t
     assert json.loads((workdir / "teacher_source.json").read_text())["files"]["teacher.pt"]["sha256"] != digest
 
 
+def _dataset(path, seed, text_kind=None, width=8):
+    from trigflow_distill import data
+
+    rng = np.random.default_rng(seed)
+    lat, txt = rng.normal(size=(4, 16, 3, 4, 4)).astype(np.float32), rng.normal(size=(4, 5, width)).astype(np.float32)
+    return data.NpyDirSource(data.write_dataset(str(path), lat, txt, text_kind=text_kind))
+
+
+def test_resume_on_another_dataset_is_refused_like_a_config_change(teacher_pt, tmp_path):
+    """The dataset's fingerprint is recorded at the first start (dataset.json); a resumed run (a checkpoint) on
+    other records is refused before anything is written (the saved iterator position would index another dataset),
+    also through `train`; a workdir without checkpoints is fresh; allow_config_change accepts and keeps the record."""
+    from trigflow_distill.training import loop, run_config
+
+    a, b, workdir = _dataset(tmp_path / "a", 0), _dataset(tmp_path / "b", 1), tmp_path / "run"
+    workdir.mkdir()
+    rec_a, rec_b = run_config.dataset_record(a), run_config.dataset_record(b)
+    assert rec_a["fingerprint"] != rec_b["fingerprint"]
+    assert run_config.resume_config(_tiny_config(teacher_pt), workdir, dataset=rec_a) is None
+    assert json.loads((workdir / "dataset.json").read_text()) == rec_a
+    assert run_config.resume_config(_tiny_config(teacher_pt), workdir, dataset=rec_b) is None  # nothing trained yet
+    assert json.loads((workdir / "dataset.json").read_text()) == rec_b
+    run_config.resume_config(_tiny_config(teacher_pt), workdir, dataset=rec_a)
+    _trained(workdir)
+    moved = {**rec_a, "path": str(tmp_path / "elsewhere")}  # the same records at another path resume
+    assert run_config.resume_config(_tiny_config(teacher_pt), workdir, dataset=moved) is None
+    before = sorted(os.listdir(workdir))
+    message = f"the dataset {rec_b['path']} is not the one {workdir} was trained on"
+    with pytest.raises(ValueError, match=re.escape(message) + ".*allow_config_change=True"):
+        run_config.resume_config(_tiny_config(teacher_pt), workdir, dataset=rec_b)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.train(_tiny_config(teacher_pt), str(workdir), b)
+    assert sorted(os.listdir(workdir)) == before and json.loads((workdir / "dataset.json").read_text()) == moved
+    note = run_config.resume_config(_tiny_config(teacher_pt, allow_config_change=True), workdir, dataset=rec_b)
+    assert "dataset changed" in note
+    assert json.loads((workdir / "dataset.json").read_text()) == rec_b
+    kept = [n for n in os.listdir(workdir) if n.startswith("dataset.") and n != "dataset.json"]
+    assert len(kept) == 1 and json.loads((workdir / kept[0]).read_text()) == moved
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_projected_context_of_another_teacher_is_refused_even_at_equal_widths(teacher_pt, tmp_path, dtype):
+    """A projected-context dataset records its teacher's projection (meta["teacher"], as prepare writes it); the
+    run's teacher (loaded at any teacher.dtype) matches it, another teacher of the same widths is refused, naming
+    both and the fix."""
+    from trigflow_distill.data.format import projection_fingerprint
+    from trigflow_distill.models import cosmos_dit
+    from trigflow_distill.prepare import encoders
+    from trigflow_distill.training import builder
+
+    config = _tiny_config(teacher_pt, **{"teacher.dtype": dtype})
+    _, teacher = builder.load_teacher(config, str(tmp_path / "run"))
+    proj = teacher["text_proj"]
+    source = _dataset(tmp_path / "d", 0, "projected", width=proj["kernel"].shape[1])
+    made_by = {"path": str(teacher_pt), "crossattn_proj": projection_fingerprint(*encoders.load_projection(teacher_pt))}
+    meta = {**source.meta, "teacher": made_by}
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    source = type(source)(str(tmp_path / "d"))
+    builder.check_projection(source, proj, str(teacher_pt))  # its own teacher: accepted
+    other = cosmos_dit.init_params(cosmos_dit.get_preset("tiny", num_blocks=1), jax.random.PRNGKey(1))
+    other = {k: np.asarray(v) for k, v in other["crossattn_proj"].items()}
+    assert other["kernel"].shape == proj["kernel"].shape
+    with pytest.raises(ValueError) as e:
+        builder.check_projection(source, other, "/teachers/other.pt")
+    text = str(e.value)
+    assert "\n" not in text and str(teacher_pt) in text and "/teachers/other.pt" in text
+    assert "re-run prepare with --teacher /teachers/other.pt" in text and f"--config.teacher.path={teacher_pt}" in text
+    builder.check_projection(_dataset(tmp_path / "raw", 0), other)  # raw text: nothing to compare
+
+
 def test_corrupted_config_json_names_the_file(teacher_pt, tmp_path):
     from trigflow_distill.training import loop
 

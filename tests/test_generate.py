@@ -510,3 +510,12 @@ def test_an_out_with_another_runs_outputs_needs_overwrite(assets, tmp_path, caps
     stem = second["videos"][0]["file"][: -len(".mp4")]
     assert files == sorted(["notes.txt", "generate.json", "contact_sheet.png", f"{stem}.mp4", f"{stem}.npz"])
     assert [v["prompt"] for v in second["videos"]] == ["a dog"]
+
+
+def test_non_utf8_prompts_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red car\n".encode() + b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=re.escape(f"--prompts {path} line 2: not UTF-8 text (byte 0xe9 at column 4)")):
+        inputs.read_prompts(str(path))
+    path.write_bytes("\ufeffa red car\n".encode())  # a BOM is not a prompt character
+    assert inputs.read_prompts(str(path)) == ["a red car"]

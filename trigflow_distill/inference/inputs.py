@@ -41,13 +41,20 @@ class Conditioning(NamedTuple):
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts of a text file (one per line) or JSONL (a "prompt" or "caption" field per line); blanks skipped."""
+    """Prompts of a UTF-8 text file (one per line) or JSONL (a "prompt" or "caption" field per line); blanks
+    skipped. ValueError naming the file and line of bytes that are not UTF-8."""
     p = epath.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--prompts {path}: no such file")
     prompts = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        text = line.strip()
+    for n, raw in enumerate(p.read_bytes().splitlines(), 1):
+        try:
+            text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"--prompts {path} line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
         if text.startswith("{"):
             try:
                 record = json.loads(text)

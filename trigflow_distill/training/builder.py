@@ -48,9 +48,10 @@ def load_teacher(config, workdir):
     cache_dir = config.teacher.cache_dir or os.path.join(workdir, "teacher_cache")
     net_config, params = teacher_cache.load_teacher(config.teacher.path, cache_dir, **net_options(config.net))
     store = jnp.bfloat16 if config.teacher.dtype == "bfloat16" else jnp.float32
+    proj = params.get("crossattn_proj")
     params = jax.tree.map(lambda x: np.asarray(x).astype(store), params)
-    if "crossattn_proj" in params:  # the frozen projection stays fp32: it is applied once per batch
-        params["crossattn_proj"] = jax.tree.map(lambda x: x.astype(np.float32), params["crossattn_proj"])
+    if proj is not None:  # the frozen projection stays fp32 (not rounded to `store`): it is applied once per batch
+        params["crossattn_proj"] = jax.tree.map(lambda x: np.asarray(x).astype(np.float32), proj)
     return net_config, split_teacher(params)
 
 
@@ -147,3 +148,22 @@ def check_source(source, net_config, lambda_frame_chunks: int = 1) -> str | None
                 f"frames: set --config.distill.lambda_frame_chunks to one of {divisors} (1 = one lambda per sample)."
             )
     return kinds.pop() if len(kinds) == 1 else None
+
+
+def check_projection(source, text_proj, teacher_path: str = "the teacher") -> None:
+    """ValueError when `source` holds a projected context made by another teacher's text projection than
+    `text_proj` ({"kernel", "bias"}, the run's teacher): its dataset's meta.json records the projection's
+    `data.format.projection_fingerprint` (`teacher`), which must match even when the widths do. Sources without
+    that record (raw text, in-memory data, datasets written before it) pass."""
+    meta = getattr(source, "meta", None) or {}
+    made_by = meta.get("teacher") if meta.get("text_kind") == "projected" else None
+    if not isinstance(made_by, dict) or not made_by.get("crossattn_proj") or text_proj is None:
+        return
+    ours = data_format.projection_fingerprint(np.asarray(text_proj["kernel"]), np.asarray(text_proj["bias"]))
+    if ours != made_by["crossattn_proj"]:
+        where = getattr(source, "directory", "the dataset")
+        raise ValueError(
+            f"{where} holds a context projected by another teacher ({made_by.get('path')}, crossattn_proj "
+            f"{made_by['crossattn_proj'][:19]}) than this run's {teacher_path} (crossattn_proj {ours[:19]}): re-run "
+            f"prepare with --teacher {teacher_path}, or train with --config.teacher.path={made_by.get('path')}."
+        )

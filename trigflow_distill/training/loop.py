@@ -47,7 +47,8 @@ def train(config, workdir: str, source, write_samples: SampleWriter | None = Non
     workdir = lock.open_workdir(workdir)
     workdir_lock = lock.acquire_lock(workdir)
     try:
-        note = run_config.resume_config(config, workdir, write=main_process)
+        dataset = run_config.dataset_record(source)  # its fingerprint: another dataset is refused on resume
+        note = run_config.resume_config(config, workdir, write=main_process, dataset=dataset)
         if note and main_process:
             print(note, flush=True)
         return _train(config, workdir, source, write_samples, workdir_lock)
@@ -64,6 +65,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
     net_config, teacher = builder.load_teacher(config, str(workdir))
     # Before the mesh plan: bad data fails in seconds.
     text_kind = builder.check_source(source, net_config, int(config.distill.lambda_frame_chunks))
+    builder.check_projection(source, teacher["text_proj"], str(config.teacher.path))
     for line in check_batches(source, batch_size, _batch_fits(config, net_config)):
         say(line)
     sample_records = check_sample_records(source, tuple(config.sample.records))

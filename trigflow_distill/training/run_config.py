@@ -18,6 +18,7 @@ from etils import epath
 
 from configs import predict25_4step
 from trigflow_distill.common import paths
+from trigflow_distill.data import format as data_format
 from trigflow_distill.training import checkpoint
 
 # Config fields a resume may change: how long, how often, where and with which memory options the run goes, never
@@ -273,14 +274,60 @@ def has_checkpoints(workdir) -> bool:
     return directory.exists() and any(True for _ in directory.iterdir())
 
 
-def resume_config(config, workdir, write: bool = True) -> str | None:
+DATASET_SOURCE = "dataset.json"  # beside config.json: the dataset (path, fingerprint) the run's iterator indexes
+
+
+def dataset_record(source) -> dict | None:
+    """{"path", "fingerprint"} of a record source read from a dataset directory (`data.NpyDirSource`: its
+    meta.json's `data.format.dataset_fingerprint`); None for in-memory sources (synthetic, toy)."""
+    directory = getattr(source, "directory", None)
+    if directory is None:
+        return None
+    return {"path": os.fspath(directory), "fingerprint": data_format.dataset_fingerprint(directory)}
+
+
+def _check_dataset(config, workdir, dataset: dict | None) -> tuple[dict | None, dict | None, str | None]:
+    """(record to write, previous record to keep, note) for the run's dataset; ValueError when a run with
+    checkpoints is resumed on a dataset of another fingerprint (its saved iterator position would index other
+    records), unless config.allow_config_change. A workdir without checkpoints is fresh: its record is replaced."""
+    if dataset is None:
+        return None, None, None
+    record_path = epath.Path(workdir) / DATASET_SOURCE
+    try:
+        old = json.loads(record_path.read_text()) if record_path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record_path} is corrupted ({e}); delete it to record the dataset again.") from None
+    if old == dataset:
+        return None, None, None
+    if old is None or old.get("fingerprint") == dataset["fingerprint"] or not has_checkpoints(workdir):
+        return dataset, None, None  # a first start, a run from before the record, a moved dataset, or no work yet
+    if not config.allow_config_change:
+        raise ValueError(
+            f"the dataset {dataset['path']} is not the one {workdir} was trained on ({old.get('path')}: fingerprint "
+            f"{str(old.get('fingerprint'))[:19]} -> {dataset['fingerprint'][:19]}); the saved iterator position would "
+            "index other records. Resume with the original dataset, use a new --workdir, or pass "
+            "--config.allow_config_change=True to go on with this dataset (the old record is kept)."
+        )
+    return dataset, old, f"dataset changed ({old.get('path')} -> {dataset['path']}); the previous record is kept."
+
+
+def _write_dataset_record(workdir, record: dict | None, previous: dict | None, write: bool) -> None:
+    if not write or record is None:
+        return
+    if previous is not None:
+        paths.write_text_atomic(_kept_name(workdir, "dataset"), json.dumps(previous, indent=2))
+    paths.write_text_atomic(epath.Path(workdir) / DATASET_SOURCE, json.dumps(record, indent=2))
+
+
+def resume_config(config, workdir, write: bool = True, dataset: dict | None = None) -> str | None:
     """Check `config` against the one saved in `workdir` and save it as <workdir>/config.json (if `write`).
 
     A config that differs in a field that changes the run (not in RESUME_MAY_CHANGE) is refused with the fields
     listed, before anything is written, unless config.allow_config_change. Whenever the saved config differs, it
     is kept as config.<UTC time>.json. The teacher file itself (sizes and SHA-256 of a local `.pt` or diffusers
     folder, `teacher_fingerprint`) is recorded as <workdir>/teacher_source.json at the first start; other contents
-    at the same path are refused the same way. A workdir without checkpoints is fresh: a start that failed before
+    at the same path are refused the same way, and so is another dataset (`dataset`: `dataset_record(source)`,
+    recorded as <workdir>/dataset.json). A workdir without checkpoints is fresh: a start that failed before
     its first checkpoint (bad data, a typo) left records nothing depends on, so the corrected rerun replaces them.
     Returns a note for the log when something changed, else None.
     """
@@ -288,10 +335,12 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
     new = json.loads(config.to_json_best_effort())
     fresh = saved is not None and not has_checkpoints(workdir)
     checked = _allowing_change(config) if fresh else config  # config.json keeps the config as given
+    data_record, data_previous, data_note = _check_dataset(config, workdir, dataset)  # may refuse: before any write
     if saved == new:
         record, previous, teacher_note = _check_teacher_source(checked, workdir)
         _write_teacher_record(workdir, record, previous, write)
-        return teacher_note
+        _write_dataset_record(workdir, data_record, data_previous, write)
+        return "; ".join(n for n in (teacher_note, data_note) if n) or None
     note = None
     if saved is not None:
         changes = config_changes(saved, new)
@@ -316,7 +365,8 @@ def resume_config(config, workdir, write: bool = True) -> str | None:
     if write:
         paths.write_text_atomic(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
     _write_teacher_record(workdir, record, previous, write)
-    return "; ".join(n for n in (note, teacher_note) if n) or None
+    _write_dataset_record(workdir, data_record, data_previous, write)
+    return "; ".join(n for n in (note, teacher_note, data_note) if n) or None
 
 
 def _allowing_change(config) -> ml_collections.ConfigDict:
