@@ -475,3 +475,14 @@ def test_single_block_teacher_converts_exactly(tmp_path):
     assert_trees_equal(convert.load_torch_checkpoint(src)[1], params)
     convert.convert(src, tmp_path / "converted")
     assert_trees_equal(convert.load_converted(tmp_path / "converted")[1], params)
+
+
+def test_damaged_diffusers_safetensors_is_named(tmp_path):
+    """A truncated diffusers weights file: a one-line ValueError naming it (the library's error names no file)."""
+    folder = tmp_path / "diffusers"
+    convert.export_diffusers(random_params(), CONFIG, folder, dtype=np.float32)
+    weights = sorted(folder.rglob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="not a valid safetensors file") as e:
+        convert.load_diffusers_folder(folder)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)

@@ -252,3 +252,10 @@ def test_non_utf8_caption_files_name_the_file_and_line(tmp_path):
     # a UTF-8 byte-order mark is not part of the first line
     captions.write_bytes(b'\xef\xbb\xbf{"video": "a.mp4", "caption": "caf\xc3\xa9"}\n')
     assert clips.read_captions(str(captions))["a.mp4"] == [clips.Window("café")]
+
+
+def test_empty_video_file_is_reported_as_empty(tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^empty file \(0 bytes\), not a video$"):
+        clips.read_clip_frames(str(empty), [clips.Window("a cat")], frames=5)

@@ -301,3 +301,35 @@ def test_load_fsdp_sharded_from_wan_pth(tmp_path):
     want, _ = jax.jit(umt5.embed, static_argnums=0)(cfg, params, np.asarray(ids), mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(lengths), np.arange(1, 9) * 3)
+
+
+def test_damaged_safetensors_is_named_before_it_is_opened(tmp_path):
+    """A truncated model.safetensors: a one-line ValueError naming it (the library's error names no file)."""
+    cfg = network.UMT5Config(vocab_size=40, d_model=16, num_layers=2, num_heads=2, d_kv=4, d_ff=24)
+    umt5.save(tmp_path / "hf", cfg, network.init_params(cfg, jax.random.key(0)))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="not a valid safetensors file") as e:
+        umt5.load(tmp_path / "hf", dtype="float32")
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_limits_before_anything_is_allocated(tmp_path):
+    """Sizes from the tensor names / shapes (one damaged block name, zero heads) or config.json out of range are
+    refused naming the size (and the file), before the network's tensors are listed."""
+    cfg = network.UMT5Config(vocab_size=40, d_model=16, num_layers=2, num_heads=2, d_kv=4, d_ff=24)
+    shapes = names.hf_shapes(cfg)
+    far = f"encoder.block.{names.CONFIG_LIMITS['num_layers']}.layer.0.layer_norm.weight"
+    with pytest.raises(ValueError, match=r"num_layers = 513 .*out of range \(a whole number in 1\.\.512\)"):
+        names.infer_config({**shapes, far: (16,)})
+    rel = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    with pytest.raises(ValueError, match=r"num_heads = 0 .*out of range"):
+        names.infer_config({**shapes, rel: (32, 0)})
+    umt5.save(tmp_path / "hf", cfg, network.init_params(cfg, jax.random.key(0)))
+    config_json = tmp_path / "hf" / "config.json"
+    config = json.loads(config_json.read_text())
+    for field, value in (("num_layers", 10**9), ("d_model", "16"), ("relative_attention_max_distance", "far")):
+        config_json.write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=r"= .*out of range \(a whole number in 1\.\.") as e:
+            umt5.load(tmp_path / "hf", dtype="float32")
+        assert str(config_json) in str(e.value) and "\n" not in str(e.value)

@@ -230,3 +230,44 @@ def test_release_shapes(name):
     assert sum(int(np.prod(s)) for s in shapes.values()) / 1e9 == pytest.approx(
         {"t2v_1_3b": 1.42, "t2v_14b": 14.3, "i2v_14b": 16.4}[name], rel=0.03
     )
+
+
+def _write_native(folder, config, extra=(), cfg_json=None):
+    """A release-layout folder of zero weights for `config` (plus `extra` tensors) and optionally a config.json."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(exist_ok=True)
+    sd = {k: np.zeros(s, np.float32) for k, s in wn.native_shapes(config).items()}
+    sd.update({k: np.zeros(2, np.float32) for k in extra})
+    save_file(sd, str(folder / checkpoint.WEIGHTS))
+    if cfg_json is not None:
+        (folder / "config.json").write_text(json.dumps(cfg_json))
+    return folder
+
+
+def test_damaged_safetensors_is_named_before_it_is_opened(tmp_path):
+    """A truncated weights file: a one-line ValueError naming it (the library's error names no file)."""
+    folder = _write_native(tmp_path / "wan", T2V)
+    weights = folder / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="not a valid safetensors file") as e:
+        checkpoint.load(folder, num_heads=T2V.num_heads)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_limits_before_anything_is_allocated(tmp_path):
+    """A damaged block name (a billion layers) or config.json (absurd or non-numeric heads, text_len) is refused
+    naming the size and the file, before the tensors of such a network are listed."""
+    shapes = {k: tuple(v) for k, v in wn.native_shapes(T2V).items()}
+    with pytest.raises(ValueError, match=r"num_layers = 1000000000 .*out of range \(a whole number in 1\.\.512\)"):
+        wn.infer_config({**shapes, "blocks.999999999.ffn.0.weight": (2,)}, num_heads=T2V.num_heads)
+    with pytest.raises(ValueError, match=r"ffn_dim = 0 .*out of range"):
+        wn.infer_config({**shapes, "blocks.0.ffn.0.weight": (0, T2V.dim)}, num_heads=T2V.num_heads)
+    folder = _write_native(tmp_path / "layers", T2V, extra=[f"blocks.{wn.CONFIG_LIMITS['num_layers']}.norm3.weight"])
+    with pytest.raises(ValueError, match=r"layers.*num_layers = 513 .*out of range"):
+        checkpoint.load(folder, num_heads=T2V.num_heads)
+    for field, value in (("num_heads", 10**9), ("num_heads", "12"), ("text_len", 1 << 40)):
+        folder = _write_native(tmp_path / f"{field}{value}", T2V, cfg_json={"num_heads": 2, field: value})
+        with pytest.raises(ValueError, match=rf"{field} = {value!r} .*out of range") as e:
+            checkpoint.load(folder)
+        assert str(folder) in str(e.value) and "\n" not in str(e.value)

@@ -341,11 +341,13 @@ def read_clip_frames(
     only as far as the last clip needs, keeping only the clips' frames, so that long videos cost neither the
     decoding of their tail nor memory for all their frames. If the count was overstated the clips are placed again
     on what was decoded (decoding everything if frames they need were dropped on the way).
-    ValueError: corrupt, unreadable, fps out of range or no usable window (the reason is reported).
+    ValueError: empty, corrupt, unreadable, fps out of range or no usable window (the reason is reported).
     """
     p = epath.Path(path)
     if not p.exists():
         raise ValueError("unreadable: no such file")
+    if p.is_file() and p.stat().length == 0:  # PyAV reports it as "OSError: [Errno 22] Invalid argument"
+        raise ValueError("empty file (0 bytes), not a video")
     kept: dict[int, np.ndarray] = {}
     n = 0
     try:

@@ -130,6 +130,7 @@ def _diffusers_source(path: str) -> tuple[Mapping, dict]:
     nbytes = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
     for name in files:
         file = os.path.join(folder, name)
+        torchfile.safetensors_header(file)  # a damaged file: an error naming it, before safetensors maps it
         with safe_open(file, framework="np") as st:
             for k in st.keys():
                 info = st.get_slice(k)

@@ -93,6 +93,7 @@ def _open_tensors(path: epath.Path, stack: contextlib.ExitStack) -> dict[str, _T
     out = {}
     for file in files:
         if file.endswith(".safetensors"):
+            torchfile.safetensors_header(file)  # a damaged file: an error naming it, before safetensors maps it
             handle = stack.enter_context(safe_open(file, framework="np"))
             for key in handle.keys():
                 sl = handle.get_slice(key)
@@ -102,6 +103,18 @@ def _open_tensors(path: epath.Path, stack: contextlib.ExitStack) -> dict[str, _T
             for key, shape in lazy.shapes.items():
                 out[key] = _Tensor(shape, lambda index, key=key: np.asarray(lazy[key][index]))
     return out
+
+
+# transformers config.json field -> names.CONFIG_LIMITS name.
+_CONFIG_SIZES = {
+    "vocab_size": "vocab_size",
+    "d_model": "d_model",
+    "num_layers": "num_layers",
+    "num_heads": "num_heads",
+    "d_ff": "d_ff",
+    "relative_attention_num_buckets": "num_buckets",
+    "relative_attention_max_distance": "max_distance",
+}
 
 
 def _folder_settings(path: epath.Path) -> dict:
@@ -115,10 +128,14 @@ def _folder_settings(path: epath.Path) -> dict:
     act = raw.get("dense_act_fn", "gelu_new")
     if ffn != "gated-gelu" or act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{config}: feed_forward_proj {ffn!r} / dense_act_fn {act!r}; umT5 uses gated-gelu, gelu_new")
-    return {
-        "max_distance": int(raw.get("relative_attention_max_distance", 128)),
-        "eps": float(raw.get("layer_norm_epsilon", 1e-6)),
-    }
+    # The sizes it states (the shapes decide them) must be sane too: a damaged file is refused, naming the field.
+    stated = {ours: raw[theirs] for theirs, ours in _CONFIG_SIZES.items() if raw.get(theirs) is not None}
+    stated.setdefault("max_distance", 128)
+    try:
+        names.check_limits(stated, where="config.json")
+    except ValueError as e:
+        raise ValueError(f"{config}: {e}") from None
+    return {"max_distance": int(stated["max_distance"]), "eps": float(raw.get("layer_norm_epsilon", 1e-6))}
 
 
 def load(src: str | os.PathLike, dtype: str = "bfloat16", mesh: Mesh | None = None) -> tuple[UMT5Config, dict]:

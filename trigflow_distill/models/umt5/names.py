@@ -107,6 +107,34 @@ def hf_shapes(cfg: UMT5Config) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# Sane limits of the sizes a checkpoint implies, checked before anything is built from them: the layer count comes
+# from the tensor names alone, so one damaged name ("encoder.block.999999999.") would otherwise make the loader list
+# a billion layers' tensors (an out-of-memory kill). umT5-XXL (Wan's text encoder): vocabulary 256384, d_model 4096,
+# 24 layers, 64 heads, d_ff 10240; the limits leave room for a 10x larger model of the family.
+CONFIG_LIMITS = {
+    "vocab_size": 1 << 20,
+    "d_model": 1 << 15,
+    "num_layers": 512,
+    "num_heads": 1024,
+    "inner_dim": 1 << 16,
+    "d_ff": 1 << 18,
+    "num_buckets": 1 << 12,
+    "max_distance": 1 << 20,
+}
+
+
+def check_limits(values: Mapping, where: str = "the tensor shapes and names") -> None:
+    """ValueError naming the first size of `values` (CONFIG_LIMITS names) that is not a whole number in range."""
+    for name, value in values.items():
+        limit = CONFIG_LIMITS[name]
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or not 1 <= value <= limit:
+            raise ValueError(
+                f"{name} = {value!r} (from {where}) is out of range (a whole number in 1..{limit}); "
+                "the file is damaged or not a umT5 encoder"
+            )
+
+
 def infer_config(shapes: Mapping[str, tuple], max_distance: int = 128, eps: float = 1e-6) -> UMT5Config:
     """The config of a transformers-named encoder state dict's shapes (heads from the position-bias table), checked
     against every tensor: one ValueError listing the missing, unknown and mis-shaped ones."""
@@ -123,12 +151,24 @@ def infer_config(shapes: Mapping[str, tuple], max_distance: int = 128, eps: floa
     vocab, d = shapes[need[0]]
     buckets, heads = shapes[need[1]]
     inner, ff = shapes[need[2]][0], shapes[need[3]][0]
+    num_layers = max(layers) + 1
+    check_limits(
+        dict(
+            vocab_size=vocab,
+            d_model=d,
+            num_layers=num_layers,
+            num_heads=heads,
+            inner_dim=inner,
+            d_ff=ff,
+            num_buckets=buckets,
+        )
+    )
     if inner % heads:
         raise ValueError(f"not a umT5 encoder: q width {inner} is not a multiple of the {heads} heads")
     cfg = UMT5Config(
         vocab_size=vocab,
         d_model=d,
-        num_layers=max(layers) + 1,
+        num_layers=num_layers,
         num_heads=heads,
         d_kv=inner // heads,
         d_ff=ff,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trigflow_distill.models import hub
+from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.wan_dit import names
 from trigflow_distill.models.wan_dit.network import WanDiTConfig
 
@@ -94,6 +94,7 @@ def open_state_dict(src: str | os.PathLike) -> tuple[LazyStateDict, dict]:
     files, cfg_json = _weight_files(path)
     where, shapes = {}, {}
     for file in files:
+        torchfile.safetensors_header(file)  # a damaged file: an error naming it, before safetensors maps it
         with safe_open(file, framework="np") as st:
             for key in st.keys():
                 if key in where:
@@ -118,7 +119,10 @@ def load(src: str | os.PathLike, **overrides) -> tuple[WanDiTConfig, dict]:
     """(config, numpy param tree in the checkpoint's dtype) of a Wan2.1 DiT checkpoint; `overrides` replace config
     fields (compute options such as dtype / remat / attention, or what neither shapes nor config.json tell)."""
     sd, fields = open_state_dict(src)
-    config = names.infer_config(sd.shapes, **{**fields, **overrides})
+    try:
+        config = names.infer_config(sd.shapes, **{**fields, **overrides})
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(src)}: {e}") from None
     return config, names.params_from_state_dict(sd, config)
 
 

@@ -277,6 +277,39 @@ def _walk(tree, prefix, out):
         _walk(v, prefix + (k,), out)
 
 
+# Sane limits of the sizes a checkpoint (its tensor shapes and names, its config.json) implies, checked before
+# anything is built from them: the layer count comes from the tensor names alone, so one damaged name
+# ("blocks.999999999.") would otherwise make the loader list a billion blocks' tensors (an out-of-memory kill).
+# Wan2.1-14B: 40 layers, dim 5120, 40 heads, FFN 13824, text 4096 x 512 tokens; room for 10x larger models.
+CONFIG_LIMITS = {
+    "num_layers": 512,
+    "dim": 1 << 16,
+    "num_heads": 1024,
+    "ffn_dim": 1 << 18,
+    "in_dim": 4096,
+    "out_dim": 4096,
+    "freq_dim": 1 << 16,
+    "text_dim": 1 << 20,
+    "text_len": 1 << 16,
+    "image_dim": 1 << 20,
+}
+
+
+def check_limits(values: Mapping, where: str = "the checkpoint's tensors or config.json") -> None:
+    """ValueError naming the first CONFIG_LIMITS size of `values` that is not a whole number in range (absent or
+    None ones skipped: image_dim of a T2V network)."""
+    for name, limit in CONFIG_LIMITS.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        whole = isinstance(value, (int, float, np.integer)) and not isinstance(value, bool)
+        if not whole or not float(value).is_integer() or not 1 <= value <= limit:
+            raise ValueError(
+                f"{name} = {value!r} (from {where}) is out of range (a whole number in 1..{limit}); "
+                "the file is damaged or not a Wan2.1 DiT"
+            )
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> WanDiTConfig:
     """WanDiTConfig from native tensor shapes: width, input / output channels, patch size, layers, FFN width,
     time-frequency and text widths, the I2V image width (img_emb present) and cross_attn_norm (norm3 present).
@@ -295,9 +328,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> WanDiTCo
     out = shapes["head.head.weight"][0]
     if out % int(np.prod(patch)):
         raise ValueError(f"head.head output {out} is not a multiple of the patch volume {patch}")
+    layers = {int(m.group(1)) for m in map(_BLOCK_KEY.match, names) if m}
+    check_limits({"dim": d, "num_layers": max(layers) + 1, **overrides})
     if "num_heads" not in overrides and d % DEFAULT_HEAD_DIM:
         raise ValueError(f"width {d} is not a multiple of {DEFAULT_HEAD_DIM}: pass num_heads")
-    layers = {int(m.group(1)) for m in map(_BLOCK_KEY.match, names) if m}
     inferred = dict(
         dim=d,
         num_layers=max(layers) + 1,
@@ -311,7 +345,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], **overrides) -> WanDiTCo
         patch_size=patch,
         cross_attn_norm="blocks.0.norm3.weight" in shapes,
     )
-    return WanDiTConfig(**{**inferred, **overrides})
+    merged = {**inferred, **overrides}
+    check_limits(merged)
+    return WanDiTConfig(**merged)
 
 
 def _diffusers_name(name: str) -> str | None:
