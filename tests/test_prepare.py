@@ -440,3 +440,66 @@ def test_full_disk_names_the_unit_and_the_rerun_resumes(sources, dataset, capsys
     assert not (dataset / "unit-00001").exists() and not marker.exists()
     assert job.main(_args(sources, dataset)) == 0
     assert marker.exists() and len(data.NpyDirSource(str(dataset))) == len(CLIPS)
+
+
+def _one_video_list(sources, tmp_path, *names):
+    listing = tmp_path / "videos.txt"
+    listing.write_text("".join(f"{sources['videos'] / name}\n" for name in names))
+    return listing
+
+
+def test_a_first_run_that_failed_does_not_bind_the_corrected_rerun(sources, tmp_path, capsys):
+    """A job that failed before finishing a unit (here: a wrong --vae, found after job.json is written) leaves a
+    job.json that the corrected rerun, with other arguments, replaces; once a unit is finished, another job is
+    refused again."""
+    out = tmp_path / "out"
+    listing = _one_video_list(sources, tmp_path, "wide_a.mp4")
+    one = ("--videos", str(listing), "--shard-videos", "1")
+    args = _args(sources, out, *one)
+    args[args.index("--vae") + 1] = str(tmp_path / "missing_vae.pth")
+    assert job.main(args) == 1
+    assert "missing_vae.pth" in capsys.readouterr().err
+    assert (out / "job.json").exists() and not list((out / "units").iterdir())
+    assert job.main(_args(sources, out, *one, "--clips-per-video", "1")) == 0  # another vae and clips_per_video
+    assert "finished no unit" in capsys.readouterr().err
+    assert json.loads((out / "job.json").read_text())["vae"] == str(sources["vae"])
+    assert len(data.NpyDirSource(str(out))) == 1  # wide_a: one clip
+    assert job.main(_args(sources, out, *one, "--clips-per-video", "2")) == 1  # unit 0 is finished: refused
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "another prepare job (different clips_per_video)" in err, err
+    assert json.loads((out / "job.json").read_text())["clips_per_video"] == 1
+
+
+def test_prepare_videos_is_the_cli_job_from_python(sources, tmp_path):
+    """prepare_videos([(path, caption)], ...) writes the records the CLI writes for the same videos and captions
+    (a list file + JSONL / sidecar), through the same job: same job.json but for the input file names."""
+    from trigflow_distill.prepare import prepare_videos
+
+    names = ("wide_a.mp4", "sub/square_b.mp4")
+    cli = tmp_path / "cli"
+    assert job.main(_args(sources, cli, "--videos", str(_one_video_list(sources, tmp_path, *names)))) == 0
+    api = tmp_path / "api"
+    pairs = [(sources["videos"] / "wide_a.mp4", "a red car drives"), (str(sources["videos"] / names[1]), SIDECAR[1])]
+    options = dict(resolution="256", frames=FRAMES, clips_per_video=2, shard_videos=3, text_dtype="float32")
+    kw = dict(vae=sources["vae"], text_encoder=sources["text"], teacher=sources["teacher"])
+    summary = prepare_videos(pairs, api, **kw, **options, batch_size=2, devices=1, no_progress=True)
+    assert summary["records"] == summary["clips_this_run"] == 3 and summary["skipped"] == []
+    want, got = (json.loads((d / "job.json").read_text()) for d in (cli, api))
+    assert got["videos"] is None and got["captions"] is None
+    assert {k: v for k, v in got.items() if k not in ("videos", "captions")} == {
+        k: v for k, v in want.items() if k not in ("videos", "captions")
+    }
+    (_, cli_rows), (_, api_rows) = _records(cli), _records(api)
+    by_clip = {(info["source"], tuple(info["frames"])): (rec, info) for rec, info in cli_rows}
+    assert len(api_rows) == len(by_clip) == 3
+    for rec, info in api_rows:
+        want_rec, want_info = by_clip[(info["source"], tuple(info["frames"]))]
+        assert info == want_info
+        np.testing.assert_allclose(rec["latents"], want_rec["latents"], atol=1e-5)
+        np.testing.assert_array_equal(rec["text"], want_rec["text"])
+        np.testing.assert_array_equal(rec["padding_mask"], want_rec["padding_mask"])
+    assert prepare_videos(pairs, api, **kw, **options, batch_size=2, devices=1, no_progress=True)["clips_this_run"] == 0
+    with pytest.raises(TypeError, match="unknown option 'clip_per_video'"):
+        prepare_videos(pairs, tmp_path / "x", **kw, clip_per_video=1)
+    with pytest.raises(ValueError, match=r"videos\[0\]: expected a \(video path, caption\) pair"):
+        prepare_videos([str(sources["videos"] / "wide_a.mp4")], tmp_path / "x", **kw)

@@ -45,7 +45,7 @@ Output `DATASET/`, a dataset of format 2 (see `trigflow_distill.data`) that `mai
 - `lock.json`: held while a job runs (common.lock, as a training workdir's): a second job on --out is refused;
 - `job.json`: the arguments that determine the content; a rerun with the same ones RESUMES (finished units are
   skipped, an unfinished one is redone), different ones are refused unless `--overwrite` (which deletes what a
-  previous job wrote there);
+  previous job wrote there) or unless the previous job finished no unit (it failed at its start: replaced);
 - `report.jsonl`: one line per skipped video, `{"video": PATH, "reason": "..."}` (corrupt, unreadable, fps out
   of range, too short, no caption window long enough, no caption), and per skipped window of a video that gave
   clips, `{"video": PATH, "window": K, "frames": [start, end), "reason": "..."}` (too short, the dropped last
@@ -56,6 +56,9 @@ split over them, the text encoder's parameters are FSDP-sharded. With several pr
 else --coordinator-address/--num-processes/--process-id) process p takes units p, p + P, p + 2P, ... and writes
 their shards; once every unit's marker is there (the hosts poll the shared --out) process 0 writes report.jsonl
 and meta.json. Units do not depend on the process count, so a job can resume on another number of hosts.
+
+From Python: `prepare_videos([(path, caption), ...], out, vae=..., text_encoder=..., teacher=..., **options)`
+(`trigflow_distill.prepare`), the same job.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ from trigflow_distill.prepare.clips import (
     AUTO,
     Clip,
     Item,
+    Window,
     list_videos,
     load_clips,
     make_items,
@@ -160,14 +164,26 @@ def _is_lock_file(p: epath.Path) -> bool:
     return p.name.startswith((lock.LOCK_NAME, ".lock-clock."))
 
 
+def _finished_units(out: epath.Path) -> list[epath.Path]:
+    """The completion markers (`units/unit-*.json`) in `out`."""
+    units = out / UNITS_DIR
+    return sorted(units.glob("unit-*.json")) if units.is_dir() else []
+
+
 def start_job(out: epath.Path, job: dict, overwrite: bool) -> bool:
     """Claims `out` for this job (process 0 only, holding its lock); True when it resumes a previous run of the
-    same job."""
+    same job. Another job's output is refused unless `overwrite`, or unless that job finished no unit (no marker
+    in `units/`): then it is replaced, so that the corrected rerun of a job that failed at its start is accepted."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
     if out.exists() and any(not _is_lock_file(p) for p in out.iterdir()):
         previous = _read_marker(out / JOB_FILE)
-        if overwrite:
+        # A previous job that finished no unit (it failed at its start: a wrong path, a bad argument) left nothing
+        # worth keeping: its job.json does not bind the corrected rerun, which replaces what it wrote.
+        unfinished = previous is not None and previous != job and not _finished_units(out)
+        if unfinished:
+            print(f"{out}: replacing the {JOB_FILE} of an earlier job that finished no unit", file=sys.stderr)
+        if overwrite or unfinished:
             for p in _owned_entries(out):
                 p.rmtree() if p.is_dir() else p.unlink()
         elif previous == job:
@@ -416,8 +432,9 @@ def expected_clips(item: Item, clips_per_video: int) -> int:
     return max(len(item.windows) - 1, 1) * clips_per_video
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds)."""
+def prepare(args: argparse.Namespace, items: Sequence[Item] | None = None) -> dict:
+    """Runs (or resumes) the job of parsed CLI `args`; returns a summary (records, shards, skipped, seconds).
+    `items`: the videos with their caption windows (`prepare_videos`), else those of --videos and --captions."""
     t0 = time.perf_counter()
     frames = args.frames
     wan_vae.check_frame_count(frames)
@@ -425,9 +442,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if args.clips_per_video < 1 or args.shard_videos < 1 or args.workers < 1:
         raise ValueError("--clips-per-video, --shard-videos and --workers must be >= 1")
     video.buckets(args.resolution)  # validates the name
-    video_paths, root = list_videos(args.videos)
-    confine = not args.follow_links and epath.Path(args.videos).is_dir()
-    items = make_items(video_paths, root, read_captions(args.captions), confine=confine)
+    if items is None:
+        video_paths, root = list_videos(args.videos)
+        confine = not args.follow_links and epath.Path(args.videos).is_dir()
+        items = make_items(video_paths, root, read_captions(args.captions), confine=confine)
     out = epath.Path(args.out)
     job = job_record(args, items)
     if out.exists() and not out.is_dir():
@@ -488,6 +506,57 @@ def _run(args, items, out: epath.Path, job: dict, stride, frames: int, t0: float
         }
         summary.update(finish(out, len(units), teacher))
     return summary
+
+
+# Options of the CLI that `prepare_videos` does not take: its inputs are arguments, and the multi-host setup
+# (jax.distributed) is the caller's.
+_NOT_OPTIONS = frozenset(
+    ("videos", "captions", "out", "vae", "text_encoder", "teacher")
+    + ("coordinator_address", "num_processes", "process_id")
+)
+
+
+def video_items(videos: Sequence[tuple[str | os.PathLike, str]]) -> list[Item]:
+    """Items of (video path, caption) pairs, in the given order; a path given several times has several caption
+    windows (whole-video ones, in order), as several --captions lines of one video."""
+    windows: dict[str, list[Window]] = {}
+    for n, entry in enumerate(videos):
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[1], str)):
+            raise ValueError(f"videos[{n}]: expected a (video path, caption) pair, got {entry!r}")
+        if not isinstance(entry[0], str | os.PathLike):
+            raise ValueError(f"videos[{n}]: the video path {entry[0]!r} is not a str or os.PathLike")
+        windows.setdefault(os.fspath(entry[0]), []).append(Window(entry[1]))
+    if not windows:
+        raise ValueError("videos: give at least one (video path, caption) pair")
+    return [Item(path, path, tuple(w)) for path, w in windows.items()]
+
+
+def prepare_videos(
+    videos: Sequence[tuple[str | os.PathLike, str]],
+    out: str | os.PathLike,
+    *,
+    vae: str | os.PathLike = wan_vae.DEFAULT_SOURCE,
+    text_encoder: str | os.PathLike,
+    teacher: str | os.PathLike,
+    **options,
+) -> dict:
+    """The `prepare` job from Python: `videos` is a list of (video path, caption) pairs (each caption is a
+    whole-video window; a path given several times has several windows, the last dropped as in the CLI); `options`
+    are the CLI's other flags with underscores (`resolution="256"`, `frames=93`, `clips_per_video=1`,
+    `frame_stride="auto"`, `shard_videos=32`, `overwrite=True`, `no_progress=True`, ...), their defaults those of
+    the CLI. Runs (or resumes) the job through the same code as `trigflow-prepare`; returns its summary
+    {"records", "shards", "skipped" (these three on process 0), "clips_this_run", "seconds"}. Raises the CLI's
+    errors (ValueError, OSError)."""
+    args = parse_args(["--videos", "", "--text-encoder", "", "--teacher", "", "--out", ""])
+    known = sorted(k for k in vars(args) if k not in _NOT_OPTIONS)
+    for name, value in options.items():
+        if name not in known:
+            raise TypeError(f"prepare_videos: unknown option {name!r}; the options are {', '.join(known)}")
+        setattr(args, name, value)
+    args.videos = args.captions = None  # the videos and captions are recorded in job.json by their digest
+    args.out, args.vae = os.fspath(out), os.fspath(vae)
+    args.text_encoder, args.teacher = os.fspath(text_encoder), os.fspath(teacher)
+    return prepare(args, video_items(videos))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
