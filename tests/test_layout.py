@@ -3,6 +3,7 @@ only, nothing imports torch); the methods load no system packages and no toy wor
 sys.path edits; every console script answers --help; one x0 builder, one text projection, one data/teacher check and
 one run builder; the data-kind registry hands the trainer its source and sample writer from the config."""
 
+import argparse
 import ast
 import os
 import pathlib
@@ -13,6 +14,7 @@ import tomllib
 import numpy as np
 
 from trigflow_distill import data_kinds
+from trigflow_distill.common import cli
 from trigflow_distill.toy import evaluate
 
 import predict25_4step
@@ -142,3 +144,21 @@ def test_toy_kind_reads_the_config_and_writes_pictures(tmp_path):
     batch = {k: np.stack([r[k] for r in records]) for k in ("latents", "prompt")}
     write_samples(batch["latents"], batch, str(tmp_path / "samples.png"))
     assert (tmp_path / "samples.png").stat().st_size > 0
+
+
+def test_every_argparse_command_uses_the_help_formatter_that_shows_defaults():
+    """Each argparse parser in the package is built with `cli.HelpFormatter`, so `--help` states every option's
+    default (prepare --vae used to show none); the formatter appends a default unless the help states one."""
+    plain = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "trigflow_distill").rglob("*.py")
+        if "argparse.ArgumentParser(" in p.read_text() and "cli.HelpFormatter" not in p.read_text()
+    ]
+    assert not plain, f"argparse commands without cli.HelpFormatter: {plain}"
+    parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    parser.add_argument("--vae", default="hf://x/y.pth", help="the VAE")
+    parser.add_argument("--frames", type=int, default=93, help="frames (default 93)")
+    parser.add_argument("--out", required=True, help="output")
+    text = parser.format_help()
+    assert "the VAE (default: hf://x/y.pth)" in text and "(default 93)" in text and "(default: 93)" not in text
+    assert "output (default" not in text

@@ -82,7 +82,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from trigflow_distill.common import distributed, errors, lock, paths, video
+from trigflow_distill.common import cli, distributed, errors, lock, paths, video
 from trigflow_distill.data import DatasetWriter
 from trigflow_distill.data.format import fingerprint_of, projection_fingerprint
 from trigflow_distill.models import wan_vae
@@ -563,7 +563,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="trigflow-prepare",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--videos", required=True, help="folder of videos, or a .txt list of video paths")
     parser.add_argument(

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-toy-evaluate",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--workdir", required=True, help="a finished training run's directory (output goes there)")
     parser.add_argument("--num_samples", type=int, default=None, help="default: the run's config.eval.num_samples")

@@ -41,7 +41,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from trigflow_distill.common import paths
+from trigflow_distill.common import cli, paths
 from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.cosmos_dit import DiTConfig, param_shapes
 from trigflow_distill.models.cosmos_dit import names as sdmap
@@ -554,6 +554,7 @@ def _summary(what: str, params_or_folder, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="trigflow-convert",
+        formatter_class=cli.HelpFormatter,
         description="Convert a Cosmos Predict2.5 DiT between PyTorch (.pt or diffusers folder) and a converted "
         "folder of Flax params. Without flags: SRC (.pt / diffusers folder, local or hf://OWNER/NAME/PATH[@REV]) -> "
         "DST converted folder (local or gs://).",

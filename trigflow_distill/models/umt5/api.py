@@ -41,6 +41,7 @@ from safetensors.numpy import save as safetensors_bytes
 from tokenizers import decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from trigflow_distill.common import cli
 from trigflow_distill.common.sharding import param_sharding
 from trigflow_distill.models import hub, torchfile
 from trigflow_distill.models.umt5 import names, network
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trigflow_distill.models.umt5",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--text-encoder", required=True, help="text_encoder folder, .safetensors or Wan .pth")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: the --text-encoder folder)")
