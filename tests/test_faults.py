@@ -112,6 +112,39 @@ def test_check_writable_probe(tmp_path):
         checkpoint.check_writable(checkpoint.checkpoint_dir(tmp_path / "file"))
 
 
+_LATE_CALLBACK = """
+import asyncio, sys
+import tensorstore as ts
+from trigflow_distill.training import checkpoint
+if sys.argv[1] == "quiet":
+    checkpoint.quiet_late_loop_callbacks()
+promise, future = ts.Promise.new()  # a TensorStore write still pending when Orbax's save thread gives up
+loop = asyncio.new_event_loop()
+
+
+async def write():
+    await future
+
+
+task = loop.create_task(write())
+loop.run_until_complete(asyncio.sleep(0.01))
+loop.close()
+promise.set_result(None)  # its done-callback now calls the closed loop
+raise SystemExit("other errors still show")
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_late_writes_of_a_failed_save_print_no_tracebacks(quiet):
+    """A full disk fails one TensorStore write; the others finish after Orbax closed its event loop and Python
+    printed one 'Event loop is closed' traceback each (hundreds around the error line). The Saver drops those."""
+    mode = "quiet" if quiet else "loud"
+    out = subprocess.run([sys.executable, "-c", _LATE_CALLBACK, mode], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "other errors still show" in out.stderr, out.stderr
+    assert ("Event loop is closed" in out.stderr) is not quiet, out.stderr
+    assert ("Traceback" in out.stderr) is not quiet, out.stderr
+
+
 def test_non_finite_state_is_never_saved(tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), max_to_keep=5)
     saver = checkpoint.Saver(manager, report=lambda m: None)
@@ -976,3 +1009,23 @@ def test_dit_block_count_from_a_damaged_name_is_refused_before_anything_is_built
     with pytest.raises(ValueError, match=r"teacher\.pt: num_blocks = 20000 .* out of range") as e:
         convert.load_torch_checkpoint(tmp_path / "teacher.pt")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_prints_one_error_line(teacher_pt, tmp_path):
+    """A real full disk (a 12 MiB tmpfs: the teacher cache and checkpoint 1 fit, checkpoint 2 does not): one
+    `error:` line naming the last committed step, none of the hundreds of Orbax 'Event loop is closed' tracebacks.
+    Needs the right to mount (root in a container that allows it), else skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        cmd = kill_resume.command(disk / "run", teacher_pt, 4, 1, keep=None)
+        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+        line = _one_line_error(out, "saving checkpoint 2 in ")
+        assert "No space left on device" in line and "The last committed checkpoint is step 1" in line
+        assert "Event loop is closed" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Callable
 
 import jax
@@ -323,6 +324,33 @@ def check_writable(directory: epath.Path) -> None:
     probe.unlink()
 
 
+def _late_loop_callback(unraisable) -> bool:
+    """The RuntimeError of a TensorStore write finishing after the asyncio loop of Orbax's failed save thread
+    closed: `call_soon_threadsafe` -> `_check_closed`. Nothing is lost (the save already failed and says so)."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+def quiet_late_loop_callbacks() -> None:
+    """On a failed async save (a full disk) every still-pending TensorStore write reports to Orbax's closed event
+    loop, which Python prints through sys.unraisablehook: hundreds of identical tracebacks around the one-line
+    error. Drop exactly those; everything else still reaches the previous hook. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_late_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _late_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_late_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
 class Saver:
     """The trainer's saves: finite state only, writable folder checked first, "saved" reported once committed.
 
@@ -338,6 +366,7 @@ class Saver:
         self.manager, self.last_committed, self.report = manager, last_committed, report
         self.pending: int | None = None
         self.directory = epath.Path(manager.directory)
+        quiet_late_loop_callbacks()
 
     def last_good(self) -> str:
         if self.last_committed is None:
