@@ -6,9 +6,11 @@
 The tiny recipe (a random 2-block tiny teacher, toy data, batch 4) runs `--steps` steps once uninterrupted with a
 checkpoint at every step: the reference. Then main.py is started on another workdir and killed with SIGKILL at a
 random point: with probability `--startup-share` uniformly within the start-up (imports, teacher conversion,
-compilation, restore; its length estimated from the runs so far), otherwise after the run's first training step
-plus a uniform delay of up to `--window` steps, so kills land in the start-up, in the middle of steps, in logging
-and during the asynchronous saves alike. Restarts share a persistent compilation cache.
+compilation, restore; its length estimated from the runs so far), otherwise once the run has trained a number of
+steps drawn uniformly from [1, `--steps`] past the checkpoint it resumes from (read from the progress lines) plus a
+uniform fraction of a step. A run drawn past the end finishes its chain, so kills spread over the whole run and
+land in the start-up, in the middle of steps, in logging and during the asynchronous saves alike, before and
+after the first checkpoint of a chain. Restarts share a persistent compilation cache.
 
 chain mode: the killed run is resumed in the same workdir and killed again, until `--kills` kills; a last run
 finishes the chain (a run that finishes before its kill also ends a chain, and a new one starts). Every
@@ -42,8 +44,8 @@ from trigflow_distill.models import cosmos_dit
 from trigflow_distill.models.cosmos_dit import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESUMED = re.compile(r"Resumed from .* at step (\d+)")
-PROGRESS = re.compile(r"^\[\s*(\d+)/")
+RESUMED = re.compile(r"[Rr]esumed from .* at step (\d+)")
+PROGRESS = re.compile(r"^(?:\[[\d:]+\] )?\[\s*(\d+)/")  # after the `[HH:MM:SS]` stamp of cli.say
 
 
 def command(workdir, teacher, steps: int, every: int, *extra: str, log_every: int = 1, keep: int | None = 100000):
@@ -110,13 +112,18 @@ class Run:
             self.wait()
             return True
 
-    def kill_after_first_step(self, delay: float) -> bool:
-        """SIGKILL `delay` seconds after the first progress line; False if the run had ended by then."""
-        while self.first_step_s() is None and self.proc.poll() is None:
+    def kill_at_step(self, step: int, delay: float) -> bool:
+        """SIGKILL `delay` seconds after the progress line of `step` (or a later one: a resume may start past it);
+        False if the run had ended by then."""
+        while (reached := self.step_reached_s(step)) is None and self.proc.poll() is None:
             time.sleep(0.02)
-        if self.proc.poll() is not None:
+        if reached is None:
             return False
-        return self.kill_after(self.first_step_s() + delay)
+        return self.kill_after(reached + delay)
+
+    def step_reached_s(self, step: int) -> float | None:
+        lines = list(self.lines)
+        return next((t for t, line in lines if (m := PROGRESS.match(line)) and int(m.group(1)) >= step), None)
 
     def first_step_s(self) -> float | None:
         return next((t for t, line in list(self.lines) if PROGRESS.match(line)), None)
@@ -166,7 +173,6 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=24, help="training steps of the run")
     parser.add_argument("--every", type=int, default=2, help="checkpoint interval of the killed runs")
-    parser.add_argument("--window", type=int, default=6, help="training steps after the first one in which to kill")
     parser.add_argument("--startup-share", type=float, default=0.25, help="share of the kills aimed at the start-up")
     parser.add_argument("--mode", choices=("chain", "independent"), default="chain")
     parser.add_argument("--seed", type=int, default=0)
@@ -195,13 +201,9 @@ def main(argv=None) -> int:
         print(ref.text()[-3000:])
         raise SystemExit("the reference run failed")
     times = [t for t, line in ref.lines if PROGRESS.match(line)]  # log_every=1: one line per step
-    # the first steps include compiling the other update: the window is measured on the reference, not averaged
-    window_s = times[min(len(times) - 1, int(args.window))] - times[0]
-    print(
-        f"reference: {args.steps} steps in {times[-1]:.1f} s; training kills within {window_s:.1f} s after the "
-        "first step",
-        flush=True,
-    )
+    # the median step (the first ones also compile the other update): the sub-step offset of a training kill
+    step_s = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+    print(f"reference: {args.steps} steps in {times[-1]:.1f} s, {step_s:.2f} s per step", flush=True)
     reference = step_dirs(ref_dir)
 
     def finish(workdir: str) -> None:
@@ -219,9 +221,12 @@ def main(argv=None) -> int:
             chains.append(os.path.join(scratch, f"run{len(chains)}"))
             work = chains[-1]
         aim_startup = bool(startups) and rng.random() < args.startup_share
-        delay = rng.uniform(0, float(np.median(startups)) if aim_startup else window_s)
+        # counted from where the resume starts: an absolute target it skips would only kill early, one drawn
+        # between the latest checkpoint and the end would pile the kills up at the end of a chain
+        target = max(step_dirs(work), default=0) + rng.randint(1, args.steps)
+        delay = rng.uniform(0, float(np.median(startups)) if aim_startup else step_s)
         run = Run(command(work, teacher, args.steps, args.every), env)
-        killed = run.kill_after(delay) if aim_startup else run.kill_after_first_step(delay)
+        killed = run.kill_after(delay) if aim_startup else run.kill_at_step(target, delay)
         if run.first_step_s() is not None:
             startups.append(run.first_step_s())
         if not killed:
@@ -233,9 +238,12 @@ def main(argv=None) -> int:
         kill = {
             "chain": len(chains) - 1,
             "phase": "start-up" if run.last_step() is None else "training",
+            "target_step": None if aim_startup else target,
             "at_s": round(time.perf_counter() - run.start, 2),
             "resumed_from": run.resumed_at(),
             "last_logged_step": run.last_step(),
+            # where the chain stood: the last step logged, else (start-up) the checkpoint it was resuming from
+            "chain_step": run.last_step() or max(step_dirs(work), default=0),
             "during_save": saving_now(work),
             "checkpoints_before": sorted(step_dirs(work)),
         }
@@ -264,6 +272,7 @@ def main(argv=None) -> int:
         kill["exact"] = all(matches[kill["chain"]][s] for s in after)
         exact += kill["exact"]
         print(f"kill {n + 1}: " + json.dumps({k: v for k, v in kill.items() if k != "checkpoints_before"}), flush=True)
+    quarters, _ = np.histogram([k["chain_step"] for k in kills], bins=4, range=(0, args.steps))
     locks = [w for w in chains if os.path.exists(os.path.join(w, "lock.json"))]
     summary = {
         "mode": args.mode,
@@ -273,6 +282,11 @@ def main(argv=None) -> int:
         "checkpoints_compared": compared,
         "checkpoints_equal": sum(sum(m.values()) for m in matches.values()),
         "kills_in_startup": sum(k["last_logged_step"] is None for k in kills),
+        # a kill before any checkpoint of its chain only proves a fresh start; the ones after test real resumes
+        "kills_before_first_save": sum(not k["checkpoints_before"] for k in kills),
+        "kills_after_first_save": sum(bool(k["checkpoints_before"]) for k in kills),
+        "kill_steps": sorted(k["chain_step"] for k in kills),  # 0: in the start-up of a fresh chain
+        "kills_per_quarter_of_run": quarters.tolist(),
         "kills_during_save": sum(k["during_save"] for k in kills),
         "unreadable_set_aside": unreadable,
         "locks_left": len(locks),
