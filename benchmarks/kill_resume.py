@@ -1,6 +1,6 @@
 """kill -9 at random points of a training run, resume, and count how many resumes are bit-exact.
 
-  python benchmarks/kill_resume.py                      # 20 kills, chain mode, ~5 min on 2 CPU cores
+  python benchmarks/kill_resume.py                      # 20 kills, chain mode, ~11 min on 2 loaded CPU cores
   python benchmarks/kill_resume.py --mode=independent   # a fresh workdir per kill (twice the process starts)
 
 The tiny recipe (a random 2-block tiny teacher, toy data, batch 4) runs `--steps` steps once uninterrupted with a
