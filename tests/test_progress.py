@@ -160,7 +160,7 @@ def test_training_prints_its_phases(teacher_pt, tmp_path, capsys):
         r"compiling the critic update for bucket 8x8 \(4 latent frames\)",
         f"writing samples -> {re.escape(str(tmp_path))}/samples/0000002.png",
         "restoring step 2",
-        "resumed from .* at step 2",
+        "Resumed from .* at step 2",
     ]
     for phase in phases:
         assert re.search(f"^{STAMP}{phase}", out, re.M), phase

@@ -102,7 +102,7 @@ def _train(config, workdir: epath.Path, source, write_samples, workdir_lock) -> 
                 flush=True,
             )
     else:
-        say(f"resumed from {workdir} at step {start}")
+        say(f"Resumed from {workdir} at step {start}")
 
     total = int(config.total_steps)
     first = source[0]["latents"]  # (16,T,H,W): tokens per sample for the speed line
