@@ -183,9 +183,9 @@ def get_config(arg: str = ""):
         # that even the mean of the last ~3 updates shifts the samples, and a lower student lr (5e-5) only left
         # both worse (fd_hand 26-29). So here the EMA starts at the last student update, i.e. the exported EMA is
         # the final student; the real recipe keeps the reference's EMA (rate 0.1, start 0).
-        # At most one student update per iteration, so start = total_steps keeps the EMA equal to the student for
-        # every method (rCM's warm-up makes 380 student updates of 1500 iterations, DMD2 300).
-        c.distill.ema_start = c.total_steps
+        # (rCM's warm-up makes 380 student updates of 1500 iterations, so its EMA averages the last 80; kept so that
+        # tiny runs saved before can resume.)
+        c.distill.ema_start = c.total_steps // c.distill.student_update_freq
         c.distill.lambda_frame_chunks = 1  # the toy world's 4 latent frames: one lambda per sample
         c.distill.rcm.tangent_warmup = 100  # the reference's 1000 is ~3% of its run; 1500 iterations here
         c.data.kind = "toy"
