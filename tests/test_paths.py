@@ -60,7 +60,7 @@ def test_tiny_job_on_a_remote_workdir(tmp_path, gcs, monkeypatch, capsys):
     assert json.loads((rundir / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert [f.startswith("events.out.tfevents") for f in os.listdir(rundir / "tensorboard")] == [True]
     assert {("samples", 1), ("student/loss", 1)} <= set(summaries(rundir / "tensorboard"))  # the grid too
-    assert os.listdir(rundir / "samples") == ["0000001.png"]
+    assert sorted(os.listdir(rundir / "samples")) == ["0000001.json", "0000001.png"]  # the picture and what it shows
     assert len(os.listdir(rundir / "teacher_cache")) == 1
     assert "1" in os.listdir(rundir / "checkpoints")
 
