@@ -81,7 +81,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
 
 # ----------------------------------------------------------------------------------------------------- checksums
 CHECKSUMS = "checksums"  # the Composite item: {leaf name: [sum, weighted sum]} of the state's raw words
-_NP_CHUNK = 1 << 24  # host leaves are summed in chunks of this many elements (bounded temporaries)
+_NP_CHUNK = 1 << 20  # host leaves are summed in chunks of this many elements (temporaries of ~20 MiB)
 
 
 def leaf_name(path) -> str:
@@ -168,7 +168,9 @@ def verify(tree: Any, saved: dict, prefix: str = "") -> list[str]:
     """Names of the leaves of `tree` whose checksums differ from (or are missing in) `saved`; `prefix`: the name
     of the subtree `tree` is (a partial restore)."""
     now = checksums(tree)
-    return [f"{prefix}{name}" for name, sums in now.items() if saved.get(f"{prefix}{name}") != sums]
+    # A subtree that is itself a leaf (e.g. "step") has the empty name: its saved name is the prefix alone.
+    full = {name: f"{prefix}{name}" if name else prefix.rstrip("/") for name in now}
+    return [full[name] for name, sums in now.items() if saved.get(full[name]) != sums]
 
 
 def read_checksums(step_dir) -> dict | None:
