@@ -240,7 +240,9 @@ def _check_teacher_source(config, workdir) -> tuple[dict | None, dict | None, st
         old = json.loads(record_path.read_text()) if record_path.exists() else None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{record_path} is corrupted ({e}); delete it to record the teacher file again.") from None
-    same_path = old is not None and old.get("path") == os.path.abspath(config.teacher.path)
+    # Only a local teacher is fingerprinted (teacher_fingerprint); a gs:// or hf:// path is compared as written.
+    here = os.path.abspath(config.teacher.path) if paths.is_local(config.teacher.path) else config.teacher.path
+    same_path = old is not None and old.get("path") == here
     new = teacher_fingerprint(config.teacher.path, old if same_path else None)
     if new is None or new == old:
         return None, None, None
